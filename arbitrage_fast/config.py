@@ -1,0 +1,70 @@
+"""Validated configuration objects: mistakes are reported where they are made."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    ignore_eos: bool = False
+    # A step also ends here when the model never writes a blank line.
+    max_step_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
+        if not isinstance(self.max_step_tokens, int) or self.max_step_tokens <= 0:
+            raise ValueError(f"max_step_tokens must be a positive integer, got {self.max_step_tokens!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class EngineConfig:
+    draft: str
+    target: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    # Shared KV arena: either a page count or a byte budget (pages win when both are set).
+    kv_pages: int | None = None
+    kv_memory_bytes: int = 512 * 1024 * 1024
+    min_block_size: int = 16
+    max_model_len: int | None = None  # default: the smaller model's max_position_embeddings
+    # None = target-likelihood PRM; "exact" = testbed checker; a PRM folder; or a ProcessRewardModel.
+    prm: object = None
+    router: str | None = None  # folder or file of a trained router head
+    # Tokens decoded per host round-trip when drafting a step (rolled back past a boundary).
+    decode_chunk: int = 1
+    spec_k: int = 0  # token-level speculation inside target steps (0 = off)
+
+    def __post_init__(self) -> None:
+        if not self.draft or not self.target:
+            raise ValueError("EngineConfig needs both a draft and a target checkpoint path")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_pages is not None and self.kv_pages <= 0:
+            raise ValueError(f"kv_pages must be positive, got {self.kv_pages}")
+        if self.kv_memory_bytes <= 0:
+            raise ValueError(f"kv_memory_bytes must be positive, got {self.kv_memory_bytes}")
+        if self.min_block_size <= 0:
+            raise ValueError(f"min_block_size must be positive, got {self.min_block_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.decode_chunk <= 0:
+            raise ValueError(f"decode_chunk must be positive, got {self.decode_chunk}")
+        if self.spec_k < 0:
+            raise ValueError(f"spec_k must be >= 0, got {self.spec_k}")

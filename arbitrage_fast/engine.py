@@ -1,0 +1,296 @@
+"""The step loop: draft a step, gather the policy's evidence, keep it or escalate, commit.
+
+The engine tells the story of a request in plain Python. Tensor work lives in the runners,
+memory in the paged cache, decisions in the policies.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import EngineConfig, SamplingParams
+from .kv.paged_cache import KVSpec, PagedKVCache
+from .models.loader import LoadedModel, load_model, resolve_dtype
+from .policies import Policy, StepEvidence, make_policy
+from .prm.target_likelihood import mean_token_probability
+from .router.head import RouterHead
+from .runtime.boundary import boundary_token_ids, eos_token_ids
+from .runtime.model_runner import ForwardOutput, ModelRunner
+from .runtime.step_decoder import DecodedStep, StopRule, decode_step
+from .sequence import GenerationResult, Sequence, Step
+
+DRAFT, TARGET = 0, 1
+
+
+class ModelMismatchError(ValueError):
+    """Draft and target cannot be paired (different tokenizers or vocabularies)."""
+
+
+@dataclass
+class _Scored:
+    """A draft step scored by the target-likelihood PRM, with the target's first-token logits."""
+
+    score: float
+    target_first: ForwardOutput
+
+
+class _Run:
+    """One request in flight: an iterator over its committed steps."""
+
+    def __init__(self, engine: "Engine", seq: Sequence, policy: Policy, sampling: SamplingParams,
+                 record_features: bool) -> None:
+        self.seq, self.policy, self.sampling, self.record_features = seq, policy, sampling, record_features
+        self.result: GenerationResult | None = None
+        self._it = engine._steps(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Step:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        draft = load_model(config.draft, config.dtype, self.device)
+        target = load_model(config.target, config.dtype, self.device)
+        _check_pair(draft, target)
+        self.draft_model, self.target_model = draft, target
+        self.tokenizer = target.tokenizer
+        specs = [KVSpec(m.spec.num_layers, m.spec.num_kv_heads, m.spec.head_dim) for m in (draft, target)]
+        dtype = resolve_dtype(config.dtype)
+        num_pages = config.kv_pages or PagedKVCache.num_pages_for_budget(
+            specs, config.kv_memory_bytes, dtype, config.min_block_size)
+        self.cache = PagedKVCache(specs, num_pages, dtype, self.device, config.min_block_size)
+        self.draft = ModelRunner(draft.model, self.cache, DRAFT, "draft")
+        self.target = ModelRunner(target.model, self.cache, TARGET, "target")
+        self.max_len = min(draft.spec.max_position_embeddings, target.spec.max_position_embeddings)
+        if config.max_model_len is not None:
+            self.max_len = min(self.max_len, config.max_model_len)
+        self.boundary_ids = frozenset(boundary_token_ids(self.tokenizer))
+        self.eos_ids = frozenset(eos_token_ids(self.tokenizer, target.hf_config))
+        self.prm = _build_prm(config.prm, self.device)
+        self.router = (RouterHead.load(config.router, expected_hidden_size=draft.spec.hidden_size).to(self.device)
+                       if config.router else None)
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompt: str | list[int], policy: str = "rsd", threshold: float | None = None,
+                 sampling: SamplingParams | None = None, chat: bool = False,
+                 record_features: bool = False) -> GenerationResult:
+        """Generate step by step. record_features attaches each draft step's router features
+        to its Step (router training data)."""
+        run = self._start(prompt, policy, threshold, sampling, chat, record_features)
+        for _ in run:
+            pass
+        return run.result
+
+    def stream(self, prompt: str | list[int], policy: str = "rsd", threshold: float | None = None,
+               sampling: SamplingParams | None = None, chat: bool = False) -> "_Run":
+        """Iterate over committed steps as they are decided; `.result` holds the full result at
+        the end. Closing the iterator early cancels the request and returns its KV pages."""
+        return self._start(prompt, policy, threshold, sampling, chat, False)
+
+    def kv_stats(self) -> dict:
+        return self.cache.stats()
+
+    # ------------------------------------------------------------------ the step loop
+    def _start(self, prompt, policy, threshold, sampling, chat, record_features) -> "_Run":
+        """Validate everything up front, so a bad request fails before it holds any memory."""
+        sampling = sampling or SamplingParams()
+        pol = make_policy(policy, threshold, have_router=self.router is not None)
+        if pol.needs_router and self.router is None:
+            raise ValueError(f"policy {policy!r} needs a router head: set EngineConfig(router=PATH) "
+                             "(train one with `arbitrage-fast train-router`)")
+        prompt_ids, prompt_text = self._encode(prompt, chat)
+        return _Run(self, Sequence(prompt_ids, prompt_text), pol, sampling, record_features)
+
+    def _steps(self, run: "_Run"):
+        seq, pol, sampling = run.seq, run.policy, run.sampling
+        stats = dict(steps=0, escalations=0, draft_tokens=0, target_tokens=0, draft_prefill_tokens=0,
+                     target_prefill_tokens=0, host_syncs=0, draft_s=0.0, target_s=0.0, prm_s=0.0, router_s=0.0)
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        start = time.perf_counter()
+        finish = "length"
+        self.cache.add_sequence(seq.seq_id)
+        try:
+            while True:
+                budget = min(sampling.max_new_tokens - seq.num_generated, self.max_len - len(seq.tokens))
+                if budget <= 0:
+                    break
+                stop = StopRule(self.boundary_ids, frozenset() if sampling.ignore_eos else self.eos_ids,
+                                sampling.max_step_tokens, budget)
+                step = self._next_step(seq, pol, sampling, generator, stop, stats, run.record_features)
+                seq.commit(step)
+                stats["steps"] += 1
+                stats["escalations"] += step.source == "target" and pol.drafts
+                yield step
+                if step.ended_by == "eos":
+                    finish = "eos"
+                    break
+        finally:
+            # Success, error or cancellation (generator closed): the request's pages go back.
+            self.cache.free_sequence(seq.seq_id)
+        stats["wall_s"] = time.perf_counter() - start
+        out = seq.output_ids
+        run.result = GenerationResult(token_ids=out, text=self.tokenizer.decode(out, skip_special_tokens=True),
+                                      steps=seq.steps, stats=stats, finish_reason=finish)
+
+    def _next_step(self, seq, pol: Policy, sampling, generator, stop, stats, record_features: bool) -> Step:
+        n_committed = len(seq.tokens)
+        if not pol.drafts:
+            written = self._write_step(self.target, seq, sampling, generator, stop, stats)
+            return self._as_step(written, "target")
+
+        drafted = self._write_step(self.draft, seq, sampling, generator, stop, stats,
+                                   track_features=self.router is not None or record_features)
+        evidence = StepEvidence()
+        target_first = None
+        if self.router is not None:
+            t = time.perf_counter()
+            evidence.router_score = float(self.router(drafted.features.features()))
+            stats["router_s"] += time.perf_counter() - t
+        if pol.needs_draft_prm:
+            t = time.perf_counter()
+            scored = self._score_draft_step(seq, drafted, stats)
+            evidence.draft_prm, target_first = scored.score, scored.target_first
+            stats["prm_s"] += time.perf_counter() - t
+        candidate = None
+        if pol.generates_target_candidate:
+            candidate = self._target_step(seq, n_committed, target_first, sampling, generator, stop, stats)
+            if pol.needs_target_prm:
+                t = time.perf_counter()
+                evidence.target_prm = self._score_target_step(seq, candidate)
+                stats["prm_s"] += time.perf_counter() - t
+        if pol.escalate(evidence):
+            self.draft.truncate(seq.seq_id, n_committed)  # roll back the rejected draft step
+            if candidate is None:
+                candidate = self._target_step(seq, n_committed, target_first, sampling, generator, stop, stats)
+            step = self._as_step(candidate, "target")
+        else:
+            if candidate is not None:  # discard the target's losing candidate, keep the context
+                self.target.truncate(seq.seq_id, min(self.target.kv_len(seq.seq_id), n_committed))
+            step = self._as_step(drafted, "draft")
+        step.draft_prm, step.target_prm, step.router_score = evidence.draft_prm, evidence.target_prm, evidence.router_score
+        if record_features:
+            step.features = drafted.features.features()
+        return step
+
+    # ------------------------------------------------------------------ model work
+    def _catch_up(self, runner: ModelRunner, seq: Sequence, extra: list[int] = (), rows: str = "last") -> ForwardOutput:
+        """Feed every committed token this model has not seen (plus `extra`) in ONE prefill."""
+        seen = runner.kv_len(seq.seq_id)
+        tokens = seq.tokens[seen:] + list(extra)
+        return runner.forward_one(seq.seq_id, tokens, rows)
+
+    def _write_step(self, runner: ModelRunner, seq: Sequence, sampling, generator, stop, stats,
+                    first: ForwardOutput | None = None, track_features: bool = False) -> DecodedStep:
+        t = time.perf_counter()
+        if first is None:
+            seen = runner.kv_len(seq.seq_id)
+            stats[f"{runner.name}_prefill_tokens"] += len(seq.tokens) - seen
+            first = self._catch_up(runner, seq)
+        written = decode_step(runner, seq.seq_id, first, sampling, generator, stop, track_features)
+        stats[f"{runner.name}_tokens"] += len(written.tokens)
+        stats["host_syncs"] += written.host_syncs
+        stats[f"{runner.name}_s"] += time.perf_counter() - t
+        return written
+
+    def _target_step(self, seq, n_committed, target_first, sampling, generator, stop, stats) -> DecodedStep:
+        """The target writes the step from the committed context (its KV rolled back to it)."""
+        if self.target.kv_len(seq.seq_id) > n_committed:
+            self.target.truncate(seq.seq_id, n_committed)
+        return self._write_step(self.target, seq, sampling, generator, stop, stats, first=target_first)
+
+    def _score_draft_step(self, seq: Sequence, drafted: DecodedStep, stats) -> _Scored:
+        if self.prm is not None:
+            score = self.prm.score(seq.prompt_text, seq.step_texts(), self._text(drafted.tokens))
+            return _Scored(score=score, target_first=None)
+        # Target likelihood: one target prefill over the unseen context and the draft step.
+        # Row j of the last n rows predicts the step's j-th token; the first of them is also
+        # exactly what the target needs to start its own step if this one is rejected.
+        t = time.perf_counter()
+        n = len(drafted.tokens)
+        seen = self.target.kv_len(seq.seq_id)
+        stats["target_prefill_tokens"] += len(seq.tokens) - seen + n - 1
+        out = self._catch_up(self.target, seq, drafted.tokens[:-1], rows="all")
+        step_rows = ForwardOutput(hidden=out.hidden[-n:], logits=out.logits[-n:])
+        score = mean_token_probability(step_rows.logits, drafted.tokens)
+        first = ForwardOutput(hidden=step_rows.hidden[:1], logits=step_rows.logits[:1])
+        stats["target_s"] += time.perf_counter() - t
+        return _Scored(score=score, target_first=first)
+
+    def _score_target_step(self, seq: Sequence, written: DecodedStep) -> float:
+        if self.prm is not None:
+            return self.prm.score(seq.prompt_text, seq.step_texts(), self._text(written.tokens))
+        return float(sum(math.exp(lp) for lp in written.logprobs) / len(written.logprobs))
+
+    # ------------------------------------------------------------------ helpers
+    def _as_step(self, written: DecodedStep, source: str) -> Step:
+        return Step(text=self._text(written.tokens), token_ids=written.tokens, source=source, ended_by=written.ended_by)
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _encode(self, prompt: str | list[int], chat: bool) -> tuple[list[int], str]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty")
+            text = prompt
+            if chat:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = self.tokenizer(text)["input_ids"]
+        else:
+            ids = list(prompt)
+            if not ids:
+                raise ValueError("prompt is empty")
+            vocab = min(self.draft_model.spec.vocab_size, self.target_model.spec.vocab_size)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but the context holds {self.max_len} "
+                             "(at least one token must be left to generate)")
+        return ids, text
+
+
+def _check_pair(draft: LoadedModel, target: LoadedModel) -> None:
+    """Token ids pass between the models directly, so every id either model can emit must mean
+    the same text in both (tokenizer classes may differ in extra ids no model can emit)."""
+    if draft.spec.vocab_size != target.spec.vocab_size:
+        raise ModelMismatchError(
+            f"draft vocab size {draft.spec.vocab_size} != target vocab size {target.spec.vocab_size} "
+            f"({draft.path} vs {target.path})")
+    n = min(draft.spec.vocab_size, len(draft.tokenizer), len(target.tokenizer))
+    ids = list(range(n))
+    if draft.tokenizer.convert_ids_to_tokens(ids) != target.tokenizer.convert_ids_to_tokens(ids):
+        raise ModelMismatchError(
+            f"draft ({draft.path}) and target ({target.path}) use different tokenizers; "
+            "pairs must share one vocabulary")
+
+
+def _build_prm(spec, device):
+    from .prm.base import ProcessRewardModel
+
+    if spec is None:
+        return None  # target likelihood, computed inside the engine
+    if isinstance(spec, ProcessRewardModel):
+        return spec
+    if spec == "exact":
+        from .prm.exact import ExactCheckerPRM
+        return ExactCheckerPRM()
+    from .prm.hf_prm import load_prm
+    return load_prm(spec, device=device)

@@ -1,0 +1,84 @@
+"""Attention over the shared paged KV arena.
+
+Each layer writes its new K/V into the pages named by the slot mapping, then attends over
+the sequence's pages. Dispatch: the Triton paged-decode kernel on CUDA for decode batches,
+otherwise the torch path (gather pages, SDPA), which is the reference the kernel is tested
+against and the CPU implementation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arbitrage_fast.kv.ops import write_kv
+from arbitrage_fast.runtime.attention_metadata import AttentionMetadata
+
+from .layers import apply_rotary
+
+
+def _triton_decode():
+    try:
+        from arbitrage_fast.triton_kernels.paged_attention import HAS_TRITON, paged_decode_attention
+    except ImportError:
+        return None
+    return paged_decode_attention if HAS_TRITON else None
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, layer_idx: int, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 qkv_bias: bool, o_bias: bool, sliding_window: int | None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        write_kv(kv_cache, self.layer_idx, k, v, meta.slot_mapping)
+        k_cache = kv_cache[:, self.layer_idx, 0]
+        v_cache = kv_cache[:, self.layer_idx, 1]
+        kernel = _triton_decode() if (x.is_cuda and meta.is_decode and self.sliding_window is None) else None
+        if kernel is not None:
+            out = kernel(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, self.scale)
+        else:
+            out = self._torch_attention(q, k_cache, v_cache, meta)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+    def _torch_attention(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        outs = []
+        start = 0
+        bs = meta.block_size
+        for b, (q_len, kv_len) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+            pages = meta.block_tables[b, : (kv_len + bs - 1) // bs].long()
+            k = k_cache[pages].reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len]
+            v = v_cache[pages].reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len]
+            qb = q[start : start + q_len]
+            mask = self._mask(q_len, kv_len, q.device)
+            o = F.scaled_dot_product_attention(
+                qb.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+            )
+            outs.append(o.squeeze(0).transpose(0, 1))
+            start += q_len
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def _mask(self, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+        """Causal mask aligned to the end: query i sits at position kv_len - q_len + i."""
+        if q_len == 1 and (self.sliding_window is None or kv_len <= self.sliding_window):
+            return None
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        kv_pos = torch.arange(kv_len, device=device)[None, :]
+        mask = kv_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= kv_pos > q_pos - self.sliding_window
+        return mask

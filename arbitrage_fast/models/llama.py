@@ -1,0 +1,65 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5) over the paged KV arena.
+
+Parameter names follow transformers' so checkpoints map one to one, except two fusions
+(q/k/v into `qkv_proj`, gate/up into `gate_up_proj`) done at load time: fewer, larger
+GEMMs per layer is most of what makes a batch-1 decode fast on any device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from arbitrage_fast.runtime.attention_metadata import AttentionMetadata
+
+from .architecture import DecoderSpec
+from .attention import PagedAttention
+from .layers import GatedMLP, RMSNorm, RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = PagedAttention(
+            layer_idx, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+            spec.qkv_bias, spec.o_bias, spec.sliding_windows[layer_idx],
+        )
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
+
+    def forward(self, h, cos, sin, meta, kv_cache):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaDecoder(nn.Module):
+    """`forward` returns the final *normed* hidden states; `compute_logits` maps them to fp32 logits.
+
+    Keeping the two apart lets the runner take logits only where it samples, and hands the
+    router the exact hidden states the LM head reads.
+    """
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.rotary = RotaryEmbedding(spec.inv_freq, spec.rope_attention_scaling)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward_residual(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Last layer's output before the final norm (what a fused norm+router kernel reads)."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(meta.positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, meta, kv_cache)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.forward_residual(input_ids, meta, kv_cache))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,1 @@
+"""The router: features of a draft step, the head that scores them, and its training."""

@@ -1,0 +1,47 @@
+"""The router's input features for one draft step, accumulated while the step is decoded.
+
+For a step s_1..s_n, h_j is the draft's final normed hidden state at the position that
+*predicted* s_j, so every feature is available in the same forward that samples the token:
+no extra model pass is ever needed to score a step.
+
+    features = [h_last (H), h_mean (H), mean log p(s_j), mean entropy_j, log1p(n)]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NUM_SCALAR_FEATURES = 3
+
+
+def feature_dim(hidden_size: int) -> int:
+    return 2 * hidden_size + NUM_SCALAR_FEATURES
+
+
+class StepFeatureAccumulator:
+    def __init__(self, hidden_size: int, device) -> None:
+        self.h_sum = torch.zeros(hidden_size, dtype=torch.float32, device=device)
+        self.h_last = torch.zeros(hidden_size, dtype=torch.float32, device=device)
+        self.logp_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.entropy_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, hidden: torch.Tensor, logprob: torch.Tensor, entropy: torch.Tensor) -> None:
+        """hidden [H], logprob/entropy scalars: one sampled token (stays on device)."""
+        h = hidden.float().reshape(-1)
+        self.h_sum += h
+        self.h_last = h
+        self.logp_sum += logprob.reshape(())
+        self.entropy_sum += entropy.reshape(())
+        self.n += 1
+
+    def features(self) -> torch.Tensor:
+        if self.n == 0:
+            raise ValueError("no tokens accumulated for this step")
+        scalars = torch.stack([
+            self.logp_sum / self.n,
+            self.entropy_sum / self.n,
+            torch.tensor(math.log1p(self.n), dtype=torch.float32, device=self.h_sum.device),
+        ])
+        return torch.cat([self.h_last, self.h_sum / self.n, scalars])

@@ -1,0 +1,115 @@
+"""The router: a tiny MLP predicting P(PRM(target step) > PRM(draft step)) from draft features.
+
+Feature standardisation is part of the head (not the data pipeline), so a saved head is
+self-contained, and `folded()` merges it into the first layer: the fused decode kernel then
+needs only two [F, H] matrices and never sees the statistics.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .features import NUM_SCALAR_FEATURES, feature_dim
+
+CONFIG_NAME = "router_config.json"
+WEIGHTS_NAME = "router.safetensors"
+
+
+class RouterLoadError(ValueError):
+    """A router head file is missing, malformed, or does not fit the draft model."""
+
+
+@dataclass
+class RouterConfig:
+    hidden_size: int  # the draft's hidden size
+    width: int = 64
+
+    @property
+    def in_features(self) -> int:
+        return feature_dim(self.hidden_size)
+
+
+@dataclass
+class FoldedRouter:
+    """First layer with standardisation folded in, split by feature group."""
+
+    w_last: torch.Tensor  # [F, H]
+    w_mean: torch.Tensor  # [F, H]
+    w_scalar: torch.Tensor  # [F, 3]
+    b1: torch.Tensor  # [F]
+    w2: torch.Tensor  # [F]
+    b2: torch.Tensor  # []
+
+
+class RouterHead(nn.Module):
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.in_features
+        self.register_buffer("feature_mean", torch.zeros(d))
+        self.register_buffer("feature_std", torch.ones(d))
+        self.fc1 = nn.Linear(d, config.width)
+        self.fc2 = nn.Linear(config.width, 1)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features.float() - self.feature_mean) / self.feature_std
+        return self.fc2(F.silu(self.fc1(x))).squeeze(-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Probability that escalating this step improves it."""
+        return torch.sigmoid(self.logits(features))
+
+    def set_standardisation(self, features: torch.Tensor) -> None:
+        self.feature_mean.copy_(features.float().mean(0))
+        self.feature_std.copy_(features.float().std(0).clamp_min(1e-4))
+
+    def folded(self) -> FoldedRouter:
+        w = self.fc1.weight / self.feature_std[None, :]
+        b = self.fc1.bias - w @ self.feature_mean
+        h = self.config.hidden_size
+        assert w.shape[1] == 2 * h + NUM_SCALAR_FEATURES
+        return FoldedRouter(
+            w_last=w[:, :h].contiguous(), w_mean=w[:, h : 2 * h].contiguous(), w_scalar=w[:, 2 * h :].contiguous(),
+            b1=b.contiguous(), w2=self.fc2.weight[0].contiguous(), b2=self.fc2.bias[0],
+        )
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
+        (directory / CONFIG_NAME).write_text(json.dumps({**asdict(self.config), **(extra or {})}, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, expected_hidden_size: int | None = None) -> "RouterHead":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise RouterLoadError(f"{directory} is not a router head folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raw = json.loads(cfg_path.read_text())
+        try:
+            config = RouterConfig(hidden_size=int(raw["hidden_size"]), width=int(raw.get("width", 64)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RouterLoadError(f"{cfg_path} is malformed: {e}") from None
+        if expected_hidden_size is not None and config.hidden_size != expected_hidden_size:
+            raise RouterLoadError(
+                f"router head {directory} was trained for a draft with hidden size {config.hidden_size}, "
+                f"but the draft model has hidden size {expected_hidden_size}"
+            )
+        head = cls(config)
+        state = load_file(str(w_path))
+        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != got:
+            raise RouterLoadError(f"{w_path}: tensors {got} do not match the config's shapes {expected}")
+        head.load_state_dict(state)
+        return head.eval().requires_grad_(False)

@@ -1,0 +1,48 @@
+"""Router quality: ranking agreement with the oracle advantage, and how well it defers.
+
+Implemented on ranks directly (ties averaged) so they need no ML library; tests check them
+against scipy.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation; 0.0 when either side is constant (no ranking to agree with)."""
+    rx, ry = rankdata(np.asarray(x, dtype=float)), rankdata(np.asarray(y, dtype=float))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else 0.0
+
+
+def auroc(labels, scores) -> float:
+    """P(score of a random positive > score of a random negative), ties counting one half."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=float)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs both positive and negative labels")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def deferral_curve(advantage, scores, rates=(0.1, 0.2, 0.3, 0.4, 0.5)) -> list[dict]:
+    """For each escalation rate, the share of the total positive advantage the router captures
+    by escalating its top-scored steps, next to what the oracle and a random choice capture."""
+    adv = np.asarray(advantage, dtype=float)
+    scores = np.asarray(scores, dtype=float)
+    gain = np.clip(adv, 0, None)
+    total = gain.sum()
+    order_router, order_oracle = np.argsort(-scores, kind="stable"), np.argsort(-adv, kind="stable")
+    out = []
+    for r in rates:
+        k = int(round(r * len(adv)))
+        out.append({
+            "rate": r,
+            "router_gain": float(adv[order_router[:k]].sum() / total) if total > 0 else 0.0,
+            "oracle_gain": float(gain[order_oracle[:k]].sum() / total) if total > 0 else 0.0,
+            "random_gain": float(r * adv.sum() / total) if total > 0 else 0.0,
+        })
+    return out

@@ -1,0 +1,1 @@
+"""Device-side machinery: model runners, sampling, step boundaries, step decoding."""

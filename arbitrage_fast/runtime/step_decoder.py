@@ -1,0 +1,75 @@
+"""Decode one reasoning step with one model, from the logits that start it to its boundary.
+
+The step ends on a boundary token (its text contains a blank line), on EOS, at the per-step
+cap, or when the request's token budget runs out. The last token is sampled but not fed:
+the next forward (this model's or the other's catch-up) feeds it, so no work is wasted on a
+token that may be rolled back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from arbitrage_fast.config import SamplingParams
+from arbitrage_fast.router.features import StepFeatureAccumulator
+
+from .model_runner import ForwardOutput, ModelRunner
+from .sampler import sample, token_statistics
+
+
+@dataclass
+class StopRule:
+    boundary_ids: frozenset[int]
+    eos_ids: frozenset[int]
+    max_step_tokens: int
+    budget: int  # tokens this request may still generate
+
+    def ended_by(self, token: int, step_len: int) -> str | None:
+        if token in self.eos_ids:
+            return "eos"
+        if token in self.boundary_ids:
+            return "boundary"
+        if step_len >= self.budget:
+            return "length"
+        if step_len >= self.max_step_tokens:
+            return "step_cap"
+        return None
+
+
+@dataclass
+class DecodedStep:
+    tokens: list[int]
+    ended_by: str
+    logprobs: list[float]  # under the model that wrote the step, temperature 1
+    features: StepFeatureAccumulator | None = None
+    host_syncs: int = 0
+    forwards: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@torch.inference_mode()
+def decode_step(runner: ModelRunner, seq_id: int, first: ForwardOutput, sampling: SamplingParams,
+                generator: torch.Generator | None, stop: StopRule, track_features: bool) -> DecodedStep:
+    features = StepFeatureAccumulator(first.hidden.shape[-1], first.hidden.device) if track_features else None
+    out = first
+    tokens: list[int] = []
+    logprobs: list[torch.Tensor] = []
+    syncs = forwards = 0
+    while True:
+        logits = out.logits[-1:]
+        token = sample(logits, sampling, generator)
+        logp, entropy = token_statistics(logits, token)
+        logprobs.append(logp)
+        if features is not None:
+            features.add(out.hidden[-1], logp, entropy)
+        t = int(token)  # the one host sync per token on this path
+        syncs += 1
+        tokens.append(t)
+        reason = stop.ended_by(t, len(tokens))
+        if reason is not None:
+            break
+        out = runner.forward_one(seq_id, [t])
+        forwards += 1
+    return DecodedStep(tokens=tokens, ended_by=reason, logprobs=torch.cat(logprobs).tolist(),
+                       features=features, host_syncs=syncs, forwards=forwards)

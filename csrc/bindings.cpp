@@ -1,0 +1,101 @@
+// The extension module arbitrage_fast._C: the BlockPool (pybind11) and the KV ops
+// (torch dispatcher, so they are called as torch.ops.arbitrage_fast.* and work under
+// torch.compile and CUDA graph capture). This is the one place where things are registered.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include "block_pool.h"
+#include "kv_ops.h"
+
+namespace py = pybind11;
+using arbitrage_fast::BlockPool;
+
+TORCH_LIBRARY(arbitrage_fast, m) {
+  m.def("write_kv(Tensor(a!) cache, int layer, Tensor key, Tensor value, Tensor slots) -> ()");
+  m.def("copy_pages(Tensor(a!) arena, Tensor src, Tensor dst) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
+  m.impl("write_kv", &arbitrage_fast::write_kv_cpu);
+  m.impl("copy_pages", &arbitrage_fast::copy_pages_cpu);
+}
+
+// Shape-only tracing (torch.compile's fake tensors): both ops return nothing.
+void write_kv_meta(const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&) {}
+void copy_pages_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
+
+TORCH_LIBRARY_IMPL(arbitrage_fast, Meta, m) {
+  m.impl("write_kv", &write_kv_meta);
+  m.impl("copy_pages", &copy_pages_meta);
+}
+
+#ifdef ARBITRAGE_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(arbitrage_fast, CUDA, m) {
+  m.impl("write_kv", &arbitrage_fast::write_kv_cuda);
+  m.impl("copy_pages", &arbitrage_fast::copy_pages_cuda);
+}
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "arbitrage-fast native extension: paged KV block pool and KV ops";
+#ifdef ARBITRAGE_FAST_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+
+  // Exhaustion is a RuntimeError subclass the scheduler catches by name; an unknown sequence
+  // is a KeyError, like a dict lookup; bad model or page indices keep pybind11's IndexError.
+  py::register_exception<arbitrage_fast::KVCacheExhausted>(m, "KVCacheExhausted",
+                                                           PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const arbitrage_fast::UnknownSequence& e) {
+      PyErr_SetString(PyExc_KeyError, e.what());
+    }
+  });
+
+  py::class_<BlockPool>(m, "BlockPool",
+                        "Ref-counted page allocator with one block table per sequence and model.")
+      .def(py::init<int64_t, std::vector<int64_t>>(), py::arg("num_pages"),
+           py::arg("block_sizes"))
+      .def("add_sequence", &BlockPool::add_sequence, py::arg("seq_id"))
+      .def("has_sequence", &BlockPool::has_sequence, py::arg("seq_id"))
+      .def("free_sequence", &BlockPool::free_sequence, py::arg("seq_id"))
+      .def("sequence_ids", &BlockPool::sequence_ids)
+      .def("num_tokens", &BlockPool::num_tokens, py::arg("seq_id"), py::arg("model"))
+      .def("block_table", &BlockPool::block_table, py::arg("seq_id"), py::arg("model"))
+      .def("pages_needed", &BlockPool::pages_needed, py::arg("seq_id"), py::arg("model"),
+           py::arg("new_num_tokens"))
+      .def("extend", &BlockPool::extend, py::arg("seq_id"), py::arg("model"),
+           py::arg("new_num_tokens"))
+      .def("truncate", &BlockPool::truncate, py::arg("seq_id"), py::arg("model"),
+           py::arg("num_tokens"))
+      .def("fork", &BlockPool::fork, py::arg("src_seq"), py::arg("dst_seq"))
+      .def("can_allocate", &BlockPool::can_allocate, py::arg("num_pages"))
+      .def("refcount", &BlockPool::refcount, py::arg("page"))
+      .def("free_list", &BlockPool::free_list)
+      .def("stats",
+           [](const BlockPool& pool) {
+             const arbitrage_fast::PoolStats s = pool.stats();
+             py::dict d;
+             d["total_pages"] = s.total_pages;
+             d["free_pages"] = s.free_pages;
+             d["used_pages"] = s.used_pages;
+             d["pages_per_model"] = s.pages_per_model;
+             d["num_sequences"] = s.num_sequences;
+             d["block_sizes"] = s.block_sizes;
+             return d;
+           })
+      .def_property_readonly("num_pages", &BlockPool::num_pages)
+      .def_property_readonly("num_models", &BlockPool::num_models)
+      .def_property_readonly("num_free_pages", &BlockPool::num_free_pages)
+      .def("__repr__", [](const BlockPool& pool) {
+        return "BlockPool(num_pages=" + std::to_string(pool.num_pages()) +
+               ", free=" + std::to_string(pool.num_free_pages()) +
+               ", sequences=" + std::to_string(pool.stats().num_sequences) + ")";
+      });
+}

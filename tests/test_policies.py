@@ -1,0 +1,108 @@
+"""Each policy's decision rule, and what each costs in target work (on tiny models)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from arbitrage_fast import Engine, EngineConfig, SamplingParams
+from arbitrage_fast.policies import POLICY_NAMES, StepEvidence, make_policy
+from arbitrage_fast.prm.base import ProcessRewardModel
+from arbitrage_fast.router.head import RouterConfig, RouterHead
+from helpers.tiny_models import build_tiny_lm
+
+
+@pytest.mark.parametrize("name, threshold, evidence, expected", [
+    ("rsd", 0.7, StepEvidence(draft_prm=0.69), True),
+    ("rsd", 0.7, StepEvidence(draft_prm=0.7), False),
+    ("oracle", 0.0, StepEvidence(draft_prm=0.5, target_prm=0.6), True),
+    ("oracle", 0.0, StepEvidence(draft_prm=0.5, target_prm=0.5), False),
+    ("oracle", 0.2, StepEvidence(draft_prm=0.5, target_prm=0.6), False),
+    ("arbitrage", 0.5, StepEvidence(router_score=0.51), True),
+    ("arbitrage", 0.5, StepEvidence(router_score=0.5), False),
+    ("target_only", None, StepEvidence(), True),
+    ("draft_only", None, StepEvidence(), False),
+])
+def test_decision_rules(name, threshold, evidence, expected):
+    assert make_policy(name, threshold).escalate(evidence) is expected
+
+
+def test_every_step_follows_router_or_rsd_rule():
+    with_router = make_policy("every_step", 0.3, have_router=True)
+    assert with_router.needs_router and with_router.generates_target_candidate
+    assert with_router.escalate(StepEvidence(router_score=0.4)) is True
+    without = make_policy("every_step", 0.3, have_router=False)
+    assert without.needs_draft_prm and not without.needs_router
+    assert without.escalate(StepEvidence(draft_prm=0.2)) is True
+
+
+def test_evidence_each_policy_asks_for():
+    assert not make_policy("target_only").drafts
+    assert make_policy("rsd").needs_draft_prm and not make_policy("rsd").generates_target_candidate
+    o = make_policy("oracle")
+    assert o.needs_draft_prm and o.needs_target_prm and o.generates_target_candidate
+    a = make_policy("arbitrage")
+    assert a.needs_router and not a.needs_draft_prm and not a.generates_target_candidate
+    assert set(POLICY_NAMES) == {"target_only", "draft_only", "rsd", "oracle", "arbitrage", "every_step"}
+
+
+class LengthPRM(ProcessRewardModel):
+    """Prefers longer steps, deterministic: lets oracle tests know which step must win."""
+
+    def score(self, prompt, previous_steps, step):
+        return 1.0 - math.exp(-len(step) / 10)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pol")
+    draft = build_tiny_lm(root / "draft", "llama", hidden=32, layers=1, seed=1, boundary_bias=15.0)
+    target = build_tiny_lm(root / "target", "llama", hidden=48, layers=2, seed=2, boundary_bias=5.0)
+    router_dir = root / "router"
+    head = RouterHead(RouterConfig(hidden_size=32, width=8))
+    head.save(router_dir)
+    return draft, target, router_dir
+
+
+SP = SamplingParams(max_new_tokens=30, max_step_tokens=6, ignore_eos=True)
+PROMPT = "We compute 12 + 30 = 42"
+
+
+def test_oracle_keeps_the_better_step(folders):
+    draft, target, _ = folders
+    engine = Engine(EngineConfig(draft=str(draft), target=str(target), prm=LengthPRM(), kv_pages=64, min_block_size=4))
+    res = engine.generate(PROMPT, policy="oracle", threshold=0.0, sampling=SP)
+    for s in res.steps:
+        assert s.draft_prm is not None and s.target_prm is not None
+        assert (s.source == "target") == (s.target_prm - s.draft_prm > 0)
+    # Oracle writes a target candidate at every step, whichever is kept.
+    assert res.stats["target_tokens"] >= res.stats["steps"]
+    assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_arbitrage_runs_the_target_only_on_escalated_steps(folders):
+    draft, target, router_dir = folders
+    engine = Engine(EngineConfig(draft=str(draft), target=str(target), router=str(router_dir), kv_pages=64, min_block_size=4))
+    never = engine.generate(PROMPT, policy="arbitrage", threshold=1.0, sampling=SP)
+    always = engine.generate(PROMPT, policy="arbitrage", threshold=0.0, sampling=SP)
+    draft_only = engine.generate(PROMPT, policy="draft_only", sampling=SP)
+    target_only = engine.generate(PROMPT, policy="target_only", sampling=SP)
+    assert never.token_ids == draft_only.token_ids
+    assert never.stats["target_tokens"] == 0 and never.stats["target_prefill_tokens"] == 0
+    assert always.token_ids == target_only.token_ids
+    assert all(0.0 <= s.router_score <= 1.0 for s in never.steps)
+    # every_step writes the target's step every time, yet commits what arbitrage commits.
+    every = engine.generate(PROMPT, policy="every_step", threshold=1.0, sampling=SP)
+    assert every.token_ids == never.token_ids
+    assert every.stats["target_tokens"] >= every.stats["steps"]
+    assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_sampling_is_seeded(folders):
+    draft, target, _ = folders
+    engine = Engine(EngineConfig(draft=str(draft), target=str(target), kv_pages=64, min_block_size=4))
+    sp = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    a = engine.generate(PROMPT, policy="rsd", threshold=0.5, sampling=sp)
+    b = engine.generate(PROMPT, policy="rsd", threshold=0.5, sampling=sp)
+    assert a.token_ids == b.token_ids
+    assert len(a.token_ids) == 20

@@ -1,0 +1,85 @@
+"""The synthetic task: exact text format, determinism, disjoint splits, bounds, round trips."""
+
+import pytest
+
+from arbitrage_fast.testbed.task import (
+    STEP_SEPARATOR,
+    Operation,
+    Problem,
+    TaskConfig,
+    generate_problems,
+    parse_prompt,
+    split_of,
+)
+
+
+def example() -> Problem:
+    return Problem(47, (Operation("+", 38), Operation("*", 3), Operation("-", 59)))
+
+
+def test_example_text_is_exactly_the_documented_format():
+    p = example()
+    assert p.prompt == "Q: Start with 47. Add 38. Multiply by 3. Subtract 59. What is the result?\nA: "
+    assert p.solution == "47 + 38 = 85\n\n85 * 3 = 255\n\n255 - 59 = 196\n\nAnswer: 196"
+    assert p.steps == ("47 + 38 = 85\n\n", "85 * 3 = 255\n\n", "255 - 59 = 196\n\n", "Answer: 196")
+    assert p.answer == 196
+    assert p.values() == [47, 85, 255, 196]
+
+
+def test_generation_is_deterministic_and_seed_dependent():
+    a = generate_problems(50, seed=3, split="train")
+    assert a == generate_problems(50, seed=3, split="train")
+    assert a != generate_problems(50, seed=4, split="train")
+    assert generate_problems(20, seed=3, split="train") == a[:20]  # a prefix, not a reshuffle
+
+
+def test_splits_are_disjoint_and_self_consistent():
+    prompts = {}
+    for split in ("train", "val", "test"):
+        problems = generate_problems(300, seed=0, split=split)
+        assert len({p.prompt for p in problems}) == 300  # distinct within a split
+        assert all(split_of(p) == split for p in problems)
+        prompts[split] = {p.prompt for p in problems}
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["train"] & prompts["val"]
+    assert not prompts["val"] & prompts["test"]
+
+
+@pytest.mark.parametrize("config", [TaskConfig(), TaskConfig(min_ops=2, max_ops=2, max_value=999)])
+def test_problems_respect_the_difficulty_knobs(config):
+    for p in generate_problems(500, seed=1, split="train", config=config):
+        assert config.min_ops <= len(p.operations) <= config.max_ops
+        values = p.values()
+        assert all(0 <= v <= config.max_value for v in values)
+        for value, op in zip(values, p.operations):
+            if op.op == "-":
+                assert op.operand <= value  # never below zero
+        assert all(s.endswith(STEP_SEPARATOR) for s in p.steps[:-1])
+        assert p.steps[-1] == f"Answer: {p.answer}"
+        assert len(p.steps) == len(p.operations) + 1
+
+
+def test_every_operator_is_drawn():
+    ops = {op.op for p in generate_problems(200, seed=0, split="train") for op in p.operations}
+    assert ops == {"+", "-", "*"}
+
+
+def test_parse_prompt_round_trips():
+    for p in generate_problems(100, seed=2, split="test"):
+        assert parse_prompt(p.prompt) == p
+        assert parse_prompt(p.prompt + p.solution) == p  # trailing solution text is ignored
+
+
+@pytest.mark.parametrize("text", ["", "What is 2 + 2?", "Q: Start with 4. Divide by 2. What is the result?\nA: "])
+def test_parse_prompt_rejects_foreign_text(text):
+    with pytest.raises(ValueError):
+        parse_prompt(text)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="split"):
+        generate_problems(1, split="dev")
+    with pytest.raises(ValueError, match="min_ops"):
+        TaskConfig(min_ops=5, max_ops=3)
+    with pytest.raises(ValueError, match="operator"):
+        Operation("/", 2)

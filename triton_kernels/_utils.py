@@ -1,0 +1,57 @@
+"""Plumbing shared by the Triton kernels: one guarded import and launch-size helpers.
+
+Triton is optional (CPU-only installs may lack it, and some wheels fail to import without a
+driver), so every kernel module imports it through here and exposes `HAS_TRITON`; the torch
+references keep working either way.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # pragma: no cover - depends on the install
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # ImportError, or a wheel that cannot load its backend here
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+# `triton.jit` picks the interpreter when a kernel is defined, so what counts is the setting
+# when the kernel modules were imported (they import this module first), not a later one.
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(*tensors: torch.Tensor) -> bool:
+    """Whether our kernels can run on these tensors: on the GPU, or built for the interpreter."""
+    if not HAS_TRITON:
+        return False
+    return INTERPRETED or all(t.is_cuda for t in tensors)
+
+
+def require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed; use the *_reference function instead")
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum): Triton block shapes must be powers of two."""
+    n = max(int(n), minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int | None) -> int:
+    """Streaming multiprocessors of a CUDA device (1 on CPU, where only the interpreter runs)."""
+    if device_index is None or not torch.cuda.is_available():
+        return 1
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
