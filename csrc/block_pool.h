@@ -11,6 +11,7 @@
 //   * free + used == total; no page appears twice on the free list;
 //   * table(seq, m).size() == ceil(num_tokens(seq, m) / block_sizes[m]).
 // Every mutating call is all-or-nothing: it validates and counts pages before changing state.
+// Not thread-safe: one scheduler thread owns the pool.
 #pragma once
 
 #include <cstdint>

@@ -205,6 +205,8 @@ def test_exhaustion_is_all_or_nothing(Pool):
         pool.extend(1, 0, 7)
     assert (pool.stats(), pool.free_list(), pool.block_table(1, 0), pool.num_tokens(1, 0)) == before
     assert not pool.can_allocate(3) and pool.can_allocate(2)
+    with pytest.raises(KVCacheExhausted):
+        pool.extend(1, 0, 2**62)                # no overflow in the page arithmetic
     pool.extend(1, 0, 6)                        # 1 fresh + 1 copy fits exactly
     assert pool.stats()["free_pages"] == 0
     check_invariants(pool)

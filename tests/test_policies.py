@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 import pytest
 
 from arbitrage_fast import Engine, EngineConfig, SamplingParams
@@ -106,3 +108,17 @@ def test_sampling_is_seeded(folders):
     b = engine.generate(PROMPT, policy="rsd", threshold=0.5, sampling=sp)
     assert a.token_ids == b.token_ids
     assert len(a.token_ids) == 20
+
+
+def test_label_generation_records_advantage_and_features(folders):
+    from arbitrage_fast.router.data import generate_labels
+    from arbitrage_fast.router.features import feature_dim
+
+    draft, target, _ = folders
+    engine = Engine(EngineConfig(draft=str(draft), target=str(target), prm=LengthPRM(), kv_pages=64, min_block_size=4))
+    data = generate_labels(engine, [PROMPT, "Let x be the number"], SP, progress=False)
+    assert data.features.shape == (len(data), feature_dim(32))
+    assert torch.allclose(data.advantage, data.target_prm - data.draft_prm)
+    assert set(data.problem.tolist()) == {0, 1}
+    assert torch.isfinite(data.features).all()
+    assert engine.kv_stats()["used_pages"] == 0

@@ -39,12 +39,15 @@ def sweep_plan(policies: Sequence[str], thresholds: dict[str, list[float]]) -> l
 
 def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresholds: dict[str, list[float]],
               sampling=None, grader: Callable[[str, str], bool] | None = None,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, audit_prm=None, generate_kwargs: dict | None = None) -> list[dict]:
     """Run the sweep and return one point per (policy, threshold).
 
     Each point holds: policy, threshold, n, accuracy, latency_s (mean wall-clock
     seconds per problem), escalation_rate (total escalations / total steps),
     draft_tokens and target_tokens and steps (means per problem), engine_wall_s.
+    With `audit_prm`, each escalated step's rejected draft and committed target step are
+    both scored offline, adding `wasted_escalation_share` (escalations whose target step
+    scored no better than the draft step it replaced; None when nothing escalated).
     """
     if not items:
         raise ValueError("run_sweep needs at least one item")
@@ -54,17 +57,23 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
     with tqdm(total=len(plan) * len(items), disable=not progress, unit="problem") as bar:
         for policy, threshold in plan:
             bar.set_description(policy if threshold is None else f"{policy}@{threshold:g}")
-            points.append(_run_point(engine, items, policy, threshold, sampling, grader, bar))
+            points.append(_run_point(engine, items, policy, threshold, sampling, grader, bar, audit_prm,
+                                     generate_kwargs or {}))
     return points
 
 
-def _run_point(engine, items, policy, threshold, sampling, grader, bar) -> dict:
+def _run_point(engine, items, policy, threshold, sampling, grader, bar, audit_prm, generate_kwargs) -> dict:
     totals = dict.fromkeys(REQUIRED_STATS, 0.0)
     correct, latency = 0, 0.0
+    audited = wasted = 0
     for item in items:
         start = time.perf_counter()
-        result = engine.generate(item.prompt, policy=policy, threshold=threshold, sampling=sampling)
+        result = engine.generate(item.prompt, policy=policy, threshold=threshold, sampling=sampling,
+                                 **generate_kwargs)
         latency += time.perf_counter() - start
+        if audit_prm is not None:
+            a, w = audit_escalations(engine, item.prompt, result, audit_prm)
+            audited, wasted = audited + a, wasted + w
         correct += bool(grader(result.text, item.answer))
         for key in REQUIRED_STATS:
             if key not in result.stats:
@@ -84,4 +93,20 @@ def _run_point(engine, items, policy, threshold, sampling, grader, bar) -> dict:
         "target_tokens": totals["target_tokens"] / n,
         "steps": totals["steps"] / n,
         "engine_wall_s": totals["wall_s"] / n,
+        **({"wasted_escalation_share": wasted / audited if audited else None} if audit_prm is not None else {}),
     }
+
+
+def audit_escalations(engine, prompt: str, result, prm) -> tuple[int, int]:
+    """(escalations audited, escalations that did not improve the PRM score) for one result."""
+    audited = wasted = 0
+    previous: list[str] = []
+    for step in result.steps:
+        if step.rejected_draft is not None:
+            draft_text = engine.tokenizer.decode(step.rejected_draft, skip_special_tokens=True)
+            d = prm.score(prompt, previous, draft_text)
+            t = prm.score(prompt, previous, step.text)
+            audited += 1
+            wasted += t <= d
+        previous.append(step.text)
+    return audited, wasted

@@ -39,7 +39,7 @@ class RouterDataset:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in self.__dict__.items()}, str(path))
+        save_file({k: v.detach().clone().contiguous() for k, v in self.__dict__.items()}, str(path))
 
     @classmethod
     def load(cls, path: str | Path) -> "RouterDataset":

@@ -1,0 +1,1 @@
+"""Implementations of the `arbitrage-fast` subcommands (the CLI only parses arguments)."""
