@@ -19,10 +19,12 @@ from .prm.target_likelihood import mean_token_probability
 from .router.head import RouterHead
 from .runtime.boundary import boundary_token_ids, eos_token_ids
 from .runtime.model_runner import ForwardOutput, ModelRunner
+from .runtime.speculative import speculative_step
 from .runtime.step_decoder import DecodedStep, StopRule, decode_step
 from .sequence import GenerationResult, Sequence, Step
 
 DRAFT, TARGET = 0, 1
+DEFAULT_SPEC_K = 4
 
 
 class ModelMismatchError(ValueError):
@@ -151,7 +153,10 @@ class Engine:
     def _next_step(self, seq, pol: Policy, sampling, generator, stop, stats, record_features: bool) -> Step:
         n_committed = len(seq.tokens)
         if not pol.drafts:
-            written = self._write_step(self.target, seq, sampling, generator, stop, stats)
+            if pol.name == "spec_decode":
+                written = self._speculative_step(seq, sampling, generator, stop, stats)
+            else:
+                written = self._write_step(self.target, seq, sampling, generator, stop, stats)
             return self._as_step(written, "target")
 
         drafted = self._write_step(self.draft, seq, sampling, generator, stop, stats,
@@ -210,10 +215,24 @@ class Engine:
         return written
 
     def _target_step(self, seq, n_committed, target_first, sampling, generator, stop, stats) -> DecodedStep:
-        """The target writes the step from the committed context (its KV rolled back to it)."""
+        """The target writes the step from the committed context (its KV rolled back to it),
+        speculated by the draft when spec_k > 0."""
         if self.target.kv_len(seq.seq_id) > n_committed:
             self.target.truncate(seq.seq_id, n_committed)
+        if self.config.spec_k > 0:
+            return self._speculative_step(seq, sampling, generator, stop, stats)
         return self._write_step(self.target, seq, sampling, generator, stop, stats, first=target_first)
+
+    def _speculative_step(self, seq, sampling, generator, stop, stats) -> DecodedStep:
+        t = time.perf_counter()
+        k = self.config.spec_k or DEFAULT_SPEC_K
+        written = speculative_step(self.draft, self.target, seq, k, sampling, generator, stop)
+        stats["target_tokens"] += len(written.tokens)
+        stats["spec_proposed"] = stats.get("spec_proposed", 0) + written.extra["proposed"]
+        stats["spec_accepted"] = stats.get("spec_accepted", 0) + written.extra["accepted"]
+        stats["host_syncs"] += written.host_syncs
+        stats["target_s"] += time.perf_counter() - t
+        return written
 
     def _score_draft_step(self, seq: Sequence, drafted: DecodedStep, stats) -> _Scored:
         if self.prm is not None:

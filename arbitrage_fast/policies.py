@@ -37,6 +37,13 @@ class TargetOnly(Policy):
         return True
 
 
+class SpeculativeTarget(Policy):
+    """Token-level speculative decoding: the target's output, drafted k tokens at a time."""
+
+    def escalate(self, e: StepEvidence) -> bool:
+        return True
+
+
 class DraftOnly(Policy):
     def escalate(self, e: StepEvidence) -> bool:
         return False
@@ -80,6 +87,7 @@ class EveryStep(Policy):
 _POLICIES = {
     "target_only": (TargetOnly, None, None, dict(drafts=False)),
     "draft_only": (DraftOnly, None, None, {}),
+    "spec_decode": (SpeculativeTarget, None, None, dict(drafts=False)),
     "rsd": (RewardGuided, 0.7, (0.0, math.inf), dict(needs_draft_prm=True)),
     "oracle": (ArbitrageOracle, 0.0, (-1.0, 1.0),
                dict(needs_draft_prm=True, generates_target_candidate=True, needs_target_prm=True)),

@@ -32,12 +32,15 @@ def time_transformers(path, prompt_ids, n, dtype, repeats):
         model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
+    # No EOS: both sides decode exactly n tokens with the same argmax rule (min_new_tokens would
+    # instead mask EOS logits and change the tokens).
+    model.generation_config.eos_token_id = None
     ids = torch.tensor([prompt_ids])
     best, out = float("inf"), None
     for _ in range(repeats):
         t = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                  do_sample=False, **kw)
         best = min(best, time.perf_counter() - t)
     return best, out[0, len(prompt_ids):].tolist()

@@ -3,7 +3,7 @@
 // Both ops move bits without arithmetic, so kernels are templated on the width of the word
 // they move, not on the dtype: float16 and bfloat16 share one instantiation. When rows are
 // dense and every address is aligned, rows move as 16-byte words (one uint4 per thread per
-// step), which is what saturates HBM; the strided fallback moves one element at a time.
+// step), as bandwidth-bound copies want; the strided fallback moves one element at a time.
 #include <cuda_runtime.h>
 #include <stdint.h>
 

@@ -4,6 +4,11 @@ Each layer writes its new K/V into the pages named by the slot mapping, then att
 the sequence's pages. Dispatch: the Triton paged-decode kernel on CUDA for decode batches,
 otherwise the torch path (gather pages, SDPA), which is the reference the kernel is tested
 against and the CPU implementation.
+
+A decode batch in the device form (no host lengths, see AttentionMetadata.for_device_decode)
+goes to `paged_decode_attention` (Triton on CUDA, its torch reference elsewhere); a sliding-
+window layer, which that kernel does not model, takes a masked gather over the whole block
+table instead. Both read lengths from the device only, so a CUDA graph can capture them.
 """
 from __future__ import annotations
 
@@ -23,6 +28,15 @@ def _triton_decode():
     except ImportError:
         return None
     return paged_decode_attention if HAS_TRITON else None
+
+
+def _device_decode_kernel(q: torch.Tensor):
+    """The paged decode kernel for a device-form batch: Triton on CUDA, the torch reference
+    elsewhere (chosen by device, not by TRITON_INTERPRET, so CPU runs never interpret)."""
+    from arbitrage_fast.triton_kernels.paged_attention import paged_decode_attention_reference
+
+    kernel = _triton_decode() if q.is_cuda else None
+    return kernel or paged_decode_attention_reference
 
 
 class PagedAttention(nn.Module):
@@ -47,12 +61,37 @@ class PagedAttention(nn.Module):
         write_kv(kv_cache, self.layer_idx, k, v, meta.slot_mapping)
         k_cache = kv_cache[:, self.layer_idx, 0]
         v_cache = kv_cache[:, self.layer_idx, 1]
+        if meta.on_device_only:
+            out = self._device_decode(q, k_cache, v_cache, meta)
+            return self.o_proj(out.reshape(T, self.q_size))
         kernel = _triton_decode() if (x.is_cuda and meta.is_decode and self.sliding_window is None) else None
         if kernel is not None:
             out = kernel(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, self.scale)
         else:
             out = self._torch_attention(q, k_cache, v_cache, meta)
         return self.o_proj(out.reshape(T, self.q_size))
+
+    def _device_decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        if self.sliding_window is None:
+            return _device_decode_kernel(q)(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, self.scale)
+        return self._windowed_decode(q, k_cache, v_cache, meta)
+
+    def _windowed_decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """Sliding-window decode from device lengths: gather every page the table names and
+        mask keys outside (len - window, len]. It reads the whole table width, so the caller
+        keeps tables narrow where it can; correctness, not speed, is its job."""
+        B, W = meta.block_tables.shape
+        S = W * meta.block_size
+        k = k_cache[meta.block_tables.long()].reshape(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v_cache[meta.block_tables.long()].reshape(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        n = torch.arange(S, device=q.device)[None, :]
+        lens = meta.seq_lens_tensor.long()[:, None]
+        visible = (n < lens) & (n >= lens - self.sliding_window)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return o.squeeze(2)
 
     def _torch_attention(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         outs = []

@@ -1,0 +1,151 @@
+"""One decode iteration of a batch, closed on the device: the unit a CUDA graph captures.
+
+    feed each row's pending token at its KV length -> final hidden -> logits -> sample
+    -> log-prob and entropy -> router running sums -> the sample becomes the pending token
+
+Everything the iteration reads or writes between calls lives in `DecodeBuffers`, allocated
+once, and nothing is read on the host, so the host can enqueue K iterations back to back.
+The slot and position of each row come from its device-side KV length and block table (the
+host pre-extends the pages and uploads the table once per chunk); the row's position in its
+step indexes the per-position buffers.
+
+Per-position buffers are what make rollback free: the host learns where a step ended only
+after the chunk, so every sampled token's log-prob, hidden state and *prefix sums* are kept
+by position. The router features of a step of n tokens are then read at position n-1, and
+the prefix sums are built by the same sequential fp32 adds as `StepFeatureAccumulator`, so
+they agree bit for bit with the per-token decoder's given the same hidden states.
+"""
+from __future__ import annotations
+
+import torch
+
+from arbitrage_fast.config import SamplingParams
+
+from .attention_metadata import AttentionMetadata
+from .sampler import sample, token_statistics
+
+
+class DecodeBuffers:
+    """Static device state of `batch` rows decoding steps of up to `capacity` tokens."""
+
+    def __init__(self, batch: int, capacity: int, hidden_size: int, table_width: int,
+                 device: torch.device) -> None:
+        self.batch, self.capacity, self.hidden_size = batch, capacity, hidden_size
+        z = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.input_ids = z(batch, dtype=torch.long)  # each row's pending token (sampled, not yet fed)
+        self.kv_len = z(batch, dtype=torch.long)  # KV length = the pending token's position
+        self.step_pos = z(batch, dtype=torch.long)  # index in the step of the next sampled token
+        self.active = z(batch, dtype=torch.bool)  # inactive rows write no KV (padding, warm-up)
+        self.block_tables = z(batch, table_width, dtype=torch.int32)
+        self.tokens = z(batch, capacity, dtype=torch.long)
+        self.logprobs = z(batch, capacity)
+        # Prefix sums: index j + 1 holds the sum over step positions 0..j (index 0 stays 0).
+        self.cum_logprob = z(batch, capacity + 1)
+        self.cum_entropy = z(batch, capacity + 1)
+        self.hidden = z(batch, capacity, hidden_size)
+        self.cum_hidden = z(batch, capacity + 1, hidden_size)
+
+    @property
+    def table_width(self) -> int:
+        return self.block_tables.shape[1]
+
+    def start_row(self, row: int, kv_len: int) -> None:
+        """A step starts: device fills only (no copy, no sync)."""
+        self.kv_len[row].fill_(kv_len)
+        self.step_pos[row].fill_(0)
+        self.active[row].fill_(True)
+
+    def set_block_table(self, row: int, table: torch.Tensor) -> None:
+        """Upload one row's block table (host int32 [w]); stream-ordered after earlier iterations."""
+        w = table.numel()
+        if w > self.table_width:
+            raise ValueError(f"block table of {w} pages exceeds the decode buffers' {self.table_width}")
+        self.block_tables[row, :w].copy_(table, non_blocking=True)
+
+
+class DecodeIteration:
+    """The iteration as a callable over `DecodeBuffers` (eager here, replayed by graphs.py)."""
+
+    def __init__(self, runner, buffers: DecodeBuffers, sampling: SamplingParams,
+                 generator: torch.Generator | None, track_features: bool) -> None:
+        self.model, self.kv_view, self.block_size = runner.model, runner.kv_view, runner.block_size
+        self.buffers, self.sampling, self.generator = buffers, sampling, generator
+        self.track_features = track_features
+        B, H, dev = buffers.batch, buffers.hidden_size, buffers.input_ids.device
+        # The fused final-norm + router kernel needs the residual stream and the norm; it
+        # runs where Triton runs (the GPU), the model's own norm everywhere else.
+        self.fused = (track_features and dev.type == "cuda" and hasattr(self.model, "forward_residual")
+                      and hasattr(self.model, "norm") and _fused_router_kernel() is not None)
+        if self.fused:
+            dtype = self.model.norm.weight.dtype
+            # No router weights are folded in here (the engine scores the features itself):
+            # one zero feature row keeps the kernel's pre-activation output trivially small.
+            self._w = torch.zeros(1, H, device=dev)
+            self._count = torch.zeros(B, dtype=torch.int32, device=dev)
+            self._out_hidden = torch.empty(B, H, dtype=dtype, device=dev)
+            self._out_pre = torch.empty(B, 1, device=dev)
+
+    def __call__(self) -> None:
+        b = self.buffers
+        pos = b.kv_len
+        bs = self.block_size
+        col = (pos // bs).clamp(max=b.table_width - 1)[:, None]
+        page = b.block_tables.gather(1, col).squeeze(1).long()
+        slots = torch.where(b.active, page * bs + pos % bs, torch.full_like(pos, -1))
+        meta = AttentionMetadata.for_device_decode(positions=pos, slot_mapping=slots, block_tables=b.block_tables,
+                                                   seq_lens_tensor=(pos + 1).to(torch.int32), block_size=bs)
+        if self.fused:
+            residual = self.model.forward_residual(b.input_ids, meta, self.kv_view)
+            hidden, running = self._fused_norm(residual)
+        else:
+            hidden, running = self.model(b.input_ids, meta, self.kv_view), None
+        self.record(hidden, self.model.compute_logits(hidden), running)
+        b.kv_len.add_(b.active.long())
+
+    def record(self, hidden: torch.Tensor, logits: torch.Tensor, running_hidden: torch.Tensor | None = None) -> None:
+        """Sample each row's next token from logits [B, V] and file it at the row's step position.
+
+        Also used eagerly for a step's first token, whose logits come from the catch-up prefill.
+        """
+        b = self.buffers
+        token = sample(logits, self.sampling, self.generator)
+        logprob, entropy = token_statistics(logits, token)
+        j = b.step_pos.clamp(max=b.capacity - 1)[:, None]  # clamp: only idle rows run past capacity
+        b.tokens.scatter_(1, j, token[:, None])
+        b.logprobs.scatter_(1, j, logprob[:, None])
+        if self.track_features:
+            _prefix_add(b.cum_logprob, j, logprob)
+            _prefix_add(b.cum_entropy, j, entropy)
+            h = hidden.float()
+            jh = j[:, :, None].expand(-1, 1, b.hidden_size)
+            b.hidden.scatter_(1, jh, h[:, None])
+            if running_hidden is None:
+                _prefix_add(b.cum_hidden, jh, h)
+            else:  # the fused kernel already added h to the prefix it was given
+                b.cum_hidden.scatter_(1, jh + 1, running_hidden[:, None])
+        b.input_ids.copy_(token)
+        b.step_pos.add_(1)
+
+    def _fused_norm(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final RMSNorm and the running hidden sum in one kernel; returns (normed, new prefix sum)."""
+        b = self.buffers
+        jh = b.step_pos.clamp(max=b.capacity - 1)[:, None, None].expand(-1, 1, b.hidden_size)
+        running = b.cum_hidden.gather(1, jh).squeeze(1)  # prefix before this token; updated in place
+        _fused_router_kernel()(residual, self.model.norm.weight, self.model.norm.eps, self._w, self._w,
+                               running, self._count, self._out_hidden, self._out_pre)
+        return self._out_hidden, running
+
+
+def _prefix_add(prefix: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
+    """prefix[:, index + 1] = prefix[:, index] + value (the accumulator's `sum += x`, per row)."""
+    prev = prefix.gather(1, index)
+    prefix.scatter_(1, index + 1, prev + value.reshape(prev.shape))
+
+
+def _fused_router_kernel():
+    """The Triton fused norm + router kernel, or None where Triton cannot be imported."""
+    try:
+        from arbitrage_fast.triton_kernels.router_head import HAS_TRITON, fused_norm_router_triton
+    except ImportError:
+        return None
+    return fused_norm_router_triton if HAS_TRITON else None

@@ -1,0 +1,100 @@
+"""Token-level speculative decoding of one step: the draft proposes k tokens, the target
+verifies them in one forward, and the output follows the target's distribution exactly.
+
+Rejection rule (Leviathan et al., Chen et al.): accept proposal x ~ q with probability
+min(1, p(x)/q(x)); at the first rejection draw from norm(max(p - q, 0)); if all k are
+accepted, draw a bonus token from the target's next distribution. Greedy is the special
+case of one-hot p and q: accept iff x is the target's argmax, else take the argmax.
+
+Used as the `spec_decode` policy (the target writes every step, faster) and inside
+escalations (`EngineConfig.spec_k`): when the target rewrites a step, the resident draft
+speculates its tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from arbitrage_fast.config import SamplingParams
+
+from .model_runner import ForwardOutput, ModelRunner
+from .sampler import probabilities, sample, token_statistics
+from .step_decoder import DecodedStep, StopRule
+
+
+def verify(p: torch.Tensor, q: torch.Tensor, proposals: list[int], greedy: bool,
+           generator: torch.Generator | None) -> tuple[int, int]:
+    """p [k+1, V] target, q [k, V] draft distributions -> (accepted count, next token).
+
+    The next token is the correction at the first rejection, or the bonus token."""
+    for j, x in enumerate(proposals):
+        ratio = float(p[j, x] / q[j, x]) if q[j, x] > 0 else 0.0
+        if greedy:
+            accepted = ratio >= 1.0
+        else:
+            u = float(torch.rand((), generator=generator, device=p.device))
+            accepted = u < ratio
+        if not accepted:
+            residual = (p[j] - q[j]).clamp_min(0)
+            if greedy or residual.sum() <= 0:
+                return j, int(p[j].argmax())
+            return j, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    last = p[len(proposals)]
+    nxt = int(last.argmax()) if greedy else int(torch.multinomial(last, 1, generator=generator))
+    return len(proposals), nxt
+
+
+@torch.inference_mode()
+def speculative_step(draft: ModelRunner, target: ModelRunner, seq, k: int, sampling: SamplingParams,
+                     generator: torch.Generator | None, stop: StopRule) -> DecodedStep:
+    """The target's step for `seq`, with the draft proposing up to k tokens per target forward.
+
+    KV invariant on return (as for any step): each model has seen at most the context plus
+    all step tokens but the last.
+    """
+    context = list(seq.tokens)
+    step: list[int] = []
+    logprobs: list[float] = []
+    proposed = accepted_total = syncs = 0
+    while True:
+        # 1. Draft proposes, stopping early at a token that would end the step anyway.
+        proposals, q_rows = [], []
+        base = len(context) + len(step)
+        # Each model must re-read at least the last token to get its next-token logits.
+        draft.truncate(seq.seq_id, min(draft.kv_len(seq.seq_id), base - 1))
+        target.truncate(seq.seq_id, min(target.kv_len(seq.seq_id), base - 1))
+        out = draft.forward_one(seq.seq_id, (context + step)[draft.kv_len(seq.seq_id):])
+        for _ in range(k):
+            q = probabilities(out.logits[-1:], sampling)
+            x = int(sample(out.logits[-1:], sampling, generator))
+            syncs += 1
+            proposals.append(x)
+            q_rows.append(q[0])
+            if stop.ended_by(x, len(step) + len(proposals)) is not None or len(proposals) == k:
+                break
+            out = draft.forward_one(seq.seq_id, [x])
+        # 2. Target scores the unseen context and all proposals in one forward.
+        fed = (context + step)[target.kv_len(seq.seq_id):] + proposals
+        t_out = target.forward_one(seq.seq_id, fed, rows="all")
+        t_logits = t_out.logits[-(len(proposals) + 1):]
+        p = probabilities(t_logits, sampling)
+        n_acc, nxt = verify(p, torch.stack(q_rows), proposals, sampling.greedy, generator)
+        syncs += 1
+        proposed += len(proposals)
+        accepted_total += n_acc
+        new = proposals[:n_acc] + [nxt]
+        lp, _ = token_statistics(t_logits[: len(new)], torch.tensor(new, device=t_logits.device))
+        # 3. Commit in order until the step ends; roll back both models' unverified KV.
+        reason = None
+        for i, tok in enumerate(new):
+            step.append(tok)
+            logprobs.append(float(lp[i]))
+            reason = stop.ended_by(tok, len(step))
+            if reason is not None:
+                break
+        # KV stays only for accepted proposals, and never for the step's last token.
+        keep = min(base + n_acc, len(context) + len(step) - 1)
+        target.truncate(seq.seq_id, min(target.kv_len(seq.seq_id), keep))
+        draft.truncate(seq.seq_id, min(draft.kv_len(seq.seq_id), keep))
+        if reason is not None:
+            return DecodedStep(tokens=step, ended_by=reason, logprobs=logprobs, host_syncs=syncs,
+                               extra={"proposed": proposed, "accepted": accepted_total})

@@ -1,0 +1,176 @@
+"""Timing and bookkeeping shared by the benchmarks.
+
+On a GPU, time is read from CUDA events recorded around each repeat and collected after one
+synchronisation at the very end, so nothing inside a timed region waits for the device; on
+the CPU, perf_counter. Variants are interleaved repeat by repeat (A B A B ...), so drift in
+clocks or machine load hits each alike, and the median is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Peak HBM bandwidth (bytes/s) by a substring of torch.cuda.get_device_name(); first match wins.
+PEAK_BANDWIDTH = (
+    ("H200", 4.8e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),  # SXM
+    ("A100 80GB", 2.0e12),
+    ("A100-SXM4-80GB", 2.0e12),
+    ("A100-PCIE-80GB", 2.0e12),
+)
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    mean_s: float
+    samples: list[float]
+
+
+def common_args(parser: argparse.ArgumentParser, repeats: int = 5, warmup: int = 2) -> None:
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds end to end")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present; cpu for --smoke)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed repeats first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's; 1 for --smoke, whose tiny shapes "
+                             "only lose to OpenMP hand-offs on a busy machine)")
+
+
+def resolve_device(arg: str | None, smoke: bool, threads: int | None = None) -> torch.device:
+    """The device to run on; also sets torch's CPU thread count (see --threads)."""
+    if threads or smoke:
+        torch.set_num_threads(threads or 1)
+    if arg:
+        device = torch.device(arg)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda was asked for but torch sees no CUDA device")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe name for the device: nvidia_h200, cpu."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
+
+
+def peak_bandwidth(device: torch.device, override: float | None = None) -> float | None:
+    """Peak memory bandwidth in bytes/s: --peak-bw if given, else the table, else None."""
+    if override:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in PEAK_BANDWIDTH if key in name), None)
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return dict(
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device_name(device),
+        torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
+        python=platform.python_version(), cpu_count=os.cpu_count(),
+    )
+
+
+def time_variants(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
+                  reset: Callable[[], None] | None = None) -> dict[str, Timing]:
+    """Time each callable `repeats` times, interleaved; `reset` runs before every call, untimed.
+
+    A callable should enqueue its work and return without reading results back: on a GPU the
+    events bracket only device time between the enqueue of its first and last kernel.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        for fn in fns.values():
+            if reset:
+                reset()
+            fn()
+    synchronize(device)
+    marks: dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if reset:
+                reset()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                marks[name].append((start, end))
+            else:
+                t = time.perf_counter()
+                fn()
+                marks[name].append(time.perf_counter() - t)
+    synchronize(device)
+    out = {}
+    for name, ms in marks.items():
+        samples = [s.elapsed_time(e) / 1e3 for s, e in ms] if cuda else ms
+        out[name] = Timing(statistics.median(samples), min(samples), statistics.fmean(samples), samples)
+    return out
+
+
+def timing_dict(t: Timing, per: int = 1) -> dict:
+    """A Timing as JSON fields, divided by `per` (e.g. tokens per repeat)."""
+    d = asdict(t)
+    return {k: ([x / per for x in v] if isinstance(v, list) else v / per) for k, v in d.items()}
+
+
+def write_json(payload, out_dir: Path, name: str) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (Path, torch.device, torch.dtype)):
+        return str(x)
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def free_device_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
