@@ -7,6 +7,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ._kernels_path import install as _install_kernels_path
+
+_install_kernels_path()  # a source checkout maps triton_kernels/ to arbitrage_fast.triton_kernels
+
 __all__ = ["Engine", "EngineConfig", "SamplingParams", "GenerationResult", "Step", "KVCacheExhausted", "POLICY_NAMES"]
 
 

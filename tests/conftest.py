@@ -1,6 +1,14 @@
-"""Shared pytest setup: tests marked `gpu` run only where a CUDA device is present."""
+"""Shared pytest setup: tests marked `gpu` run only where a CUDA device is present, and
+Triton kernels run in the interpreter where there is none."""
+
+import os
 
 import pytest
+import torch
+
+# Must be decided before any module imports triton: the interpreter flag is read at import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
@@ -12,8 +20,6 @@ def pytest_collection_modifyitems(config, items):
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
-    import torch  # only when some collected test needs to know
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

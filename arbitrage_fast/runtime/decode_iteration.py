@@ -37,6 +37,7 @@ class DecodeBuffers:
         self.step_pos = z(batch, dtype=torch.long)  # index in the step of the next sampled token
         self.active = z(batch, dtype=torch.bool)  # inactive rows write no KV (padding, warm-up)
         self.block_tables = z(batch, table_width, dtype=torch.int32)
+        self._row_widths = [1] * batch
         self.tokens = z(batch, capacity, dtype=torch.long)
         self.logprobs = z(batch, capacity)
         # Prefix sums: index j + 1 holds the sum over step positions 0..j (index 0 stays 0).
@@ -48,6 +49,12 @@ class DecodeBuffers:
     @property
     def table_width(self) -> int:
         return self.block_tables.shape[1]
+
+    @property
+    def live_tables(self) -> torch.Tensor:
+        """The columns some row uses now: eager iterations read this narrower view (the
+        sliding-window path reads whole tables); a captured graph keeps the full width."""
+        return self.block_tables[:, : max(self._row_widths)]
 
     def start_row(self, row: int, kv_len: int) -> None:
         """A step starts: device fills only (no copy, no sync)."""
@@ -61,16 +68,18 @@ class DecodeBuffers:
         if w > self.table_width:
             raise ValueError(f"block table of {w} pages exceeds the decode buffers' {self.table_width}")
         self.block_tables[row, :w].copy_(table, non_blocking=True)
+        self._row_widths[row] = max(w, 1)
 
 
 class DecodeIteration:
     """The iteration as a callable over `DecodeBuffers` (eager here, replayed by graphs.py)."""
 
     def __init__(self, runner, buffers: DecodeBuffers, sampling: SamplingParams,
-                 generator: torch.Generator | None, track_features: bool) -> None:
+                 generator: torch.Generator | None, track_features: bool, static_tables: bool = False) -> None:
         self.model, self.kv_view, self.block_size = runner.model, runner.kv_view, runner.block_size
         self.buffers, self.sampling, self.generator = buffers, sampling, generator
         self.track_features = track_features
+        self.static_tables = static_tables  # True when captured: the graph bakes the full table in
         B, H, dev = buffers.batch, buffers.hidden_size, buffers.input_ids.device
         # The fused final-norm + router kernel needs the residual stream and the norm; it
         # runs where Triton runs (the GPU), the model's own norm everywhere else.
@@ -87,12 +96,13 @@ class DecodeIteration:
 
     def __call__(self) -> None:
         b = self.buffers
+        tables = b.block_tables if self.static_tables else b.live_tables
         pos = b.kv_len
         bs = self.block_size
-        col = (pos // bs).clamp(max=b.table_width - 1)[:, None]
-        page = b.block_tables.gather(1, col).squeeze(1).long()
+        col = (pos // bs).clamp(max=tables.shape[1] - 1)[:, None]
+        page = tables.gather(1, col).squeeze(1).long()
         slots = torch.where(b.active, page * bs + pos % bs, torch.full_like(pos, -1))
-        meta = AttentionMetadata.for_device_decode(positions=pos, slot_mapping=slots, block_tables=b.block_tables,
+        meta = AttentionMetadata.for_device_decode(positions=pos, slot_mapping=slots, block_tables=tables,
                                                    seq_lens_tensor=(pos + 1).to(torch.int32), block_size=bs)
         if self.fused:
             residual = self.model.forward_residual(b.input_ids, meta, self.kv_view)
