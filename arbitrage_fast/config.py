@@ -47,7 +47,8 @@ class EngineConfig:
     # None = target-likelihood PRM; "exact" = testbed checker; a PRM folder; or a ProcessRewardModel.
     prm: object = None
     router: str | None = None  # folder or file of a trained router head
-    # Tokens decoded per host round-trip when drafting a step (rolled back past a boundary).
+    # Tokens decoded per host round-trip when writing a step (rolled back past a boundary):
+    # 1 = the per-token decoder, N > 1 = chunks of N, 0 = adaptive (<= 2 host reads per step).
     decode_chunk: int = 1
     spec_k: int = 0  # token-level speculation inside target steps (0 = off)
 
@@ -64,7 +65,7 @@ class EngineConfig:
             raise ValueError(f"min_block_size must be positive, got {self.min_block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.decode_chunk <= 0:
-            raise ValueError(f"decode_chunk must be positive, got {self.decode_chunk}")
+        if not isinstance(self.decode_chunk, int) or self.decode_chunk < 0:
+            raise ValueError(f"decode_chunk must be an integer >= 0 (0 = adaptive), got {self.decode_chunk!r}")
         if self.spec_k < 0:
             raise ValueError(f"spec_k must be >= 0, got {self.spec_k}")

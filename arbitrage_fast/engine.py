@@ -18,6 +18,7 @@ from .policies import Policy, StepEvidence, make_policy
 from .prm.target_likelihood import mean_token_probability
 from .router.head import RouterHead
 from .runtime.boundary import boundary_token_ids, eos_token_ids
+from .runtime.chunked_decoder import decode_step_chunked
 from .runtime.model_runner import ForwardOutput, ModelRunner
 from .runtime.speculative import speculative_step
 from .runtime.step_decoder import DecodedStep, StopRule, decode_step
@@ -67,9 +68,14 @@ class Engine:
         self.device = torch.device(config.device)
         draft = draft or load_model(config.draft, config.dtype, self.device)
         target = target or load_model(config.target, config.dtype, self.device)
-        _check_pair(draft, target)
+        self.shared_vocab = _shares_vocabulary(draft, target)
+        if not self.shared_vocab and config.spec_k > 0:
+            raise ModelMismatchError(
+                f"token-level speculation (spec_k={config.spec_k}) needs draft and target to share a "
+                f"vocabulary; {draft.path} and {target.path} tokenize differently (set spec_k=0)")
         self.draft_model, self.target_model = draft, target
         self.tokenizer = target.tokenizer
+        self.tokenizers = {DRAFT: draft.tokenizer, TARGET: target.tokenizer}
         specs = [KVSpec(m.spec.num_layers, m.spec.num_kv_heads, m.spec.head_dim) for m in (draft, target)]
         dtype = resolve_dtype(config.dtype)
         num_pages = config.kv_pages or PagedKVCache.num_pages_for_budget(
@@ -80,8 +86,9 @@ class Engine:
         self.max_len = min(draft.spec.max_position_embeddings, target.spec.max_position_embeddings)
         if config.max_model_len is not None:
             self.max_len = min(self.max_len, config.max_model_len)
-        self.boundary_ids = frozenset(boundary_token_ids(self.tokenizer))
-        self.eos_ids = frozenset(eos_token_ids(self.tokenizer, target.hf_config))
+        # Each model stops on its own vocabulary's boundary and EOS ids.
+        self.boundary_ids = {m: frozenset(boundary_token_ids(lm.tokenizer)) for m, lm in ((DRAFT, draft), (TARGET, target))}
+        self.eos_ids = {m: frozenset(eos_token_ids(lm.tokenizer, lm.hf_config)) for m, lm in ((DRAFT, draft), (TARGET, target))}
         self.prm = _build_prm(config.prm, self.device)
         self.router = (RouterHead.load(config.router, expected_hidden_size=draft.spec.hidden_size).to(self.device)
                        if config.router else None)
@@ -114,8 +121,10 @@ class Engine:
         if pol.needs_router and self.router is None:
             raise ValueError(f"policy {policy!r} needs a router head: set EngineConfig(router=PATH) "
                              "(train one with `arbitrage-fast train-router`)")
+        if pol.name == "spec_decode" and not self.shared_vocab:
+            raise ModelMismatchError("spec_decode needs draft and target to share a vocabulary")
         prompt_ids, prompt_text = self._encode(prompt, chat)
-        return _Run(self, Sequence(prompt_ids, prompt_text), pol, sampling, record_features)
+        return _Run(self, Sequence(prompt_ids, prompt_text, self.shared_vocab), pol, sampling, record_features)
 
     def _steps(self, run: "_Run"):
         seq, pol, sampling = run.seq, run.policy, run.sampling
@@ -129,13 +138,16 @@ class Engine:
         self.cache.add_sequence(seq.seq_id)
         try:
             while True:
-                budget = min(sampling.max_new_tokens - seq.num_generated, self.max_len - len(seq.tokens))
+                room = self.max_len - max(len(seq.tokens(DRAFT)), len(seq.tokens(TARGET)))
+                budget = min(sampling.max_new_tokens - seq.num_generated, room)
                 if budget <= 0:
                     break
-                stop = StopRule(self.boundary_ids, frozenset() if sampling.ignore_eos else self.eos_ids,
-                                sampling.max_step_tokens, budget)
-                step = self._next_step(seq, pol, sampling, generator, stop, stats, run.record_features)
-                seq.commit(step)
+                stops = {m: StopRule(self.boundary_ids[m], frozenset() if sampling.ignore_eos else self.eos_ids[m],
+                                     sampling.max_step_tokens, budget) for m in (DRAFT, TARGET)}
+                step = self._next_step(seq, pol, sampling, generator, stops, stats, run.record_features)
+                writer = DRAFT if step.source == "draft" else TARGET
+                other_ids = None if self.shared_vocab else self._encode_step(step.text, 1 - writer)
+                seq.commit(step, writer, other_ids)
                 stats["steps"] += 1
                 stats["escalations"] += step.source == "target" and pol.drafts
                 yield step
@@ -146,20 +158,21 @@ class Engine:
             # Success, error or cancellation (generator closed): the request's pages go back.
             self.cache.free_sequence(seq.seq_id)
         stats["wall_s"] = time.perf_counter() - start
-        out = seq.output_ids
-        run.result = GenerationResult(token_ids=out, text=self.tokenizer.decode(out, skip_special_tokens=True),
+        out = seq.output_ids(TARGET)
+        text = self.tokenizer.decode(out, skip_special_tokens=True) if self.shared_vocab else "".join(seq.step_texts())
+        run.result = GenerationResult(token_ids=out, text=text,
                                       steps=seq.steps, stats=stats, finish_reason=finish)
 
-    def _next_step(self, seq, pol: Policy, sampling, generator, stop, stats, record_features: bool) -> Step:
-        n_committed = len(seq.tokens)
+    def _next_step(self, seq, pol: Policy, sampling, generator, stops, stats, record_features: bool) -> Step:
+        stop = stops[TARGET]
         if not pol.drafts:
             if pol.name == "spec_decode":
                 written = self._speculative_step(seq, sampling, generator, stop, stats)
             else:
                 written = self._write_step(self.target, seq, sampling, generator, stop, stats)
-            return self._as_step(written, "target")
+            return self._as_step(written, "target", TARGET)
 
-        drafted = self._write_step(self.draft, seq, sampling, generator, stop, stats,
+        drafted = self._write_step(self.draft, seq, sampling, generator, stops[DRAFT], stats,
                                    track_features=self.router is not None or record_features)
         evidence = StepEvidence()
         target_first = None
@@ -174,21 +187,21 @@ class Engine:
             stats["prm_s"] += time.perf_counter() - t
         candidate = None
         if pol.generates_target_candidate:
-            candidate = self._target_step(seq, n_committed, target_first, sampling, generator, stop, stats)
+            candidate = self._target_step(seq, target_first, sampling, generator, stop, stats)
             if pol.needs_target_prm:
                 t = time.perf_counter()
                 evidence.target_prm = self._score_target_step(seq, candidate)
                 stats["prm_s"] += time.perf_counter() - t
         if pol.escalate(evidence):
-            self.draft.truncate(seq.seq_id, n_committed)  # roll back the rejected draft step
+            self.draft.truncate(seq.seq_id, len(seq.tokens(DRAFT)))  # roll back the rejected draft step
             if candidate is None:
-                candidate = self._target_step(seq, n_committed, target_first, sampling, generator, stop, stats)
-            step = self._as_step(candidate, "target")
-            step.rejected_draft = drafted.tokens
+                candidate = self._target_step(seq, target_first, sampling, generator, stop, stats)
+            step = self._as_step(candidate, "target", TARGET)
+            step.rejected_draft = self._text(drafted.tokens, DRAFT)
         else:
             if candidate is not None:  # discard the target's losing candidate, keep the context
-                self.target.truncate(seq.seq_id, min(self.target.kv_len(seq.seq_id), n_committed))
-            step = self._as_step(drafted, "draft")
+                self.target.truncate(seq.seq_id, min(self.target.kv_len(seq.seq_id), len(seq.tokens(TARGET))))
+            step = self._as_step(drafted, "draft", DRAFT)
         step.draft_prm, step.target_prm, step.router_score = evidence.draft_prm, evidence.target_prm, evidence.router_score
         if record_features:
             step.features = drafted.features.features()
@@ -198,7 +211,7 @@ class Engine:
     def _catch_up(self, runner: ModelRunner, seq: Sequence, extra: list[int] = (), rows: str = "last") -> ForwardOutput:
         """Feed every committed token this model has not seen (plus `extra`) in ONE prefill."""
         seen = runner.kv_len(seq.seq_id)
-        tokens = seq.tokens[seen:] + list(extra)
+        tokens = seq.tokens(runner.index)[seen:] + list(extra)
         return runner.forward_one(seq.seq_id, tokens, rows)
 
     def _write_step(self, runner: ModelRunner, seq: Sequence, sampling, generator, stop, stats,
@@ -206,17 +219,23 @@ class Engine:
         t = time.perf_counter()
         if first is None:
             seen = runner.kv_len(seq.seq_id)
-            stats[f"{runner.name}_prefill_tokens"] += len(seq.tokens) - seen
+            stats[f"{runner.name}_prefill_tokens"] += len(seq.tokens(runner.index)) - seen
             first = self._catch_up(runner, seq)
-        written = decode_step(runner, seq.seq_id, first, sampling, generator, stop, track_features)
+        if self.config.decode_chunk == 1:
+            written = decode_step(runner, seq.seq_id, first, sampling, generator, stop, track_features)
+        else:
+            mean_step_len = seq.num_generated / len(seq.steps) if seq.steps else None
+            written = decode_step_chunked(runner, seq.seq_id, first, sampling, generator, stop, track_features,
+                                          chunk=self.config.decode_chunk, mean_step_len=mean_step_len)
         stats[f"{runner.name}_tokens"] += len(written.tokens)
         stats["host_syncs"] += written.host_syncs
         stats[f"{runner.name}_s"] += time.perf_counter() - t
         return written
 
-    def _target_step(self, seq, n_committed, target_first, sampling, generator, stop, stats) -> DecodedStep:
+    def _target_step(self, seq, target_first, sampling, generator, stop, stats) -> DecodedStep:
         """The target writes the step from the committed context (its KV rolled back to it),
         speculated by the draft when spec_k > 0."""
+        n_committed = len(seq.tokens(TARGET))
         if self.target.kv_len(seq.seq_id) > n_committed:
             self.target.truncate(seq.seq_id, n_committed)
         if self.config.spec_k > 0:
@@ -236,46 +255,52 @@ class Engine:
 
     def _score_draft_step(self, seq: Sequence, drafted: DecodedStep, stats) -> _Scored:
         if self.prm is not None:
-            score = self.prm.score(seq.prompt_text, seq.step_texts(), self._text(drafted.tokens))
+            score = self.prm.score(seq.prompt_text, seq.step_texts(), self._text(drafted.tokens, DRAFT))
             return _Scored(score=score, target_first=None)
         # Target likelihood: one target prefill over the unseen context and the draft step.
         # Row j of the last n rows predicts the step's j-th token; the first of them is also
         # exactly what the target needs to start its own step if this one is rejected.
         t = time.perf_counter()
-        n = len(drafted.tokens)
+        step_ids = drafted.tokens if self.shared_vocab else self._encode_step(self._text(drafted.tokens, DRAFT), TARGET)
+        if not step_ids:  # the draft step is empty text in the target's vocabulary
+            return _Scored(score=0.0, target_first=None)
+        n = len(step_ids)
         seen = self.target.kv_len(seq.seq_id)
-        stats["target_prefill_tokens"] += len(seq.tokens) - seen + n - 1
-        out = self._catch_up(self.target, seq, drafted.tokens[:-1], rows="all")
+        stats["target_prefill_tokens"] += len(seq.tokens(TARGET)) - seen + n - 1
+        out = self._catch_up(self.target, seq, step_ids[:-1], rows="all")
         step_rows = ForwardOutput(hidden=out.hidden[-n:], logits=out.logits[-n:])
-        score = mean_token_probability(step_rows.logits, drafted.tokens)
+        score = mean_token_probability(step_rows.logits, step_ids)
         first = ForwardOutput(hidden=step_rows.hidden[:1], logits=step_rows.logits[:1])
         stats["target_s"] += time.perf_counter() - t
         return _Scored(score=score, target_first=first)
 
     def _score_target_step(self, seq: Sequence, written: DecodedStep) -> float:
         if self.prm is not None:
-            return self.prm.score(seq.prompt_text, seq.step_texts(), self._text(written.tokens))
+            return self.prm.score(seq.prompt_text, seq.step_texts(), self._text(written.tokens, TARGET))
         return float(sum(math.exp(lp) for lp in written.logprobs) / len(written.logprobs))
 
     # ------------------------------------------------------------------ helpers
-    def _as_step(self, written: DecodedStep, source: str) -> Step:
-        return Step(text=self._text(written.tokens), token_ids=written.tokens, source=source, ended_by=written.ended_by)
+    def _as_step(self, written: DecodedStep, source: str, writer: int) -> Step:
+        return Step(text=self._text(written.tokens, writer), token_ids=written.tokens, source=source,
+                    ended_by=written.ended_by)
 
-    def _text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+    def _text(self, tokens: list[int], model: int) -> str:
+        return self.tokenizers[model].decode(tokens, skip_special_tokens=True)
 
-    def _encode(self, prompt: str | list[int], chat: bool) -> tuple[list[int], str]:
+    def _encode_step(self, text: str, model: int) -> list[int]:
+        """A committed step's text in another model's vocabulary (text handoff)."""
+        return self.tokenizers[model](text, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, prompt: str | list[int], chat: bool) -> tuple[dict[int, list[int]], str]:
+        """The prompt in each model's token ids (each with its own chat template), and as text."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("prompt is empty")
+            ids = {m: self._encode_prompt(prompt, m, chat) for m in (DRAFT, TARGET)}
             text = prompt
-            if chat:
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            else:
-                ids = self.tokenizer(text)["input_ids"]
         else:
+            if not self.shared_vocab:
+                raise ModelMismatchError("draft and target tokenize differently: pass the prompt as text")
             ids = list(prompt)
             if not ids:
                 raise ValueError("prompt is empty")
@@ -284,25 +309,31 @@ class Engine:
             if bad:
                 raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if len(ids) >= self.max_len:
-            raise ValueError(f"prompt has {len(ids)} tokens but the context holds {self.max_len} "
+            ids = {DRAFT: ids, TARGET: ids}
+        longest = max(len(v) for v in ids.values())
+        if longest >= self.max_len:
+            raise ValueError(f"prompt has {longest} tokens but the context holds {self.max_len} "
                              "(at least one token must be left to generate)")
         return ids, text
 
+    def _encode_prompt(self, prompt: str, model: int, chat: bool) -> list[int]:
+        tok = self.tokenizers[model]
+        if chat:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        return tok(prompt)["input_ids"]
 
-def _check_pair(draft: LoadedModel, target: LoadedModel) -> None:
-    """Token ids pass between the models directly, so every id either model can emit must mean
-    the same text in both (tokenizer classes may differ in extra ids no model can emit)."""
+
+def _shares_vocabulary(draft: LoadedModel, target: LoadedModel) -> bool:
+    """Token ids can pass between the models directly when every id either model can emit
+    means the same text in both (tokenizer classes may differ in extra ids no model emits).
+    Otherwise the engine hands steps over as text."""
     if draft.spec.vocab_size != target.spec.vocab_size:
-        raise ModelMismatchError(
-            f"draft vocab size {draft.spec.vocab_size} != target vocab size {target.spec.vocab_size} "
-            f"({draft.path} vs {target.path})")
+        return False
     n = min(draft.spec.vocab_size, len(draft.tokenizer), len(target.tokenizer))
     ids = list(range(n))
-    if draft.tokenizer.convert_ids_to_tokens(ids) != target.tokenizer.convert_ids_to_tokens(ids):
-        raise ModelMismatchError(
-            f"draft ({draft.path}) and target ({target.path}) use different tokenizers; "
-            "pairs must share one vocabulary")
+    return draft.tokenizer.convert_ids_to_tokens(ids) == target.tokenizer.convert_ids_to_tokens(ids)
 
 
 def _build_prm(spec, device):

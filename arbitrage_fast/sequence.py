@@ -19,7 +19,7 @@ class Step:
     target_prm: float | None = None
     router_score: float | None = None
     features: torch.Tensor | None = field(default=None, repr=False)  # router input of the draft step
-    rejected_draft: list[int] | None = field(default=None, repr=False)  # the draft step an escalation replaced
+    rejected_draft: str | None = field(default=None, repr=False)  # text of the draft step an escalation replaced
 
     @property
     def escalated(self) -> bool:
@@ -35,30 +35,43 @@ class GenerationResult:
     finish_reason: str  # "eos" | "length"
 
 
-@dataclass
 class Sequence:
-    """Committed tokens are shared by both models (same tokenizer); each model's KV length
-    lives in the pool, so a rollback is a truncate there, never a copy here."""
+    """One request's committed context, in each model's own token ids.
 
-    prompt_ids: list[int]
-    prompt_text: str
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    tokens: list[int] = field(default_factory=list)  # prompt + committed output
-    steps: list[Step] = field(default_factory=list)
+    When draft and target share a vocabulary both views are the same list, so a committed
+    step is appended once. Otherwise each committed step's *text* is tokenized for the model
+    that did not write it (only the new step, never the whole context again). Each model's KV
+    length lives in the pool, so a rollback is a truncate there, never a copy here.
+    """
 
-    def __post_init__(self) -> None:
-        self.tokens = list(self.prompt_ids)
+    def __init__(self, prompt_ids: dict[int, list[int]], prompt_text: str, shared_vocab: bool) -> None:
+        self.seq_id = next(_ids)
+        self.prompt_text = prompt_text
+        self.shared_vocab = shared_vocab
+        self.prompt_len = {m: len(ids) for m, ids in prompt_ids.items()}
+        if shared_vocab:
+            common = list(prompt_ids[0])
+            self._tokens = {m: common for m in prompt_ids}
+        else:
+            self._tokens = {m: list(ids) for m, ids in prompt_ids.items()}
+        self.steps: list[Step] = []
+        self.num_generated = 0  # tokens written so far, each counted in its writer's vocabulary
 
-    @property
-    def num_generated(self) -> int:
-        return len(self.tokens) - len(self.prompt_ids)
+    def tokens(self, model: int) -> list[int]:
+        """Prompt + committed output in `model`'s token ids (do not mutate)."""
+        return self._tokens[model]
 
-    @property
-    def output_ids(self) -> list[int]:
-        return self.tokens[len(self.prompt_ids):]
+    def output_ids(self, model: int) -> list[int]:
+        return self._tokens[model][self.prompt_len[model]:]
 
-    def commit(self, step: Step) -> None:
-        self.tokens.extend(step.token_ids)
+    def commit(self, step: Step, writer: int, other_ids: list[int] | None = None) -> None:
+        """Append a step written by model `writer`; other_ids is its text in the other model's ids."""
+        self._tokens[writer].extend(step.token_ids)
+        if not self.shared_vocab:
+            for m in self._tokens:
+                if m != writer:
+                    self._tokens[m].extend(other_ids)
+        self.num_generated += len(step.token_ids)
         self.steps.append(step)
 
     def step_texts(self) -> list[str]:

@@ -135,18 +135,18 @@ def test_folder_that_is_not_a_causal_lm(folders, tmp_path):
     assert cfg["architectures"] == ["LlamaForTokenClassification"]
 
 
-def test_draft_target_tokenizer_mismatch(folders, tmp_path):
+def test_what_a_mixed_tokenizer_pair_cannot_do(folders, tmp_path):
     _, draft, target = folders
-    other = build_tiny_lm(tmp_path / "other", "llama", hidden=32, layers=1, seed=3)
-    vocab = json.loads((other / "tokenizer.json").read_text())
-    vocab["model"]["vocab"] = {("X" + k if i > 300 else k): v for i, (k, v) in enumerate(vocab["model"]["vocab"].items())}
-    # Swap two token strings: same size, different vocabulary.
-    items = list(vocab["model"]["vocab"].items())
-    (a, ia), (b, ib) = items[40], items[41]
-    vocab["model"]["vocab"][a], vocab["model"]["vocab"][b] = ib, ia
-    (other / "tokenizer.json").write_text(json.dumps(vocab))
-    with pytest.raises(ModelMismatchError, match="tokenizers"):
-        Engine(EngineConfig(draft=str(other), target=str(target)))
+    other = build_tiny_lm(tmp_path / "other", "llama", hidden=32, layers=1, seed=3, vocab_size=280)
+    with pytest.raises(ModelMismatchError, match="vocabulary"):
+        Engine(EngineConfig(draft=str(other), target=str(target), spec_k=3))
+    engine = Engine(EngineConfig(draft=str(other), target=str(target), kv_pages=32, min_block_size=4))
+    assert not engine.shared_vocab
+    with pytest.raises(ModelMismatchError, match="vocabulary"):
+        engine.generate("Janet has 16 eggs.", policy="spec_decode")
+    with pytest.raises(ModelMismatchError, match="as text"):
+        engine.generate([1, 2, 3], policy="draft_only")
+    assert_no_leak(engine)
 
 
 def test_config_validation():

@@ -103,8 +103,7 @@ def audit_escalations(engine, prompt: str, result, prm) -> tuple[int, int]:
     previous: list[str] = []
     for step in result.steps:
         if step.rejected_draft is not None:
-            draft_text = engine.tokenizer.decode(step.rejected_draft, skip_special_tokens=True)
-            d = prm.score(prompt, previous, draft_text)
+            d = prm.score(prompt, previous, step.rejected_draft)
             t = prm.score(prompt, previous, step.text)
             audited += 1
             wasted += t <= d

@@ -51,7 +51,7 @@ def speculative_step(draft: ModelRunner, target: ModelRunner, seq, k: int, sampl
     KV invariant on return (as for any step): each model has seen at most the context plus
     all step tokens but the last.
     """
-    context = list(seq.tokens)
+    context = list(seq.tokens(target.index))  # one vocabulary: the same ids for both models
     step: list[int] = []
     logprobs: list[float] = []
     proposed = accepted_total = syncs = 0

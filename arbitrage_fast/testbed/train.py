@@ -10,6 +10,7 @@ steps they get wrong, and their cost per token) differs.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -187,9 +188,10 @@ def train_model(
 
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path, dtype: str) -> Path:
+    """Write an HF folder; weights in `dtype` (config.json records it), the caller's model
+    untouched (a copy is cast, so an fp32 model is not silently rounded to bf16)."""
     out.mkdir(parents=True, exist_ok=True)
-    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
-    model.to(torch.float32)
+    copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer, out)
     return out
 

@@ -22,7 +22,7 @@ _ARCHS = {
 def build_tiny_lm(folder: str | Path, arch: str = "llama", *, hidden: int = 64, layers: int = 2, heads: int = 4,
                   kv_heads: int = 2, seed: int = 0, tie: bool = True, init_std: float = 0.1,
                   max_positions: int = 512, boundary_bias: float = 0.0, noise: float = 0.0, noise_seed: int = 99,
-                  **extra) -> Path:
+                  vocab_size: int = 300, **extra) -> Path:
     """Save a random causal LM + tokenizer with save_pretrained; returns the folder.
 
     boundary_bias adds to the LM-head rows of "\\n\\n"-containing tokens so that steps
@@ -30,7 +30,7 @@ def build_tiny_lm(folder: str | Path, arch: str = "llama", *, hidden: int = 64, 
     every weight: the same seed with noise gives a model that mostly, not always, agrees.
     """
     folder = Path(folder)
-    tok = build_tokenizer()
+    tok = build_tokenizer(vocab_size)
     cfg_cls, model_cls = _ARCHS[arch]
     cfg = cfg_cls(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
