@@ -16,6 +16,26 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 
+def _decode_chunk_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--decode-chunk", type=_non_negative_int, default=None, metavar="N",
+        help="tokens decoded per host read while writing a step: 1 = every token; N > 1 = chunks of N "
+             "(tokens past a step boundary are rolled back); 0 = adaptive, at most 2 host reads a step. "
+             "Default: 0 on a CUDA device (only chunks replay CUDA graphs), 1 elsewhere (on a CPU nothing "
+             "is saved by fewer reads and each rolled-back token costs a forward). Where step lengths "
+             "vary widely, a small fixed N (4-8) can roll back less than 0.")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 = adaptive), got {value}")
+    return value
+
+
 def _preset(args):
     from arbitrage_fast.presets import resolve
 
@@ -28,7 +48,7 @@ def cmd_generate(args) -> int:
     from arbitrage_fast.commands.common import build_engine
 
     preset = _preset(args)
-    engine = build_engine(preset, args.device, args.dtype)
+    engine = build_engine(preset, args.device, args.dtype, decode_chunk=args.decode_chunk)
     res = engine.generate(args.prompt, policy=args.policy, threshold=args.threshold, chat=args.chat or preset.chat,
                           sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                                   seed=args.seed))
@@ -79,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-new-tokens", type=int, default=256)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    _decode_chunk_arg(d)
     d.set_defaults(func=_with_preset(cmd_demo))
 
     s = sub.add_parser("sweep", help="accuracy vs latency of each policy over thresholds")
@@ -91,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--json", default=None)
     s.add_argument("--plot", default=None, help="write the Pareto plot (PNG)")
+    _decode_chunk_arg(s)
     s.set_defaults(func=_with_preset(cmd_sweep))
 
     t = sub.add_parser("train-router", help="label steps with the PRM advantage, train and save a router head")
@@ -122,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true")
+    _decode_chunk_arg(g)
     g.set_defaults(func=cmd_generate)
 
     args = parser.parse_args(argv)

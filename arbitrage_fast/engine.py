@@ -128,8 +128,13 @@ class Engine:
 
     def _steps(self, run: "_Run"):
         seq, pol, sampling = run.seq, run.policy, run.sampling
+        # host_syncs: every blocking device-to-host read the engine makes (step decoding, router
+        # and target-likelihood scores); decode_host_syncs: the decoders' share. Not counted: a
+        # PRM model's own reads inside `prm.score`, and the per-proposal reads of speculative
+        # verification (spec_decode / spec_k count one read per proposal and per verify only).
         stats = dict(steps=0, escalations=0, draft_tokens=0, target_tokens=0, draft_prefill_tokens=0,
-                     target_prefill_tokens=0, host_syncs=0, draft_s=0.0, target_s=0.0, prm_s=0.0, router_s=0.0)
+                     target_prefill_tokens=0, host_syncs=0, decode_host_syncs=0, rolled_back_tokens=0,
+                     draft_s=0.0, target_s=0.0, prm_s=0.0, router_s=0.0)
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
@@ -173,12 +178,15 @@ class Engine:
             return self._as_step(written, "target", TARGET)
 
         drafted = self._write_step(self.draft, seq, sampling, generator, stops[DRAFT], stats,
-                                   track_features=self.router is not None or record_features)
+                                   track_features=self.router is not None or record_features, router=self.router)
         evidence = StepEvidence()
         target_first = None
         if self.router is not None:
             t = time.perf_counter()
-            evidence.router_score = float(self.router(drafted.features.features()))
+            evidence.router_score = drafted.router_score  # the chunked decoder's read brought it back
+            if evidence.router_score is None:
+                evidence.router_score = float(self.router(drafted.features.features()))
+                stats["host_syncs"] += 1
             stats["router_s"] += time.perf_counter() - t
         if pol.needs_draft_prm:
             t = time.perf_counter()
@@ -215,7 +223,8 @@ class Engine:
         return runner.forward_one(seq.seq_id, tokens, rows)
 
     def _write_step(self, runner: ModelRunner, seq: Sequence, sampling, generator, stop, stats,
-                    first: ForwardOutput | None = None, track_features: bool = False) -> DecodedStep:
+                    first: ForwardOutput | None = None, track_features: bool = False,
+                    router: RouterHead | None = None) -> DecodedStep:
         t = time.perf_counter()
         if first is None:
             seen = runner.kv_len(seq.seq_id)
@@ -226,9 +235,12 @@ class Engine:
         else:
             mean_step_len = seq.num_generated / len(seq.steps) if seq.steps else None
             written = decode_step_chunked(runner, seq.seq_id, first, sampling, generator, stop, track_features,
-                                          chunk=self.config.decode_chunk, mean_step_len=mean_step_len)
+                                          chunk=self.config.decode_chunk, mean_step_len=mean_step_len,
+                                          score=router if track_features else None)
+            stats["rolled_back_tokens"] += written.extra["rolled_back"]
         stats[f"{runner.name}_tokens"] += len(written.tokens)
         stats["host_syncs"] += written.host_syncs
+        stats["decode_host_syncs"] += written.host_syncs
         stats[f"{runner.name}_s"] += time.perf_counter() - t
         return written
 
@@ -250,6 +262,7 @@ class Engine:
         stats["spec_proposed"] = stats.get("spec_proposed", 0) + written.extra["proposed"]
         stats["spec_accepted"] = stats.get("spec_accepted", 0) + written.extra["accepted"]
         stats["host_syncs"] += written.host_syncs
+        stats["decode_host_syncs"] += written.host_syncs
         stats["target_s"] += time.perf_counter() - t
         return written
 
@@ -270,6 +283,7 @@ class Engine:
         out = self._catch_up(self.target, seq, step_ids[:-1], rows="all")
         step_rows = ForwardOutput(hidden=out.hidden[-n:], logits=out.logits[-n:])
         score = mean_token_probability(step_rows.logits, step_ids)
+        stats["host_syncs"] += 1  # the score's read
         first = ForwardOutput(hidden=step_rows.hidden[:1], logits=step_rows.logits[:1])
         stats["target_s"] += time.perf_counter() - t
         return _Scored(score=score, target_first=first)

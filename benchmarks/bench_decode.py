@@ -9,8 +9,10 @@ For each shape: prefill `--context` tokens, then decode `--tokens` more, two way
   graphs=true   one decode iteration (slot from position, forward, LM head, argmax fed back as
                 the next input, position += 1) captured once as a CUDA graph, then replayed
                 `--tokens` times with no host work at all. Captured here with torch.cuda.CUDAGraph
-                over static buffers (`StaticDecode`); `arbitrage_fast/runtime/graphs.py` did not
-                exist when this was written.
+                over static buffers (`StaticDecode`): the bare model, the roofline's best case.
+  engine loop   the engine's own decode iteration (`runtime/graphs.py` DecodeLoop: also token
+                log-prob and entropy, per-position buffers for rollback) run `--tokens` times
+                as one chunk: graph replays on CUDA (graphs=true), eager elsewhere.
 
 Roofline: a batch-1 decode token must read every weight once (only one row of an untied
 embedding table; all of it when tied, since the LM head reads it) plus the KV of the context
@@ -35,9 +37,11 @@ import _harness as H  # noqa: E402
 import shapes  # noqa: E402
 
 from arbitrage_fast import nvtx  # noqa: E402
+from arbitrage_fast.config import SamplingParams  # noqa: E402
 from arbitrage_fast.kv.paged_cache import KVSpec, PagedKVCache  # noqa: E402
 from arbitrage_fast.models.random_init import random_model  # noqa: E402
 from arbitrage_fast.runtime.attention_metadata import AttentionMetadata  # noqa: E402
+from arbitrage_fast.runtime.graphs import decode_graphs  # noqa: E402
 from arbitrage_fast.runtime.model_runner import ModelRunner  # noqa: E402
 
 SEQ = 0
@@ -198,6 +202,12 @@ def bench_shape(name: str, args, device, peak) -> list[dict]:
         except Exception as e:  # record and go on: the eager row still stands
             rows.append(dict(base, graphs=True, tok_s=None, roofline_fraction=None,
                              error=f"{type(e).__name__}: {e}"))
+    runner.truncate(SEQ, C)
+    try:
+        rows.append(_engine_loop_row(name, runner, token, args, device, row))
+    except Exception as e:
+        rows.append(dict(base, graphs=None, path="engine DecodeLoop", tok_s=None, roofline_fraction=None,
+                         error=f"{type(e).__name__}: {e}"))
     del runner, cache, model, loaded
     H.free_device_memory(device)
     return rows
@@ -226,6 +236,31 @@ def _graph_row(name, model, cache, runner, token, args, device, row) -> dict:
               graph_vs_runner_max_abs_logit_diff=diff, graph_vs_runner_same_argmax=same_argmax)
     del static
     return out
+
+
+def _engine_loop_row(name, runner, token, args, device, row) -> dict:
+    """The engine's decode iteration, `--tokens` of them as one chunk from position --context."""
+    C, N = args.context, args.tokens
+    loop = decode_graphs(runner).loop(1, N + 1, SamplingParams(), None, track_features=False)
+    runner.cache.extend(SEQ, runner.index, C + N)  # the positions the chunk feeds
+    loop.buffers.set_block_table(0, runner.cache.block_table(SEQ, runner.index))
+
+    def reset():
+        loop.buffers.start_row(0, C)
+        loop.buffers.input_ids.fill_(token)
+
+    def run():
+        with nvtx.range(f"{name}.decode.engine_loop"):
+            loop.run(N)
+
+    t = H.time_variants({"loop": run}, device, args.repeats, args.warmup, reset=reset)["loop"]
+    reset()
+    loop.run(1)
+    first = int(loop.buffers.tokens[0, 0])
+    runner.truncate(SEQ, C)
+    reference = int(runner.forward_one(SEQ, [token]).logits.argmax(-1))
+    return row(loop.captured, t, path="engine DecodeLoop (runtime/graphs.py)",
+               loop_vs_runner_same_first_token=first == reference)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,11 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r.get("tok_s"):
             frac = f" {r['roofline_fraction']:.0%}" if r.get("roofline_fraction") else ""
-            parts.append(f"{r['shape']}{'[graph]' if r['graphs'] else ''} {r['tok_s']:.0f} tok/s{frac}")
+            parts.append(f"{r['shape']}{_variant(r)} {r['tok_s']:.0f} tok/s{frac}")
         else:
-            parts.append(f"{r['shape']}{'[graph]' if r.get('graphs') else ''} FAILED")
+            parts.append(f"{r['shape']}{_variant(r)} FAILED")
     print(f"decode ({H.device_name(device)}, ctx {args.context}): " + "; ".join(parts) + f" -> {path}")
     return 0 if all(r.get("tok_s") for r in rows) else 1
+
+
+def _variant(row: dict) -> str:
+    engine = "engine" if str(row.get("path", "")).startswith("engine") else ""
+    graph = "graph" if row.get("graphs") else ""
+    tags = ",".join(t for t in (engine, graph) if t)
+    return f"[{tags}]" if tags else ""
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ Each request: a random prompt of --prompt-tokens, then --steps steps of exactly
 --step-tokens tokens (SamplingParams(max_step_tokens=..., ignore_eos=True), greedy).
 Policies: target_only, draft_only, rsd (forced rate), every_step (same forced decisions).
 
+Steps are decoded the engine's GPU way by default: --decode-chunk 0 (adaptive chunks, at
+most 2 host reads a step), each chunk replayed from CUDA graphs on a GPU (set
+ARBITRAGE_FAST_CUDA_GRAPHS=0 to compare eager launches). The JSON records which decode
+iterations were captured, host reads and rolled-back tokens per request.
+
     python benchmarks/bench_step_latency.py [--rates 0.25,0.5] [--steps 8 --step-tokens 32]
     python benchmarks/bench_step_latency.py --smoke
 """
@@ -35,6 +40,7 @@ from arbitrage_fast.config import EngineConfig, SamplingParams  # noqa: E402
 from arbitrage_fast.engine import Engine  # noqa: E402
 from arbitrage_fast.models.random_init import SyntheticTokenizer, random_model  # noqa: E402
 from arbitrage_fast.prm.base import ProcessRewardModel  # noqa: E402
+from arbitrage_fast.runtime.graphs import decode_graphs  # noqa: E402
 
 THRESHOLD = 0.5
 SIMULATION_NOTE = ("escalation is simulated: random weights cannot reason, so the PRM returns scores from a "
@@ -83,7 +89,8 @@ def build_engine(args, device) -> tuple[Engine, ForcedEscalationPRM]:
     tokens = args.prompt_tokens + args.steps * args.step_tokens + 64
     per_token = sum(m.spec.kv_elems_per_token for m in (draft, target)) * torch.finfo(getattr(torch, args.dtype)).bits // 8
     config = EngineConfig(draft=f"random:{draft_name}", target=f"random:{target_name}", device=str(device),
-                          dtype=args.dtype, prm=prm, kv_memory_bytes=max(2 * tokens * per_token, 64 << 20))
+                          dtype=args.dtype, prm=prm, kv_memory_bytes=max(2 * tokens * per_token, 64 << 20),
+                          decode_chunk=args.decode_chunk)
     return Engine(config, draft=draft, target=target), prm
 
 
@@ -120,8 +127,10 @@ def run(args, device) -> dict:
             realised_escalation_rate=(st["escalations"] / steps) if policy in ("rsd", "every_step") else None,
             request_s=t.median_s, step_latency_s=t.median_s / steps, tok_s=len(res.token_ids) / t.median_s,
             steps=steps, tokens=len(res.token_ids), step_lengths=sorted({len(s.token_ids) for s in res.steps}),
+            host_syncs_per_step=st["host_syncs"] / steps,
             stats={k: st[k] for k in ("escalations", "draft_tokens", "target_tokens", "draft_prefill_tokens",
-                                      "target_prefill_tokens", "host_syncs", "draft_s", "target_s", "prm_s")},
+                                      "target_prefill_tokens", "host_syncs", "decode_host_syncs",
+                                      "rolled_back_tokens", "draft_s", "target_s", "prm_s")},
             timing=H.timing_dict(t), output_head=res.token_ids[:8]))
     for rate in args.rates:  # what skipping the target's work is worth at the same decisions
         rsd, every = (next(r for r in rows if r["policy"] == p and r["forced_escalation_rate"] == rate)
@@ -129,10 +138,12 @@ def run(args, device) -> dict:
         rsd["speedup_vs_every_step"] = every["request_s"] / rsd["request_s"]
         rsd["same_decisions_as_every_step"] = (
             [s.source for s in last[_key("rsd", rate)].steps] == [s.source for s in last[_key("every_step", rate)].steps])
+    graphs = {name: [list(k) for k in decode_graphs(runner).captured]
+              for name, runner in (("draft", engine.draft), ("target", engine.target))}
     return dict(draft=engine.draft_model.path, target=engine.target_model.path, dtype=args.dtype,
                 device=H.device_name(device), prompt_tokens=args.prompt_tokens, steps=args.steps,
                 step_tokens=args.step_tokens, threshold=THRESHOLD, note=SIMULATION_NOTE,
-                env=H.environment(device), policies=rows)
+                decode_chunk=args.decode_chunk, captured_graphs=graphs, env=H.environment(device), policies=rows)
 
 
 def _key(policy: str, rate: float | None) -> str:
@@ -148,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-tokens", type=int, default=None, help="tokens per step (default 32; smoke 4)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="default bfloat16 (float32 for --smoke)")
+    ap.add_argument("--decode-chunk", type=int, default=0,
+                    help="EngineConfig.decode_chunk: 0 = adaptive chunks, CUDA graphs on a GPU (default); "
+                         "1 = the per-token decoder; N = chunks of N")
     args = ap.parse_args(argv)
     device = H.resolve_device(args.device, args.smoke, args.threads)
     args.rates = [float(r) for r in args.rates.split(",")]
@@ -162,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["policies"]:
         extra = f" (x{r['speedup_vs_every_step']:.2f} vs every_step)" if "speedup_vs_every_step" in r else ""
         parts.append(f"{_key(r['policy'], r['forced_escalation_rate'])} {r['step_latency_s'] * 1e3:.1f} ms/step{extra}")
-    print(f"step latency ({result['steps']}x{result['step_tokens']} tokens, {result['device']}, simulated "
-          f"escalation): " + "; ".join(parts) + f" -> {path}")
+    graphs = result["captured_graphs"]
+    mode = f"decode_chunk={args.decode_chunk}, graphs " + ("on" if graphs["draft"] and graphs["target"] else "off")
+    print(f"step latency ({result['steps']}x{result['step_tokens']} tokens, {result['device']}, {mode}; "
+          f"escalation SIMULATED, random weights cannot reason): " + "; ".join(parts) + f" -> {path}")
     return 0
 
 

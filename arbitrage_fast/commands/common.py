@@ -5,13 +5,31 @@ import json
 from pathlib import Path
 
 
-def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="inference", router: bool = True):
-    """prm="inference" uses the preset's inference PRM, "label" its labelling PRM."""
+def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="inference", router: bool = True,
+                 decode_chunk: int | None = None):
+    """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
+    decode_chunk None picks by device (`default_decode_chunk`)."""
     from arbitrage_fast import Engine, EngineConfig
 
     chosen = preset.prm if prm == "inference" else preset.label_prm
+    if decode_chunk is None:
+        decode_chunk = default_decode_chunk(device)
     return Engine(EngineConfig(draft=preset.draft, target=preset.target, device=device,
-                               dtype=dtype or preset.dtype, prm=chosen, router=preset.router if router else None))
+                               dtype=dtype or preset.dtype, prm=chosen, router=preset.router if router else None,
+                               decode_chunk=decode_chunk))
+
+
+def default_decode_chunk(device: str) -> int:
+    """0 (adaptive chunks) on CUDA, 1 (per token) elsewhere.
+
+    On CUDA only the chunked decoder replays CUDA graphs and keeps the host out of the loop
+    (at most 2 reads a step), which a launch-bound batch-1 decode needs. On the CPU there are
+    no launches to hide, while every token decoded past a boundary and rolled back costs a
+    whole forward, so reading each token is cheapest.
+    """
+    import torch
+
+    return 0 if torch.device(device).type == "cuda" else 1
 
 
 def write_json(obj, path: str | Path | None) -> None:

@@ -13,7 +13,7 @@ def run(preset, args) -> int:
     from arbitrage_fast.eval.datasets import load_dataset
     from arbitrage_fast.eval.sweep import run_sweep
 
-    engine = build_engine(preset, args.device, args.dtype)
+    engine = build_engine(preset, args.device, args.dtype, decode_chunk=args.decode_chunk)
     policies = ["target_only", "rsd", "arbitrage"] if engine.router is not None else ["target_only", "draft_only", "rsd"]
     items = load_dataset(preset.dataset, n=args.n, split="test", seed=args.seed)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)

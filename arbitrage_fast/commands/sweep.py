@@ -50,7 +50,7 @@ def run(preset, args) -> int:
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     thresholds = parse_thresholds(args.thresholds, policies)
-    engine = build_engine(preset, args.device, args.dtype)
+    engine = build_engine(preset, args.device, args.dtype, decode_chunk=args.decode_chunk)
     items = load_dataset(args.dataset or preset.dataset, n=args.n, split="test", seed=args.seed)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     audit = build_prm(preset.label_prm)

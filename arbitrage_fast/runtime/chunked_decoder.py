@@ -28,6 +28,11 @@ at several reads. Which wins depends on the model and the length distribution: m
 long chunks, since a sync stalls every row while a finished row's extra tokens ride along in
 forwards that run anyway.
 
+Router scoring rides on the same read: given the router (`score`), the chunk scores every
+position of the chunk as if the step ended there (the features are prefix sums, so each
+candidate costs one row of a tiny MLP) and the score at the real end comes back with the
+tokens. Scoring after the step instead would cost the arbitrage policy a third host read.
+
 Sampling (temperature > 0) uses the same torch sampler and generator as the per-token decoder
 (graphs capture greedy decoding only, see graphs.py). The first step of a request samples the
 same tokens; rolled-back tokens have consumed random numbers, so later steps are drawn from
@@ -38,6 +43,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -84,9 +90,14 @@ class ChunkPlan:
 @torch.inference_mode()
 def decode_step_chunked(runner: ModelRunner, seq_id: int, first: ForwardOutput, sampling: SamplingParams,
                         generator: torch.Generator | None, stop: StopRule, track_features: bool,
-                        chunk: int = ADAPTIVE, mean_step_len: float | None = None) -> DecodedStep:
+                        chunk: int = ADAPTIVE, mean_step_len: float | None = None,
+                        score: Callable[[torch.Tensor], torch.Tensor] | None = None) -> DecodedStep:
     """`decode_step` in chunks; `mean_step_len` (this request's mean step length so far) sizes
-    the adaptive first chunk. host_syncs counts the blocking device-to-host reads (one per chunk)."""
+    the adaptive first chunk; `score` (router features [N, F] -> probabilities [N], needs
+    track_features) fills `router_score`. host_syncs counts the blocking device-to-host reads
+    (one per chunk, router score included)."""
+    if score is not None and not track_features:
+        raise ValueError("router scoring during decoding needs track_features=True")
     cap = min(stop.max_step_tokens, stop.budget)
     if cap <= 0:
         raise ValueError(f"no token left to decode in this step (cap {stop.max_step_tokens}, budget {stop.budget})")
@@ -111,9 +122,10 @@ def decode_step_chunked(runner: ModelRunner, seq_id: int, first: ForwardOutput, 
         chunk_tokens = buffers.tokens[:, done:done + k]
         step_len = buffers.step_pos.new_full((1,), done)
         end = _first_step_end(chunk_tokens, is_boundary, eos, step_len, cap)
-        packed = torch.cat([end.double()[:, None], chunk_tokens.double(),
-                            buffers.logprobs[:, done:done + k].double()], dim=1)
-        row = packed[0].tolist()  # the chunk's one blocking read
+        parts = [end.double()[:, None], chunk_tokens.double(), buffers.logprobs[:, done:done + k].double()]
+        if score is not None:
+            parts.append(score(_candidate_features(buffers, done, k)).double()[None])
+        row = torch.cat(parts, dim=1)[0].tolist()  # the chunk's one blocking read
         syncs += 1
         e = int(row[0])
         kept = k if e >= k else e + 1
@@ -129,14 +141,20 @@ def decode_step_chunked(runner: ModelRunner, seq_id: int, first: ForwardOutput, 
     if reason is None:  # the device and the host disagree on the stop rule: a bug, never data
         raise RuntimeError(f"chunk end at token {tokens[-1]} (step length {len(tokens)}) matches no stop rule")
     features = _features(buffers, len(tokens), first.hidden.device) if track_features else None
+    router_score = row[1 + 2 * k + e] if score is not None else None
     return DecodedStep(tokens=tokens, ended_by=reason, logprobs=logprobs, features=features, host_syncs=syncs,
-                       forwards=forwards, extra={"rolled_back": rolled_back, "chunks": syncs})
+                       forwards=forwards, router_score=router_score,
+                       extra={"rolled_back": rolled_back, "chunks": syncs})
 
 
 def _extend_for_chunk(runner: ModelRunner, seq_id: int, loop: DecodeLoop, start: int, done: int, k: int) -> int:
     """Make room for the chunk's fed positions and upload the block table; returns the chunk
     size actually used (halved while the arena is too full, down to what one token needs, so
-    chunking never fails where the per-token decoder would not)."""
+    chunking never fails where the per-token decoder would not).
+
+    A step's first chunk may shrink to k = 1, which feeds nothing: its token comes from the
+    catch-up logits, so like the per-token decoder it needs no KV, and a step that ends on
+    that token succeeds in a full arena. Only a chunk of one token that must be fed fails."""
     while True:
         end = start + done + k - 1  # KV length once the chunk's feeds are written
         try:
@@ -144,11 +162,10 @@ def _extend_for_chunk(runner: ModelRunner, seq_id: int, loop: DecodeLoop, start:
                 runner.cache.extend(seq_id, runner.index, end)
             break
         except KVCacheExhausted:
-            if k == 1 or (done == 0 and k == 2):
+            if k == 1:
                 raise
             k //= 2
-    table = torch.tensor(runner.cache.block_table(seq_id, runner.index), dtype=torch.int32)
-    loop.buffers.set_block_table(0, table)
+    loop.buffers.set_block_table(0, runner.cache.block_table(seq_id, runner.index))
     return k
 
 
@@ -162,6 +179,20 @@ def _features(buffers, n: int, device) -> StepFeatureAccumulator:
     acc.entropy_sum = buffers.cum_entropy[0, n].clone()
     acc.n = n
     return acc
+
+
+def _candidate_features(buffers, done: int, k: int) -> torch.Tensor:
+    """Router features [k, F] of the step as if it ended at each of positions done..done+k-1,
+    laid out as `StepFeatureAccumulator.features()`: [h_last, h_mean, mean log p, mean entropy,
+    log1p(n)], read from the prefix sums (so positions past the real end never leak in)."""
+    n = torch.arange(done + 1, done + k + 1, device=buffers.hidden.device)
+    nf = n.float()
+    h_last = buffers.hidden[0, done:done + k]
+    h_mean = buffers.cum_hidden[0, done + 1:done + k + 1] / nf[:, None]
+    scalars = torch.stack([buffers.cum_logprob[0, done + 1:done + k + 1] / nf,
+                           buffers.cum_entropy[0, done + 1:done + k + 1] / nf,
+                           torch.log1p(n.double()).float()], dim=-1)
+    return torch.cat([h_last, h_mean, scalars], dim=-1)
 
 
 def _first_step_end(tokens, is_boundary, eos, step_len, cap) -> torch.Tensor:

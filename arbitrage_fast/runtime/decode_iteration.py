@@ -37,6 +37,9 @@ class DecodeBuffers:
         self.step_pos = z(batch, dtype=torch.long)  # index in the step of the next sampled token
         self.active = z(batch, dtype=torch.bool)  # inactive rows write no KV (padding, warm-up)
         self.block_tables = z(batch, table_width, dtype=torch.int32)
+        # Host staging rows for table uploads, pinned on the GPU: a copy from pageable memory may
+        # make the driver wait for the stream, a stall in the middle of the step.
+        self._staging = torch.zeros(batch, table_width, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._row_widths = [1] * batch
         self.tokens = z(batch, capacity, dtype=torch.long)
         self.logprobs = z(batch, capacity)
@@ -62,12 +65,17 @@ class DecodeBuffers:
         self.step_pos[row].fill_(0)
         self.active[row].fill_(True)
 
-    def set_block_table(self, row: int, table: torch.Tensor) -> None:
-        """Upload one row's block table (host int32 [w]); stream-ordered after earlier iterations."""
-        w = table.numel()
+    def set_block_table(self, row: int, table: list[int]) -> None:
+        """Upload one row's block table; stream-ordered after earlier iterations.
+
+        The staging row is rewritten only after the chunk that used it ended in a blocking
+        read, which the earlier upload preceded on the stream: the async copy has finished."""
+        w = len(table)
         if w > self.table_width:
             raise ValueError(f"block table of {w} pages exceeds the decode buffers' {self.table_width}")
-        self.block_tables[row, :w].copy_(table, non_blocking=True)
+        staged = self._staging[row, :w]
+        staged.copy_(torch.tensor(table, dtype=torch.int32))
+        self.block_tables[row, :w].copy_(staged, non_blocking=True)
         self._row_widths[row] = max(w, 1)
 
 

@@ -70,6 +70,11 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, bool], DecodeLoop] = {}
         self._pool = None
 
+    @property
+    def captured(self) -> list[tuple[int, bool]]:
+        """(batch size, feature tracking) of each decode iteration now replayed from a graph."""
+        return sorted(key for key, loop in self._graphs.items() if loop.captured)
+
     def loop(self, batch: int, capacity: int, sampling: SamplingParams, generator: torch.Generator | None,
              track_features: bool) -> DecodeLoop:
         """A loop over buffers that hold steps of `capacity` tokens; captures on first use."""

@@ -43,7 +43,8 @@ class DecodedStep:
     ended_by: str
     logprobs: list[float]  # under the model that wrote the step, temperature 1
     features: StepFeatureAccumulator | None = None
-    host_syncs: int = 0
+    router_score: float | None = None  # set when the decoder scored the step itself (chunked)
+    host_syncs: int = 0  # blocking device-to-host reads made while decoding
     forwards: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -71,5 +72,6 @@ def decode_step(runner: ModelRunner, seq_id: int, first: ForwardOutput, sampling
             break
         out = runner.forward_one(seq_id, [t])
         forwards += 1
+    # The log-probs come back in one more read, after the last token's (the device is idle by then).
     return DecodedStep(tokens=tokens, ended_by=reason, logprobs=torch.cat(logprobs).tolist(),
-                       features=features, host_syncs=syncs, forwards=forwards)
+                       features=features, host_syncs=syncs + 1, forwards=forwards)

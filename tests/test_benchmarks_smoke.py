@@ -1,0 +1,81 @@
+"""The GPU benchmarks run end to end on tiny shapes (--smoke, CPU), so CI executes every line
+that the GPU visit (benchmarks/gpu_check.sh) depends on, and their JSON keeps its schema."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"smoke_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_smoke(tmp_path):
+    """main(--smoke) of one benchmark, writing into tmp_path; the thread count it sets is restored."""
+    threads = torch.get_num_threads()
+
+    def run(name: str, *extra: str) -> None:
+        assert _load(name).main(["--smoke", "--out-dir", str(tmp_path), "--repeats", "1", "--warmup", "0",
+                                 *extra]) == 0
+
+    yield run, tmp_path
+    torch.set_num_threads(threads)
+
+
+def test_bench_decode_smoke(run_smoke):
+    run, out = run_smoke
+    run("bench_decode", "--shapes", "smoke-llama-draft,smoke-qwen2", "--tokens", "4", "--context", "16")
+    rows = json.loads((out / "decode_cpu.json").read_text())
+    assert {r["shape"] for r in rows} == {"smoke-llama-draft", "smoke-qwen2"}
+    assert all({"shape", "graphs", "tok_s", "roofline_fraction"} <= set(r) and r["tok_s"] > 0 for r in rows)
+    engine_rows = [r for r in rows if r["path"].startswith("engine")]
+    assert len(engine_rows) == 2 and all(r["loop_vs_runner_same_first_token"] for r in engine_rows)
+
+
+def test_bench_router_overhead_smoke(run_smoke):
+    run, out = run_smoke
+    run("bench_router_overhead", "--tokens", "2", "--context", "16")
+    result = json.loads((out / "router_overhead_cpu.json").read_text())
+    assert "overhead_pct" in result["eager"] and set(result["kernels"]["us_per_call"]) == {
+        "final_norm", "fused_norm_router"}
+
+
+def test_bench_step_latency_smoke(run_smoke, capsys):
+    run, out = run_smoke
+    run("bench_step_latency", "--steps", "3", "--step-tokens", "4", "--prompt-tokens", "8", "--rates", "0.34")
+    assert "escalation SIMULATED" in capsys.readouterr().out
+    result = json.loads((out / "step_latency_cpu.json").read_text())
+    assert result["decode_chunk"] == 0 and "simulated" in result["note"]
+    rows = {(r["policy"], r["forced_escalation_rate"]): r for r in result["policies"]}
+    rsd, every = rows[("rsd", 0.34)], rows[("every_step", 0.34)]
+    assert rsd["stats"]["escalations"] == every["stats"]["escalations"] == 1  # round(0.34 * 3)
+    assert rsd["same_decisions_as_every_step"]
+    # Adaptive chunks: one read per decoded step here (steps end at the cap, within the first chunk).
+    assert rows[("draft_only", None)]["host_syncs_per_step"] == 1
+
+
+def test_gpu_check_and_profile_scripts_parse():
+    for script in ("gpu_check.sh", "profile.sh"):
+        subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
+
+
+@pytest.mark.skipif(shutil.which("nsys") is not None, reason="nsys present: profile.sh would really profile")
+def test_profile_script_without_nsys_says_so():
+    out = subprocess.run(["bash", str(BENCHMARKS / "profile.sh"), "decode", "--smoke"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "nsys" in out and "nothing profiled" in out
