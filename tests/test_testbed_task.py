@@ -59,9 +59,13 @@ def test_problems_respect_the_difficulty_knobs(config):
         assert len(p.steps) == len(p.operations) + 1
 
 
-def test_every_operator_is_drawn():
-    ops = {op.op for p in generate_problems(200, seed=0, split="train") for op in p.operations}
-    assert ops == {"+", "-", "*"}
+def test_operators_follow_their_weights():
+    def drawn(config):
+        return {op.op for p in generate_problems(200, seed=0, split="train", config=config) for op in p.operations}
+
+    assert drawn(TaskConfig()) == {"+", "-"}  # the default switches multiplication off
+    assert drawn(TaskConfig(op_weights=(0.4, 0.35, 0.25), max_value=9999)) == {"+", "-", "*"}
+    assert drawn(TaskConfig(op_weights=(1.0, 0.0, 0.0), max_value=9999)) == {"+"}
 
 
 def test_parse_prompt_round_trips():

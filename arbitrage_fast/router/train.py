@@ -64,7 +64,7 @@ def train_router(data: RouterDataset, hidden_size: int, width: int = 64, epochs:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        report.losses.append(float(loss))
+        report.losses.append(float(loss.detach()))
         if can_validate:
             head.eval()
             with torch.no_grad():

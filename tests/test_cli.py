@@ -1,0 +1,81 @@
+"""The console commands on the shipped testbed pair: JSON schemas, the saved router, the demo.
+
+Small problem counts keep this to seconds; the full-size runs are benchmarks.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from arbitrage_fast.cli import main
+from arbitrage_fast.router.head import RouterHead
+from arbitrage_fast.testbed import CHECKPOINTS
+
+pytestmark = pytest.mark.skipif(not (CHECKPOINTS / "draft" / "config.json").is_file(),
+                                reason="testbed checkpoints not built")
+
+SMALL = ["--preset", "testbed", "--n", "4", "--max-new-tokens", "96"]
+
+
+@pytest.fixture(scope="module")
+def trained_router(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "router"
+    report = out.parent / "train.json"
+    assert main(["train-router", *SMALL, "--n", "6", "--epochs", "30", "--width", "16", "--out", str(out),
+                 "--json", str(report)]) == 0
+    return out, json.loads(report.read_text())
+
+
+def test_train_router_saves_a_loadable_head(trained_router):
+    out, report = trained_router
+    head = RouterHead.load(out)
+    assert head.config.width == 16
+    assert report["n_steps"] > 6 and 0.0 <= report["positive_rate"] <= 1.0
+    assert report["label_prm"] == "exact"
+
+
+def test_eval_router_json_schema(trained_router, tmp_path):
+    out, _ = trained_router
+    path = tmp_path / "eval.json"
+    assert main(["eval-router", *SMALL, "--router", str(out), "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert isinstance(result["spearman"], float) and -1.0 <= result["spearman"] <= 1.0
+    assert result["auroc"] is None or 0.0 <= result["auroc"] <= 1.0
+    assert isinstance(result["n_steps"], int) and result["n_steps"] >= 4
+
+
+def test_sweep_json_schema_and_plot(trained_router, tmp_path):
+    out, _ = trained_router
+    path, plot = tmp_path / "sweep.json", tmp_path / "pareto.png"
+    assert main(["sweep", *SMALL, "--router", str(out), "--policies", "target_only,rsd,arbitrage",
+                 "--thresholds", "rsd=0.5;arbitrage=0.2,0.8", "--json", str(path), "--plot", str(plot)]) == 0
+    result = json.loads(path.read_text())
+    points = result["points"]
+    assert [(p["policy"], p["threshold"]) for p in points] == [
+        ("target_only", None), ("rsd", 0.5), ("arbitrage", 0.2), ("arbitrage", 0.8)]
+    keys = {"policy", "threshold", "accuracy", "latency_s", "escalation_rate", "draft_tokens", "target_tokens"}
+    for p in points:
+        assert keys <= set(p)
+        assert 0.0 <= p["accuracy"] <= 1.0 and p["latency_s"] > 0 and 0.0 <= p["escalation_rate"] <= 1.0
+    assert points[0]["draft_tokens"] == 0 and points[0]["target_tokens"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_marks_steps_and_prints_the_table(trained_router, capsys):
+    out, _ = trained_router
+    assert main(["demo", "--n", "2", "--max-new-tokens", "96", "--quiet", "--router", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "[draft" in text or "[target" in text
+    for policy in ("target_only", "rsd", "arbitrage"):
+        assert f"\n{policy}" in text
+
+
+def test_generate_json_and_bad_threshold(capsys):
+    assert main(["generate", "--preset", "testbed", "--policy", "target_only", "--json", "--max-new-tokens", "64",
+                 "Q: Start with 12. Add 30. What is the result?\nA: "]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] and all(s["source"] == "target" for s in out["steps"])
+    assert out["stats"]["draft_tokens"] == 0
+    assert main(["generate", "--preset", "testbed", "--policy", "rsd", "--threshold", "nan", "x"]) == 2
+    assert "threshold" in capsys.readouterr().err
