@@ -1,6 +1,8 @@
 """Router: metrics against scipy, the head's I/O and folding, training, and label generation."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -77,7 +79,8 @@ def test_folded_head_through_fused_kernel_reference_equals_head():
         assert torch.equal(out_h, rms_norm_reference(residuals[j], norm_w, eps))
         acc.add(out_h[0], logps[j], ents[j])
     score = router_epilogue_reference(out_pre, fold.w_scalar, fold.b1, fold.w2, fold.b2,
-                                      logps.mean()[None], ents.mean()[None], torch.tensor([float(n)]))
+                                      logps.mean()[None], ents.mean()[None], torch.tensor([float(n)]),
+                                      logps.min()[None], ents.max()[None])
     assert torch.allclose(score, head(acc.features())[None], atol=1e-5)
 
 
@@ -109,3 +112,12 @@ def test_dataset_save_load(tmp_path):
     data.save(tmp_path / "d.safetensors")
     back = RouterDataset.load(tmp_path / "d.safetensors")
     assert torch.equal(back.features, data.features) and torch.equal(back.labels, data.labels)
+
+
+def test_accumulator_keeps_the_steps_extremes():
+    acc = StepFeatureAccumulator(2, "cpu")
+    for lp, ent in [(-0.1, 0.2), (-2.5, 1.7), (-0.3, 0.4)]:
+        acc.add(torch.zeros(2), torch.tensor(lp), torch.tensor(ent))
+    scalars = acc.features()[-5:]
+    expected = [(-0.1 - 2.5 - 0.3) / 3, (0.2 + 1.7 + 0.4) / 3, math.log1p(3), -2.5, 1.7]
+    assert scalars.tolist() == pytest.approx(expected, rel=1e-6)

@@ -87,14 +87,16 @@ def test_reference_running_features_match_definition():
 def test_epilogue_reference_is_the_router_mlp():
     B, F = 4, 6
     g = torch.Generator().manual_seed(3)
-    out_pre, w_scalar = torch.randn(B, F, generator=g), torch.randn(F, 3, generator=g)
+    out_pre, w_scalar = torch.randn(B, F, generator=g), torch.randn(F, 5, generator=g)
     b1, w2, b2 = torch.randn(F, generator=g), torch.randn(F, generator=g), 0.25
     lp, ent = -torch.rand(B, generator=g), torch.rand(B, generator=g)
     n = torch.tensor([1, 5, 17, 200])
-    got = rh.router_epilogue_reference(out_pre, w_scalar, b1, w2, b2, lp, ent, n)
+    lp_min, ent_max = lp - torch.rand(B, generator=g), ent + torch.rand(B, generator=g)
+    got = rh.router_epilogue_reference(out_pre, w_scalar, b1, w2, b2, lp, ent, n, lp_min, ent_max)
     for b in range(B):
         z = [out_pre[b, f] + w_scalar[f, 0] * lp[b] + w_scalar[f, 1] * ent[b]
-             + w_scalar[f, 2] * math.log1p(int(n[b])) + b1[f] for f in range(F)]
+             + w_scalar[f, 2] * math.log1p(int(n[b])) + w_scalar[f, 3] * lp_min[b] + w_scalar[f, 4] * ent_max[b]
+             + b1[f] for f in range(F)]
         logit = sum(float(w2[f]) * float(z[f]) / (1 + math.exp(-float(z[f]))) for f in range(F)) + b2
         assert got[b].item() == pytest.approx(1 / (1 + math.exp(-logit)), rel=1e-5)
 

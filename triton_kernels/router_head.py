@@ -1,7 +1,7 @@
 """The router's first layer fused with the draft's final RMSNorm.
 
 The router scores a step from features of the draft's final normed hidden states:
-`[h_last, h_mean, mean_logprob, mean_entropy, log1p(n)]`. Its feature standardisation is
+`[h_last, h_mean, mean_logprob, mean_entropy, log1p(n), min_logprob, max_entropy]`. Its feature standardisation is
 folded into the first layer, leaving two matrices `W_last`, `W_mean` of shape [F, Hd]. Since
 the first layer is linear, `W_last @ h_last + W_mean @ h_mean` can be formed token by token
 while the draft decodes: each decode iteration normalises the last layer's residual output
@@ -46,13 +46,16 @@ def fused_norm_router_reference(x, norm_weight, eps, w_last, w_mean, h_sum, coun
 
 def router_epilogue_reference(out_pre: torch.Tensor, w_scalar: torch.Tensor, b1: torch.Tensor,
                               w2: torch.Tensor, b2, mean_logprob: torch.Tensor,
-                              mean_entropy: torch.Tensor, step_len: torch.Tensor) -> torch.Tensor:
+                              mean_entropy: torch.Tensor, step_len: torch.Tensor, min_logprob: torch.Tensor,
+                              max_entropy: torch.Tensor) -> torch.Tensor:
     """Escalation score in (0, 1): the router MLP finished from the fused pre-activation.
 
-    `w_scalar` [F, 3] weighs the three scalar features (mean log-prob, mean entropy,
-    log1p(step length)); it is tiny, so torch does it once per step at the boundary.
+    `w_scalar` [F, 5] weighs the scalar features (mean log-prob, mean entropy, log1p(step
+    length), min log-prob, max entropy); it is tiny, so torch does it once per step at the
+    boundary.
     """
-    scalars = torch.stack([mean_logprob.float(), mean_entropy.float(), torch.log1p(step_len.float())], dim=-1)
+    scalars = torch.stack([mean_logprob.float(), mean_entropy.float(), torch.log1p(step_len.float()),
+                           min_logprob.float(), max_entropy.float()], dim=-1)
     z = out_pre.float() + scalars @ w_scalar.float().t() + b1.float()
     return torch.sigmoid(torch.nn.functional.silu(z) @ w2.float() + b2)
 

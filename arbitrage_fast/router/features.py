@@ -4,7 +4,12 @@ For a step s_1..s_n, h_j is the draft's final normed hidden state at the positio
 *predicted* s_j, so every feature is available in the same forward that samples the token:
 no extra model pass is ever needed to score a step.
 
-    features = [h_last (H), h_mean (H), mean log p(s_j), mean entropy_j, log1p(n)]
+    features = [h_last (H), h_mean (H), mean log p(s_j), mean entropy_j, log1p(n),
+                min log p(s_j), max entropy_j]
+
+The extremes are there because a wrong step is usually wrong in one token (a slipped digit,
+a wrong operator): a mean over the step dilutes that token's uncertainty, a running min/max
+keeps it, at the cost of one more running value each.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import math
 
 import torch
 
-NUM_SCALAR_FEATURES = 3
+NUM_SCALAR_FEATURES = 5
 
 
 def feature_dim(hidden_size: int) -> int:
@@ -25,6 +30,9 @@ class StepFeatureAccumulator:
         self.h_last = torch.zeros(hidden_size, dtype=torch.float32, device=device)
         self.logp_sum = torch.zeros((), dtype=torch.float32, device=device)
         self.entropy_sum = torch.zeros((), dtype=torch.float32, device=device)
+        # log p <= 0 and entropy >= 0, so 0 is the identity of both running extremes.
+        self.logp_min = torch.zeros((), dtype=torch.float32, device=device)
+        self.entropy_max = torch.zeros((), dtype=torch.float32, device=device)
         self.n = 0
 
     def add(self, hidden: torch.Tensor, logprob: torch.Tensor, entropy: torch.Tensor) -> None:
@@ -34,6 +42,8 @@ class StepFeatureAccumulator:
         self.h_last = h
         self.logp_sum += logprob.reshape(())
         self.entropy_sum += entropy.reshape(())
+        self.logp_min = torch.minimum(self.logp_min, logprob.reshape(()).float())
+        self.entropy_max = torch.maximum(self.entropy_max, entropy.reshape(()).float())
         self.n += 1
 
     def features(self) -> torch.Tensor:
@@ -43,5 +53,7 @@ class StepFeatureAccumulator:
             self.logp_sum / self.n,
             self.entropy_sum / self.n,
             torch.tensor(math.log1p(self.n), dtype=torch.float32, device=self.h_sum.device),
+            self.logp_min,
+            self.entropy_max,
         ])
         return torch.cat([self.h_last, self.h_sum / self.n, scalars])

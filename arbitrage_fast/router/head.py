@@ -40,7 +40,7 @@ class FoldedRouter:
 
     w_last: torch.Tensor  # [F, H]
     w_mean: torch.Tensor  # [F, H]
-    w_scalar: torch.Tensor  # [F, 3]
+    w_scalar: torch.Tensor  # [F, NUM_SCALAR_FEATURES]
     b1: torch.Tensor  # [F]
     w2: torch.Tensor  # [F]
     b2: torch.Tensor  # []

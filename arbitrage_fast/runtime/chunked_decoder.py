@@ -177,6 +177,8 @@ def _features(buffers, n: int, device) -> StepFeatureAccumulator:
     acc.h_last = buffers.hidden[0, n - 1].clone()
     acc.logp_sum = buffers.cum_logprob[0, n].clone()
     acc.entropy_sum = buffers.cum_entropy[0, n].clone()
+    acc.logp_min = buffers.min_logprob[0, n].clone()
+    acc.entropy_max = buffers.max_entropy[0, n].clone()
     acc.n = n
     return acc
 
@@ -184,14 +186,17 @@ def _features(buffers, n: int, device) -> StepFeatureAccumulator:
 def _candidate_features(buffers, done: int, k: int) -> torch.Tensor:
     """Router features [k, F] of the step as if it ended at each of positions done..done+k-1,
     laid out as `StepFeatureAccumulator.features()`: [h_last, h_mean, mean log p, mean entropy,
-    log1p(n)], read from the prefix sums (so positions past the real end never leak in)."""
+    log1p(n), min log p, max entropy], read from the prefix sums and running extremes (so
+    positions past the real end never leak in)."""
     n = torch.arange(done + 1, done + k + 1, device=buffers.hidden.device)
     nf = n.float()
     h_last = buffers.hidden[0, done:done + k]
     h_mean = buffers.cum_hidden[0, done + 1:done + k + 1] / nf[:, None]
     scalars = torch.stack([buffers.cum_logprob[0, done + 1:done + k + 1] / nf,
                            buffers.cum_entropy[0, done + 1:done + k + 1] / nf,
-                           torch.log1p(n.double()).float()], dim=-1)
+                           torch.log1p(n.double()).float(),
+                           buffers.min_logprob[0, done + 1:done + k + 1],
+                           buffers.max_entropy[0, done + 1:done + k + 1]], dim=-1)
     return torch.cat([h_last, h_mean, scalars], dim=-1)
 
 

@@ -46,6 +46,9 @@ class DecodeBuffers:
         # Prefix sums: index j + 1 holds the sum over step positions 0..j (index 0 stays 0).
         self.cum_logprob = z(batch, capacity + 1)
         self.cum_entropy = z(batch, capacity + 1)
+        # Running extremes, same indexing (0 is the identity: log p <= 0 <= entropy).
+        self.min_logprob = z(batch, capacity + 1)
+        self.max_entropy = z(batch, capacity + 1)
         self.hidden = z(batch, capacity, hidden_size)
         self.cum_hidden = z(batch, capacity + 1, hidden_size)
 
@@ -134,6 +137,8 @@ class DecodeIteration:
         if self.track_features:
             _prefix_add(b.cum_logprob, j, logprob)
             _prefix_add(b.cum_entropy, j, entropy)
+            _prefix_extreme(b.min_logprob, j, logprob, torch.minimum)
+            _prefix_extreme(b.max_entropy, j, entropy, torch.maximum)
             h = hidden.float()
             jh = j[:, :, None].expand(-1, 1, b.hidden_size)
             b.hidden.scatter_(1, jh, h[:, None])
@@ -158,6 +163,12 @@ def _prefix_add(prefix: torch.Tensor, index: torch.Tensor, value: torch.Tensor) 
     """prefix[:, index + 1] = prefix[:, index] + value (the accumulator's `sum += x`, per row)."""
     prev = prefix.gather(1, index)
     prefix.scatter_(1, index + 1, prev + value.reshape(prev.shape))
+
+
+def _prefix_extreme(prefix: torch.Tensor, index: torch.Tensor, value: torch.Tensor, pick) -> None:
+    """prefix[:, index + 1] = pick(prefix[:, index], value): a running min or max, per row."""
+    prev = prefix.gather(1, index)
+    prefix.scatter_(1, index + 1, pick(prev, value.reshape(prev.shape).float()))
 
 
 def _fused_router_kernel():
