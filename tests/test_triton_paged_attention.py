@@ -1,43 +1,14 @@
 """Paged attention: the references against dense SDPA over K/V copied out token by token,
 then the Triton decode and prefill kernels against the references, on strided views of a
 shared arena as the engine uses them."""
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers.triton_kernels import DEVICE, load_kernel, needs_triton as _needs_triton
 
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-
-def _load(name: str):
-    """Import a kernel module; before packaging installs it, load the folder by path."""
-    pkg = "arbitrage_fast.triton_kernels"
-    try:
-        return importlib.import_module(f"{pkg}.{name}")
-    except ImportError:
-        folder = Path(__file__).resolve().parents[1] / "triton_kernels"
-        if pkg not in sys.modules:
-            spec = importlib.util.spec_from_file_location(
-                pkg, folder / "__init__.py", submodule_search_locations=[str(folder)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[pkg] = module
-            spec.loader.exec_module(module)
-        return importlib.import_module(f"{pkg}.{name}")
-
-
-pa = _load("paged_attention")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not pa.triton_usable(torch.empty(0, device=DEVICE)),
-    reason="triton is not importable, or no GPU and the kernels were imported without TRITON_INTERPRET=1")
+pa = load_kernel("paged_attention")
+needs_triton = _needs_triton(pa)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 

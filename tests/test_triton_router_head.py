@@ -1,43 +1,15 @@
 """Fused final RMSNorm + router first layer: the Triton kernel against the torch reference
 over several decode iterations (the running sums must accumulate), and the reference
 against transformers' LlamaRMSNorm and the router's definition written out densely."""
-import os
+import math
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers.triton_kernels import DEVICE, load_kernel, needs_triton as _needs_triton
 
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-
-def _load(name: str):
-    """Import a kernel module; before packaging installs it, load the folder by path."""
-    pkg = "arbitrage_fast.triton_kernels"
-    try:
-        return importlib.import_module(f"{pkg}.{name}")
-    except ImportError:
-        folder = Path(__file__).resolve().parents[1] / "triton_kernels"
-        if pkg not in sys.modules:
-            spec = importlib.util.spec_from_file_location(
-                pkg, folder / "__init__.py", submodule_search_locations=[str(folder)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[pkg] = module
-            spec.loader.exec_module(module)
-        return importlib.import_module(f"{pkg}.{name}")
-
-
-rh = _load("router_head")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not rh.triton_usable(torch.empty(0, device=DEVICE)),
-    reason="triton is not importable, or no GPU and the kernels were imported without TRITON_INTERPRET=1")
+rh = load_kernel("router_head")
+needs_triton = _needs_triton(rh)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

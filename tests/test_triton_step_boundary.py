@@ -1,41 +1,12 @@
 """Step-boundary detection: the Triton kernel against the torch reference, the reference
 against a per-token loop that reads like the definition."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers.triton_kernels import DEVICE, load_kernel, needs_triton as _needs_triton
 
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-
-def _load(name: str):
-    """Import a kernel module; before packaging installs it, load the folder by path."""
-    pkg = "arbitrage_fast.triton_kernels"
-    try:
-        return importlib.import_module(f"{pkg}.{name}")
-    except ImportError:
-        folder = Path(__file__).resolve().parents[1] / "triton_kernels"
-        if pkg not in sys.modules:
-            spec = importlib.util.spec_from_file_location(
-                pkg, folder / "__init__.py", submodule_search_locations=[str(folder)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[pkg] = module
-            spec.loader.exec_module(module)
-        return importlib.import_module(f"{pkg}.{name}")
-
-
-sb = _load("step_boundary")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not sb.triton_usable(torch.empty(0, device=DEVICE)),
-    reason="triton is not importable, or no GPU and the kernels were imported without TRITON_INTERPRET=1")
+sb = load_kernel("step_boundary")
+needs_triton = _needs_triton(sb)
 
 
 def _naive(tokens, is_boundary, eos_ids, step_len, cap):
