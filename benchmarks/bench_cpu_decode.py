@@ -1,17 +1,23 @@
-"""Greedy decode speed of the native engine vs transformers' `generate`, same checkpoint, same run.
+"""Greedy decode speed of the native engine vs transformers' `generate`, same weights, same run.
 
-Reports tokens/s for both and their ratio (the only figure worth comparing across noisy
-machines). Both decode the same prompt for the same number of tokens with EOS ignored; the
-engine's tokens are checked equal to transformers' so the comparison is like for like.
+Reports tokens/s for both and their ratio (the only figure worth comparing across noisy,
+shared machines). The checkpoint is parsed once by transformers and the engine's decoder is
+built from the same tensors (what the loader does for a .gguf file), so both sides run
+identical weights. Both decode the same prompt for the same number of tokens with EOS
+ignored; the repeats alternate (transformers, engine, transformers, ...) so drift in machine
+load hits both alike; the engine's tokens must equal transformers'.
 
-    python benchmarks/bench_cpu_decode.py --model PATH [--dtype bfloat16] [--tokens 128]
-    python benchmarks/bench_cpu_decode.py --tiny      # builds a small random Llama to time
+    python benchmarks/bench_cpu_decode.py --preset qwen2.5-coder --role draft --dtype bfloat16
+    python benchmarks/bench_cpu_decode.py --model PATH.gguf|HF_FOLDER [--tokens 64] [--threads 2]
+    python benchmarks/bench_cpu_decode.py --tiny      # a small random Llama, no download
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -21,84 +27,122 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+GSM8K_PROMPT_INDEX = 0
 
 
-def time_transformers(path, prompt_ids, n, dtype, repeats):
-    from transformers import AutoModelForCausalLM
+def resolve_path(args) -> tuple[Path, str, tempfile.TemporaryDirectory | None]:
+    """(checkpoint, label, temp dir to keep alive) from --model / --preset / --tiny."""
+    if args.preset:
+        from arbitrage_fast.presets import resolve
 
-    kw = {}
-    p = Path(path)
-    if p.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype).eval()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
-    # No EOS: both sides decode exactly n tokens with the same argmax rule (min_new_tokens would
-    # instead mask EOS logits and change the tokens).
-    model.generation_config.eos_token_id = None
-    ids = torch.tensor([prompt_ids])
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                 do_sample=False, **kw)
-        best = min(best, time.perf_counter() - t)
-    return best, out[0, len(prompt_ids):].tolist()
+        preset = resolve(args.preset)
+        path = Path(preset.draft if args.role == "draft" else preset.target)
+        return path, path.stem, None
+    if args.model:
+        return Path(args.model), Path(args.model).stem, None
+    sys.path.insert(0, str(ROOT.parent / "tests"))
+    from helpers.tiny_models import build_tiny_lm
+
+    tmp = tempfile.TemporaryDirectory()
+    return build_tiny_lm(Path(tmp.name) / "m", "llama", hidden=512, layers=8, heads=8, kv_heads=4), "tiny-llama-8x512", tmp
 
 
-def time_engine(path, prompt_ids, n, dtype, repeats):
-    from arbitrage_fast import Engine, EngineConfig, SamplingParams
+def load_both(path: Path, dtype: torch.dtype):
+    """transformers' model and tokenizer, and the native decoder built from the same tensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    engine = Engine(EngineConfig(draft=str(path), target=str(path), dtype=dtype))
-    sp = SamplingParams(max_new_tokens=n, ignore_eos=True, max_step_tokens=n)
-    best, res = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        res = engine.generate(prompt_ids, policy="target_only", sampling=sp)
-        best = min(best, time.perf_counter() - t)
-    return best, res.token_ids
+    from arbitrage_fast.models.architecture import DecoderSpec
+    from arbitrage_fast.models.loader import LoadedModel, _build
+
+    kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    folder = path.parent if path.suffix == ".gguf" else path
+    t = time.perf_counter()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw).eval()
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    load_s = time.perf_counter() - t
+    spec = DecoderSpec.from_hf_config(hf.config)
+    t = time.perf_counter()
+    native = _build(spec, dict(hf.state_dict()), dtype, "cpu", path)
+    build_s = time.perf_counter() - t
+    loaded = LoadedModel(model=native, spec=spec, tokenizer=tok, hf_config=hf.config, path=str(path))
+    return hf, tok, loaded, {"transformers_load_s": load_s, "native_build_s": build_s}
+
+
+def prompt_ids(tok, text: str | None) -> list[int]:
+    """A chat-templated GSM8K problem (the engine's real workload), or `text` as given."""
+    if text is None and getattr(tok, "chat_template", None):
+        from arbitrage_fast.eval.datasets import load_dataset
+
+        question = load_dataset("gsm8k", n=None)[GSM8K_PROMPT_INDEX].question
+        chat = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)
+        return tok(chat, add_special_tokens=False)["input_ids"]
+    return tok(text or "Janet has 16 eggs. She eats 3 for breakfast and bakes muffins with 4.")["input_ids"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF folder or .gguf file")
+    ap.add_argument("--preset", help="a preset name (qwen2.5-coder); see --role")
+    ap.add_argument("--role", default="draft", choices=["draft", "target"], help="which model of the preset")
     ap.add_argument("--tiny", action="store_true", help="time a random 8-layer, 512-wide Llama")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds of each side (alternating)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--prompt", default="Janet has 16 eggs. She eats 3 for breakfast and bakes muffins with 4.")
+    ap.add_argument("--decode-chunk", type=int, default=1, help="EngineConfig.decode_chunk")
+    ap.add_argument("--prompt", default=None, help="plain-text prompt (default: a chat-templated GSM8K problem)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tmp = None
-    path = args.model
-    if args.tiny or not path:
-        sys.path.insert(0, str(ROOT.parent / "tests"))
-        from helpers.tiny_models import build_tiny_lm
+    from arbitrage_fast import Engine, EngineConfig, SamplingParams
 
-        tmp = tempfile.TemporaryDirectory()
-        path = build_tiny_lm(Path(tmp.name) / "m", "llama", hidden=512, layers=8, heads=8, kv_heads=4)
-    from transformers import AutoTokenizer
-
-    p = Path(path)
-    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.suffix == ".gguf" else AutoTokenizer.from_pretrained(p)
-    prompt_ids = tok(args.prompt)["input_ids"]
+    path, label, _tmp = resolve_path(args)
     dtype = getattr(torch, args.dtype)
-    # Interleave so drift in machine load hits both sides alike.
-    hf_s, hf_tokens = time_transformers(path, prompt_ids, args.tokens, dtype, args.repeats)
-    eng_s, eng_tokens = time_engine(path, prompt_ids, args.tokens, args.dtype, args.repeats)
+    hf, tok, loaded, load_times = load_both(path, dtype)
+    hf.generation_config.eos_token_id = None  # exactly n tokens on both sides, same argmax rule
+    engine = Engine(EngineConfig(draft=str(path), target=str(path), dtype=args.dtype, kv_pages=64,
+                                 decode_chunk=args.decode_chunk), draft=loaded, target=loaded)
+    ids = prompt_ids(tok, args.prompt)
+    n = args.tokens
+    sp = SamplingParams(max_new_tokens=n, ignore_eos=True, max_step_tokens=n)
+    x = torch.tensor([ids])
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)
+        return out[0, len(ids):].tolist()
+
+    def run_engine():
+        return engine.generate(ids, policy="target_only", sampling=sp).token_ids
+
+    times = {"transformers": [], "engine": []}
+    cpu = {"transformers": [], "engine": []}  # process CPU seconds: less swayed by other jobs' load
+    tokens = {}
+    run_hf(), run_engine()  # warm-up: first-call allocations and oneDNN primitive creation
+    for _ in range(args.repeats):
+        for name, fn in (("transformers", run_hf), ("engine", run_engine)):
+            t, c = time.perf_counter(), time.process_time()
+            tokens[name] = fn()
+            times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "date": date.today().isoformat(), "model": str(args.model or "tiny-llama-8x512"), "dtype": args.dtype,
-        "tokens": args.tokens, "threads": torch.get_num_threads(), "machine": platform.machine(),
-        "transformers_tok_s": args.tokens / hf_s, "engine_tok_s": args.tokens / eng_s,
-        "speedup": hf_s / eng_s, "tokens_identical": hf_tokens == eng_tokens,
+        "date": date.today().isoformat(), "command": "python " + " ".join(sys.argv), "model": label,
+        "dtype": args.dtype, "prompt_tokens": len(ids), "tokens": n, "threads": torch.get_num_threads(),
+        "decode_chunk": args.decode_chunk, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "load_avg_1m": os.getloadavg()[0], **load_times,
+        "transformers_tok_s": n / med["transformers"], "engine_tok_s": n / med["engine"],
+        "speedup": med["transformers"] / med["engine"],
+        "speedup_best": min(times["transformers"]) / min(times["engine"]),
+        "cpu_time_speedup": statistics.median(cpu["transformers"]) / statistics.median(cpu["engine"]),
+        "seconds": times, "cpu_seconds": cpu, "tokens_identical": tokens["transformers"] == tokens["engine"],
     }
     print(json.dumps(result, indent=2))
-    out = ROOT / "results" / f"cpu_decode_{Path(str(result['model'])).name}_{args.dtype}.json"
+    out = ROOT / "results" / f"cpu_decode_{label}_{args.dtype}_t{result['threads']}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    return 0
+    return 0 if result["tokens_identical"] else 1
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ class GGUFAsset:
 
     @property
     def install_hint(self) -> str:
-        return f'pip install -e ".[{self.extra}]"'
+        # Without build isolation, as the project is always installed: an isolated build would
+        # compile the extension against a different torch.
+        return f'pip install --no-build-isolation -e ".[{self.extra}]"'
 
 
 def _parts(prefix: str, n: int) -> tuple[str, ...]:

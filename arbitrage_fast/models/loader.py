@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .architecture import DecoderSpec, UnsupportedArchitectureError
+from .cpu_linear import pack_linears
 from .llama import LlamaDecoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,11 +98,21 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def _read_gguf(path: Path, torch_dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import is_accelerate_available, logging as hf_logging
 
+    if not is_accelerate_available():
+        raise CheckpointError(f"{path}: transformers reads GGUF files only with accelerate installed "
+                              "(`pip install accelerate`; the qwen-coder extras include it)")
+    verbosity = hf_logging.get_verbosity()
+    # transformers warns that a bf16 GGUF load is slower than fp32 with its packed-weight
+    # kernels; those need the Hub, and every weight is dequantised here anyway.
+    hf_logging.set_verbosity_error()
     try:
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
     except Exception as e:
         raise CheckpointError(f"could not read GGUF file {path}: {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tensors = dict(hf.state_dict())
     return hf.config, tokenizer, tensors
@@ -156,4 +167,6 @@ def _build(spec: DecoderSpec, tensors, torch_dtype, device, path: Path) -> Llama
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.inv_freq = spec.inv_freq.to(device)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    pack_linears(model)  # bf16 on CPU: weights pre-packed for oneDNN, bit-identical output
+    return model
