@@ -115,3 +115,25 @@ def test_greedy_chat_decode_matches_transformers(hf_models, gguf_path, dtype):
         if s.ended_by == "boundary":
             assert s.token_ids[-1] in engine.boundary_ids[DRAFT_INDEX]
     assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_dequantised_cache_serves_the_same_model_and_chat_template(hf_models, gguf_path, tmp_path, monkeypatch):
+    """What the GGUF cache writes and `load_model` reads back is the parsed model: the same
+    weights (compared unpacked) and a tokenizer with the same chat template and ids."""
+    from arbitrage_fast.models import gguf_cache, loader
+
+    monkeypatch.setenv(gguf_assets.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("ARBITRAGE_FAST_PACK_LINEAR", "0")
+    hf, tokenizer = hf_models("bfloat16")
+    gguf_cache.store(gguf_cache.folder_for(gguf_path, torch.bfloat16), hf.config, tokenizer, dict(hf.state_dict()))
+    monkeypatch.setattr(loader, "_read_gguf", lambda *a: pytest.fail("the cached folder was not used"))
+    cached = loader.load_model(gguf_path, "bfloat16")
+    direct = _build(DecoderSpec.from_hf_config(hf.config), dict(hf.state_dict()), torch.bfloat16, "cpu", gguf_path)
+    a, b = cached.model.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    messages = [{"role": "user", "content": gsm8k_question()}]
+    texts = [t.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+             for t in (tokenizer, cached.tokenizer)]
+    assert texts[0] == texts[1]
+    assert tokenizer(texts[0])["input_ids"] == cached.tokenizer(texts[1])["input_ids"]
+    assert cached.tokenizer.eos_token_id == tokenizer.eos_token_id == EOS

@@ -46,7 +46,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_file() and path.suffix == ".gguf":
-        hf_config, tokenizer, tensors = _read_gguf(path, torch_dtype)
+        hf_config, tokenizer, tensors = _read_gguf_cached(path, torch_dtype)
     elif path.is_dir():
         hf_config, tokenizer, tensors = _read_hf_folder(path)
     else:
@@ -94,6 +94,21 @@ def _safetensors_files(path: Path) -> list[Path]:
         hint = " (only pickled *.bin weights found; convert them to safetensors)" if has_pickle else ""
         raise CheckpointError(f"{path} has no *.safetensors weight files{hint}")
     return files
+
+
+def _read_gguf_cached(path: Path, torch_dtype: torch.dtype):
+    """A GGUF file through the dequantised-folder cache (`gguf_cache`): parsed once, then
+    read back as safetensors."""
+    from . import gguf_cache
+
+    if not gguf_cache.enabled():
+        return _read_gguf(path, torch_dtype)
+    folder = gguf_cache.folder_for(path, torch_dtype)
+    if gguf_cache.is_complete(folder):
+        return _read_hf_folder(folder)
+    hf_config, tokenizer, tensors = _read_gguf(path, torch_dtype)
+    gguf_cache.store(folder, hf_config, tokenizer, tensors)
+    return hf_config, tokenizer, tensors
 
 
 def _read_gguf(path: Path, torch_dtype: torch.dtype):

@@ -1,0 +1,79 @@
+"""The dequantised-GGUF cache: a GGUF is parsed once, later loads read the saved folder and
+build the very same model and tokenizer; keys separate dtypes and file versions.
+
+transformers' GGUF parser is replaced by a stub that serves a tiny random model, so this runs
+without real weights (tests/test_real_qwen.py covers the real file).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from arbitrage_fast.models import gguf_assets, gguf_cache, loader
+from helpers.tiny_models import build_tiny_lm
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A .gguf path whose 'parse' returns a tiny HF model's config, tokenizer and tensors,
+    counting the parses."""
+    monkeypatch.setenv(gguf_assets.CACHE_ENV, str(tmp_path / "cache"))
+    parses = []
+
+    def make(tie: bool):
+        folder = build_tiny_lm(tmp_path / f"hf-{tie}", "qwen2", tie=tie, seed=3)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        path = tmp_path / f"model-{tie}.gguf"
+        path.write_bytes(b"GGUF stub")
+
+        def parse(p, dtype):
+            assert p == path
+            parses.append(dtype)
+            return hf.config, tokenizer, {k: v.to(dtype) for k, v in hf.state_dict().items()}
+
+        monkeypatch.setattr(loader, "_read_gguf", parse)
+        return path
+
+    return make, parses
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_second_load_reads_the_cache_and_builds_the_same_model(fake_gguf, tie):
+    make, parses = fake_gguf
+    path = make(tie)
+    first = loader.load_model(path, "float32")
+    second = loader.load_model(path, "float32")
+    assert parses == [torch.float32]  # parsed once
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if tie:
+        assert second.model.lm_head.weight is second.model.embed_tokens.weight
+    text = "We compute 12 + 30 = 42.\n\nThen"
+    assert first.tokenizer(text).input_ids == second.tokenizer(text).input_ids
+    spec_a, spec_b = dict(vars(first.spec)), dict(vars(second.spec))
+    assert torch.equal(spec_a.pop("inv_freq"), spec_b.pop("inv_freq")) and spec_a == spec_b
+
+
+def test_keys_separate_dtypes_and_file_versions(fake_gguf):
+    make, parses = fake_gguf
+    path = make(True)
+    loader.load_model(path, "float32")
+    loader.load_model(path, "bfloat16")
+    assert parses == [torch.float32, torch.bfloat16]
+    before = gguf_cache.folder_for(path, torch.float32)
+    path.write_bytes(b"GGUF stub, another version")  # size and mtime change
+    assert gguf_cache.folder_for(path, torch.float32) != before
+    loader.load_model(path, "float32")
+    assert len(parses) == 3
+
+
+def test_cache_can_be_turned_off(fake_gguf, monkeypatch):
+    make, parses = fake_gguf
+    path = make(True)
+    monkeypatch.setenv(gguf_cache.ENV, "0")
+    loader.load_model(path, "float32")
+    loader.load_model(path, "float32")
+    assert len(parses) == 2
+    assert not gguf_cache.is_complete(gguf_cache.folder_for(path, torch.float32))
