@@ -77,3 +77,17 @@ def test_cache_can_be_turned_off(fake_gguf, monkeypatch):
     loader.load_model(path, "float32")
     assert len(parses) == 2
     assert not gguf_cache.is_complete(gguf_cache.folder_for(path, torch.float32))
+
+
+def test_a_failed_write_still_loads_and_leaves_no_partial_folder(fake_gguf, monkeypatch):
+    make, parses = fake_gguf
+    path = make(True)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    loaded = loader.load_model(path, "float32")
+    assert loaded.model is not None and len(parses) == 1
+    folder = gguf_cache.folder_for(path, torch.float32)
+    assert not folder.exists() and not list(folder.parent.glob(folder.name + ".*"))

@@ -12,12 +12,15 @@ files in `$ARBITRAGE_FAST_CACHE` (default ~/.cache/arbitrage_fast), under `dequa
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 ENV = "ARBITRAGE_FAST_GGUF_CACHE"
 WEIGHTS = "model.safetensors"
@@ -53,7 +56,9 @@ def store(folder: Path, config, tokenizer, tensors: dict[str, torch.Tensor]) -> 
         tokenizer.save_pretrained(tmp)
         save_file(weights, str(tmp / WEIGHTS))
         os.replace(tmp, folder)
-    except OSError:
+    except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error on a full disk
         # Another process may have finished the same folder first, or the disk is full:
         # the cache is an optimisation, never a reason to fail a load.
         shutil.rmtree(tmp, ignore_errors=True)
+        if not is_complete(folder):
+            log.warning("could not cache the dequantised checkpoint in %s: %s", folder, e)
