@@ -13,8 +13,6 @@ keeps it, at the cost of one more running value each.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 NUM_SCALAR_FEATURES = 5
@@ -49,11 +47,17 @@ class StepFeatureAccumulator:
     def features(self) -> torch.Tensor:
         if self.n == 0:
             raise ValueError("no tokens accumulated for this step")
-        scalars = torch.stack([
-            self.logp_sum / self.n,
-            self.entropy_sum / self.n,
-            torch.tensor(math.log1p(self.n), dtype=torch.float32, device=self.h_sum.device),
-            self.logp_min,
-            self.entropy_max,
-        ])
-        return torch.cat([self.h_last, self.h_sum / self.n, scalars])
+        n = torch.tensor(self.n, device=self.h_sum.device)
+        return assemble_features(self.h_last, self.h_sum, self.logp_sum, self.entropy_sum, self.logp_min,
+                                 self.entropy_max, n)
+
+
+def assemble_features(h_last: torch.Tensor, h_sum: torch.Tensor, logp_sum: torch.Tensor, entropy_sum: torch.Tensor,
+                      logp_min: torch.Tensor, entropy_max: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The feature layout above from a step's running values: [..., H] hidden rows, [...] scalar
+    statistics and step lengths n -> [..., F]. One definition serves the per-token accumulator
+    and the chunked decoder, which scores every candidate end of a chunk at once."""
+    nf = n.to(torch.float32)
+    scalars = torch.stack([logp_sum / nf, entropy_sum / nf, torch.log1p(n.double()).float(), logp_min, entropy_max],
+                          dim=-1)
+    return torch.cat([h_last, h_sum / nf[..., None], scalars], dim=-1)

@@ -49,7 +49,7 @@ import torch
 
 from arbitrage_fast.config import SamplingParams
 from arbitrage_fast.kv import KVCacheExhausted
-from arbitrage_fast.router.features import StepFeatureAccumulator
+from arbitrage_fast.router.features import StepFeatureAccumulator, assemble_features
 
 from .graphs import DecodeLoop, decode_graphs
 from .model_runner import ForwardOutput, ModelRunner
@@ -188,16 +188,11 @@ def _candidate_features(buffers, done: int, k: int) -> torch.Tensor:
     laid out as `StepFeatureAccumulator.features()`: [h_last, h_mean, mean log p, mean entropy,
     log1p(n), min log p, max entropy], read from the prefix sums and running extremes (so
     positions past the real end never leak in)."""
-    n = torch.arange(done + 1, done + k + 1, device=buffers.hidden.device)
-    nf = n.float()
-    h_last = buffers.hidden[0, done:done + k]
-    h_mean = buffers.cum_hidden[0, done + 1:done + k + 1] / nf[:, None]
-    scalars = torch.stack([buffers.cum_logprob[0, done + 1:done + k + 1] / nf,
-                           buffers.cum_entropy[0, done + 1:done + k + 1] / nf,
-                           torch.log1p(n.double()).float(),
-                           buffers.min_logprob[0, done + 1:done + k + 1],
-                           buffers.max_entropy[0, done + 1:done + k + 1]], dim=-1)
-    return torch.cat([h_last, h_mean, scalars], dim=-1)
+    ends = slice(done + 1, done + k + 1)  # prefix index j + 1 holds positions 0..j
+    return assemble_features(buffers.hidden[0, done:done + k], buffers.cum_hidden[0, ends],
+                             buffers.cum_logprob[0, ends], buffers.cum_entropy[0, ends],
+                             buffers.min_logprob[0, ends], buffers.max_entropy[0, ends],
+                             torch.arange(done + 1, done + k + 1, device=buffers.hidden.device))
 
 
 def _first_step_end(tokens, is_boundary, eos, step_len, cap) -> torch.Tensor:

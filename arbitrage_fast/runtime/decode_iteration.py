@@ -135,15 +135,15 @@ class DecodeIteration:
         b.tokens.scatter_(1, j, token[:, None])
         b.logprobs.scatter_(1, j, logprob[:, None])
         if self.track_features:
-            _prefix_add(b.cum_logprob, j, logprob)
-            _prefix_add(b.cum_entropy, j, entropy)
-            _prefix_extreme(b.min_logprob, j, logprob, torch.minimum)
-            _prefix_extreme(b.max_entropy, j, entropy, torch.maximum)
+            _prefix_update(b.cum_logprob, j, logprob, torch.add)
+            _prefix_update(b.cum_entropy, j, entropy, torch.add)
+            _prefix_update(b.min_logprob, j, logprob, torch.minimum)
+            _prefix_update(b.max_entropy, j, entropy, torch.maximum)
             h = hidden.float()
             jh = j[:, :, None].expand(-1, 1, b.hidden_size)
             b.hidden.scatter_(1, jh, h[:, None])
             if running_hidden is None:
-                _prefix_add(b.cum_hidden, jh, h)
+                _prefix_update(b.cum_hidden, jh, h, torch.add)
             else:  # the fused kernel already added h to the prefix it was given
                 b.cum_hidden.scatter_(1, jh + 1, running_hidden[:, None])
         b.input_ids.copy_(token)
@@ -159,16 +159,11 @@ class DecodeIteration:
         return self._out_hidden, running
 
 
-def _prefix_add(prefix: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
-    """prefix[:, index + 1] = prefix[:, index] + value (the accumulator's `sum += x`, per row)."""
+def _prefix_update(prefix: torch.Tensor, index: torch.Tensor, value: torch.Tensor, combine) -> None:
+    """prefix[:, index + 1] = combine(prefix[:, index], value), per row: the accumulator's running
+    `sum += x` (torch.add) or its running min / max (torch.minimum / torch.maximum)."""
     prev = prefix.gather(1, index)
-    prefix.scatter_(1, index + 1, prev + value.reshape(prev.shape))
-
-
-def _prefix_extreme(prefix: torch.Tensor, index: torch.Tensor, value: torch.Tensor, pick) -> None:
-    """prefix[:, index + 1] = pick(prefix[:, index], value): a running min or max, per row."""
-    prev = prefix.gather(1, index)
-    prefix.scatter_(1, index + 1, pick(prev, value.reshape(prev.shape).float()))
+    prefix.scatter_(1, index + 1, combine(prev, value.reshape(prev.shape).to(prefix.dtype)))
 
 
 def _fused_router_kernel():
