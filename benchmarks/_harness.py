@@ -107,6 +107,17 @@ def environment(device: torch.device) -> dict:
     )
 
 
+def cpu_run_record() -> dict:
+    """Where and how a CPU benchmark ran: the fields every CPU result records. The load
+    average is kept because a shared machine's load sways wall-clock times."""
+    import sys
+    from datetime import date
+
+    return {"date": date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "threads": torch.get_num_threads(),
+            "load_avg_1m": os.getloadavg()[0]}
+
+
 def time_variants(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
                   reset: Callable[[], None] | None = None) -> dict[str, Timing]:
     """Time each callable `repeats` times, interleaved; `reset` runs before every call, untimed.

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from _harness import RESULTS, cpu_run_record, write_json  # noqa: E402
 GSM8K_PROMPT_INDEX = 0
 
 
@@ -128,10 +128,8 @@ def main() -> int:
             cpu[name].append(time.process_time() - c)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "date": date.today().isoformat(), "command": "python " + " ".join(sys.argv), "model": label,
-        "dtype": args.dtype, "prompt_tokens": len(ids), "tokens": n, "threads": torch.get_num_threads(),
-        "decode_chunk": args.decode_chunk, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-        "load_avg_1m": os.getloadavg()[0], **load_times,
+        **cpu_run_record(), "model": label, "dtype": args.dtype, "prompt_tokens": len(ids), "tokens": n,
+        "decode_chunk": args.decode_chunk, **load_times,
         "transformers_tok_s": n / med["transformers"], "engine_tok_s": n / med["engine"],
         "speedup": med["transformers"] / med["engine"],
         "speedup_best": min(times["transformers"]) / min(times["engine"]),
@@ -139,9 +137,7 @@ def main() -> int:
         "seconds": times, "cpu_seconds": cpu, "tokens_identical": tokens["transformers"] == tokens["engine"],
     }
     print(json.dumps(result, indent=2))
-    out = ROOT / "results" / f"cpu_decode_{label}_{args.dtype}_t{result['threads']}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, RESULTS, f"cpu_decode_{label}_{args.dtype}_t{result['threads']}.json")
     return 0 if result["tokens_identical"] else 1
 
 

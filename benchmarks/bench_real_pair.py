@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from _harness import RESULTS, cpu_run_record, write_json  # noqa: E402
 
 
 def timed(engine, prompt, policy, threshold, sampling):
@@ -107,16 +107,15 @@ def main() -> int:
             summary[name]["speedup_wall"] = summary[ref]["wall_s"] / summary[name]["wall_s"]
             summary[name]["speedup_cpu"] = summary[ref]["cpu_s"] / summary[name]["cpu_s"]
     result = {
-        "date": date.today().isoformat(), "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "threads": torch.get_num_threads(),
-        "load_avg_1m": os.getloadavg()[0], "draft": preset.draft, "target": preset.target, "dtype": args.dtype,
+        **cpu_run_record(), "draft": preset.draft, "target": preset.target, "dtype": args.dtype,
         "n": len(items), "max_new_tokens": args.max_new_tokens, "k": args.k, "load_s": load_s,
         "router": preset.router, "summary": summary, "problems": per_problem,
     }
     print(json.dumps(summary, indent=2))
-    out = args.out or ROOT / "results" / f"real_pair_{args.dtype}_t{result['threads']}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    if args.out:
+        write_json(result, args.out.parent, args.out.name)
+    else:
+        write_json(result, RESULTS, f"real_pair_{args.dtype}_t{result['threads']}.json")
     identical = [v["all_identical"] for v in summary.values() if v["all_identical"] is not None]
     return 0 if all(identical) else 1
 
