@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--json", default=None)
     s.add_argument("--plot", default=None, help="write the Pareto plot (PNG)")
+    s.add_argument("--records", default=None, metavar="JSONL",
+                   help="append each solved (problem, policy, threshold) here and, when rerun with the same "
+                        "file, skip what it already holds: resumes a long sweep after an interruption")
     _decode_chunk_arg(s)
     s.set_defaults(func=_with_preset(cmd_sweep))
 

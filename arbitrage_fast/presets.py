@@ -19,6 +19,9 @@ class Preset:
     dataset: str
     chat: bool = False
     dtype: str = "float32"
+    # Appended to each GSM8K/MATH500 question (after a blank line): real models commit to an
+    # answer the grader can find only when asked to. The testbed's prompts need nothing.
+    instruction: str | None = None
 
 
 def testbed_router_dir() -> Path:
@@ -27,6 +30,8 @@ def testbed_router_dir() -> Path:
     return shipped_checkpoint("draft").parent / "router"
 
 
+# The instruction Qwen2.5's own math evaluations use.
+STEP_BY_STEP_BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_CODER_DRAFT = "qwen2.5-coder-0.5b-instruct"
 QWEN_CODER_TARGET = "qwen2.5-coder-1.5b-instruct-q4_k_m"
 
@@ -56,7 +61,7 @@ def _qwen_coder(draft, target) -> Preset:
     r = qwen_coder_router_dir()
     return Preset("qwen2.5-coder", draft, target,
                   prm=None, router=str(r) if (r / "router_config.json").is_file() else None, label_prm=None,
-                  dataset="gsm8k", chat=True, dtype="bfloat16")
+                  dataset="gsm8k", chat=True, dtype="bfloat16", instruction=STEP_BY_STEP_BOXED)
 
 
 def resolve(name: str | None, *, draft=None, target=None, prm=None, router=None) -> Preset:
@@ -64,7 +69,7 @@ def resolve(name: str | None, *, draft=None, target=None, prm=None, router=None)
     if name is None:
         if not draft or not target:
             raise ValueError("give --preset or both --draft and --target")
-        base = Preset("custom", draft, target, None, None, None, dataset="gsm8k")
+        base = Preset("custom", draft, target, None, None, None, dataset="gsm8k", instruction=STEP_BY_STEP_BOXED)
     elif name == "testbed":
         from arbitrage_fast.testbed import shipped_checkpoint
 

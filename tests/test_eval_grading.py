@@ -80,13 +80,26 @@ def test_grading_works_off_the_main_thread():
 
 @pytest.mark.parametrize("name, size", [("gsm8k", 1319), ("math500", 500)])
 def test_every_gold_answer_grades_against_itself(name, size):
-    items = load_dataset(name)
+    items = load_dataset(name, split="train") + load_dataset(name, split="test")
     assert len(items) == size and len({i.id for i in items}) == size
     assert all(grade(f"So the answer is \\boxed{{{i.answer}}}.", i.answer) for i in items)
 
 
+@pytest.mark.parametrize("name", ["gsm8k", "math500"])
+def test_router_training_split_is_every_tenth_problem_and_disjoint_from_test(name):
+    train, test = load_dataset(name, split="train"), load_dataset(name, split="test")
+    every = train + test
+    assert not {i.id for i in train} & {i.id for i in test}
+    assert len(train) == len(every) // 10
+    subset = load_dataset(name, n=30, split="train", seed=1)
+    assert {i.id for i in subset} <= {i.id for i in train}
+    with pytest.raises(ValueError, match="unknown split 'validation'"):
+        load_dataset(name, split="validation")
+
+
 def test_gsm8k_fields():
     first = load_dataset("gsm8k")[0]
+    assert load_dataset("gsm8k", split="train")[0].id == "gsm8k-9"  # file position 9
     assert first.id == "gsm8k-0" and first.answer == "18"
     assert first.question.startswith("Janet") and first.prompt == first.question
     assert all("," not in i.answer for i in load_dataset("gsm8k"))  # "2,125" -> "2125"
@@ -128,7 +141,7 @@ def test_testbed_uses_generate_problems(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="aime"), "unknown dataset"),
-    (dict(name="gsm8k", split="train"), "only its 'test' split"),
+    (dict(name="gsm8k", split="dev"), "unknown split 'dev'"),
     (dict(name="testbed"), "pass n"),
 ])
 def test_bad_dataset_requests(kwargs, message):

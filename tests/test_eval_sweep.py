@@ -53,8 +53,11 @@ def test_sweep_points_schema_and_arithmetic():
 
     assert [(p["policy"], p["threshold"]) for p in points] == [("target_only", None), ("rsd", 0.5), ("rsd", 0.9)]
     assert all(call[3] is sampling for call in engine.calls)
-    assert [c[0] for c in engine.calls[:2]] == ["What is 1+1?", "P: 2+2"]  # item.prompt, not question
-    keys = {"policy", "threshold", "n", "accuracy", "latency_s", "escalation_rate",
+    # Problem-major order (each problem under every policy before the next); item.prompt, not question.
+    assert [(c[0], c[1], c[2]) for c in engine.calls] == [
+        ("What is 1+1?", "target_only", None), ("What is 1+1?", "rsd", 0.5), ("What is 1+1?", "rsd", 0.9),
+        ("P: 2+2", "target_only", None), ("P: 2+2", "rsd", 0.5), ("P: 2+2", "rsd", 0.9)]
+    keys = {"policy", "threshold", "n", "accuracy", "latency_s", "cpu_s", "escalation_rate",
             "draft_tokens", "target_tokens", "steps", "engine_wall_s"}
     assert all(set(p) == keys for p in points)
     json.dumps(points)  # serialisable as-is
@@ -68,11 +71,66 @@ def test_sweep_points_schema_and_arithmetic():
     assert all(p["latency_s"] >= 0 and p["engine_wall_s"] == 0.5 for p in points)
 
 
-def test_latency_is_measured_around_generate(monkeypatch):
+def test_latency_and_cpu_time_are_measured_around_generate(monkeypatch):
     clock = iter([0.0, 1.5, 10.0, 12.5])  # two calls: 1.5 s and 2.5 s
-    monkeypatch.setattr(sweep_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    cpu = iter([0.0, 3.0, 5.0, 6.0])  # 3 s and 1 s of CPU
+    monkeypatch.setattr(sweep_module, "time", SimpleNamespace(perf_counter=lambda: next(clock),
+                                                              process_time=lambda: next(cpu)))
     point, = run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only"], {}, None, None, progress=False)
-    assert point["latency_s"] == pytest.approx(2.0)
+    assert point["latency_s"] == pytest.approx(2.0) and point["cpu_s"] == pytest.approx(2.0)
+
+
+def test_records_resume_skips_solved_runs_and_gives_the_same_points(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    info = {"dataset": "toy", "max_new_tokens": 8}
+    full = run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only", "rsd"], {"rsd": [0.5, 0.9]},
+                     progress=False, records=path, run_info=info)
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == {"run": info} and len(lines) == 1 + 6
+    assert json.loads(lines[1])["text"] == "The answer is \\boxed{2}."
+
+    # An interruption after the fourth record, mid-way through writing the fifth.
+    path.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])
+    engine = ScriptedEngine(SCRIPT)
+    resumed = run_sweep(engine, ITEMS, ["target_only", "rsd"], {"rsd": [0.5, 0.9]},
+                        progress=False, records=path, run_info=info)
+    assert [(c[0], c[1], c[2]) for c in engine.calls] == [("P: 2+2", "rsd", 0.5), ("P: 2+2", "rsd", 0.9)]
+    assert [strip_point(p) for p in full] == [strip_point(p) for p in resumed]
+    assert len(path.read_text().splitlines()) == 1 + 6
+
+    # Everything solved: a rerun does no work; a subset of the problems summarises only those.
+    engine = ScriptedEngine(SCRIPT)
+    one = run_sweep(engine, ITEMS[:1], ["rsd"], {"rsd": [0.9]}, progress=False, records=path, run_info=info)
+    assert engine.calls == [] and one[0]["n"] == 1 and one[0]["accuracy"] == 0.0
+
+
+def strip_point(point):
+    return {k: v for k, v in point.items() if k not in ("latency_s", "cpu_s")}
+
+
+def test_records_of_another_sweep_are_refused(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only"], {}, progress=False, records=path,
+              run_info={"dataset": "toy", "max_new_tokens": 8})
+    with pytest.raises(ValueError, match=r"another sweep \(differs in \['max_new_tokens'\]\)"):
+        run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only"], {}, progress=False, records=path,
+                  run_info={"dataset": "toy", "max_new_tokens": 16})
+
+
+def test_audit_counts_escalations_that_did_not_improve():
+    class PRM:  # scores a step by its length: longer is better
+        def score(self, prompt, previous, step):
+            return len(step)
+
+    class AuditEngine(ScriptedEngine):
+        def generate(self, prompt, policy, threshold, sampling):
+            steps = [SimpleNamespace(text="long step", rejected_draft="short"),  # improved
+                     SimpleNamespace(text="same", rejected_draft="four"),  # tie: wasted
+                     SimpleNamespace(text="kept", rejected_draft=None)]
+            return SimpleNamespace(text="\\boxed{2}", stats=stats(1, 1, 2, 3), steps=steps)
+
+    point, = run_sweep(AuditEngine({}), ITEMS[:1], ["rsd"], {"rsd": [0.5]}, progress=False, audit_prm=PRM())
+    assert point["wasted_escalation_share"] == 0.5
 
 
 def test_custom_grader_and_progress_bar(capsys):

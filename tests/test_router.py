@@ -41,6 +41,7 @@ def test_metric_edge_cases():
     with pytest.raises(ValueError, match="both"):
         auroc([1, 1], [0.1, 0.2])
     curve = deferral_curve([1.0, 0.0, -1.0, 2.0], [0.9, 0.1, 0.0, 0.8], rates=(0.5,))
+    assert curve[0]["threshold"] == 0.1  # scores > 0.1 are the top half
     assert curve[0]["router_gain"] == pytest.approx(1.0) and curve[0]["oracle_gain"] == pytest.approx(1.0)
 
 

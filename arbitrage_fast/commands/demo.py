@@ -29,7 +29,7 @@ def run(preset, args) -> int:
     engine = build_engine(preset, args.device, args.dtype, decode_chunk=args.decode_chunk)
     policies = ["target_only", "rsd", "arbitrage"] if engine.router is not None else ["target_only", "draft_only", "rsd"]
     n, max_new_tokens = demo_sizes(preset, args)
-    items = load_dataset(preset.dataset, n=n, split="test", seed=args.seed)
+    items = load_dataset(preset.dataset, n=n, split="test", seed=args.seed, instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
     shown = "arbitrage" if engine.router is not None else "rsd"
     print(f"draft:  {preset.draft}\ntarget: {preset.target}\nrouter: {preset.router or '(none: arbitrage needs one)'}\n"

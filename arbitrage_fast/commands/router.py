@@ -16,7 +16,7 @@ def _labels(preset, args, split: str, n: int, seed: int):
     from arbitrage_fast.router.data import generate_labels
 
     engine = build_engine(preset, args.device, args.dtype, prm="label", router=False)
-    items = load_dataset(preset.dataset, n=n, split=split, seed=seed)
+    items = load_dataset(preset.dataset, n=n, split=split, seed=seed, instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     return engine, generate_labels(engine, [i.prompt for i in items], sampling, chat=preset.chat)
 

@@ -51,11 +51,16 @@ def run(preset, args) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     thresholds = parse_thresholds(args.thresholds, policies)
     engine = build_engine(preset, args.device, args.dtype, decode_chunk=args.decode_chunk)
-    items = load_dataset(args.dataset or preset.dataset, n=args.n, split="test", seed=args.seed)
+    items = load_dataset(args.dataset or preset.dataset, n=args.n, split="test", seed=args.seed,
+                         instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     audit = build_prm(preset.label_prm)
+    run_info = {"preset": preset.name, "draft": preset.draft, "target": preset.target, "router": preset.router,
+                "inference_prm": str(preset.prm), "dataset": args.dataset or preset.dataset, "seed": args.seed,
+                "max_new_tokens": args.max_new_tokens, "dtype": engine.config.dtype,
+                "instruction": preset.instruction}
     points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
-                       generate_kwargs={"chat": preset.chat})
+                       generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info)
     result = {
         "preset": preset.name, "dataset": args.dataset or preset.dataset, "n": len(items),
         "inference_prm": preset.prm or "target-likelihood", "audit_prm": preset.label_prm,

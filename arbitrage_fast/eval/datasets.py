@@ -14,7 +14,12 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "data"
 DATASETS = ("gsm8k", "math500", "testbed")
+SPLITS = ("train", "test")
 _FILES = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500.jsonl"}
+# GSM8K and MATH500 ship only their test sets. A router trained on problems it is later
+# evaluated on would flatter itself, so every ROUTER_TRAIN_EVERY-th problem of each file
+# (file positions 9, 19, ...) is set aside as the "train" split and "test" is the rest.
+ROUTER_TRAIN_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,12 @@ def load_dataset(name: str, n: int | None = None, split: str = "test", seed: int
         return _load_testbed(n, split, seed)
     if name not in _FILES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-    if split != "test":
-        raise ValueError(f"{name} ships only its 'test' split, not {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} for {name}; expected one of {SPLITS}")
     rows = _read_jsonl(DATA_DIR / _FILES[name])
     items = [_gsm8k_item(r) if name == "gsm8k" else _math500_item(r) for r in rows]
+    items = [item for pos, item in enumerate(items)
+             if (pos % ROUTER_TRAIN_EVERY == ROUTER_TRAIN_EVERY - 1) == (split == "train")]
     items = _subset(items, n, seed)
     if instruction is not None:
         items = [EvalItem(i.id, i.question, i.answer, f"{i.question}\n\n{instruction}") for i in items]

@@ -3,13 +3,24 @@
 The latency of a point is wall-clock time measured here, around
 `engine.generate`, so it includes everything a user waits for (tokenisation,
 scheduling, host syncs), not only what the engine chooses to time itself; the
-engine's own `wall_s` is kept beside it as `engine_wall_s`.
+engine's own `wall_s` is kept beside it as `engine_wall_s`, and the process CPU
+time as `cpu_s` (other jobs on a shared machine sway it less than wall time).
+
+Problems form the outer loop: each problem is solved under every (policy,
+threshold) before the next one starts. A slow spell on a shared machine then
+touches every policy alike, and a sweep stopped halfway still compares the
+policies on the same problems. With a records file every solved (problem,
+policy, threshold) is appended as one JSON line the moment it finishes, and a
+rerun with the same file skips what is already there: an hours-long sweep on
+real models survives an interruption.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -17,7 +28,7 @@ from .datasets import EvalItem
 from .grading import grade
 
 # Policies whose behaviour has no threshold to sweep: they run once, at threshold None.
-THRESHOLDLESS_POLICIES = frozenset({"target_only", "draft_only"})
+THRESHOLDLESS_POLICIES = frozenset({"target_only", "draft_only", "spec_decode"})
 REQUIRED_STATS = ("draft_tokens", "target_tokens", "escalations", "steps", "wall_s")
 
 
@@ -39,62 +50,121 @@ def sweep_plan(policies: Sequence[str], thresholds: dict[str, list[float]]) -> l
 
 def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresholds: dict[str, list[float]],
               sampling=None, grader: Callable[[str, str], bool] | None = None,
-              progress: bool = True, audit_prm=None, generate_kwargs: dict | None = None) -> list[dict]:
+              progress: bool = True, audit_prm=None, generate_kwargs: dict | None = None,
+              records: str | Path | None = None, run_info: dict | None = None) -> list[dict]:
     """Run the sweep and return one point per (policy, threshold).
 
     Each point holds: policy, threshold, n, accuracy, latency_s (mean wall-clock
-    seconds per problem), escalation_rate (total escalations / total steps),
-    draft_tokens and target_tokens and steps (means per problem), engine_wall_s.
-    With `audit_prm`, each escalated step's rejected draft and committed target step are
-    both scored offline, adding `wasted_escalation_share` (escalations whose target step
-    scored no better than the draft step it replaced; None when nothing escalated).
+    seconds per problem), cpu_s (mean process CPU seconds), escalation_rate (total
+    escalations / total steps), draft_tokens and target_tokens and steps (means per
+    problem), engine_wall_s. With `audit_prm`, each escalated step's rejected draft and
+    committed target step are both scored offline, adding `wasted_escalation_share`
+    (escalations whose target step scored no better than the draft step it replaced;
+    None when nothing escalated). `records` is a JSONL file to append to and resume
+    from; `run_info` (what the caller swept: models, dataset, token cap...) is its
+    header, and a file written under a different header is refused.
     """
     if not items:
         raise ValueError("run_sweep needs at least one item")
     grader = grade if grader is None else grader
     plan = sweep_plan(policies, thresholds)
-    points = []
-    with tqdm(total=len(plan) * len(items), disable=not progress, unit="problem") as bar:
-        for policy, threshold in plan:
-            bar.set_description(policy if threshold is None else f"{policy}@{threshold:g}")
-            points.append(_run_point(engine, items, policy, threshold, sampling, grader, bar, audit_prm,
-                                     generate_kwargs or {}))
-    return points
+    log = RecordLog(records, run_info or {})
+    todo = [(item, policy, threshold) for item in items for policy, threshold in plan
+            if (item.id, policy, threshold) not in log.done]
+    with tqdm(total=len(plan) * len(items), initial=len(plan) * len(items) - len(todo),
+              disable=not progress, unit="run") as bar:
+        for item, policy, threshold in todo:
+            bar.set_description(f"{item.id} {_label(policy, threshold)}")
+            log.append(_solve(engine, item, policy, threshold, sampling, grader, audit_prm, generate_kwargs or {}))
+            bar.update(1)
+    return [summarise([log.done[(item.id, policy, threshold)] for item in items], audit_prm is not None)
+            for policy, threshold in plan]
 
 
-def _run_point(engine, items, policy, threshold, sampling, grader, bar, audit_prm, generate_kwargs) -> dict:
-    totals = dict.fromkeys(REQUIRED_STATS, 0.0)
-    correct, latency = 0, 0.0
-    audited = wasted = 0
-    for item in items:
-        start = time.perf_counter()
-        result = engine.generate(item.prompt, policy=policy, threshold=threshold, sampling=sampling,
-                                 **generate_kwargs)
-        latency += time.perf_counter() - start
-        if audit_prm is not None:
-            a, w = audit_escalations(engine, item.prompt, result, audit_prm)
-            audited, wasted = audited + a, wasted + w
-        correct += bool(grader(result.text, item.answer))
-        for key in REQUIRED_STATS:
-            if key not in result.stats:
-                raise KeyError(f"engine result stats lack {key!r} (have {sorted(result.stats)}); "
-                               f"a sweep needs {list(REQUIRED_STATS)}")
-            totals[key] += result.stats[key]
-        bar.update(1)
-    n = len(items)
-    return {
-        "policy": policy,
-        "threshold": threshold,
+def _label(policy: str, threshold: float | None) -> str:
+    return policy if threshold is None else f"{policy}@{threshold:g}"
+
+
+def _solve(engine, item, policy, threshold, sampling, grader, audit_prm, generate_kwargs) -> dict:
+    """One problem under one (policy, threshold), as a JSON-able record."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = engine.generate(item.prompt, policy=policy, threshold=threshold, sampling=sampling,
+                             **generate_kwargs)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    missing = [key for key in REQUIRED_STATS if key not in result.stats]
+    if missing:
+        raise KeyError(f"engine result stats lack {missing[0]!r} (have {sorted(result.stats)}); "
+                       f"a sweep needs {list(REQUIRED_STATS)}")
+    record = {"item": item.id, "policy": policy, "threshold": threshold,
+              "correct": bool(grader(result.text, item.answer)), "latency_s": wall, "cpu_s": cpu,
+              **{key: result.stats[key] for key in REQUIRED_STATS}, "text": result.text}
+    if audit_prm is not None:
+        record["audited"], record["wasted"] = audit_escalations(engine, item.prompt, result, audit_prm)
+    return record
+
+
+def summarise(records: list[dict], audited: bool = False) -> dict:
+    """One sweep point from the records of one (policy, threshold) over the sweep's problems."""
+    n = len(records)
+    total = {key: sum(r[key] for r in records) for key in (*REQUIRED_STATS, "latency_s", "cpu_s")}
+    point = {
+        "policy": records[0]["policy"],
+        "threshold": records[0]["threshold"],
         "n": n,
-        "accuracy": correct / n,
-        "latency_s": latency / n,
-        "escalation_rate": totals["escalations"] / totals["steps"] if totals["steps"] else 0.0,
-        "draft_tokens": totals["draft_tokens"] / n,
-        "target_tokens": totals["target_tokens"] / n,
-        "steps": totals["steps"] / n,
-        "engine_wall_s": totals["wall_s"] / n,
-        **({"wasted_escalation_share": wasted / audited if audited else None} if audit_prm is not None else {}),
+        "accuracy": sum(r["correct"] for r in records) / n,
+        "latency_s": total["latency_s"] / n,
+        "cpu_s": total["cpu_s"] / n,
+        "escalation_rate": total["escalations"] / total["steps"] if total["steps"] else 0.0,
+        "draft_tokens": total["draft_tokens"] / n,
+        "target_tokens": total["target_tokens"] / n,
+        "steps": total["steps"] / n,
+        "engine_wall_s": total["wall_s"] / n,
     }
+    if audited:
+        escalations = sum(r["audited"] for r in records)
+        point["wasted_escalation_share"] = sum(r["wasted"] for r in records) / escalations if escalations else None
+    return point
+
+
+class RecordLog:
+    """Solved runs keyed by (problem id, policy, threshold), mirrored to a JSONL file when given.
+
+    The file's first line is {"run": run_info}; every further line is one record.
+    """
+
+    def __init__(self, path: str | Path | None, run_info: dict):
+        self.path = None if path is None else Path(path)
+        self.done: dict[tuple, dict] = {}
+        if self.path is None:
+            return
+        if self.path.is_file() and self.path.stat().st_size:
+            self._resume(run_info)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"run": run_info}) + "\n")
+
+    def _resume(self, run_info: dict) -> None:
+        lines = self.path.read_text().splitlines()
+        header = json.loads(lines[0]).get("run")
+        if header != run_info:
+            differ = sorted(k for k in set(header or {}) | set(run_info) if (header or {}).get(k) != run_info.get(k))
+            raise ValueError(f"records file {self.path} belongs to another sweep (differs in {differ}); "
+                             "pass a new --records path or delete the file")
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # a record cut short by the interruption: solve it again
+                    self.path.write_text("\n".join(lines[:-1]) + "\n")
+                    break
+                raise ValueError(f"{self.path}:{number} is not a JSON record") from None
+            self.done[(record["item"], record["policy"], record["threshold"])] = record
+
+    def append(self, record: dict) -> None:
+        self.done[(record["item"], record["policy"], record["threshold"])] = record
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def audit_escalations(engine, prompt: str, result, prm) -> tuple[int, int]:

@@ -30,7 +30,8 @@ def auroc(labels, scores) -> float:
 
 def deferral_curve(advantage, scores, rates=(0.1, 0.2, 0.3, 0.4, 0.5)) -> list[dict]:
     """For each escalation rate, the share of the total positive advantage the router captures
-    by escalating its top-scored steps, next to what the oracle and a random choice capture."""
+    by escalating its top-scored steps, next to what the oracle and a random choice capture,
+    and the threshold that escalates that share (escalate when score > threshold)."""
     adv = np.asarray(advantage, dtype=float)
     scores = np.asarray(scores, dtype=float)
     gain = np.clip(adv, 0, None)
@@ -41,6 +42,7 @@ def deferral_curve(advantage, scores, rates=(0.1, 0.2, 0.3, 0.4, 0.5)) -> list[d
         k = int(round(r * len(adv)))
         out.append({
             "rate": r,
+            "threshold": float(scores[order_router[k]]) if k < len(adv) else None,
             "router_gain": float(adv[order_router[:k]].sum() / total) if total > 0 else 0.0,
             "oracle_gain": float(gain[order_oracle[:k]].sum() / total) if total > 0 else 0.0,
             "random_gain": float(r * adv.sum() / total) if total > 0 else 0.0,

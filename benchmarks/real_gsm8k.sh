@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The real-pair GSM8K run recorded in RESULTS.md: router labels on the router-training split,
+# the router's held-out metrics, then one sweep (problem-major, resumable) of every policy.
+# CPU hours on a 2-core machine; N, TOKENS and ESCALATE override the defaults below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-30}
+TOKENS=${TOKENS:-400}
+ESCALATE=${ESCALATE:-0.3}  # arbitrage's threshold: the one escalating this share of held-out steps
+OUT=benchmarks/results
+CLI=(python -m arbitrage_fast.cli)
+ROUTER=$(python -c "from arbitrage_fast.presets import qwen_coder_router_dir as d; print(d())")
+
+if [ ! -f "$ROUTER/router_config.json" ]; then
+  "${CLI[@]}" train-router --preset qwen2.5-coder --n "${TRAIN_N:-16}" --max-new-tokens "$TOKENS" \
+    --out "$ROUTER" --json "$OUT/qwen_router_train.json"
+  mkdir -p "$OUT/qwen_router" && cp "$ROUTER"/* "$OUT/qwen_router/"
+fi
+[ -f "$OUT/qwen_router_eval.json" ] || "${CLI[@]}" eval-router --preset qwen2.5-coder --n "${EVAL_N:-8}" \
+  --max-new-tokens "$TOKENS" --json "$OUT/qwen_router_eval.json"
+TAU=$(python -c "import json,sys; c=json.load(open('$OUT/qwen_router_eval.json'))['deferral_curve']; \
+print(next(p['threshold'] for p in c if abs(p['rate']-$ESCALATE)<1e-9))")
+echo "arbitrage threshold $TAU (escalates $ESCALATE of held-out steps)"
+"${CLI[@]}" sweep --preset qwen2.5-coder --dataset gsm8k --n "$N" --max-new-tokens "$TOKENS" \
+  --policies target_only,draft_only,rsd,arbitrage --thresholds "rsd=0.9;arbitrage=$TAU" \
+  --records "$OUT/qwen_gsm8k_n${N}_records.jsonl" --json "$OUT/qwen_gsm8k_n${N}.json" \
+  --plot "$OUT/qwen_gsm8k_n${N}_pareto.png"
