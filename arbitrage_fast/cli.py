@@ -78,6 +78,11 @@ def cmd_sweep(preset, args):
     return sweep.run(preset, args)
 
 
+def cmd_serve(preset, args):
+    from arbitrage_fast.commands import serve
+    return serve.run(preset, args)
+
+
 def cmd_train_router(preset, args):
     from arbitrage_fast.commands import router
     return router.run_train(preset, args)
@@ -151,6 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--json", action="store_true")
     _decode_chunk_arg(g)
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions), "
+                                     "streaming one event per reasoning step")
+    _model_args(v)
+    v.set_defaults(preset="testbed")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--served-model-name", default=None, help="the model name clients send (default: the preset's)")
+    v.add_argument("--policy", default=None, help="policy for requests that name none (default: arbitrage "
+                   "with a router head, rsd without)")
+    v.add_argument("--threshold", type=float, default=None, help="threshold for requests that name none")
+    v.add_argument("--max-tokens", type=int, default=256, help="token cap for requests that set none")
+    _decode_chunk_arg(v)
+    v.set_defaults(func=_with_preset(cmd_serve))
 
     args = parser.parse_args(argv)
     try:

@@ -94,7 +94,7 @@ class Engine:
                        if config.router else None)
 
     # ------------------------------------------------------------------ public API
-    def generate(self, prompt: str | list[int], policy: str = "rsd", threshold: float | None = None,
+    def generate(self, prompt: "str | list[int] | list[dict]", policy: str = "rsd", threshold: float | None = None,
                  sampling: SamplingParams | None = None, chat: bool = False,
                  record_features: bool = False) -> GenerationResult:
         """Generate step by step. record_features attaches each draft step's router features
@@ -104,7 +104,7 @@ class Engine:
             pass
         return run.result
 
-    def stream(self, prompt: str | list[int], policy: str = "rsd", threshold: float | None = None,
+    def stream(self, prompt: "str | list[int] | list[dict]", policy: str = "rsd", threshold: float | None = None,
                sampling: SamplingParams | None = None, chat: bool = False) -> "_Run":
         """Iterate over committed steps as they are decided; `.result` holds the full result at
         the end. Closing the iterator early cancels the request and returns its KV pages."""
@@ -305,9 +305,16 @@ class Engine:
         """A committed step's text in another model's vocabulary (text handoff)."""
         return self.tokenizers[model](text, add_special_tokens=False)["input_ids"]
 
-    def _encode(self, prompt: str | list[int], chat: bool) -> tuple[dict[int, list[int]], str]:
-        """The prompt in each model's token ids (each with its own chat template), and as text."""
-        if isinstance(prompt, str):
+    def _encode(self, prompt: str | list[int] | list[dict], chat: bool) -> tuple[dict[int, list[int]], str]:
+        """The prompt in each model's token ids (each with its own chat template), and as text.
+
+        A prompt is text, token ids, or a conversation (a list of {"role", "content"} messages,
+        always chat-templated); a conversation's text, for PRMs, is its last user message."""
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            messages = _checked_messages(prompt)
+            ids = {m: self._encode_messages(messages, m) for m in (DRAFT, TARGET)}
+            text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        elif isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("prompt is empty")
             ids = {m: self._encode_prompt(prompt, m, chat) for m in (DRAFT, TARGET)}
@@ -331,12 +338,28 @@ class Engine:
         return ids, text
 
     def _encode_prompt(self, prompt: str, model: int, chat: bool) -> list[int]:
-        tok = self.tokenizers[model]
         if chat:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            return tok(text, add_special_tokens=False)["input_ids"]
-        return tok(prompt)["input_ids"]
+            return self._encode_messages([{"role": "user", "content": prompt}], model)
+        return self.tokenizers[model](prompt)["input_ids"]
+
+    def _encode_messages(self, messages: list[dict], model: int) -> list[int]:
+        tok = self.tokenizers[model]
+        if not getattr(tok, "chat_template", None):
+            name = (self.draft_model if model == DRAFT else self.target_model).path
+            raise ValueError(f"the tokenizer of {name} has no chat template: send a plain prompt, not chat messages")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _checked_messages(messages: list[dict]) -> list[dict]:
+    """Messages as {"role", "content"} string pairs, or a ValueError naming the bad one."""
+    roles = ("system", "user", "assistant")
+    for i, m in enumerate(messages):
+        if m.get("role") not in roles or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must have a role in {roles} and a string content, got {m!r}")
+    if not any(m["content"].strip() for m in messages):
+        raise ValueError("prompt is empty: every message's content is blank")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _shares_vocabulary(draft: LoadedModel, target: LoadedModel) -> bool:

@@ -79,3 +79,21 @@ def test_generate_json_and_bad_threshold(capsys):
     assert out["stats"]["draft_tokens"] == 0
     assert main(["generate", "--preset", "testbed", "--policy", "rsd", "--threshold", "nan", "x"]) == 2
     assert "threshold" in capsys.readouterr().err
+
+
+def test_serve_builds_the_preset_app_with_its_router_policy(monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app, port=port))
+    assert main(["serve", "--preset", "testbed", "--port", "8123", "--max-tokens", "64"]) == 0
+    assert served["port"] == 8123 and "http://127.0.0.1:8123/v1" in capsys.readouterr().out
+    with TestClient(served["app"]) as client:
+        body = client.post("/v1/completions", json={"model": "testbed",
+                                                    "prompt": "Q: Start with 12. Add 30. What is the result?\nA: "}).json()
+    assert body["arbitrage"]["policy"] == "arbitrage"  # the testbed ships a router head
+    assert body["usage"]["completion_tokens"] <= 64
+    assert all(s["router_score"] is not None for s in body["arbitrage"]["steps"])
+    assert body["choices"][0]["text"] == "".join(s["text"] for s in body["arbitrage"]["steps"])

@@ -1,0 +1,25 @@
+"""`serve`: the engine behind an OpenAI-compatible HTTP API."""
+from __future__ import annotations
+
+from .common import build_engine
+
+
+def default_policy(preset) -> str:
+    """Arbitrage when a router head is there to steer it, RSD otherwise."""
+    return "arbitrage" if preset.router else "rsd"
+
+
+def run(preset, args) -> int:
+    try:
+        import uvicorn
+
+        from arbitrage_fast.serve import create_app
+    except ImportError as e:
+        raise ValueError(f"serving needs FastAPI and uvicorn: pip install -e \".[serve]\" ({e})") from None
+    engine = build_engine(preset, args.device, args.dtype, decode_chunk=args.decode_chunk)
+    name = args.served_model_name or preset.name
+    app = create_app(engine, name, policy=args.policy or default_policy(preset), threshold=args.threshold,
+                     max_tokens=args.max_tokens, chat_by_default=preset.chat)
+    print(f"serving {name} ({preset.draft} -> {preset.target}) on http://{args.host}:{args.port}/v1")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

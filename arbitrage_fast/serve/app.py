@@ -1,0 +1,105 @@
+"""OpenAI-compatible HTTP server: /v1/completions and /v1/chat/completions, streamed step by step.
+
+A streamed answer arrives one reasoning step per event, as soon as the policy has decided it
+(the draft's step kept, or the target's rewrite), each marked with its source. Bad requests get
+a 400 naming what is wrong before any memory is taken; a client that goes away mid-answer
+cancels its request and its KV pages return to the pool.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from arbitrage_fast.config import SamplingParams
+from arbitrage_fast.kv import KVCacheExhausted
+
+from . import protocol
+from .protocol import ChatRequest, CompletionRequest
+from .worker import EngineWorker
+
+
+def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float | None = None,
+               max_tokens: int = 256, chat_by_default: bool = False) -> FastAPI:
+    """An app serving `engine` as `model_name`; `policy`/`threshold` apply to requests naming none.
+    `chat_by_default` wraps plain /v1/completions prompts in the chat template (instruct models)."""
+    worker = EngineWorker(engine)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.shutdown()
+
+    app = FastAPI(title="arbitrage-fast", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return JSONResponse(protocol.error(problems), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "kv": engine.kv_stats(), "requests": dict(worker.requests)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "arbitrage-fast"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _serve("completion", body, body.prompt, chat_by_default and isinstance(body.prompt, str), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await _serve("chat", body, [m.model_dump() for m in body.messages], True, request)
+
+    async def _serve(kind, body, prompt, chat, request):
+        if body.model is not None and body.model != model_name:
+            return JSONResponse(protocol.error(f"model {body.model!r} is not served here; this server serves "
+                                               f"{model_name!r}", "not_found_error", "model"), status_code=404)
+        chosen = {"policy": body.policy or policy,
+                  "threshold": body.threshold if body.threshold is not None or body.policy else threshold}
+        try:
+            step_cap = {"max_step_tokens": body.max_step_tokens} if body.max_step_tokens else {}
+            sampling = SamplingParams(max_new_tokens=body.token_cap(max_tokens), temperature=body.temperature,
+                                      top_p=body.top_p, seed=body.seed, **step_cap)
+            handle = await worker.start(prompt, chosen["policy"], chosen["threshold"], sampling, chat)
+        except ValueError as e:
+            return JSONResponse(protocol.error(str(e)), status_code=400)
+        request_id = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl")
+        if body.stream:
+            return StreamingResponse(_events(kind, request_id, handle, chosen), media_type="text/event-stream")
+        try:
+            while await handle.next_step() is not None:
+                pass
+        except KVCacheExhausted as e:
+            return JSONResponse(protocol.error(f"KV cache exhausted: {e}", "server_busy"), status_code=503)
+        finally:
+            handle.close()
+        return protocol.completion(kind, request_id, model_name, handle.run.result, handle.prompt_tokens, chosen)
+
+    async def _events(kind, request_id, handle, chosen):
+        def event(obj) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        try:
+            first = True
+            while (step := await handle.next_step()) is not None:
+                yield event(protocol.chunk(kind, request_id, model_name, text=step.text, step=step, first=first))
+                first = False
+            result = handle.run.result
+            yield event(protocol.chunk(kind, request_id, model_name, finish_reason=protocol.FINISH_REASONS[
+                result.finish_reason], first=first, extra={
+                "usage": protocol.usage(handle.prompt_tokens, len(result.token_ids)),
+                "arbitrage": {**chosen, "stats": result.stats}}))
+        except KVCacheExhausted as e:
+            yield event(protocol.error(f"KV cache exhausted: {e}", "server_busy"))
+        finally:
+            handle.close()
+        yield "data: [DONE]\n\n"
+
+    app.state.worker = worker
+    return app
