@@ -56,7 +56,7 @@ def run(preset, args) -> int:
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     audit = build_prm(preset.label_prm)
     run_info = {"preset": preset.name, "draft": preset.draft, "target": preset.target, "router": preset.router,
-                "inference_prm": str(preset.prm), "dataset": args.dataset or preset.dataset, "seed": args.seed,
+                "inference_prm": str(preset.prm), "audit_prm": str(preset.label_prm), "dataset": args.dataset or preset.dataset, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "dtype": engine.config.dtype,
                 "instruction": preset.instruction}
     points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
