@@ -22,6 +22,6 @@ TAU=$(python -c "import json,sys; c=json.load(open('$OUT/qwen_router_eval.json')
 print(next(p['threshold'] for p in c if abs(p['rate']-$ESCALATE)<1e-9))")
 echo "arbitrage threshold $TAU (escalates $ESCALATE of held-out steps)"
 "${CLI[@]}" sweep --preset qwen2.5-coder --dataset gsm8k --n "$N" --max-new-tokens "$TOKENS" \
-  --policies target_only,draft_only,rsd,arbitrage --thresholds "rsd=0.9;arbitrage=$TAU" \
+  --policies target_only,draft_only,rsd,arbitrage --thresholds "rsd=0.9,0.95;arbitrage=$TAU" \
   --records "$OUT/qwen_gsm8k_n${N}_records.jsonl" --json "$OUT/qwen_gsm8k_n${N}.json" \
   --plot "$OUT/qwen_gsm8k_n${N}_pareto.png"

@@ -51,6 +51,17 @@ def test_bad_policy_or_threshold(engine, policy, threshold, match):
     assert_no_leak(engine)
 
 
+def test_chat_messages_are_checked_and_need_a_chat_template(engine, monkeypatch):
+    with pytest.raises(ValueError, match="message 1 must have a role"):
+        engine.generate([{"role": "user", "content": "Hi"}, {"role": "robot", "content": "x"}], policy="draft_only")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.generate([{"role": "user", "content": " "}], policy="draft_only")
+    monkeypatch.setattr(engine.tokenizers[1], "chat_template", None)
+    with pytest.raises(ValueError, match="has no chat template"):
+        engine.generate([{"role": "user", "content": "Hi"}], policy="draft_only")
+    assert_no_leak(engine)
+
+
 def test_arbitrage_without_router_says_so(engine):
     with pytest.raises(ValueError, match="router"):
         engine.generate("Janet has 16 eggs.", policy="arbitrage")

@@ -55,8 +55,10 @@ def run(preset, args) -> int:
                          instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     audit = build_prm(preset.label_prm)
+    # What a records file must agree on to be resumed: everything that changes an answer.
     run_info = {"preset": preset.name, "draft": preset.draft, "target": preset.target, "router": preset.router,
-                "inference_prm": str(preset.prm), "audit_prm": str(preset.label_prm), "dataset": args.dataset or preset.dataset, "seed": args.seed,
+                "inference_prm": str(preset.prm), "audit_prm": str(preset.label_prm),
+                "dataset": args.dataset or preset.dataset, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "dtype": engine.config.dtype,
                 "instruction": preset.instruction}
     points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
