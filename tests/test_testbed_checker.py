@@ -15,7 +15,7 @@ from arbitrage_fast.testbed.checker import (
     score_solution,
     split_steps,
 )
-from arbitrage_fast.testbed.task import Operation, Problem, generate_problems
+from arbitrage_fast.testbed.task import Operation, Problem, TaskConfig, generate_problems
 
 P = Problem(47, (Operation("+", 38), Operation("*", 3), Operation("-", 59)))
 
@@ -59,6 +59,28 @@ GOLD = list(P.steps[:-1])
 ])
 def test_answer_step(previous, step, expected):
     assert check_step(P, previous, step) == expected
+
+
+@pytest.mark.parametrize("previous, step, expected", [
+    ([], "Now, we add 38.\n\n", CORRECT),
+    ([], "Then, I will increase it by 38.\n\n", CORRECT),  # any wording of the right operation
+    ([], "Next, let us add 39.\n\n", OFF_CHAIN),  # wrong operand
+    ([], "Next, let us subtract 38.\n\n", OFF_CHAIN),  # wrong operator
+    (["Now, we add 38.\n\n"], "47 + 38 = 85\n\n", CORRECT),  # a plan is not an operation
+    (["Now, we add 38.\n\n", "47 + 38 = 85\n\n"], "Then, we multiply it by 3.\n\n", CORRECT),
+    (["Now, we add 38.\n\n", "47 + 38 = 85\n\n"], "Then, we add 38.\n\n", OFF_CHAIN),  # repeats the last
+    (GOLD, "Now, we add 1.\n\n", MALFORMED),  # nothing is left to plan
+    (["Now, we add 38.\n\n"] + GOLD, "Answer: 196", CORRECT),
+    ([], "Soon, we add 38.\n\n", MALFORMED),  # not a plan phrasing
+])
+def test_plan_steps(previous, step, expected):
+    assert check_step(P, previous, step) == expected
+
+
+def test_planned_gold_solutions_score_one_everywhere():
+    for p in generate_problems(200, seed=0, split="test", config=TaskConfig(plan_steps=True)):
+        assert score_solution(p, p.solution) == [CORRECT] * len(p.steps)
+        assert is_correct(p, p.solution)
 
 
 def test_scale_is_ordered():

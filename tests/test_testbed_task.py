@@ -3,10 +3,12 @@
 import pytest
 
 from arbitrage_fast.testbed.task import (
+    PLAN_PHRASINGS,
     STEP_SEPARATOR,
     Operation,
     Problem,
     TaskConfig,
+    format_plan,
     generate_problems,
     parse_prompt,
     split_of,
@@ -87,3 +89,28 @@ def test_bad_arguments_are_named():
         TaskConfig(min_ops=5, max_ops=3)
     with pytest.raises(ValueError, match="operator"):
         Operation("/", 2)
+
+
+def test_plan_steps_word_the_same_problems():
+    plain = generate_problems(200, seed=0, split="test")
+    planned = generate_problems(200, seed=0, split="test", config=TaskConfig(plan_steps=True))
+    assert planned == plain  # the wording is not part of the problem
+    for p in planned:
+        assert len(p.steps) == 2 * len(p.operations) + 1
+        assert p.steps[1:-1:2] == Problem(p.start, p.operations).steps[:-1]  # equations unchanged
+        assert p.steps[-1] == f"Answer: {p.answer}"
+    # Every wording is drawn: a model cannot predict it, only learn the distribution.
+    drawn = {i for p in planned for i in p.plan_phrasings}
+    assert drawn == set(range(PLAN_PHRASINGS))
+
+
+def test_plan_wording_is_one_of_27_distinct_phrasings():
+    op = Operation("-", 59)
+    texts = {format_plan(op, i) for i in range(PLAN_PHRASINGS)}
+    assert PLAN_PHRASINGS == 27 and len(texts) == 27
+    assert format_plan(op, 0) == "Now, we subtract 59.\n\n"
+    assert "Then, I will decrease it by 59.\n\n" in texts
+    with pytest.raises(ValueError, match="phrasing"):
+        format_plan(op, 27)
+    with pytest.raises(ValueError, match="plan phrasings"):
+        Problem(47, (op,), (0, 1))

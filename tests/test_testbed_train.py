@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from arbitrage_fast.testbed.task import STEP_SEPARATOR, generate_problems
 from arbitrage_fast.testbed.tokenizer import boundary_token_ids, save_tokenizer, train_tokenizer
 from arbitrage_fast.testbed.train import (
     IGNORE_INDEX,
+    SHIPPED_TASK,
     ModelSpec,
     TrainConfig,
     encode,
@@ -98,6 +100,13 @@ def test_bf16_folder_loads_back_in_fp32(tokenizer, tmp_path):
 
 # --- the shipped artefact -------------------------------------------------------------------
 
+def test_shipped_tokenizer_is_rebuilt_by_the_recipe():
+    # The manifest's task is the one the recipe trains on, and its tokenizer comes back exactly.
+    m = _manifest()
+    assert m["task"] == json.loads(json.dumps(asdict(SHIPPED_TASK))) and SHIPPED_TASK.plan_steps
+    shipped = AutoTokenizer.from_pretrained(shipped_checkpoint("draft"))
+    assert shipped.get_vocab() == train_tokenizer(seed=m["seed"], config=SHIPPED_TASK).get_vocab()
+
 def _manifest():
     return json.loads((CHECKPOINTS / "manifest.json").read_text())
 
@@ -120,9 +129,12 @@ def test_shipped_checkpoints_load_and_share_a_tokenizer():
 def test_shipped_manifest_meets_the_testbed_goals():
     m = _manifest()
     draft, target = m["roles"]["draft"], m["roles"]["target"]
-    assert 0.3 <= draft["eval"]["accuracy"] <= 0.6
-    assert 0.05 <= draft["eval"]["step_error_rate"] <= 0.2
-    assert target["eval"]["accuracy"] >= 0.9
-    assert m["latency_ratio_target_over_draft"] >= 4.0
+    # A draft that slips on some steps and fails a real share of problems; a target that
+    # rarely does, at several drafts' cost per token (a 1B/8B pair's ratio).
+    assert 0.5 <= draft["eval"]["accuracy"] <= 0.9
+    assert 0.02 <= draft["eval"]["step_error_rate"] <= 0.2
+    assert target["eval"]["accuracy"] >= 0.95
+    assert target["eval"]["step_error_rate"] <= draft["eval"]["step_error_rate"] / 5
+    assert m["latency_ratio_target_over_draft"] >= 5.0
     total = sum(f.stat().st_size for f in CHECKPOINTS.rglob("*") if f.is_file())
     assert total <= 25 * 2**20

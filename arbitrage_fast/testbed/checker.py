@@ -5,14 +5,17 @@ two candidate steps from the same context, and "right operation, slipped on a ca
 to correct than a step that does not continue the chain at all. The scale is monotone in how
 much of the step is right:
 
-    0.0   malformed (not "a op b = c" nor "Answer: N"), an operation step after the chain is
-          complete, or an answer given before every operation was applied
+    0.0   malformed (not "a op b = c", a plan step, nor "Answer: N"), an operation or plan
+          step after the chain is complete, or an answer given before every operation was applied
     0.25  a well-formed equation that does not continue the chain: its left operand is not
           the value the previous step stated (or the start number), or its operator/operand is
-          not the problem's next operation
+          not the problem's next operation; a plan step naming another operation than the next
     0.5   continues the chain with the right operation, but the stated result is wrong;
           for the answer step: in the right place, but N is not the chain's value
     1.0   correct
+
+Plan steps ("Next, let us take away 59.") are optional and any of their phrasings is right;
+they do not count as operations, so the equation after a plan is judged as the next one.
 
 Steps are judged locally, against the context as written: a step that correctly continues a
 chain that already went wrong scores 1.0 (the error was charged to the step that made it), as
@@ -23,7 +26,16 @@ from __future__ import annotations
 
 import re
 
-from .task import ANSWER_PREFIX, STEP_SEPARATOR, VERBS, Operation, Problem
+from .task import (
+    ANSWER_PREFIX,
+    PLAN_OPENERS,
+    PLAN_SUBJECTS,
+    PLAN_VERBS,
+    STEP_SEPARATOR,
+    VERBS,
+    Operation,
+    Problem,
+)
 
 MALFORMED, OFF_CHAIN, WRONG_RESULT, CORRECT = 0.0, 0.25, 0.5, 1.0
 
@@ -31,6 +43,11 @@ _EQUATION_RE = re.compile(r"(\d+) ([+\-*]) (\d+) = (-?\d+)")
 _ANSWER_RE = re.compile(re.escape(ANSWER_PREFIX) + r"(-?\d+)")
 _ANSWER_SEARCH_RE = re.compile(re.escape(ANSWER_PREFIX.strip()) + r"\s*(-?\d+)")
 _EOS_TEXT = "</s>"
+_PLAN_OPERATOR = {phrase: op for op, phrases in PLAN_VERBS.items() for phrase in phrases}
+_PLAN_RE = re.compile(
+    rf"(?:{'|'.join(PLAN_OPENERS)}), (?:{'|'.join(PLAN_SUBJECTS)}) "
+    rf"({'|'.join(sorted(_PLAN_OPERATOR, key=len, reverse=True))}) (\d+)\."
+)
 
 
 def _clean(step: str) -> str:
@@ -46,6 +63,12 @@ def parse_equation(step: str) -> tuple[int, Operation, int] | None:
         return None
     left, op, operand, result = match.groups()
     return int(left), Operation(op, int(operand)), int(result)
+
+
+def parse_plan(step: str) -> Operation | None:
+    """The operation a plan step announces, or None if `step` is not a plan step."""
+    match = _PLAN_RE.fullmatch(_clean(step))
+    return None if match is None else Operation(_PLAN_OPERATOR[match.group(1)], int(match.group(2)))
 
 
 def parse_answer(step: str) -> int | None:
@@ -66,11 +89,22 @@ def carried_value(problem: Problem, previous_steps: list[str]) -> int:
     return value
 
 
+def operations_done(previous_steps: list[str]) -> int:
+    """How many operations the context has attempted: every step but the plans (a malformed
+    step used up its operation's turn)."""
+    return sum(1 for step in previous_steps if parse_plan(step) is None)
+
+
 def check_step(problem: Problem, previous_steps: list[str], step: str) -> float:
     """Score `step` as the next step after `previous_steps`, on the scale in this module's
     docstring."""
-    index = len(previous_steps)
+    index = operations_done(previous_steps)
     value = carried_value(problem, previous_steps)
+    plan = parse_plan(step)
+    if plan is not None:
+        if index >= len(problem.operations):
+            return MALFORMED
+        return CORRECT if plan == problem.operations[index] else OFF_CHAIN
     answer = parse_answer(step)
     if answer is not None:
         if index != len(problem.operations):

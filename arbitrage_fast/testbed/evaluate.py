@@ -14,9 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from .checker import CORRECT, is_correct, score_solution
 from .task import Problem
 
-# Six operation steps of at most ~15 tokens each plus the answer line fit with room to spare;
-# a model that rambles past this is wrong anyway.
-MAX_NEW_TOKENS = 128
+# Four operations, each a plan step and an equation of at most ~12 tokens, plus the answer
+# line fit with room to spare; a model that rambles past this is wrong anyway.
+MAX_NEW_TOKENS = 160
 
 
 @torch.no_grad()

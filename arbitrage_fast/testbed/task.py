@@ -9,6 +9,13 @@ A solution is written one operation per step, each step ending in a blank line, 
 
     Q: Start with 47. Add 38. Multiply by 3. Subtract 59. What is the result?
     A: 47 + 38 = 85\n\n85 * 3 = 255\n\n255 - 59 = 196\n\nAnswer: 196</s>
+
+With `TaskConfig(plan_steps=True)` (the shipped pair's task) each equation is preceded by a
+plan step that says in words which operation comes next, in one of 27 equally likely
+phrasings ("Next, let us take away 59.\n\n"). Real chains of thought interleave such
+narration with computation; it is always easy to get right, yet a likelihood-based PRM scores
+it low, because no model can predict which of the equivalent phrasings was chosen. That is the
+gap between "uncertain" and "wrong" that the Arbitrage paper measures RSD wasting target work on.
 """
 
 from __future__ import annotations
@@ -24,6 +31,16 @@ ANSWER_PREFIX = "Answer: "
 # The prompt's verb for each operator, and back again (the PRM parses prompts).
 VERBS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
 OPERATORS = {verb: op for op, verb in VERBS.items()}
+
+# A plan step is "<opener>, <subject> <verb phrase> N." with one free choice in each slot.
+PLAN_OPENERS = ("Now", "Next", "Then")
+PLAN_SUBJECTS = ("we", "let us", "I will")
+PLAN_VERBS = {
+    "+": ("add", "add on", "increase it by"),
+    "-": ("subtract", "take away", "decrease it by"),
+    "*": ("multiply by", "multiply it by", "scale it by"),
+}
+PLAN_PHRASINGS = len(PLAN_OPENERS) * len(PLAN_SUBJECTS) * 3
 
 # Splits are buckets of a hash of the problem itself, so a problem lands in exactly one split
 # whatever seed or count produced it: train and test can never share a problem.
@@ -57,8 +74,9 @@ class Operation:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """Difficulty knobs. With the defaults, the shipped 2-layer draft errs on about one step in
-    six (half its answers right) while the 8-layer target almost never does.
+    """Difficulty knobs. The shipped pair learns the defaults with plan steps on
+    (`train.SHIPPED_TASK`): its 2-layer draft slips on about one step in twenty (four answers
+    in five right), its 16-layer target almost never.
 
     Values stay in [0, max_value] so every number has at most `len(str(max_value))` digits;
     an operation that would leave that range is never drawn.
@@ -75,6 +93,8 @@ class TaskConfig:
     # before it can err only on the arithmetic, as real drafts do.
     max_value: int = 199
     op_weights: tuple[float, float, float] = (0.5, 0.5, 0.0)  # +, -, *
+    # Narrate each operation in a plan step before its equation (see the module docstring).
+    plan_steps: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ops <= self.max_ops:
@@ -93,19 +113,28 @@ class Problem:
 
     `steps` are the gold step texts: one per operation, each ending in STEP_SEPARATOR, then the
     final "Answer: N" step (no separator: EOS ends it). `"".join(steps)` is the gold solution.
+    `plan_phrasings` (one index < PLAN_PHRASINGS per operation, or empty for no plan steps)
+    picks the wording of the plan step written before each equation. It is how this copy of
+    the solution is worded, not part of the problem: it takes no part in equality, and the
+    prompt does not reveal it.
     """
 
     start: int
     operations: tuple[Operation, ...]
+    plan_phrasings: tuple[int, ...] = field(default=(), compare=False)
     prompt: str = field(init=False)
-    steps: tuple[str, ...] = field(init=False)
+    steps: tuple[str, ...] = field(init=False, compare=False)
     answer: int = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", format_prompt(self.start, self.operations))
+        if self.plan_phrasings and len(self.plan_phrasings) != len(self.operations):
+            raise ValueError(f"{len(self.plan_phrasings)} plan phrasings for {len(self.operations)} operations")
         steps, value = [], self.start
-        for operation in self.operations:
+        for i, operation in enumerate(self.operations):
             result = operation.apply(value)
+            if self.plan_phrasings:
+                steps.append(format_plan(operation, self.plan_phrasings[i]))
             steps.append(format_step(value, operation, result))
             value = result
         steps.append(format_answer(value))
@@ -131,6 +160,16 @@ def format_prompt(start: int, operations: tuple[Operation, ...] | list[Operation
 
 def format_step(left: int, operation: Operation, result: int) -> str:
     return f"{left} {operation.op} {operation.operand} = {result}{STEP_SEPARATOR}"
+
+
+def format_plan(operation: Operation, phrasing: int) -> str:
+    """The plan step announcing `operation`, worded by `phrasing` in [0, PLAN_PHRASINGS)."""
+    if not 0 <= phrasing < PLAN_PHRASINGS:
+        raise ValueError(f"plan phrasing must be in [0, {PLAN_PHRASINGS}), got {phrasing}")
+    opener, rest = divmod(phrasing, len(PLAN_SUBJECTS) * 3)
+    subject, verb = divmod(rest, 3)
+    return (f"{PLAN_OPENERS[opener]}, {PLAN_SUBJECTS[subject]} {PLAN_VERBS[operation.op][verb]} "
+            f"{operation.operand}.{STEP_SEPARATOR}")
 
 
 def format_answer(value: int) -> str:
@@ -190,7 +229,13 @@ def random_problem(rng: random.Random, config: TaskConfig = TaskConfig()) -> Pro
         operation = _draw_operation(rng, value, config)
         operations.append(operation)
         value = operation.apply(value)
-    return Problem(start, tuple(operations))
+    problem = Problem(start, tuple(operations))
+    if not config.plan_steps:
+        return problem
+    # Worded from a hash of the problem, not from `rng`: switching plans on words the same
+    # problems rather than drawing new ones.
+    wording = random.Random(hashlib.sha256(b"plan:" + problem.prompt.encode()).digest())
+    return Problem(start, problem.operations, tuple(wording.randrange(PLAN_PHRASINGS) for _ in operations))
 
 
 def generate_problems(

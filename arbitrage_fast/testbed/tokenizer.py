@@ -23,7 +23,9 @@ DEFAULT_VOCAB_SIZE = 384
 
 
 def _corpus(n_problems: int, seed: int, config: TaskConfig) -> list[str]:
-    return [p.prompt + p.solution for p in generate_problems(n_problems, seed, "train", config)]
+    # Prompt and solution apart: they are always encoded apart, so a merge across the seam
+    # ("result?\nA: Now") would be a token no model ever sees.
+    return [text for p in generate_problems(n_problems, seed, "train", config) for text in (p.prompt, p.solution)]
 
 
 def train_tokenizer(
