@@ -40,7 +40,9 @@ PLAN_VERBS = {
     "-": ("subtract", "take away", "decrease it by"),
     "*": ("multiply by", "multiply it by", "scale it by"),
 }
-PLAN_PHRASINGS = len(PLAN_OPENERS) * len(PLAN_SUBJECTS) * 3
+_VERB_CHOICES = len(PLAN_VERBS["+"])
+assert all(len(phrases) == _VERB_CHOICES for phrases in PLAN_VERBS.values())
+PLAN_PHRASINGS = len(PLAN_OPENERS) * len(PLAN_SUBJECTS) * _VERB_CHOICES
 
 # Splits are buckets of a hash of the problem itself, so a problem lands in exactly one split
 # whatever seed or count produced it: train and test can never share a problem.
@@ -166,8 +168,8 @@ def format_plan(operation: Operation, phrasing: int) -> str:
     """The plan step announcing `operation`, worded by `phrasing` in [0, PLAN_PHRASINGS)."""
     if not 0 <= phrasing < PLAN_PHRASINGS:
         raise ValueError(f"plan phrasing must be in [0, {PLAN_PHRASINGS}), got {phrasing}")
-    opener, rest = divmod(phrasing, len(PLAN_SUBJECTS) * 3)
-    subject, verb = divmod(rest, 3)
+    opener, rest = divmod(phrasing, len(PLAN_SUBJECTS) * _VERB_CHOICES)
+    subject, verb = divmod(rest, _VERB_CHOICES)
     return (f"{PLAN_OPENERS[opener]}, {PLAN_SUBJECTS[subject]} {PLAN_VERBS[operation.op][verb]} "
             f"{operation.operand}.{STEP_SEPARATOR}")
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The real-pair GSM8K run recorded in RESULTS.md: router labels on the router-training split,
-# the router's held-out metrics, then one sweep (problem-major, resumable) of every policy.
-# CPU hours on a 2-core machine; N, TOKENS and ESCALATE override the defaults below.
+# The real-pair runs recorded in RESULTS.md: router labels on GSM8K's router-training split,
+# the router's held-out GSM8K metrics, then one sweep (problem-major, resumable) of every
+# policy on DATASET (gsm8k or math500; the router is the GSM8K one either way).
+# CPU hours on a 2-core machine; DATASET, N, TOKENS, RSD and ESCALATE override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DATASET=${DATASET:-gsm8k}
 N=${N:-30}
+RSD=${RSD:-0.9,0.95}
 TOKENS=${TOKENS:-400}
 ESCALATE=${ESCALATE:-0.3}  # arbitrage's threshold: the one escalating this share of held-out steps
 OUT=benchmarks/results
@@ -21,7 +24,7 @@ fi
 TAU=$(python -c "import json,sys; c=json.load(open('$OUT/qwen_router_eval.json'))['deferral_curve']; \
 print(next(p['threshold'] for p in c if abs(p['rate']-$ESCALATE)<1e-9))")
 echo "arbitrage threshold $TAU (escalates $ESCALATE of held-out steps)"
-"${CLI[@]}" sweep --preset qwen2.5-coder --dataset gsm8k --n "$N" --max-new-tokens "$TOKENS" \
-  --policies target_only,draft_only,rsd,arbitrage --thresholds "rsd=0.9,0.95;arbitrage=$TAU" \
-  --records "$OUT/qwen_gsm8k_n${N}_records.jsonl" --json "$OUT/qwen_gsm8k_n${N}.json" \
-  --plot "$OUT/qwen_gsm8k_n${N}_pareto.png"
+"${CLI[@]}" sweep --preset qwen2.5-coder --dataset "$DATASET" --n "$N" --max-new-tokens "$TOKENS" \
+  --policies target_only,draft_only,rsd,arbitrage --thresholds "rsd=$RSD;arbitrage=$TAU" \
+  --records "$OUT/qwen_${DATASET}_n${N}_records.jsonl" --json "$OUT/qwen_${DATASET}_n${N}.json" \
+  --plot "$OUT/qwen_${DATASET}_n${N}_pareto.png"
