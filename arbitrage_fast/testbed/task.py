@@ -231,13 +231,13 @@ def random_problem(rng: random.Random, config: TaskConfig = TaskConfig()) -> Pro
         operation = _draw_operation(rng, value, config)
         operations.append(operation)
         value = operation.apply(value)
-    problem = Problem(start, tuple(operations))
     if not config.plan_steps:
-        return problem
+        return Problem(start, tuple(operations))
     # Worded from a hash of the problem, not from `rng`: switching plans on words the same
     # problems rather than drawing new ones.
-    wording = random.Random(hashlib.sha256(b"plan:" + problem.prompt.encode()).digest())
-    return Problem(start, problem.operations, tuple(wording.randrange(PLAN_PHRASINGS) for _ in operations))
+    prompt = format_prompt(start, operations)
+    wording = random.Random(hashlib.sha256(b"plan:" + prompt.encode()).digest())
+    return Problem(start, tuple(operations), tuple(wording.randrange(PLAN_PHRASINGS) for _ in operations))
 
 
 def generate_problems(
