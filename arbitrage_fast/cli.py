@@ -16,7 +16,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 
-def _decode_chunk_arg(p: argparse.ArgumentParser) -> None:
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    """How the engine writes steps: chunked decoding and token-level speculation."""
     p.add_argument(
         "--decode-chunk", type=_non_negative_int, default=None, metavar="N",
         help="tokens decoded per host read while writing a step: 1 = every token; N > 1 = chunks of N "
@@ -24,6 +25,12 @@ def _decode_chunk_arg(p: argparse.ArgumentParser) -> None:
              "Default: 0 on a CUDA device (only chunks replay CUDA graphs), 1 elsewhere (on a CPU nothing "
              "is saved by fewer reads and each rolled-back token costs a forward). Where step lengths "
              "vary widely, a small fixed N (4-8) can roll back less than 0.")
+    p.add_argument(
+        "--spec-k", type=_non_negative_int, default=0, metavar="K",
+        help="when the target rewrites an escalated step (rsd, arbitrage, oracle, every_step), the draft "
+             "proposes K tokens at a time and the target verifies them in one forward: the same tokens when "
+             "greedy, the target's distribution when sampling. 0 = off. Needs a draft and target with one "
+             "vocabulary. The spec_decode policy speculates with K (4 when 0).")
 
 
 def _non_negative_int(text: str) -> int:
@@ -45,10 +52,10 @@ def _preset(args):
 def cmd_generate(args) -> int:
     from arbitrage_fast import SamplingParams
 
-    from arbitrage_fast.commands.common import build_engine
+    from arbitrage_fast.commands.common import build_engine, decoding_options
 
     preset = _preset(args)
-    engine = build_engine(preset, args.device, args.dtype, decode_chunk=args.decode_chunk)
+    engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
     res = engine.generate(args.prompt, policy=args.policy, threshold=args.threshold, chat=args.chat or preset.chat,
                           sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                                   seed=args.seed))
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--max-new-tokens", type=int, default=None, help="token cap per problem (default: 256 on the "
                    "testbed, 192 for qwen2.5-coder)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
-    _decode_chunk_arg(d)
+    _decoding_args(d)
     d.set_defaults(func=_with_preset(cmd_demo))
 
     s = sub.add_parser("sweep", help="accuracy vs latency of each policy over thresholds")
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--records", default=None, metavar="JSONL",
                    help="append each solved (problem, policy, threshold) here and, when rerun with the same "
                         "file, skip what it already holds: resumes a long sweep after an interruption")
-    _decode_chunk_arg(s)
+    _decoding_args(s)
     s.set_defaults(func=_with_preset(cmd_sweep))
 
     t = sub.add_parser("train-router", help="label steps with the PRM advantage, train and save a router head")
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true")
-    _decode_chunk_arg(g)
+    _decoding_args(g)
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions), "
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                    "with a router head, rsd without)")
     v.add_argument("--threshold", type=float, default=None, help="threshold for requests that name none")
     v.add_argument("--max-tokens", type=int, default=256, help="token cap for requests that set none")
-    _decode_chunk_arg(v)
+    _decoding_args(v)
     v.set_defaults(func=_with_preset(cmd_serve))
 
     args = parser.parse_args(argv)

@@ -97,3 +97,19 @@ def test_serve_builds_the_preset_app_with_its_router_policy(monkeypatch, capsys)
     assert body["usage"]["completion_tokens"] <= 64
     assert all(s["router_score"] is not None for s in body["arbitrage"]["steps"])
     assert body["choices"][0]["text"] == "".join(s["text"] for s in body["arbitrage"]["steps"])
+
+
+def test_generate_spec_k_speculates_escalations_without_changing_greedy_tokens(capsys):
+    """rsd at 1.01 escalates every step; with --spec-k the draft proposes the target's tokens."""
+    prompt = "Q: Start with 12. Add 30. Multiply by 4. Subtract 7. What is the result?\nA: "
+    runs = {}
+    for flag in ([], ["--spec-k", "3"]):
+        assert main(["generate", "--preset", "testbed", "--policy", "rsd", "--threshold", "1.01", "--json",
+                     "--max-new-tokens", "96", *flag, prompt]) == 0
+        runs[bool(flag)] = json.loads(capsys.readouterr().out)
+    plain, speculated = runs[False], runs[True]
+    assert speculated["token_ids"] == plain["token_ids"]
+    assert all(s["source"] == "target" for s in speculated["steps"])
+    assert "spec_proposed" not in plain["stats"]
+    assert speculated["stats"]["spec_proposed"] > 0
+    assert 0 <= speculated["stats"]["spec_accepted"] <= speculated["stats"]["spec_proposed"]

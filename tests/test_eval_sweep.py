@@ -149,3 +149,19 @@ def test_missing_stats_are_named():
 def test_empty_items_rejected():
     with pytest.raises(ValueError, match="at least one item"):
         run_sweep(ScriptedEngine({}), [], ["target_only"], {}, None, None, progress=False)
+
+
+def test_speculation_acceptance_is_pooled_over_problems():
+    """Accepted / proposed draft tokens over all problems of a point; absent where nothing was
+    speculated, so plain points keep their schema."""
+    spec = lambda proposed, accepted: {**stats(30, 10, 1, 4), "spec_proposed": proposed,  # noqa: E731
+                                       "spec_accepted": accepted}
+    script = {
+        ("target_only", None, "What is 1+1?"): ("\\boxed{2}", stats(0, 40, 0, 4)),
+        ("target_only", None, "P: 2+2"): ("\\boxed{4}", stats(0, 60, 0, 6)),
+        ("rsd", 0.5, "What is 1+1?"): ("\\boxed{2}", spec(8, 6)),
+        ("rsd", 0.5, "P: 2+2"): ("\\boxed{4}", spec(12, 3)),
+    }
+    target, rsd = run_sweep(ScriptedEngine(script), ITEMS, ["target_only", "rsd"], {"rsd": [0.5]}, progress=False)
+    assert "spec_acceptance" not in target
+    assert rsd["spec_acceptance"] == pytest.approx(9 / 20)  # pooled, not the mean of 0.75 and 0.25

@@ -6,7 +6,7 @@ import time
 
 from arbitrage_fast.config import SamplingParams
 
-from .common import build_engine
+from .common import build_engine, decoding_options
 
 # Thresholds per preset from its recorded sweep (benchmarks/RESULTS.md): on the testbed the
 # cheapest point of each policy within a point of target_only's accuracy; on the Qwen pair
@@ -33,7 +33,7 @@ def run(preset, args) -> int:
     from arbitrage_fast.eval.sweep import run_sweep
 
     start = time.perf_counter()
-    engine = build_engine(preset, args.device, args.dtype, decode_chunk=args.decode_chunk)
+    engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
     policies = ["target_only", "rsd", "arbitrage"] if engine.router is not None else ["target_only", "draft_only", "rsd"]
     n, max_new_tokens = demo_sizes(preset, args)
     items = load_dataset(preset.dataset, n=n, split="test", seed=args.seed, instruction=preset.instruction)

@@ -1,7 +1,7 @@
 """`serve`: the engine behind an OpenAI-compatible HTTP API."""
 from __future__ import annotations
 
-from .common import build_engine
+from .common import build_engine, decoding_options
 
 
 def default_policy(preset) -> str:
@@ -16,7 +16,7 @@ def run(preset, args) -> int:
         from arbitrage_fast.serve import create_app
     except ImportError as e:
         raise ValueError(f"serving needs FastAPI and uvicorn: pip install -e \".[serve]\" ({e})") from None
-    engine = build_engine(preset, args.device, args.dtype, decode_chunk=args.decode_chunk)
+    engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
     name = args.served_model_name or preset.name
     app = create_app(engine, name, policy=args.policy or default_policy(preset), threshold=args.threshold,
                      max_tokens=args.max_tokens, chat_by_default=preset.chat)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from arbitrage_fast.config import SamplingParams
 
-from .common import build_engine, build_prm, write_json
+from .common import build_engine, build_prm, decoding_options, write_json
 
 DEFAULT_THRESHOLDS = {
     "rsd": [0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.01],
@@ -50,7 +50,7 @@ def run(preset, args) -> int:
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     thresholds = parse_thresholds(args.thresholds, policies)
-    engine = build_engine(preset, args.device, args.dtype, decode_chunk=args.decode_chunk)
+    engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
     items = load_dataset(args.dataset or preset.dataset, n=args.n, split="test", seed=args.seed,
                          instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
@@ -61,11 +61,13 @@ def run(preset, args) -> int:
                 "dataset": args.dataset or preset.dataset, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "dtype": engine.config.dtype,
                 "instruction": preset.instruction}
+    if args.spec_k:  # changes latency, not answers; absent means 0, so older files still resume
+        run_info["spec_k"] = args.spec_k
     points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
                        generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info)
     result = {
         "preset": preset.name, "dataset": args.dataset or preset.dataset, "n": len(items),
-        "inference_prm": preset.prm or "target-likelihood", "audit_prm": preset.label_prm,
+        "inference_prm": preset.prm or "target-likelihood", "audit_prm": preset.label_prm, "spec_k": args.spec_k,
         "points": points, "speedups": matched_speedups(points, policies),
     }
     write_json(result, args.json)

@@ -30,6 +30,8 @@ from .grading import grade
 # Policies whose behaviour has no threshold to sweep: they run once, at threshold None.
 THRESHOLDLESS_POLICIES = frozenset({"target_only", "draft_only", "spec_decode"})
 REQUIRED_STATS = ("draft_tokens", "target_tokens", "escalations", "steps", "wall_s")
+# Kept when the engine reports them: token-level speculation inside the target's steps.
+SPECULATION_STATS = ("spec_proposed", "spec_accepted")
 
 
 def sweep_plan(policies: Sequence[str], thresholds: dict[str, list[float]]) -> list[tuple[str, float | None]]:
@@ -57,7 +59,8 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
     Each point holds: policy, threshold, n, accuracy, latency_s (mean wall-clock
     seconds per problem), cpu_s (mean process CPU seconds), escalation_rate (total
     escalations / total steps), draft_tokens and target_tokens and steps (means per
-    problem), engine_wall_s. With `audit_prm`, each escalated step's rejected draft and
+    problem), engine_wall_s, and spec_acceptance where the target's steps were speculated
+    (accepted / proposed draft tokens). With `audit_prm`, each escalated step's rejected draft and
     committed target step are both scored offline, adding `wasted_escalation_share`
     (escalations whose target step scored no better than the draft step it replaced;
     None when nothing escalated). `records` is a JSONL file to append to and resume
@@ -97,7 +100,8 @@ def _solve(engine, item, policy, threshold, sampling, grader, audit_prm, generat
                        f"a sweep needs {list(REQUIRED_STATS)}")
     record = {"item": item.id, "policy": policy, "threshold": threshold,
               "correct": bool(grader(result.text, item.answer)), "latency_s": wall, "cpu_s": cpu,
-              **{key: result.stats[key] for key in REQUIRED_STATS}, "text": result.text}
+              **{key: result.stats[key] for key in REQUIRED_STATS},
+              **{key: result.stats[key] for key in SPECULATION_STATS if key in result.stats}, "text": result.text}
     if audit_prm is not None:
         record["audited"], record["wasted"] = audit_escalations(engine, item.prompt, result, audit_prm)
     return record
@@ -120,6 +124,9 @@ def summarise(records: list[dict], audited: bool = False) -> dict:
         "steps": total["steps"] / n,
         "engine_wall_s": total["wall_s"] / n,
     }
+    proposed = sum(r.get("spec_proposed", 0) for r in records)
+    if proposed:  # the share of the draft's proposed tokens the target kept
+        point["spec_acceptance"] = sum(r.get("spec_accepted", 0) for r in records) / proposed
     if audited:
         escalations = sum(r["audited"] for r in records)
         point["wasted_escalation_share"] = sum(r["wasted"] for r in records) / escalations if escalations else None

@@ -1,5 +1,6 @@
-"""`--decode-chunk` on generate, demo and sweep: parsed, validated, and chosen by device when
-absent (adaptive chunks on CUDA, per-token decoding elsewhere)."""
+"""`--decode-chunk` and `--spec-k` on generate, demo, sweep and serve: parsed, validated, and
+handed to the engine (the chunk chosen by device when absent: adaptive chunks on CUDA,
+per-token decoding elsewhere; speculation off when absent)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ import pytest
 
 import arbitrage_fast
 from arbitrage_fast import cli
-from arbitrage_fast.commands import common, demo, sweep
+from arbitrage_fast.commands import common, demo, serve, sweep
 
 PRESET = SimpleNamespace(name="custom", draft="d", target="t", prm=None, label_prm=None, router=None,
                          dtype="float32", chat=False)
@@ -28,21 +29,30 @@ def captured(monkeypatch):
 
     def record(preset, args):
         seen["decode_chunk"] = args.decode_chunk
+        seen["spec_k"] = args.spec_k
         return 0
 
     monkeypatch.setattr(cli, "_preset", lambda args: PRESET)
     monkeypatch.setattr(arbitrage_fast, "Engine", FakeEngine)
     monkeypatch.setattr(demo, "run", record)
     monkeypatch.setattr(sweep, "run", record)
+    monkeypatch.setattr(serve, "run", record)
     return seen
 
 
-@pytest.mark.parametrize("command", [["demo"], ["sweep"]])
-def test_demo_and_sweep_take_the_flag(captured, command):
-    assert cli.main(command + ["--decode-chunk", "8"]) == 0
-    assert captured["decode_chunk"] == 8
+@pytest.mark.parametrize("command", [["demo"], ["sweep"], ["serve"]])
+def test_demo_sweep_and_serve_take_the_flags(captured, command):
+    assert cli.main(command + ["--decode-chunk", "8", "--spec-k", "3"]) == 0
+    assert (captured["decode_chunk"], captured["spec_k"]) == (8, 3)
     assert cli.main(command) == 0
     assert captured["decode_chunk"] is None  # chosen by device when the engine is built
+    assert captured["spec_k"] == 0
+
+
+@pytest.mark.parametrize("flag, expected", [(["--spec-k", "4"], 4), ([], 0)])
+def test_generate_passes_spec_k_to_the_engine(captured, capsys, flag, expected):
+    assert cli.main(["generate", "--draft", "d", "--target", "t", "a prompt", *flag]) == 0
+    assert captured["config"].spec_k == expected
 
 
 @pytest.mark.parametrize("flag, expected", [(["--decode-chunk", "0"], 0), (["--decode-chunk", "5"], 5), ([], 1)])
@@ -51,12 +61,13 @@ def test_generate_passes_the_chunk_to_the_engine(captured, capsys, flag, expecte
     assert captured["config"].decode_chunk == expected  # [] on the CPU: the per-token decoder
 
 
+@pytest.mark.parametrize("flag", ["--decode-chunk", "--spec-k"])
 @pytest.mark.parametrize("bad", ["-1", "two", "1.5"])
-def test_bad_values_are_refused_by_the_parser(captured, capsys, bad):
+def test_bad_values_are_refused_by_the_parser(captured, capsys, flag, bad):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["generate", "--draft", "d", "--target", "t", "p", "--decode-chunk", bad])
+        cli.main(["generate", "--draft", "d", "--target", "t", "p", flag, bad])
     assert exc.value.code == 2
-    assert "--decode-chunk" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
 
 
 def test_default_chunk_by_device(monkeypatch):
@@ -66,5 +77,5 @@ def test_default_chunk_by_device(monkeypatch):
     built = []
     monkeypatch.setattr(arbitrage_fast, "Engine", lambda config: built.append(config))
     common.build_engine(PRESET, "cuda")
-    common.build_engine(PRESET, "cuda", decode_chunk=4)
-    assert [c.decode_chunk for c in built] == [0, 4]
+    common.build_engine(PRESET, "cuda", decode_chunk=4, spec_k=2)
+    assert [(c.decode_chunk, c.spec_k) for c in built] == [(0, 0), (4, 2)]
