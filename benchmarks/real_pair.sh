@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=${DATASET:-gsm8k}
-N=${N:-30}
+N=${N:-50}
 RSD=${RSD:-0.9,0.95}
 TOKENS=${TOKENS:-400}
 ESCALATE=${ESCALATE:-0.3}  # arbitrage's threshold: the one escalating this share of held-out steps
