@@ -61,7 +61,7 @@ def run(preset, args) -> int:
                 "dataset": args.dataset or preset.dataset, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "dtype": engine.config.dtype,
                 "instruction": preset.instruction}
-    if args.spec_k:  # changes latency, not answers; absent means 0, so older files still resume
+    if args.spec_k:  # changes latency, not greedy answers; absent means 0, so older files still resume
         run_info["spec_k"] = args.spec_k
     points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
                        generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info)
