@@ -68,7 +68,7 @@ ROLES: dict[str, Role] = {
     # Same width, eight times the depth: at batch 1 on a CPU a token's cost grows with depth,
     # so the target costs about seven drafts per token through the engine, as a 1B/8B pair
     # does. The target ships in bf16 (half the folder; the engine and `load_model` upcast).
-    # The draft's budget is where it still slips on about one equation in fourteen: trained
+    # The draft's budget is where it still slips on about one step in twenty (5.4 %): trained
     # twice as long it makes no errors at all on this task, and a third shorter it fails half
     # the problems (measured at 1000, 1600 and 3000 steps).
     "draft": Role(
