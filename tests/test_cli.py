@@ -10,7 +10,7 @@ import pytest
 
 from arbitrage_fast.cli import main
 from arbitrage_fast.router.head import RouterHead
-from arbitrage_fast.testbed import CHECKPOINTS
+from arbitrage_fast.testbed import CHECKPOINTS, shipped_checkpoint
 
 pytestmark = pytest.mark.skipif(not (CHECKPOINTS / "draft" / "config.json").is_file(),
                                 reason="testbed checkpoints not built")
@@ -33,6 +33,7 @@ def test_train_router_saves_a_loadable_head(trained_router):
     assert head.config.width == 16
     assert report["n_steps"] > 6 and 0.0 <= report["positive_rate"] <= 1.0
     assert report["label_prm"] == "exact"
+    assert report["target"] == str(shipped_checkpoint("target"))  # which target wrote the target steps
 
 
 def test_eval_router_json_schema(trained_router, tmp_path):

@@ -12,13 +12,17 @@ from arbitrage_fast.testbed import CHECKPOINTS, shipped_checkpoint
 from arbitrage_fast.testbed.task import STEP_SEPARATOR, generate_problems
 from arbitrage_fast.testbed.tokenizer import boundary_token_ids, save_tokenizer, train_tokenizer
 from arbitrage_fast.testbed.train import (
+    BENCHMARK_ROLES,
     IGNORE_INDEX,
+    ROLES,
     SHIPPED_TASK,
     ModelSpec,
+    Role,
     TrainConfig,
     encode,
     load_model,
     lr_at,
+    main,
     save_model,
     train_model,
 )
@@ -96,6 +100,26 @@ def test_bf16_folder_loads_back_in_fp32(tokenizer, tmp_path):
     ids = tokenizer("Q: Start with 5.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=0.1)
+
+
+def test_benchmark_target_differs_from_the_shipped_one_only_in_depth():
+    shipped, deep = ROLES["target"], BENCHMARK_ROLES["target-48l"]
+    assert deep.spec.num_hidden_layers == 3 * shipped.spec.num_hidden_layers
+    assert asdict(deep.spec) | {"num_hidden_layers": 0} == asdict(shipped.spec) | {"num_hidden_layers": 0}
+    assert (deep.train, deep.save_dtype) == (shipped.train, shipped.save_dtype)
+
+
+def test_a_benchmark_role_trains_into_its_own_folder(tmp_path, monkeypatch):
+    # The plumbing, on a tiny stand-in for the 48-layer role (an hour to train): the role is
+    # accepted, saved as a loadable HF folder with a manifest, and no shipped role is trained
+    # alongside it (so no draft/target latency ratio is claimed for the folder).
+    monkeypatch.setitem(BENCHMARK_ROLES, "tiny-target", Role(TINY, TrainConfig(steps=2, batch_size=4)))
+    main(["--out", str(tmp_path), "--roles", "tiny-target", "--eval-problems", "1"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert list(manifest["roles"]) == ["tiny-target"] and "latency_ratio_target_over_draft" not in manifest
+    assert manifest["roles"]["tiny-target"]["train"]["steps"] == 2
+    assert load_model(tmp_path / "tiny-target").config.num_hidden_layers == TINY.num_hidden_layers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "tiny-target"]
 
 
 # --- the shipped artefact -------------------------------------------------------------------

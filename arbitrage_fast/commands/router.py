@@ -34,7 +34,7 @@ def train(preset, args) -> dict:
         "n_problems": args.n, "n_steps": len(data), "positive_rate": report.positive_rate,
         "val_auroc": report.val_auroc, "val_spearman": report.val_spearman, "best_epoch": report.best_epoch,
         "label_seconds": label_s, "train_seconds": time.perf_counter() - start - label_s,
-        "draft": preset.draft, "label_prm": preset.label_prm or "target-likelihood",
+        "draft": preset.draft, "target": preset.target, "label_prm": preset.label_prm or "target-likelihood",
     }
     head.save(out, extra={"training": summary})
     data.save(out / "labels.safetensors")
