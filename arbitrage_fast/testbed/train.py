@@ -82,10 +82,11 @@ ROLES: dict[str, Role] = {
     ),
 }
 
-# Not shipped: a target three times deeper (48 layers, 20 MB in bf16), trained on demand into
+# Not shipped: a target three times deeper (48 layers, 19 MB in bf16), trained on demand into
 # the cache by `benchmarks/testbed_deep.sh`. With the shipped target, RSD's cheapest matched
 # point costs only 2.4 drafts, which caps any router's lead over RSD there; this one costs
-# about three times as much per token, as a 0.5B/8B pair does, and keeps the same recipe.
+# three times as much per token (17.5 drafts per problem, about a 0.5B/8B pair's size ratio)
+# and keeps the same recipe.
 BENCHMARK_ROLES: dict[str, Role] = {
     "target-48l": Role(
         ModelSpec(48, 128, 384, 4, 2, tie_word_embeddings=False),
@@ -228,7 +229,7 @@ def folder_bytes(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder to write draft/, target/ and manifest.json")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write one subfolder per role and manifest.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--roles", nargs="+", default=list(ROLES), choices=[*ROLES, *BENCHMARK_ROLES])
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every role's step count")
