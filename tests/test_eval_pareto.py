@@ -51,6 +51,16 @@ def test_speedup_at_matched_accuracy():
     assert speedup_at_matched_accuracy(POINTS, "router", "rsd", 0.70) == pytest.approx(2.0)
 
 
+def test_a_point_exactly_one_tolerance_below_counts_despite_float_rounding():
+    # 6/100 >= 7/100 - 0.01 is False in floating point; the rule means it to be True.
+    assert not 6 / 100 >= 7 / 100 - 0.01
+    points = [pt("target_only", None, 7 / 100, 10.0), pt("router", 0.5, 6 / 100, 4.0)]
+    assert speedup_at_matched_accuracy(points, "router", "target_only", 7 / 100) == pytest.approx(2.5)
+    # ... but nothing further below does.
+    points.append(pt("rsd", 0.5, 5 / 100, 1.0))
+    assert speedup_at_matched_accuracy(points, "rsd", "target_only", 7 / 100) is None
+
+
 def test_speedup_is_none_when_unreachable():
     assert speedup_at_matched_accuracy(POINTS, "rsd", "target_only", 0.80, tolerance=0.0) is None
     assert speedup_at_matched_accuracy(POINTS, "router", "target_only", 0.95) is None

@@ -42,9 +42,14 @@ def pareto_frontiers(points: list[Point]) -> dict[str, list[Point]]:
     return {policy: frontier(pts) for policy, pts in group_by_policy(points).items()}
 
 
+# Accuracies are counts over n problems and a floor is reference - tolerance, both rounded
+# floats: 6/100 >= 7/100 - 0.01 is False in binary. Anything this close counts as reached.
+_ACCURACY_EPS = 1e-9
+
+
 def fastest_at_accuracy(points: list[Point], policy: str, min_accuracy: float) -> Point | None:
     """The lowest-latency point of `policy` with accuracy >= `min_accuracy`, or None."""
-    reaching = [p for p in points if p["policy"] == policy and p["accuracy"] >= min_accuracy]
+    reaching = [p for p in points if p["policy"] == policy and p["accuracy"] >= min_accuracy - _ACCURACY_EPS]
     return min(reaching, key=lambda p: p["latency_s"], default=None)
 
 
