@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write one subfolder per role and manifest.json")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--roles", nargs="+", default=list(ROLES), choices=[*ROLES, *BENCHMARK_ROLES])
+    trainable = {**ROLES, **BENCHMARK_ROLES}
+    parser.add_argument("--roles", nargs="+", default=list(ROLES), choices=list(trainable))
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every role's step count")
     parser.add_argument("--eval-problems", type=int, default=200)
     args = parser.parse_args(argv)
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest.update({"seed": args.seed, "task": asdict(task), "vocab_size": len(tokenizer)})
     manifest.setdefault("roles", {})
     for name in args.roles:
-        role = {**ROLES, **BENCHMARK_ROLES}[name]
+        role = trainable[name]
         cfg = TrainConfig(**{**asdict(role.train), "seed": args.seed,
                              "steps": max(1, round(role.train.steps * args.steps_scale))})
         began = time.perf_counter()
