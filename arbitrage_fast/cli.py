@@ -49,14 +49,36 @@ def _preset(args):
     return resolve(args.preset, draft=args.draft, target=args.target, prm=args.prm, router=args.router)
 
 
-def cmd_generate(args) -> int:
-    from arbitrage_fast import SamplingParams
+def _remote_args(p: argparse.ArgumentParser) -> None:
+    """Models served elsewhere: the policies drive two OpenAI-compatible servers instead."""
+    p.add_argument("--draft-url", help="draft served by vLLM/SGLang, e.g. http://host:8000 (then --target-url "
+                   "too; --draft/--target, if given, are the local tokenizer folders used for --chat)")
+    p.add_argument("--target-url", help="target served by vLLM/SGLang")
+    p.add_argument("--draft-name", help="the draft's served model name (default: none sent)")
+    p.add_argument("--target-name", help="the target's served model name (default: none sent)")
 
+
+def _engine_for(args):
+    """The native engine on local checkpoints, or the remote one when server URLs are given;
+    returns (engine, chat by default)."""
+    if args.draft_url or args.target_url:
+        if not (args.draft_url and args.target_url):
+            raise ValueError("remote generation needs both --draft-url and --target-url")
+        from arbitrage_fast.backends import RemoteEngine, RemoteModel
+
+        return RemoteEngine(RemoteModel(args.draft_url, args.draft_name, tokenizer=args.draft),
+                            RemoteModel(args.target_url, args.target_name, tokenizer=args.target)), False
     from arbitrage_fast.commands.common import build_engine, decoding_options
 
     preset = _preset(args)
-    engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
-    res = engine.generate(args.prompt, policy=args.policy, threshold=args.threshold, chat=args.chat or preset.chat,
+    return build_engine(preset, args.device, args.dtype, **decoding_options(args)), preset.chat
+
+
+def cmd_generate(args) -> int:
+    from arbitrage_fast import SamplingParams
+
+    engine, chat = _engine_for(args)
+    res = engine.generate(args.prompt, policy=args.policy, threshold=args.threshold, chat=args.chat or chat,
                           sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                                   seed=args.seed))
     if args.json:
@@ -162,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true")
     _decoding_args(g)
+    _remote_args(g)
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions), "
@@ -184,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"arbitrage-fast: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a remote server that cannot be reached or used
+        from arbitrage_fast.backends import RemoteBackendError
+
+        if not isinstance(e, RemoteBackendError):
+            raise
+        print(f"arbitrage-fast: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 
 from .config import EngineConfig, SamplingParams
 from .kv.paged_cache import KVSpec, PagedKVCache
+from .messages import checked_messages, is_conversation, problem_text
 from .models.loader import LoadedModel, load_model, resolve_dtype
 from .policies import Policy, StepEvidence, make_policy
 from .prm.target_likelihood import mean_token_probability
@@ -310,10 +311,10 @@ class Engine:
 
         A prompt is text, token ids, or a conversation (a list of {"role", "content"} messages,
         always chat-templated); a conversation's text, for PRMs, is its last user message."""
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            messages = _checked_messages(prompt)
+        if is_conversation(prompt):
+            messages = checked_messages(prompt)
             ids = {m: self._encode_messages(messages, m) for m in (DRAFT, TARGET)}
-            text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+            text = problem_text(messages)
         elif isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("prompt is empty")
@@ -349,17 +350,6 @@ class Engine:
             raise ValueError(f"the tokenizer of {name} has no chat template: send a plain prompt, not chat messages")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def _checked_messages(messages: list[dict]) -> list[dict]:
-    """Messages as {"role", "content"} string pairs, or a ValueError naming the bad one."""
-    roles = ("system", "user", "assistant")
-    for i, m in enumerate(messages):
-        if m.get("role") not in roles or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} must have a role in {roles} and a string content, got {m!r}")
-    if not any(m["content"].strip() for m in messages):
-        raise ValueError("prompt is empty: every message's content is blank")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _shares_vocabulary(draft: LoadedModel, target: LoadedModel) -> bool:

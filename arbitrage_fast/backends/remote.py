@@ -1,0 +1,201 @@
+"""The step-level policies over two remote servers: Arbitrage-style routing for models that are
+served elsewhere (tensor-parallel vLLM or SGLang deployments), without this project's KV pool.
+
+Each step is one completion request to the draft server; the policy's evidence is gathered
+with as few requests as the policy needs (RSD: one echo request to the target scoring the
+draft step; an escalation: one completion request to the target). Steps pass between the
+servers as text, so draft and target may tokenize differently; the servers' prefix caches
+make re-sending the growing context cheap.
+
+What the wire cannot carry: the draft's hidden states, which the router head reads, so
+`arbitrage` runs only in the native engine; and token-level speculation, which belongs in the
+target server's own configuration.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from arbitrage_fast.config import SamplingParams
+from arbitrage_fast.messages import checked_messages, is_conversation, problem_text
+from arbitrage_fast.policies import Policy, StepEvidence, make_policy
+from arbitrage_fast.sequence import GenerationResult, Step
+
+from .openai_client import CompletionsClient, RemoteModel, WrittenStep
+
+
+class RemoteEngine:
+    """`generate`/`stream` as the native `Engine` has them, over a draft and a target server.
+
+    Results carry text: token ids stay on the servers, so `GenerationResult.token_ids` and
+    each `Step.token_ids` are empty and token counts come from the servers' usage reports.
+    `prm` is a `ProcessRewardModel` to score draft steps with, or None for the target
+    likelihood computed by the target server.
+    """
+
+    def __init__(self, draft: RemoteModel, target: RemoteModel, *, prm=None, transports: dict | None = None) -> None:
+        transports = transports or {}
+        self.draft = CompletionsClient(draft, "draft", transports.get("draft"))
+        self.target = CompletionsClient(target, "target", transports.get("target"))
+        self.prm = prm
+        self._tokenizers: dict[str, object] = {}
+
+    def close(self) -> None:
+        self.draft.close()
+        self.target.close()
+
+    def __enter__(self) -> "RemoteEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompt: "str | list[dict]", policy: str = "rsd", threshold: float | None = None,
+                 sampling: SamplingParams | None = None, chat: bool = False) -> GenerationResult:
+        run = self.stream(prompt, policy, threshold, sampling, chat)
+        for _ in run:
+            pass
+        return run.result
+
+    def stream(self, prompt: "str | list[dict]", policy: str = "rsd", threshold: float | None = None,
+               sampling: SamplingParams | None = None, chat: bool = False) -> "RemoteRun":
+        """Iterate over committed steps as they are decided; `.result` holds the whole answer."""
+        sampling = sampling or SamplingParams()
+        pol = make_policy(policy, threshold)
+        if pol.needs_router:
+            raise ValueError(f"policy {policy!r} reads the draft's hidden states, which OpenAI-compatible servers "
+                             "do not return: run it with the native Engine, or use rsd or oracle remotely")
+        if pol.name == "spec_decode":
+            raise ValueError("token-level speculation runs inside the target server (vLLM's --speculative-config, "
+                             "SGLang's --speculative-algorithm); remotely, use target_only against such a server")
+        prompts, text = self._prompts(prompt, chat)
+        return RemoteRun(self._steps(prompts, text, pol, sampling))
+
+    # ------------------------------------------------------------------ the step loop
+    def _steps(self, prompts: dict[str, str], problem: str, pol: Policy, sampling: SamplingParams):
+        stats = dict(steps=0, escalations=0, draft_tokens=0, target_tokens=0, draft_requests=0, target_requests=0,
+                     draft_s=0.0, target_s=0.0, prm_s=0.0)
+        start = time.perf_counter()
+        requests_before = {c.role: c.requests for c in (self.draft, self.target)}
+        steps: list[Step] = []
+        committed, generated, finish = "", 0, "length"
+        while generated < sampling.max_new_tokens:
+            budget = min(sampling.max_step_tokens, sampling.max_new_tokens - generated)
+            cap = "length" if budget < sampling.max_step_tokens else "step_cap"
+            if not pol.drafts:
+                written = self._write(self.target, prompts["target"] + committed, budget, sampling, stats)
+                step = _as_step(written, "target", cap)
+            else:
+                step, written = self._decide(pol, prompts, problem, steps, committed, budget, cap, sampling, stats)
+            generated += written.completion_tokens
+            committed += step.text
+            steps.append(step)
+            stats["steps"] += 1
+            stats["escalations"] += step.source == "target" and pol.drafts
+            yield step
+            if step.ended_by == "eos":
+                finish = "eos"
+                break
+            if written.completion_tokens == 0 and not step.text:
+                break  # nothing written and no EOS reported: another request would loop forever
+        stats["draft_requests"] = self.draft.requests - requests_before["draft"]
+        stats["target_requests"] = self.target.requests - requests_before["target"]
+        stats["wall_s"] = time.perf_counter() - start
+        return GenerationResult(token_ids=[], text=committed, steps=steps, stats=stats, finish_reason=finish)
+
+    def _decide(self, pol, prompts, problem, steps, committed, budget, cap, sampling, stats) -> tuple[Step, WrittenStep]:
+        drafted = self._write(self.draft, prompts["draft"] + committed, budget, sampling, stats)
+        evidence = StepEvidence()
+        if pol.needs_draft_prm:
+            t = time.perf_counter()
+            if self.prm is not None:
+                evidence.draft_prm = self.prm.score(problem, [s.text for s in steps], drafted.text)
+            else:
+                evidence.draft_prm = self.target.mean_token_probability(prompts["target"] + committed, drafted.text)
+            stats["prm_s"] += time.perf_counter() - t
+        candidate = None
+        if pol.generates_target_candidate:
+            candidate = self._write(self.target, prompts["target"] + committed, budget, sampling, stats,
+                                    logprobs=pol.needs_target_prm and self.prm is None)
+            if pol.needs_target_prm:
+                evidence.target_prm = self._target_score(candidate, problem, steps)
+        if pol.escalate(evidence):
+            if candidate is None:
+                candidate = self._write(self.target, prompts["target"] + committed, budget, sampling, stats)
+            step = _as_step(candidate, "target", cap)
+            step.rejected_draft = drafted.text
+            written = candidate
+        else:
+            step, written = _as_step(drafted, "draft", cap), drafted
+        step.draft_prm, step.target_prm = evidence.draft_prm, evidence.target_prm
+        return step, written
+
+    def _write(self, client: CompletionsClient, prompt: str, budget: int, sampling, stats, logprobs=False) -> WrittenStep:
+        t = time.perf_counter()
+        written = client.write_step(prompt, budget, sampling, logprobs=logprobs)
+        stats[f"{client.role}_tokens"] += written.completion_tokens
+        stats[f"{client.role}_s"] += time.perf_counter() - t
+        return written
+
+    def _target_score(self, candidate: WrittenStep, problem: str, steps: list[Step]) -> float:
+        if self.prm is not None:
+            return self.prm.score(problem, [s.text for s in steps], candidate.text)
+        lps = candidate.logprobs
+        return sum(math.exp(lp) for lp in lps) / len(lps) if lps else 0.0
+
+    # ------------------------------------------------------------------ prompts
+    def _prompts(self, prompt, chat: bool) -> tuple[dict[str, str], str]:
+        """Each server's prompt text (chat-templated by its own tokenizer) and the problem text."""
+        if is_conversation(prompt):
+            messages = checked_messages(prompt)
+        elif isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty")
+            if not chat:
+                return {"draft": prompt, "target": prompt}, prompt
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            raise ValueError("remote servers take the prompt as text or chat messages: steps pass between them "
+                             "as text, so token ids would mean nothing to the other server")
+        return {c.role: self._template(c, messages) for c in (self.draft, self.target)}, problem_text(messages)
+
+    def _template(self, client: CompletionsClient, messages: list[dict]) -> str:
+        name = client.spec.tokenizer
+        if name is None:
+            raise ValueError(f"chat prompts need the {client.role} model's tokenizer: completions take raw text, so "
+                             f"the chat template is applied here (RemoteModel(..., tokenizer=PATH))")
+        if name not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            self._tokenizers[name] = AutoTokenizer.from_pretrained(name)
+        tok = self._tokenizers[name]
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"the tokenizer {name} has no chat template: send a plain prompt, not chat messages")
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class RemoteRun:
+    """One remote request in flight: an iterator over committed steps, then `.result`."""
+
+    def __init__(self, steps) -> None:
+        self._it = steps
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Step:
+        try:
+            return next(self._it)
+        except StopIteration as done:
+            self.result = done.value
+            raise
+
+    def close(self) -> None:
+        self._it.close()
+
+
+def _as_step(written: WrittenStep, source: str, cap: str) -> Step:
+    ended_by = cap if written.ended_by == "step_cap" else written.ended_by
+    return Step(text=written.text, token_ids=[], source=source, ended_by=ended_by)
