@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--records", default=None, metavar="JSONL",
                    help="append each solved (problem, policy, threshold) here and, when rerun with the same "
                         "file, skip what it already holds: resumes a long sweep after an interruption")
+    s.add_argument("--report-only", action="store_true",
+                   help="run nothing: report the points of the --records file over the problems it holds under "
+                        "every policy and threshold (a sweep may still be appending to it)")
     _decoding_args(s)
     s.set_defaults(func=_with_preset(cmd_sweep))
 

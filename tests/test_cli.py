@@ -63,6 +63,23 @@ def test_sweep_json_schema_and_plot(trained_router, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sweep_report_only_summarises_the_records_without_running(tmp_path, capsys, monkeypatch):
+    records, report = tmp_path / "runs.jsonl", tmp_path / "report.json"
+    base = ["sweep", "--preset", "testbed", "--max-new-tokens", "96", "--policies", "target_only,rsd",
+            "--thresholds", "rsd=0.5", "--records", str(records)]
+    assert main([*base, "--n", "2", "--json", str(tmp_path / "two.json")]) == 0
+    two = json.loads((tmp_path / "two.json").read_text())
+
+    from arbitrage_fast.commands import sweep
+    monkeypatch.setattr(sweep, "build_engine", lambda *a, **k: pytest.fail("a report must not load models"))
+    assert main([*base, "--n", "3", "--report-only", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["n"] == 2 and result["n_planned"] == 3 and result["points"] == two["points"]
+    assert "report of the 2 of 3 problems" in capsys.readouterr().out
+    assert main(["sweep", "--preset", "testbed", "--report-only"]) == 2
+    assert "pass --records too" in capsys.readouterr().err
+
+
 def test_demo_marks_steps_and_prints_the_table(trained_router, capsys):
     out, _ = trained_router
     assert main(["demo", "--n", "2", "--max-new-tokens", "96", "--quiet", "--router", str(out)]) == 0

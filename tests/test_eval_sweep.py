@@ -108,6 +108,31 @@ def strip_point(point):
     return {k: v for k, v in point.items() if k not in ("latency_s", "cpu_s")}
 
 
+def test_a_report_of_an_unfinished_sweep_covers_the_problems_solved_under_every_policy(tmp_path):
+    from arbitrage_fast.eval.sweep import points_from_records
+
+    path = tmp_path / "runs.jsonl"
+    info = {"dataset": "toy", "max_new_tokens": 8}
+    plan = (["target_only", "rsd"], {"rsd": [0.5, 0.9]})
+    run_sweep(ScriptedEngine(SCRIPT), ITEMS, *plan, progress=False, records=path, run_info=info)
+    lines = path.read_text().splitlines()
+    # Problem "b" solved under two of its three runs, a fourth record being written right now.
+    partial = "\n".join(lines[:6]) + "\n" + lines[6][:20]
+    path.write_text(partial)
+    points, covered = points_from_records(ITEMS, *plan, records=path, run_info=info)
+    assert [i.id for i in covered] == ["a"]
+    only_a = run_sweep(ScriptedEngine(SCRIPT), ITEMS[:1], *plan, progress=False)
+    assert [strip_point(p) for p in points] == [strip_point(p) for p in only_a]
+    assert path.read_text() == partial  # read only: the line being written is left alone
+
+    with pytest.raises(ValueError, match="another sweep"):
+        points_from_records(ITEMS, *plan, records=path, run_info={**info, "max_new_tokens": 16})
+    with pytest.raises(ValueError, match="no problem solved under every policy"):
+        points_from_records(ITEMS, ["target_only", "rsd"], {"rsd": [0.7]}, records=path, run_info=info)
+    with pytest.raises(ValueError, match="no records file"):
+        points_from_records(ITEMS, *plan, records=tmp_path / "missing.jsonl", run_info=info)
+
+
 def test_records_of_another_sweep_are_refused(tmp_path):
     path = tmp_path / "runs.jsonl"
     run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only"], {}, progress=False, records=path,

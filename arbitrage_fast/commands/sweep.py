@@ -46,11 +46,12 @@ def matched_speedups(points: list[dict], policies: list[str], tolerance: float =
 def run(preset, args) -> int:
     from arbitrage_fast.eval.datasets import load_dataset
     from arbitrage_fast.eval.pareto import plot_pareto
-    from arbitrage_fast.eval.sweep import run_sweep
+    from arbitrage_fast.eval.sweep import points_from_records, run_sweep
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     thresholds = parse_thresholds(args.thresholds, policies)
-    engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
+    if args.report_only and not args.records:
+        raise ValueError("--report-only summarises a --records file: pass --records too")
     items = load_dataset(args.dataset or preset.dataset, n=args.n, split="test", seed=args.seed,
                          instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
@@ -59,20 +60,31 @@ def run(preset, args) -> int:
     run_info = {"preset": preset.name, "draft": preset.draft, "target": preset.target, "router": preset.router,
                 "inference_prm": str(preset.prm), "audit_prm": str(preset.label_prm),
                 "dataset": args.dataset or preset.dataset, "seed": args.seed,
-                "max_new_tokens": args.max_new_tokens, "dtype": engine.config.dtype,
+                "max_new_tokens": args.max_new_tokens, "dtype": args.dtype or preset.dtype,
                 "instruction": preset.instruction}
     if args.spec_k:  # changes latency, not greedy answers; absent means 0, so older files still resume
         run_info["spec_k"] = args.spec_k
-    points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
-                       generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info)
+    planned = len(items)
+    if args.report_only:
+        points, items = points_from_records(items, policies, thresholds, args.records, run_info,
+                                            audited=audit is not None)
+    else:
+        engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
+        points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
+                           generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info)
     result = {
         "preset": preset.name, "dataset": args.dataset or preset.dataset, "n": len(items),
         "inference_prm": preset.prm or "target-likelihood", "audit_prm": preset.label_prm, "spec_k": args.spec_k,
         "points": points, "speedups": matched_speedups(points, policies),
     }
+    if len(items) < planned:  # a report of a sweep not yet finished
+        result["n_planned"] = planned
     write_json(result, args.json)
     if args.plot:
-        plot_pareto(points, args.plot, title=f"{preset.name}: accuracy vs latency (n={len(items)})")
+        of = f" of {planned} so far" if len(items) < planned else ""
+        plot_pareto(points, args.plot, title=f"{preset.name}: accuracy vs latency (n={len(items)}{of})")
+    if len(items) < planned:
+        print(f"report of the {len(items)} of {planned} problems solved under every policy so far")
     for p in points:
         t = "" if p["threshold"] is None else f"@{p['threshold']:g}"
         print(f"{p['policy'] + t:18s} acc {p['accuracy']:.3f}  latency {p['latency_s'] * 1000:8.1f} ms  "

@@ -80,7 +80,27 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
             bar.set_description(f"{item.id} {_label(policy, threshold)}")
             log.append(_solve(engine, item, policy, threshold, sampling, grader, audit_prm, generate_kwargs or {}))
             bar.update(1)
-    return [summarise([log.done[(item.id, policy, threshold)] for item in items], audit_prm is not None)
+    return _points(log, items, plan, audit_prm is not None)
+
+
+def points_from_records(items: Sequence[EvalItem], policies: Sequence[str], thresholds: dict[str, list[float]],
+                        records: str | Path, run_info: dict, audited: bool = False) -> tuple[list[dict], list[EvalItem]]:
+    """The points of a sweep still running or stopped early, from its records file alone: over the
+    problems solved under every (policy, threshold) so far, so each point compares the same
+    problems. Nothing is run and the file is only read (a sweep may be appending to it).
+    Returns the points and the problems they cover."""
+    plan = sweep_plan(policies, thresholds)
+    if not Path(records).is_file():
+        raise ValueError(f"no records file at {records}: a report needs the --records file of a sweep")
+    log = RecordLog(records, run_info, read_only=True)
+    complete = [item for item in items if all((item.id, policy, threshold) in log.done for policy, threshold in plan)]
+    if not complete:
+        raise ValueError(f"records file {records} holds no problem solved under every policy and threshold of this sweep")
+    return _points(log, complete, plan, audited), complete
+
+
+def _points(log: "RecordLog", items: Sequence[EvalItem], plan, audited: bool) -> list[dict]:
+    return [summarise([log.done[(item.id, policy, threshold)] for item in items], audited)
             for policy, threshold in plan]
 
 
@@ -136,11 +156,13 @@ def summarise(records: list[dict], audited: bool = False) -> dict:
 class RecordLog:
     """Solved runs keyed by (problem id, policy, threshold), mirrored to a JSONL file when given.
 
-    The file's first line is {"run": run_info}; every further line is one record.
+    The file's first line is {"run": run_info}; every further line is one record. A `read_only`
+    log never writes: a last line cut short (a sweep writing it now) is skipped, not repaired.
     """
 
-    def __init__(self, path: str | Path | None, run_info: dict):
+    def __init__(self, path: str | Path | None, run_info: dict, read_only: bool = False):
         self.path = None if path is None else Path(path)
+        self.read_only = read_only
         self.done: dict[tuple, dict] = {}
         if self.path is None:
             return
@@ -162,7 +184,8 @@ class RecordLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 if number == len(lines):  # a record cut short by the interruption: solve it again
-                    self.path.write_text("\n".join(lines[:-1]) + "\n")
+                    if not self.read_only:
+                        self.path.write_text("\n".join(lines[:-1]) + "\n")
                     break
                 raise ValueError(f"{self.path}:{number} is not a JSON record") from None
             self.done[(record["item"], record["policy"], record["threshold"])] = record
