@@ -91,16 +91,28 @@ class CompletionsClient:
 
     def mean_token_probability(self, context: str, continuation: str) -> float:
         """The target-likelihood PRM over the wire: the mean probability of `continuation`'s
-        tokens after `context`, from the server's echoed prompt logprobs."""
+        tokens after `context`, from the server's echoed prompt logprobs.
+
+        The step's tokens are found by walking back from the end of the prompt until their text
+        covers the continuation, not by `text_offset`: offsets are counted over token strings,
+        which may include a BOS that the echoed text lacks, while the tail does not move.
+        A token straddling context and step counts as the step's."""
         body = {"prompt": context + continuation, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1}
-        choice, _ = self._complete(body)
+        choice, usage = self._complete(body)
         lp = choice.get("logprobs") or {}
-        offsets, values = lp.get("text_offset"), lp.get("token_logprobs")
-        if offsets is None or values is None:
+        tokens, values = lp.get("tokens"), lp.get("token_logprobs")
+        if not tokens or values is None or len(tokens) != len(values):
             raise RemoteBackendError(f"the {self.role} server at {self.spec.base_url} returned no prompt logprobs "
                                      "for an echo request; the target-likelihood PRM needs `echo` with `logprobs`")
-        start, end = len(context), len(context) + len(continuation)
-        probs = [math.exp(v) for off, v in zip(offsets, values) if start <= off < end and v is not None]
+        generated = int(usage.get("completion_tokens", 1))  # echo lists the generated token(s) last
+        prompt = list(zip(tokens, values))[:len(tokens) - generated]
+        probs, uncovered = [], len(continuation)
+        for text, value in reversed(prompt):
+            if uncovered <= 0:
+                break
+            if value is not None:
+                probs.append(math.exp(value))
+            uncovered -= len(text)
         return sum(probs) / len(probs) if probs else 0.0
 
     # ------------------------------------------------------------------ wire

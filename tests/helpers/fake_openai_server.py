@@ -91,23 +91,22 @@ class ScriptedServer:
                 "usage": {"prompt_tokens": len(tokens_of(prompt)), "completion_tokens": len(toks)}}
 
     def _echo(self, body: dict) -> dict:
-        """Prompt logprobs: the problem's tokens get 0.5, each step's tokens agree/disagree."""
+        """Prompt logprobs as vLLM lists them: a BOS token the echoed text lacks comes first (so
+        its offsets drift by the BOS's length), the problem's tokens get 0.5, each committed
+        step's tokens agree/disagree, and the one generated token comes last."""
         prompt = body["prompt"]
-        tokens, offsets, logprobs = [], [], []
+        tokens, logprobs = ["<|begin_of_text|>"], [None]
         for tok in tokens_of(self.problem):
-            offsets.append(sum(len(t) for t in tokens))
             tokens.append(tok)
-            logprobs.append(None if len(tokens) == 1 else math.log(0.5))
-        offset = len(self.problem)
+            logprobs.append(math.log(0.5))
         for i, step in enumerate(self._committed_steps(prompt)):
-            lp = self._token_logprob(i, step)
             for tok in tokens_of(step):
                 tokens.append(tok)
-                offsets.append(offset)
-                logprobs.append(lp)
-                offset += len(tok)
+                logprobs.append(self._token_logprob(i, step))
+        tokens.append("x")
+        logprobs.append(math.log(0.5))
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
         choice = {"index": 0, "text": prompt + "x", "finish_reason": "length",
-                  "logprobs": {"tokens": tokens + ["x"], "token_logprobs": logprobs + [math.log(0.5)],
-                               "text_offset": offsets + [len(prompt)]}}
+                  "logprobs": {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets}}
         return {"object": "text_completion", "choices": [choice],
-                "usage": {"prompt_tokens": len(tokens), "completion_tokens": 1}}
+                "usage": {"prompt_tokens": len(tokens) - 1, "completion_tokens": 1}}
