@@ -58,16 +58,24 @@ def _remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-name", help="the target's served model name (default: none sent)")
 
 
+def _remote_engine(args):
+    """The remote engine when server URLs are given, else None."""
+    if not (args.draft_url or args.target_url):
+        return None
+    if not (args.draft_url and args.target_url):
+        raise ValueError("remote models need both --draft-url and --target-url")
+    from arbitrage_fast.backends import RemoteEngine, RemoteModel
+
+    return RemoteEngine(RemoteModel(args.draft_url, args.draft_name, tokenizer=args.draft),
+                        RemoteModel(args.target_url, args.target_name, tokenizer=args.target))
+
+
 def _engine_for(args):
     """The native engine on local checkpoints, or the remote one when server URLs are given;
     returns (engine, chat by default)."""
-    if args.draft_url or args.target_url:
-        if not (args.draft_url and args.target_url):
-            raise ValueError("remote generation needs both --draft-url and --target-url")
-        from arbitrage_fast.backends import RemoteEngine, RemoteModel
-
-        return RemoteEngine(RemoteModel(args.draft_url, args.draft_name, tokenizer=args.draft),
-                            RemoteModel(args.target_url, args.target_name, tokenizer=args.target)), False
+    remote = _remote_engine(args)
+    if remote is not None:
+        return remote, False
     from arbitrage_fast.commands.common import build_engine, decoding_options
 
     preset = _preset(args)
@@ -107,9 +115,13 @@ def cmd_sweep(preset, args):
     return sweep.run(preset, args)
 
 
-def cmd_serve(preset, args):
+def cmd_serve(args):
     from arbitrage_fast.commands import serve
-    return serve.run(preset, args)
+
+    remote = _remote_engine(args)
+    if remote is not None:  # a step router in front of two model servers
+        return serve.run_remote(remote, args)
+    return serve.run(_preset(args), args)
 
 
 def cmd_train_router(preset, args):
@@ -202,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--threshold", type=float, default=None, help="threshold for requests that name none")
     v.add_argument("--max-tokens", type=int, default=256, help="token cap for requests that set none")
     _decoding_args(v)
-    v.set_defaults(func=_with_preset(cmd_serve))
+    _remote_args(v)
+    v.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     try:

@@ -56,6 +56,11 @@ class _Run:
     def __next__(self) -> Step:
         return next(self._it)
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's length in the target's tokens."""
+        return self.seq.prompt_len[TARGET]
+
     def close(self) -> None:
         self._it.close()
 

@@ -35,6 +35,12 @@ class GenerationResult:
     steps: list[Step]
     stats: dict
     finish_reason: str  # "eos" | "length"
+    # Set where the ids stay elsewhere (remote servers): how many tokens the answer took.
+    num_completion_tokens: int | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids) if self.num_completion_tokens is None else self.num_completion_tokens
 
 
 class Sequence:

@@ -222,3 +222,41 @@ def test_the_sweep_harness_measures_remote_policies_side_by_side():
     by_policy = {p["policy"]: p for p in points}
     assert by_policy["draft_only"]["accuracy"] == 0.0 and by_policy["rsd"]["accuracy"] == 1.0
     assert by_policy["rsd"]["escalation_rate"] == pytest.approx(1 / 3)
+
+
+def test_the_http_server_routes_steps_between_two_model_servers(monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    from arbitrage_fast import backends
+    from arbitrage_fast.cli import main
+
+    draft = ScriptedServer(PROBLEM, DRAFT_STEPS)
+    target = ScriptedServer(PROBLEM, TARGET_STEPS)
+
+    class Wired(RemoteEngine):
+        def __init__(self, d, t, **kw):
+            super().__init__(d, t, transports={"draft": draft.transport(), "target": target.transport()}, **kw)
+
+    monkeypatch.setattr(backends, "RemoteEngine", Wired)
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app))
+    assert main(["serve", "--draft-url", "http://d:1", "--target-url", "http://t:2", "--threshold", "0.5"]) == 0
+    assert "http://d:1 -> http://t:2" in capsys.readouterr().out
+    with TestClient(served["app"]) as client:
+        body = client.post("/v1/completions", json={"prompt": PROBLEM}).json()
+        assert body["choices"][0]["text"] == "".join(TARGET_STEPS)
+        assert body["arbitrage"]["policy"] == "rsd"
+        assert [s["source"] for s in body["arbitrage"]["steps"]] == ["draft", "target", "draft"]
+        assert body["usage"]["completion_tokens"] == sum(len(tokens_of(s)) for s in TARGET_STEPS)
+        assert body["usage"]["prompt_tokens"] == len(tokens_of(PROBLEM))
+        with client.stream("POST", "/v1/completions", json={"prompt": PROBLEM, "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: {")]
+        assert len(events) == 4  # three steps and the closing chunk
+        bad = client.post("/v1/completions", json={"prompt": PROBLEM, "policy": "arbitrage"})
+        assert bad.status_code == 400 and "hidden states" in bad.json()["error"]["message"]
+        target.fail_with = (500, "CUDA out of memory")
+        failed = client.post("/v1/completions", json={"prompt": PROBLEM, "policy": "target_only"})
+        assert failed.status_code == 502 and "CUDA out of memory" in failed.json()["error"]["message"]
+        assert client.get("/health").json()["requests"]["finished"] >= 2

@@ -41,6 +41,7 @@ class WrittenStep:
     text: str
     ended_by: str  # "boundary" | "eos" | "step_cap"
     completion_tokens: int
+    prompt_tokens: int | None = None  # as the server counted the prompt it continued
     logprobs: list[float] = field(default_factory=list)  # of the step's tokens, when asked for
 
 
@@ -85,9 +86,9 @@ class CompletionsClient:
         lps = []
         if logprobs:
             lps = [lp for lp in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if lp is not None]
-        n = usage.get("completion_tokens")
+        n, p = usage.get("completion_tokens"), usage.get("prompt_tokens")
         return WrittenStep(text=text, ended_by=ended_by, completion_tokens=int(n) if n is not None else len(lps),
-                           logprobs=lps)
+                           prompt_tokens=int(p) if p is not None else None, logprobs=lps)
 
     def mean_token_probability(self, context: str, continuation: str) -> float:
         """The target-likelihood PRM over the wire: the mean probability of `continuation`'s

@@ -70,10 +70,16 @@ class RemoteEngine:
             raise ValueError("token-level speculation runs inside the target server (vLLM's --speculative-config, "
                              "SGLang's --speculative-algorithm); remotely, use target_only against such a server")
         prompts, text = self._prompts(prompt, chat)
-        return RemoteRun(self._steps(prompts, text, pol, sampling))
+        run = RemoteRun()
+        run._it = self._steps(run, prompts, text, pol, sampling)
+        return run
+
+    def kv_stats(self) -> dict:
+        """Nothing is held here: the KV caches live on the servers."""
+        return {}
 
     # ------------------------------------------------------------------ the step loop
-    def _steps(self, prompts: dict[str, str], problem: str, pol: Policy, sampling: SamplingParams):
+    def _steps(self, run: "RemoteRun", prompts: dict[str, str], problem: str, pol: Policy, sampling: SamplingParams):
         stats = dict(steps=0, escalations=0, draft_tokens=0, target_tokens=0, draft_requests=0, target_requests=0,
                      draft_s=0.0, target_s=0.0, prm_s=0.0)
         start = time.perf_counter()
@@ -88,6 +94,8 @@ class RemoteEngine:
                 step = _as_step(written, "target", cap)
             else:
                 step, written = self._decide(pol, prompts, problem, steps, committed, budget, cap, sampling, stats)
+            if run.prompt_tokens is None:
+                run.prompt_tokens = written.prompt_tokens
             generated += written.completion_tokens
             committed += step.text
             steps.append(step)
@@ -102,7 +110,8 @@ class RemoteEngine:
         stats["draft_requests"] = self.draft.requests - requests_before["draft"]
         stats["target_requests"] = self.target.requests - requests_before["target"]
         stats["wall_s"] = time.perf_counter() - start
-        return GenerationResult(token_ids=[], text=committed, steps=steps, stats=stats, finish_reason=finish)
+        return GenerationResult(token_ids=[], text=committed, steps=steps, stats=stats, finish_reason=finish,
+                                num_completion_tokens=generated)
 
     def _decide(self, pol, prompts, problem, steps, committed, budget, cap, sampling, stats) -> tuple[Step, WrittenStep]:
         drafted = self._write(self.draft, prompts["draft"] + committed, budget, sampling, stats)
@@ -176,11 +185,13 @@ class RemoteEngine:
 
 
 class RemoteRun:
-    """One remote request in flight: an iterator over committed steps, then `.result`."""
+    """One remote request in flight: an iterator over committed steps, then `.result`.
+    `prompt_tokens` is the prompt's length as the first server to answer counted it."""
 
-    def __init__(self, steps) -> None:
-        self._it = steps
+    def __init__(self) -> None:
+        self._it = None
         self.result: GenerationResult | None = None
+        self.prompt_tokens: int | None = None
 
     def __iter__(self):
         return self

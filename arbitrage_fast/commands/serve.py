@@ -10,12 +10,7 @@ def default_policy(preset) -> str:
 
 
 def run(preset, args) -> int:
-    try:
-        import uvicorn
-
-        from arbitrage_fast.serve import create_app
-    except ImportError as e:
-        raise ValueError(f"serving needs FastAPI and uvicorn: pip install -e \".[serve]\" ({e})") from None
+    uvicorn, create_app = _server()
     engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
     name = args.served_model_name or preset.name
     app = create_app(engine, name, policy=args.policy or default_policy(preset), threshold=args.threshold,
@@ -23,3 +18,24 @@ def run(preset, args) -> int:
     print(f"serving {name} ({preset.draft} -> {preset.target}) on http://{args.host}:{args.port}/v1")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def run_remote(engine, args) -> int:
+    """Serve the policies in front of two OpenAI-compatible model servers (RSD by default:
+    the router needs the draft's hidden states, which the servers do not return)."""
+    uvicorn, create_app = _server()
+    name = args.served_model_name or "arbitrage-remote"
+    app = create_app(engine, name, policy=args.policy or "rsd", threshold=args.threshold, max_tokens=args.max_tokens)
+    print(f"serving {name} ({args.draft_url} -> {args.target_url}) on http://{args.host}:{args.port}/v1")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _server():
+    try:
+        import uvicorn
+
+        from arbitrage_fast.serve import create_app
+    except ImportError as e:
+        raise ValueError(f"serving needs FastAPI and uvicorn: pip install -e \".[serve]\" ({e})") from None
+    return uvicorn, create_app

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from arbitrage_fast.backends.openai_client import RemoteBackendError
 from arbitrage_fast.config import SamplingParams
 from arbitrage_fast.kv import KVCacheExhausted
 
@@ -77,6 +78,8 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
                 pass
         except KVCacheExhausted as e:
             return JSONResponse(protocol.error(f"KV cache exhausted: {e}", "server_busy"), status_code=503)
+        except RemoteBackendError as e:  # a model server behind this one failed
+            return JSONResponse(protocol.error(str(e), "upstream_error"), status_code=502)
         finally:
             handle.close()
         return protocol.completion(kind, request_id, model_name, handle.run.result, handle.prompt_tokens, chosen)
@@ -93,10 +96,12 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
             result = handle.run.result
             yield event(protocol.chunk(kind, request_id, model_name, finish_reason=protocol.FINISH_REASONS[
                 result.finish_reason], first=first, extra={
-                "usage": protocol.usage(handle.prompt_tokens, len(result.token_ids)),
+                "usage": protocol.usage(handle.prompt_tokens, result.completion_tokens),
                 "arbitrage": {**chosen, "stats": result.stats}}))
         except KVCacheExhausted as e:
             yield event(protocol.error(f"KV cache exhausted: {e}", "server_busy"))
+        except RemoteBackendError as e:
+            yield event(protocol.error(str(e), "upstream_error"))
         finally:
             handle.close()
         yield "data: [DONE]\n\n"

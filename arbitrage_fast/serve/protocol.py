@@ -72,7 +72,7 @@ def completion(kind: str, request_id: str, model: str, result, prompt_tokens: in
     return {
         "id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()), "model": model, "choices": [choice],
-        "usage": usage(prompt_tokens, len(result.token_ids)),
+        "usage": usage(prompt_tokens, result.completion_tokens),
         "arbitrage": {**policy, "steps": [step_json(s) for s in result.steps], "stats": result.stats},
     }
 

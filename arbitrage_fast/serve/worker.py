@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from arbitrage_fast.engine import TARGET
-
 _END = object()
 
 
@@ -58,7 +56,7 @@ class RequestHandle:
     @property
     def prompt_tokens(self) -> int:
         """The prompt's length in the target's tokens (what `usage` reports)."""
-        return self.run.seq.prompt_len[TARGET]
+        return self.run.prompt_tokens or 0  # 0 where a remote server reported no usage
 
     async def next_step(self):
         """The next committed step, or None when the request is finished."""
