@@ -5,7 +5,6 @@ memory in the paged cache, decisions in the policies.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from .kv.paged_cache import KVSpec, PagedKVCache
 from .messages import checked_messages, is_conversation, problem_text
 from .models.loader import LoadedModel, load_model, resolve_dtype
 from .policies import Policy, StepEvidence, make_policy
-from .prm.target_likelihood import mean_token_probability
+from .prm.target_likelihood import mean_probability, mean_token_probability
 from .router.head import RouterHead
 from .runtime.boundary import boundary_token_ids, eos_token_ids
 from .runtime.chunked_decoder import decode_step_chunked
@@ -297,7 +296,7 @@ class Engine:
     def _score_target_step(self, seq: Sequence, written: DecodedStep) -> float:
         if self.prm is not None:
             return self.prm.score(seq.prompt_text, seq.step_texts(), self._text(written.tokens, TARGET))
-        return float(sum(math.exp(lp) for lp in written.logprobs) / len(written.logprobs))
+        return mean_probability(written.logprobs)
 
     # ------------------------------------------------------------------ helpers
     def _as_step(self, written: DecodedStep, source: str, writer: int) -> Step:

@@ -131,6 +131,11 @@ def test_a_report_of_an_unfinished_sweep_covers_the_problems_solved_under_every_
         points_from_records(ITEMS, ["target_only", "rsd"], {"rsd": [0.7]}, records=path, run_info=info)
     with pytest.raises(ValueError, match="no records file"):
         points_from_records(ITEMS, *plan, records=tmp_path / "missing.jsonl", run_info=info)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no records file"):
+        points_from_records(ITEMS, *plan, records=empty, run_info=info)
+    assert empty.read_text() == ""  # a report never writes a header either
 
 
 def test_records_of_another_sweep_are_refused(tmp_path):

@@ -9,10 +9,10 @@ rather than silently ending every answer after its first step.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from arbitrage_fast.config import SamplingParams
+from arbitrage_fast.prm.target_likelihood import mean_probability
 
 STEP_BOUNDARY = "\n\n"
 
@@ -81,7 +81,7 @@ class CompletionsClient:
         choice, usage = self._complete(body)
         text, finish = choice.get("text") or "", choice.get("finish_reason")
         ended_by = self._ending(choice, text, finish)
-        if ended_by == "boundary" and not text.endswith(STEP_BOUNDARY) and STEP_BOUNDARY not in text:
+        if ended_by == "boundary" and STEP_BOUNDARY not in text:
             text += STEP_BOUNDARY  # the server trimmed the stop string it reported
         lps = []
         if logprobs:
@@ -107,14 +107,14 @@ class CompletionsClient:
                                      "for an echo request; the target-likelihood PRM needs `echo` with `logprobs`")
         generated = int(usage.get("completion_tokens", 1))  # echo lists the generated token(s) last
         prompt = list(zip(tokens, values))[:len(tokens) - generated]
-        probs, uncovered = [], len(continuation)
+        step_logprobs, uncovered = [], len(continuation)
         for text, value in reversed(prompt):
             if uncovered <= 0:
                 break
             if value is not None:
-                probs.append(math.exp(value))
+                step_logprobs.append(value)
             uncovered -= len(text)
-        return sum(probs) / len(probs) if probs else 0.0
+        return mean_probability(step_logprobs)
 
     # ------------------------------------------------------------------ wire
     def _complete(self, body: dict) -> tuple[dict, dict]:

@@ -13,12 +13,12 @@ target server's own configuration.
 """
 from __future__ import annotations
 
-import math
 import time
 
 from arbitrage_fast.config import SamplingParams
 from arbitrage_fast.messages import checked_messages, is_conversation, problem_text
 from arbitrage_fast.policies import Policy, StepEvidence, make_policy
+from arbitrage_fast.prm.target_likelihood import mean_probability
 from arbitrage_fast.sequence import GenerationResult, Step
 
 from .openai_client import CompletionsClient, RemoteModel, WrittenStep
@@ -119,7 +119,7 @@ class RemoteEngine:
         if pol.needs_draft_prm:
             t = time.perf_counter()
             if self.prm is not None:
-                evidence.draft_prm = self.prm.score(problem, [s.text for s in steps], drafted.text)
+                evidence.draft_prm = self._prm_score(problem, steps, drafted.text)
             else:
                 evidence.draft_prm = self.target.mean_token_probability(prompts["target"] + committed, drafted.text)
             stats["prm_s"] += time.perf_counter() - t
@@ -128,7 +128,8 @@ class RemoteEngine:
             candidate = self._write(self.target, prompts["target"] + committed, budget, sampling, stats,
                                     logprobs=pol.needs_target_prm and self.prm is None)
             if pol.needs_target_prm:
-                evidence.target_prm = self._target_score(candidate, problem, steps)
+                evidence.target_prm = (self._prm_score(problem, steps, candidate.text) if self.prm is not None
+                                       else mean_probability(candidate.logprobs))
         if pol.escalate(evidence):
             if candidate is None:
                 candidate = self._write(self.target, prompts["target"] + committed, budget, sampling, stats)
@@ -147,11 +148,8 @@ class RemoteEngine:
         stats[f"{client.role}_s"] += time.perf_counter() - t
         return written
 
-    def _target_score(self, candidate: WrittenStep, problem: str, steps: list[Step]) -> float:
-        if self.prm is not None:
-            return self.prm.score(problem, [s.text for s in steps], candidate.text)
-        lps = candidate.logprobs
-        return sum(math.exp(lp) for lp in lps) / len(lps) if lps else 0.0
+    def _prm_score(self, problem: str, steps: list[Step], text: str) -> float:
+        return self.prm.score(problem, [s.text for s in steps], text)
 
     # ------------------------------------------------------------------ prompts
     def _prompts(self, prompt, chat: bool) -> tuple[dict[str, str], str]:

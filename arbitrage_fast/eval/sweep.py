@@ -90,8 +90,6 @@ def points_from_records(items: Sequence[EvalItem], policies: Sequence[str], thre
     problems. Nothing is run and the file is only read (a sweep may be appending to it).
     Returns the points and the problems they cover."""
     plan = sweep_plan(policies, thresholds)
-    if not Path(records).is_file():
-        raise ValueError(f"no records file at {records}: a report needs the --records file of a sweep")
     log = RecordLog(records, run_info, read_only=True)
     complete = [item for item in items if all((item.id, policy, threshold) in log.done for policy, threshold in plan)]
     if not complete:
@@ -168,6 +166,8 @@ class RecordLog:
             return
         if self.path.is_file() and self.path.stat().st_size:
             self._resume(run_info)
+        elif read_only:
+            raise ValueError(f"no records file at {self.path}: a report needs the --records file of a sweep")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({"run": run_info}) + "\n")

@@ -6,6 +6,8 @@ RSD's scoring pass is reused on escalation rather than thrown away.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -16,3 +18,9 @@ def mean_token_probability(logits: torch.Tensor, tokens: list[int]) -> float:
     idx = torch.tensor(tokens, device=logits.device)[:, None]
     probs = torch.softmax(logits.float(), dim=-1).gather(-1, idx)
     return float(probs.mean())
+
+
+def mean_probability(logprobs: list[float]) -> float:
+    """The same score from the step's token log-probabilities (a written step's, or a server's
+    report); 0 for a step without tokens."""
+    return sum(math.exp(lp) for lp in logprobs) / len(logprobs) if logprobs else 0.0
