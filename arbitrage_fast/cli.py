@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-new-tokens", type=int, default=256)
     t.add_argument("--json", default=None)
+    t.add_argument("--label-cache", default=None, metavar="DIR",
+                   help="keep each problem's labels here and reuse them on a rerun (resumes an interrupted "
+                        "labelling; any run labels only the problems the directory lacks)")
     t.set_defaults(func=_with_preset(cmd_train_router))
 
     e = sub.add_parser("eval-router", help="Spearman/AUROC of a router vs the oracle advantage on held-out problems")
@@ -186,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--json", default=None)
+    e.add_argument("--label-cache", default=None, metavar="DIR",
+                   help="keep each problem's labels here and reuse them on a rerun (resumes an interrupted "
+                        "labelling; any run labels only the problems the directory lacks)")
     e.set_defaults(func=_with_preset(cmd_eval_router))
 
     g = sub.add_parser("generate", help="generate one answer step by step")

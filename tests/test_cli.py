@@ -36,6 +36,24 @@ def test_train_router_saves_a_loadable_head(trained_router):
     assert report["target"] == str(shipped_checkpoint("target"))  # which target wrote the target steps
 
 
+def test_train_router_label_cache_is_reused_by_a_rerun_and_by_eval(tmp_path, capsys):
+    cache, runs = tmp_path / "labels", []
+    for attempt in range(2):
+        report = tmp_path / f"train{attempt}.json"
+        assert main(["train-router", *SMALL, "--n", "3", "--epochs", "5", "--width", "8", "--out", str(tmp_path / "r"),
+                     "--label-cache", str(cache), "--json", str(report)]) == 0
+        runs.append(json.loads(report.read_text()))
+    assert [r["problems_labelled_this_run"] for r in runs] == [3, 0]
+    assert runs[0]["n_steps"] == runs[1]["n_steps"] and runs[0]["label_seconds"] == runs[1]["label_seconds"] > 0
+    shards = sorted(cache.glob("*.safetensors"))
+    assert len(shards) == 3
+    assert main(["eval-router", *SMALL, "--n", "2", "--router", str(tmp_path / "r"), "--label-cache", str(cache)]) == 0
+    assert len(list(cache.glob("*.safetensors"))) == 5  # held-out problems join the same cache
+    assert main(["train-router", "--preset", "testbed", "--n", "3", "--max-new-tokens", "64", "--out", str(tmp_path / "r"),
+                 "--label-cache", str(cache)]) == 2
+    assert "differs in ['max_new_tokens']" in capsys.readouterr().err
+
+
 def test_eval_router_json_schema(trained_router, tmp_path):
     out, _ = trained_router
     path = tmp_path / "eval.json"

@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 from transformers import LlamaConfig, LlamaForTokenClassification
 
 from arbitrage_fast import Engine, EngineConfig, KVCacheExhausted, SamplingParams

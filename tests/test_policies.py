@@ -1,17 +1,13 @@
 """Each policy's decision rule, and what each costs in target work (on tiny models)."""
 from __future__ import annotations
 
-import math
-
-import torch
-
 import pytest
+import torch
 
 from arbitrage_fast import Engine, EngineConfig, SamplingParams
 from arbitrage_fast.policies import POLICY_NAMES, StepEvidence, make_policy
-from arbitrage_fast.prm.base import ProcessRewardModel
 from arbitrage_fast.router.head import RouterConfig, RouterHead
-from helpers.tiny_models import build_tiny_lm
+from helpers.length_prm import LengthPRM, build_policy_pair
 
 
 @pytest.mark.parametrize("name, threshold, evidence, expected", [
@@ -48,18 +44,10 @@ def test_evidence_each_policy_asks_for():
     assert set(POLICY_NAMES) == {"target_only", "draft_only", "spec_decode", "rsd", "oracle", "arbitrage", "every_step"}
 
 
-class LengthPRM(ProcessRewardModel):
-    """Prefers longer steps, deterministic: lets oracle tests know which step must win."""
-
-    def score(self, prompt, previous_steps, step):
-        return 1.0 - math.exp(-len(step) / 10)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pol")
-    draft = build_tiny_lm(root / "draft", "llama", hidden=32, layers=1, seed=1, boundary_bias=15.0)
-    target = build_tiny_lm(root / "target", "llama", hidden=48, layers=2, seed=2, boundary_bias=5.0)
+    draft, target = build_policy_pair(root)
     router_dir = root / "router"
     head = RouterHead(RouterConfig(hidden_size=32, width=8))
     head.save(router_dir)

@@ -13,27 +13,45 @@ from .common import build_engine, write_json
 
 def _labels(preset, args, split: str, n: int, seed: int):
     from arbitrage_fast.eval.datasets import load_dataset
-    from arbitrage_fast.router.data import generate_labels
+    from arbitrage_fast.router.data import label_problems
 
     engine = build_engine(preset, args.device, args.dtype, prm="label", router=False)
     items = load_dataset(preset.dataset, n=n, split=split, seed=seed, instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
-    return engine, generate_labels(engine, [i.prompt for i in items], sampling, chat=preset.chat)
+    cache = _label_cache(preset, args)
+    return engine, label_problems(engine, [i.prompt for i in items], sampling, chat=preset.chat,
+                                  ids=[i.id for i in items], cache=cache)
+
+
+def _label_cache(preset, args):
+    """The `--label-cache` directory, keyed by everything a step's labels depend on."""
+    from arbitrage_fast.router.label_cache import LabelCache
+
+    if not getattr(args, "label_cache", None):
+        return None
+    return LabelCache(args.label_cache, {
+        "draft": preset.draft, "target": preset.target, "label_prm": str(preset.label_prm or "target-likelihood"),
+        "dataset": preset.dataset, "instruction": preset.instruction, "chat": preset.chat,
+        "max_new_tokens": args.max_new_tokens, "dtype": args.dtype or preset.dtype, "device": args.device})
 
 
 def train(preset, args) -> dict:
     from arbitrage_fast.router.train import train_router
 
     start = time.perf_counter()
-    engine, data = _labels(preset, args, "train", args.n, args.seed)
+    engine, labels = _labels(preset, args, "train", args.n, args.seed)
     label_s = time.perf_counter() - start
+    data = labels.data
     hidden = engine.draft_model.spec.hidden_size
     head, report = train_router(data, hidden_size=hidden, width=args.width, epochs=args.epochs, seed=args.seed)
     out = Path(args.out)
     summary = {
         "n_problems": args.n, "n_steps": len(data), "positive_rate": report.positive_rate,
         "val_auroc": report.val_auroc, "val_spearman": report.val_spearman, "best_epoch": report.best_epoch,
-        "label_seconds": label_s, "train_seconds": time.perf_counter() - start - label_s,
+        # labelling cost of these problems whenever they were labelled; this run's share beside it
+        "label_seconds": sum(labels.seconds), "label_seconds_this_run": label_s,
+        "problems_labelled_this_run": labels.labelled_now,
+        "train_seconds": time.perf_counter() - start - label_s,
         "draft": preset.draft, "target": preset.target, "label_prm": preset.label_prm or "target-likelihood",
     }
     head.save(out, extra={"training": summary})
@@ -47,7 +65,8 @@ def evaluate(preset, args) -> dict:
 
     if not preset.router:
         raise ValueError("eval-router needs a router head: pass --router DIR (or a preset that ships one)")
-    engine, data = _labels(preset, args, "test", args.n, args.seed)
+    engine, labels = _labels(preset, args, "test", args.n, args.seed)
+    data = labels.data
     head = RouterHead.load(preset.router, expected_hidden_size=engine.draft_model.spec.hidden_size)
     with torch.no_grad():
         scores = head(data.features).numpy()

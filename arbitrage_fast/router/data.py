@@ -8,6 +8,7 @@ the same code paths the router later steers.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,19 @@ class RouterDataset:
         return RouterDataset(*(t[mask] for t in (self.features, self.advantage, self.draft_prm,
                                                   self.target_prm, self.problem)))
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().clone().contiguous() for k, v in self.__dict__.items()}, str(path))
+        save_file({k: v.detach().clone().contiguous() for k, v in self.__dict__.items()}, str(path), metadata)
+
+    @classmethod
+    def concat(cls, parts: list["RouterDataset"]) -> "RouterDataset":
+        """One dataset of several problems' labels, the i-th part numbered problem i."""
+        if not parts:
+            raise ValueError("no problems to join")
+        problem = torch.cat([torch.full_like(p.problem, i) for i, p in enumerate(parts)])
+        return cls(*(torch.cat([getattr(p, k) for p in parts]) for k in
+                     ("features", "advantage", "draft_prm", "target_prm")), problem=problem)
 
     @classmethod
     def load(cls, path: str | Path) -> "RouterDataset":
@@ -49,20 +59,53 @@ class RouterDataset:
         return cls(**{k: t[k] for k in ("features", "advantage", "draft_prm", "target_prm", "problem")})
 
 
+@dataclass
+class LabelRun:
+    data: RouterDataset
+    seconds: list[float]  # what labelling each problem took, when it was labelled
+    labelled_now: int  # problems labelled in this run (the rest came from the cache)
+
+
+def label_problem(engine, prompt: str, sampling: SamplingParams, chat: bool = False) -> RouterDataset:
+    """One problem's steps along the oracle's trajectory (problem index 0)."""
+    from .features import feature_dim
+
+    res = engine.generate(prompt, policy="oracle", threshold=0.0, sampling=sampling, chat=chat, record_features=True)
+    if not res.steps:
+        empty = torch.zeros(0)
+        return RouterDataset(torch.zeros(0, feature_dim(engine.draft_model.spec.hidden_size)), empty, empty, empty,
+                             torch.zeros(0, dtype=torch.long))
+    d = torch.tensor([s.draft_prm for s in res.steps])
+    t = torch.tensor([s.target_prm for s in res.steps])
+    return RouterDataset(features=torch.stack([s.features.float().cpu() for s in res.steps]), advantage=t - d,
+                         draft_prm=d, target_prm=t, problem=torch.zeros(len(res.steps), dtype=torch.long))
+
+
+def label_problems(engine, prompts: list[str], sampling: SamplingParams | None = None, progress: bool = True,
+                   chat: bool = False, ids: list[str] | None = None, cache=None) -> LabelRun:
+    """Labels of every prompt, read from `cache` (a `LabelCache`, keyed by `ids`) where it holds
+    them and written to it as each new problem is done."""
+    if cache is not None and (ids is None or len(ids) != len(prompts)):
+        raise ValueError("a label cache needs one id per prompt")
+    sampling = sampling or SamplingParams(max_new_tokens=256)
+    parts, seconds, labelled_now = [], [], 0
+    for i, prompt in enumerate(tqdm(prompts, desc="router labels", disable=not progress)):
+        cached = cache.get(ids[i]) if cache is not None else None
+        if cached is None:
+            start = time.perf_counter()
+            part = label_problem(engine, prompt, sampling, chat)
+            cached = part, time.perf_counter() - start
+            labelled_now += 1
+            if cache is not None:
+                cache.put(ids[i], *cached)
+        parts.append(cached[0])
+        seconds.append(cached[1])
+    data = RouterDataset.concat(parts)
+    if not len(data):
+        raise ValueError("no steps were generated; cannot build router labels")
+    return LabelRun(data, seconds, labelled_now)
+
+
 def generate_labels(engine, prompts: list[str], sampling: SamplingParams | None = None,
                     progress: bool = True, chat: bool = False) -> RouterDataset:
-    sampling = sampling or SamplingParams(max_new_tokens=256)
-    feats, adv, dprm, tprm, prob = [], [], [], [], []
-    for i, prompt in enumerate(tqdm(prompts, desc="router labels", disable=not progress)):
-        res = engine.generate(prompt, policy="oracle", threshold=0.0, sampling=sampling, chat=chat,
-                              record_features=True)
-        for step in res.steps:
-            feats.append(step.features.float().cpu())
-            dprm.append(step.draft_prm)
-            tprm.append(step.target_prm)
-            prob.append(i)
-    if not feats:
-        raise ValueError("no steps were generated; cannot build router labels")
-    d, t = torch.tensor(dprm), torch.tensor(tprm)
-    return RouterDataset(features=torch.stack(feats), advantage=t - d, draft_prm=d, target_prm=t,
-                         problem=torch.tensor(prob))
+    return label_problems(engine, prompts, sampling, progress, chat).data

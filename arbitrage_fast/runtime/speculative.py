@@ -16,7 +16,7 @@ import torch
 
 from arbitrage_fast.config import SamplingParams
 
-from .model_runner import ForwardOutput, ModelRunner
+from .model_runner import ModelRunner
 from .sampler import probabilities, sample, token_statistics
 from .step_decoder import DecodedStep, StopRule
 
