@@ -58,6 +58,12 @@ def _remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-name", help="the target's served model name (default: none sent)")
 
 
+def _label_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label-cache", default=None, metavar="DIR",
+                   help="keep each problem's labels here and reuse them on a rerun (resumes an interrupted "
+                        "labelling; any run labels only the problems the directory lacks)")
+
+
 def _remote_engine(args):
     """The remote engine when server URLs are given, else None."""
     if not (args.draft_url or args.target_url):
@@ -178,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-new-tokens", type=int, default=256)
     t.add_argument("--json", default=None)
-    t.add_argument("--label-cache", default=None, metavar="DIR",
-                   help="keep each problem's labels here and reuse them on a rerun (resumes an interrupted "
-                        "labelling; any run labels only the problems the directory lacks)")
+    _label_cache_arg(t)
     t.set_defaults(func=_with_preset(cmd_train_router))
 
     e = sub.add_parser("eval-router", help="Spearman/AUROC of a router vs the oracle advantage on held-out problems")
@@ -189,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--json", default=None)
-    e.add_argument("--label-cache", default=None, metavar="DIR",
-                   help="keep each problem's labels here and reuse them on a rerun (resumes an interrupted "
-                        "labelling; any run labels only the problems the directory lacks)")
+    _label_cache_arg(e)
     e.set_defaults(func=_with_preset(cmd_eval_router))
 
     g = sub.add_parser("generate", help="generate one answer step by step")

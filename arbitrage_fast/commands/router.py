@@ -27,7 +27,7 @@ def _label_cache(preset, args):
     """The `--label-cache` directory, keyed by everything a step's labels depend on."""
     from arbitrage_fast.router.label_cache import LabelCache
 
-    if not getattr(args, "label_cache", None):
+    if not args.label_cache:
         return None
     return LabelCache(args.label_cache, {
         "draft": preset.draft, "target": preset.target, "label_prm": str(preset.label_prm or "target-likelihood"),

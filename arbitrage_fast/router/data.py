@@ -17,6 +17,8 @@ from tqdm import tqdm
 
 from arbitrage_fast.config import SamplingParams
 
+_TENSORS = ("features", "advantage", "draft_prm", "target_prm", "problem")
+
 
 @dataclass
 class RouterDataset:
@@ -34,8 +36,7 @@ class RouterDataset:
         return self.advantage.numel()
 
     def subset(self, mask: torch.Tensor) -> "RouterDataset":
-        return RouterDataset(*(t[mask] for t in (self.features, self.advantage, self.draft_prm,
-                                                  self.target_prm, self.problem)))
+        return RouterDataset(**{k: getattr(self, k)[mask] for k in _TENSORS})
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         from safetensors.torch import save_file
@@ -47,16 +48,21 @@ class RouterDataset:
         """One dataset of several problems' labels, the i-th part numbered problem i."""
         if not parts:
             raise ValueError("no problems to join")
-        problem = torch.cat([torch.full_like(p.problem, i) for i, p in enumerate(parts)])
-        return cls(*(torch.cat([getattr(p, k) for p in parts]) for k in
-                     ("features", "advantage", "draft_prm", "target_prm")), problem=problem)
+        joined = {k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSORS}
+        joined["problem"] = torch.cat([torch.full_like(p.problem, i) for i, p in enumerate(parts)])
+        return cls(**joined)
 
     @classmethod
     def load(cls, path: str | Path) -> "RouterDataset":
-        from safetensors.torch import load_file
+        return cls.load_with_metadata(path)[0]
 
-        t = load_file(str(path))
-        return cls(**{k: t[k] for k in ("features", "advantage", "draft_prm", "target_prm", "problem")})
+    @classmethod
+    def load_with_metadata(cls, path: str | Path) -> tuple["RouterDataset", dict[str, str]]:
+        """The dataset and the file's metadata, from one read of the file."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return cls(**{k: f.get_tensor(k) for k in _TENSORS}), f.metadata() or {}
 
 
 @dataclass

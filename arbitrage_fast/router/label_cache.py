@@ -43,16 +43,13 @@ class LabelCache:
 
     def get(self, item_id: str) -> tuple[RouterDataset, float] | None:
         """(labels, seconds it took to make them) of a problem, or None if it is not cached."""
-        from safetensors import safe_open
-
         path = self.path(item_id)
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        data, meta = RouterDataset.load_with_metadata(path)
         if meta.get("item") != item_id:
             raise ValueError(f"{path} holds labels of {meta.get('item')!r}, not {item_id!r}")
-        return RouterDataset.load(path), float(meta["seconds"])
+        return data, float(meta["seconds"])
 
     def put(self, item_id: str, data: RouterDataset, seconds: float) -> None:
         """Written to a temporary name and renamed, so an interruption never leaves half a file."""
