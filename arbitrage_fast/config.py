@@ -4,11 +4,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# Temperatures below this sample greedily: dividing logits by a denormal temperature overflows
+# to inf and the softmax turns to NaN (vLLM draws the same line).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
@@ -30,7 +34,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass
@@ -51,6 +55,10 @@ class EngineConfig:
     # 1 = the per-token decoder, N > 1 = chunks of N, 0 = adaptive (<= 2 host reads per step).
     decode_chunk: int = 1
     spec_k: int = 0  # token-level speculation inside target steps (0 = off)
+    # Continuous batching: requests running at once, and tokens per model forward (decode rows
+    # first, then prefill chunks cut to what is left).
+    max_batch: int = 32
+    max_batch_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if not self.draft or not self.target:
@@ -69,3 +77,7 @@ class EngineConfig:
             raise ValueError(f"decode_chunk must be an integer >= 0 (0 = adaptive), got {self.decode_chunk!r}")
         if self.spec_k < 0:
             raise ValueError(f"spec_k must be >= 0, got {self.spec_k}")
+        for name in ("max_batch", "max_batch_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")

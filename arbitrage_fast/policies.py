@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .roles import Role
+
 
 @dataclass
 class StepEvidence:
@@ -30,6 +32,15 @@ class Policy:
     def escalate(self, e: StepEvidence) -> bool:
         """True when the target's step should be committed instead of the draft's."""
         raise NotImplementedError
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        """The models whose KV this policy fills (what admission has to find room for)."""
+        if self.name == "draft_only":
+            return (Role.DRAFT,)
+        if self.name == "target_only":
+            return (Role.TARGET,)
+        return (Role.DRAFT, Role.TARGET)
 
 
 class TargetOnly(Policy):

@@ -42,6 +42,7 @@ from arbitrage_fast.kv.paged_cache import KVSpec, PagedKVCache  # noqa: E402
 from arbitrage_fast.models.random_init import random_model  # noqa: E402
 from arbitrage_fast.runtime.attention_metadata import AttentionMetadata  # noqa: E402
 from arbitrage_fast.runtime.graphs import decode_graphs  # noqa: E402
+from arbitrage_fast.roles import Role  # noqa: E402
 from arbitrage_fast.runtime.model_runner import ModelRunner  # noqa: E402
 
 SEQ = 0
@@ -160,7 +161,7 @@ def bench_shape(name: str, args, device, peak) -> list[dict]:
     model, spec = loaded.model, loaded.spec
     C, N = args.context, args.tokens
     cache = make_cache(spec, C + N + 1, dtype, device)
-    runner = ModelRunner(model, cache, 0, name)
+    runner = ModelRunner(model, cache, Role.DRAFT)
     cache.add_sequence(SEQ)
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, spec.vocab_size, (C,), generator=gen).tolist()

@@ -29,6 +29,7 @@ from bench_decode import SEQ, StaticDecode, make_cache, router_buffers  # noqa: 
 
 from arbitrage_fast import nvtx  # noqa: E402
 from arbitrage_fast.models.random_init import random_model  # noqa: E402
+from arbitrage_fast.roles import Role  # noqa: E402
 from arbitrage_fast.runtime.model_runner import ModelRunner  # noqa: E402
 
 KERNEL_CALLS = 100
@@ -68,7 +69,7 @@ def run(args, device) -> dict:
     cache.add_sequence(SEQ)
     prompt = torch.randint(0, spec.vocab_size, (C,), generator=torch.Generator().manual_seed(args.seed)).tolist()
     with nvtx.range("prefill"):
-        ModelRunner(model, cache, 0, name).forward_one(SEQ, prompt)
+        ModelRunner(model, cache, Role.DRAFT).forward_one(SEQ, prompt)
     token = prompt[-1]
     router = router_buffers(spec.hidden_size, args.width, device, dtype, args.seed)
     # Both variants decode the same positions of the same sequence (the router variant's

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from arbitrage_fast import Engine, EngineConfig, SamplingParams
-from arbitrage_fast.engine import DRAFT, TARGET, ModelMismatchError
+from arbitrage_fast.engine import ModelMismatchError
+from arbitrage_fast.roles import Role
+
+DRAFT, TARGET = Role.DRAFT, Role.TARGET
 from arbitrage_fast.eval.datasets import load_dataset
 from arbitrage_fast.models import gguf_assets
 

@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from arbitrage_fast import Engine, EngineConfig, SamplingParams
-from arbitrage_fast.engine import DRAFT as DRAFT_INDEX, TARGET as TARGET_INDEX
+from arbitrage_fast.roles import Role
+
+DRAFT_INDEX, TARGET_INDEX = Role.DRAFT, Role.TARGET
 from arbitrage_fast.eval.datasets import load_dataset
 from arbitrage_fast.models import gguf_assets
 from arbitrage_fast.models.architecture import DecoderSpec

@@ -24,7 +24,7 @@ order of 0.1 ms with graphs), while a rolled-back token costs a whole draft forw
 1 ms for a 1.5B draft at bf16 on an H200). When step lengths vary a lot, the adaptive plan's
 second chunk can roll back many tokens; a small fixed N (4-8) then costs less per step even
 at several reads. Which wins depends on the model and the length distribution: measure with
-`DecodedStep.extra["rolled_back"]` and `host_syncs`. With batching the balance shifts toward
+`DecodedStep.rolled_back` and `host_syncs`. With batching the balance shifts toward
 long chunks, since a sync stalls every row while a finished row's extra tokens ride along in
 forwards that run anyway.
 
@@ -144,7 +144,7 @@ def decode_step_chunked(runner: ModelRunner, seq_id: int, first: ForwardOutput, 
     router_score = row[1 + 2 * k + e] if score is not None else None
     return DecodedStep(tokens=tokens, ended_by=reason, logprobs=logprobs, features=features, host_syncs=syncs,
                        forwards=forwards, router_score=router_score,
-                       extra={"rolled_back": rolled_back, "chunks": syncs})
+                       chunks=syncs, rolled_back=rolled_back)
 
 
 def _extend_for_chunk(runner: ModelRunner, seq_id: int, loop: DecodeLoop, start: int, done: int, k: int) -> int:

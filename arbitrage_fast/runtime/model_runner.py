@@ -1,7 +1,7 @@
 """Everything that touches the device for one model: KV slots, metadata, forward, logits.
 
 The engine speaks in tokens and sequence ids; the runner turns them into a flat batch over
-the shared arena. One runner per model role (draft = 0, target = 1).
+the shared arena. One runner per model role.
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import torch
 
 from arbitrage_fast.kv.paged_cache import PagedKVCache
 from arbitrage_fast.models.llama import LlamaDecoder
+from arbitrage_fast.roles import Role
 
 from .attention_metadata import AttentionMetadata
+from .work import ModelWork
 
 
 @dataclass
@@ -22,14 +24,15 @@ class ForwardOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaDecoder, cache: PagedKVCache, model_index: int, name: str) -> None:
+    def __init__(self, model: LlamaDecoder, cache: PagedKVCache, role: Role) -> None:
         self.model = model
         self.cache = cache
-        self.index = model_index
-        self.name = name
+        self.role = role
+        self.index = int(role)  # the model's index in the pool
+        self.name = role.label
         self.device = next(model.parameters()).device
-        self.block_size = cache.block_size(model_index)
-        self.kv_view = cache.view(model_index)
+        self.block_size = cache.block_size(role)
+        self.kv_view = cache.view(role)
         self.max_len = model.spec.max_position_embeddings
 
     def kv_len(self, seq_id: int) -> int:
@@ -39,39 +42,57 @@ class ModelRunner:
         """Roll this model's KV back to its first num_tokens positions (rejected tokens vanish)."""
         self.cache.truncate(seq_id, self.index, num_tokens)
 
-    @torch.inference_mode()
+    def reserve(self, seq_id: int, num_tokens: int) -> int:
+        """Make room for num_tokens more positions of this model's KV; returns where they start.
+        Raises KVCacheExhausted and changes nothing when the arena is too full."""
+        start = self.kv_len(seq_id)
+        self.cache.extend(seq_id, self.index, start + num_tokens)
+        return start
+
     def forward(self, seq_ids: list[int], chunks: list[list[int]], rows: str = "last") -> ForwardOutput:
         """Append each chunk of tokens to its sequence's KV and run the model once over all of them.
 
         rows="last" returns one row per sequence (its last token); rows="all" every token.
-        On KV exhaustion nothing is written and the pool is unchanged for the failing sequence.
+        On KV exhaustion the failing sequence is unchanged (earlier ones keep their room).
         """
-        positions, slots, query_lens, seq_lens = [], [], [], []
-        for seq_id, chunk in zip(seq_ids, chunks):
-            if not chunk:
-                raise ValueError("empty chunk passed to the model runner")
-            start = self.kv_len(seq_id)
-            end = start + len(chunk)
-            self.cache.extend(seq_id, self.index, end)
+        works = [ModelWork(self.role, s, list(c), rows) for s, c in zip(seq_ids, chunks)]
+        starts = [self.reserve(w.seq_id, len(w.tokens)) for w in works]
+        outs = self.run(works, starts)
+        return outs[0] if len(outs) == 1 else ForwardOutput(hidden=torch.cat([o.hidden for o in outs]),
+                                                            logits=torch.cat([o.logits for o in outs]))
+
+    def forward_one(self, seq_id: int, tokens: list[int], rows: str = "last") -> ForwardOutput:
+        return self.forward([seq_id], [tokens], rows)
+
+    @torch.inference_mode()
+    def run(self, works: list[ModelWork], starts: list[int]) -> list[ForwardOutput]:
+        """One forward over every work item, whose KV room `reserve` made (item i's tokens at
+        positions starts[i]...): decode rows and prefill chunks of many sequences in one varlen
+        batch, so the weights are read once for all of them. Returns each item's rows."""
+        positions, slots, query_lens, seq_lens, picked = [], [], [], [], []
+        offset = 0
+        for work, start in zip(works, starts):
+            n = len(work.tokens)
+            end = start + n
             positions.append(torch.arange(start, end))
-            slots.append(self.cache.slot_mapping(seq_id, self.index, start, end))
-            query_lens.append(len(chunk))
+            slots.append(self.cache.slot_mapping(work.seq_id, self.index, start, end))
+            query_lens.append(n)
             seq_lens.append(end)
+            picked.append(torch.arange(offset, offset + n) if work.rows == "all" else torch.tensor([offset + n - 1]))
+            offset += n
         dev = self.device
         meta = AttentionMetadata(
             positions=torch.cat(positions).to(dev),
             slot_mapping=torch.cat(slots).to(dev),
-            block_tables=self.cache.block_table_tensor(seq_ids, self.index).to(dev),
+            block_tables=self.cache.block_table_tensor([w.seq_id for w in works], self.index).to(dev),
             query_lens=query_lens,
             seq_lens=seq_lens,
             block_size=self.block_size,
         )
-        input_ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=dev)
+        input_ids = torch.tensor([t for w in works for t in w.tokens], dtype=torch.long, device=dev)
         hidden = self.model(input_ids, meta, self.kv_view)
-        if rows == "last":
-            last = torch.tensor(query_lens, device=dev).cumsum(0) - 1
-            hidden = hidden[last]
-        return ForwardOutput(hidden=hidden, logits=self.model.compute_logits(hidden))
-
-    def forward_one(self, seq_id: int, tokens: list[int], rows: str = "last") -> ForwardOutput:
-        return self.forward([seq_id], [tokens], rows)
+        if offset != sum(len(p) for p in picked):
+            hidden = hidden[torch.cat(picked).to(dev)]
+        logits = self.model.compute_logits(hidden)
+        counts = [len(p) for p in picked]
+        return [ForwardOutput(hidden=h, logits=lg) for h, lg in zip(hidden.split(counts), logits.split(counts))]

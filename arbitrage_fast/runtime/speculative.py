@@ -16,9 +16,12 @@ import torch
 
 from arbitrage_fast.config import SamplingParams
 
-from .model_runner import ModelRunner
+from arbitrage_fast.kv.paged_cache import PagedKVCache
+from arbitrage_fast.roles import Role
+
 from .sampler import probabilities, sample, token_statistics
 from .step_decoder import DecodedStep, StopRule
+from .work import ModelWork, WorkFlow
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, proposals: list[int], greedy: bool,
@@ -43,15 +46,18 @@ def verify(p: torch.Tensor, q: torch.Tensor, proposals: list[int], greedy: bool,
     return len(proposals), nxt
 
 
-@torch.inference_mode()
-def speculative_step(draft: ModelRunner, target: ModelRunner, seq, k: int, sampling: SamplingParams,
-                     generator: torch.Generator | None, stop: StopRule) -> DecodedStep:
-    """The target's step for `seq`, with the draft proposing up to k tokens per target forward.
+def speculative_step(cache: PagedKVCache, seq, k: int, sampling: SamplingParams,
+                     generator: torch.Generator | None, stop: StopRule) -> "WorkFlow[DecodedStep]":
+    """The target's step for `seq`, with the draft proposing up to k tokens per target forward
+    (a work flow: each forward is yielded to the scheduler, batched with other requests').
 
     KV invariant on return (as for any step): each model has seen at most the context plus
     all step tokens but the last.
     """
-    context = list(seq.tokens(target.index))  # one vocabulary: the same ids for both models
+    D, T = Role.DRAFT, Role.TARGET
+    sid = seq.seq_id
+    seen = lambda role: cache.num_tokens(sid, role)  # noqa: E731
+    context = list(seq.tokens(T))  # one vocabulary: the same ids for both models
     step: list[int] = []
     logprobs: list[float] = []
     proposed = accepted_total = syncs = 0
@@ -60,29 +66,31 @@ def speculative_step(draft: ModelRunner, target: ModelRunner, seq, k: int, sampl
         proposals, q_rows = [], []
         base = len(context) + len(step)
         # Each model must re-read at least the last token to get its next-token logits.
-        draft.truncate(seq.seq_id, min(draft.kv_len(seq.seq_id), base - 1))
-        target.truncate(seq.seq_id, min(target.kv_len(seq.seq_id), base - 1))
-        out = draft.forward_one(seq.seq_id, (context + step)[draft.kv_len(seq.seq_id):])
+        for role in (D, T):
+            cache.truncate(sid, role, min(seen(role), base - 1))
+        out = yield ModelWork(D, sid, (context + step)[seen(D):])
         for _ in range(k):
-            q = probabilities(out.logits[-1:], sampling)
-            x = int(sample(out.logits[-1:], sampling, generator))
+            with torch.inference_mode():
+                q = probabilities(out.logits[-1:], sampling)
+                x = int(sample(out.logits[-1:], sampling, generator))
             syncs += 1
             proposals.append(x)
             q_rows.append(q[0])
             if stop.ended_by(x, len(step) + len(proposals)) is not None or len(proposals) == k:
                 break
-            out = draft.forward_one(seq.seq_id, [x])
+            out = yield ModelWork(D, sid, [x])
         # 2. Target scores the unseen context and all proposals in one forward.
-        fed = (context + step)[target.kv_len(seq.seq_id):] + proposals
-        t_out = target.forward_one(seq.seq_id, fed, rows="all")
-        t_logits = t_out.logits[-(len(proposals) + 1):]
-        p = probabilities(t_logits, sampling)
-        n_acc, nxt = verify(p, torch.stack(q_rows), proposals, sampling.greedy, generator)
-        syncs += 1
-        proposed += len(proposals)
-        accepted_total += n_acc
-        new = proposals[:n_acc] + [nxt]
-        lp, _ = token_statistics(t_logits[: len(new)], torch.tensor(new, device=t_logits.device))
+        fed = (context + step)[seen(T):] + proposals
+        t_out = yield ModelWork(T, sid, fed, rows="all")
+        with torch.inference_mode():
+            t_logits = t_out.logits[-(len(proposals) + 1):]
+            p = probabilities(t_logits, sampling)
+            n_acc, nxt = verify(p, torch.stack(q_rows), proposals, sampling.greedy, generator)
+            syncs += 1
+            proposed += len(proposals)
+            accepted_total += n_acc
+            new = proposals[:n_acc] + [nxt]
+            lp, _ = token_statistics(t_logits[: len(new)], torch.tensor(new, device=t_logits.device))
         # 3. Commit in order until the step ends; roll back both models' unverified KV.
         reason = None
         for i, tok in enumerate(new):
@@ -93,8 +101,8 @@ def speculative_step(draft: ModelRunner, target: ModelRunner, seq, k: int, sampl
                 break
         # KV stays only for accepted proposals, and never for the step's last token.
         keep = min(base + n_acc, len(context) + len(step) - 1)
-        target.truncate(seq.seq_id, min(target.kv_len(seq.seq_id), keep))
-        draft.truncate(seq.seq_id, min(draft.kv_len(seq.seq_id), keep))
+        for role in (T, D):
+            cache.truncate(sid, role, min(seen(role), keep))
         if reason is not None:
             return DecodedStep(tokens=step, ended_by=reason, logprobs=logprobs, host_syncs=syncs,
-                               extra={"proposed": proposed, "accepted": accepted_total})
+                               spec_proposed=proposed, spec_accepted=accepted_total)

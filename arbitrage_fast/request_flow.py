@@ -1,0 +1,185 @@
+"""How one request writes its answer, step by step, as a generator the scheduler drives.
+
+The flow yields `ModelWork` (and is sent the forward's output) whenever it needs a model,
+and yields each committed `Step`; it returns the finish reason. Everything between two
+forwards (sampling, stop rules, the policy's decision, commits, KV rollback) happens here,
+on the host, for this request alone; the scheduler batches the forwards of all requests.
+
+    while budget left:  draft a step -> evidence -> keep or escalate (decision.py) -> commit
+
+KV bookkeeping follows one invariant: after a commit each model has seen at most the
+committed context minus its last token, and catches up on the rest in ONE prefill when it
+next writes or scores.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from .decision import decide_step
+from .prm.target_likelihood import mean_probability, mean_token_probability
+from .request import Request
+from .roles import Role
+from .runtime.chunked_decoder import decode_step_chunked
+from .runtime.model_runner import ForwardOutput
+from .runtime.speculative import speculative_step
+from .runtime.step_decoder import DecodedStep, StopRule, decode_step_flow
+from .runtime.work import ModelWork
+from .sequence import Step
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+DEFAULT_SPEC_K = 4
+D, T = Role.DRAFT, Role.TARGET
+
+
+def request_flow(eng: "Engine", req: Request):
+    """The request from its committed state to its end (also after a preemption: a resumed
+    flow starts with empty KV and its first catch-up prefill recomputes it)."""
+    seq, pol, sampling = req.seq, req.policy, req.sampling
+    while True:
+        room = eng.max_len - max(len(seq.tokens(D)), len(seq.tokens(T)))
+        budget = min(sampling.max_new_tokens - seq.num_generated, room)
+        if budget <= 0:
+            return "length"
+        req.mark_step_start()
+        source = _LocalSource(eng, req, budget)
+        decision = yield from decide_step(pol, source)
+        step = source.as_step(decision.kept, decision.escalated)
+        if decision.drafted is not None and decision.escalated:
+            step.rejected_draft = eng.text(decision.drafted.tokens, D)
+        ev = decision.evidence
+        step.draft_prm, step.target_prm, step.router_score = ev.draft_prm, ev.target_prm, ev.router_score
+        if req.record_features and decision.drafted is not None:
+            step.features = decision.drafted.features.features()
+        writer = T if decision.escalated else D
+        other_ids = None if eng.shared_vocab else eng.encode_step(step.text, writer.other)
+        seq.commit(step, writer, other_ids)
+        req.stats.steps += 1
+        req.stats.escalations += decision.escalated and pol.drafts
+        yield step
+        if step.ended_by == "eos":
+            return "eos"
+
+
+class _LocalSource:
+    """The evidence of one step from the native models (decision.StepSource)."""
+
+    def __init__(self, eng: "Engine", req: Request, budget: int) -> None:
+        self.eng, self.req, self.seq, self.stats = eng, req, req.seq, req.stats
+        s = req.sampling
+        self.stops = {m: StopRule(eng.boundary_ids[m], frozenset() if s.ignore_eos else eng.eos_ids[m],
+                                  s.max_step_tokens, budget) for m in Role}
+        self.target_first: ForwardOutput | None = None  # the target's logits to start its own step
+
+    # ---------------------------------------------------------------- StepSource
+    def draft_step(self):
+        pol = self.req.policy
+        track = pol.needs_router or self.req.record_features
+        return (yield from self._write(D, track_features=track,
+                                       router=self.eng.router if pol.needs_router else None))
+
+    def router_score(self, drafted: DecodedStep) -> float:
+        if drafted.router_score is not None:  # the chunked decoder's read brought it back
+            return drafted.router_score
+        t = time.perf_counter()
+        with torch.inference_mode():
+            score = float(self.eng.router(drafted.features.features()))
+        self.stats.host_syncs += 1
+        self.stats.router_s += time.perf_counter() - t
+        return score
+
+    def draft_prm(self, drafted: DecodedStep):
+        eng, seq = self.eng, self.seq
+        if eng.prm is not None:
+            t = time.perf_counter()
+            score = eng.prm.score(seq.prompt_text, seq.step_texts(), eng.text(drafted.tokens, D))
+            self.stats.prm_s += time.perf_counter() - t
+            return score
+        # Target likelihood: one target prefill over the unseen context and the draft step.
+        # Row j of the last n rows predicts the step's j-th token; the first of them is also
+        # exactly what the target needs to start its own step if this one is rejected.
+        step_ids = drafted.tokens if eng.shared_vocab else eng.encode_step(eng.text(drafted.tokens, D), T)
+        if not step_ids:  # the draft step is empty text in the target's vocabulary
+            return 0.0
+        n = len(step_ids)
+        seen = eng.cache.num_tokens(seq.seq_id, T)
+        self.stats.add_prefill(T, len(seq.tokens(T)) - seen + n - 1)
+        out = yield ModelWork(T, seq.seq_id, seq.tokens(T)[seen:] + step_ids[:-1], rows="all")
+        with torch.inference_mode():
+            score = mean_token_probability(out.logits[-n:], step_ids)
+        self.stats.host_syncs += 1  # the score's read
+        self.target_first = ForwardOutput(hidden=out.hidden[-n:][:1], logits=out.logits[-n:][:1])
+        return score
+
+    def target_step(self):
+        """The target writes the step from the committed context (its KV rolled back to it),
+        speculated by the draft when spec_k > 0 (always, under the spec_decode policy)."""
+        eng, seq = self.eng, self.seq
+        committed = len(seq.tokens(T))
+        if eng.cache.num_tokens(seq.seq_id, T) > committed:
+            eng.cache.truncate(seq.seq_id, T, committed)
+        if eng.config.spec_k > 0 or self.req.policy.name == "spec_decode":
+            k = eng.config.spec_k or DEFAULT_SPEC_K
+            written = yield from speculative_step(eng.cache, seq, k, self.req.sampling, self.req.generator,
+                                                  self.stops[T])
+            self.stats.add_tokens(T, len(written.tokens))
+            self.stats.spec_proposed += written.spec_proposed
+            self.stats.spec_accepted += written.spec_accepted
+            self.stats.host_syncs += written.host_syncs
+            self.stats.decode_host_syncs += written.host_syncs
+            return written
+        first, self.target_first = self.target_first, None
+        return (yield from self._write(T, first=first))
+
+    def target_prm(self, candidate: DecodedStep) -> float:
+        eng, seq = self.eng, self.seq
+        if eng.prm is None:
+            return mean_probability(candidate.logprobs)
+        t = time.perf_counter()
+        score = eng.prm.score(seq.prompt_text, seq.step_texts(), eng.text(candidate.tokens, T))
+        self.stats.prm_s += time.perf_counter() - t
+        return score
+
+    def reject_draft(self, drafted: DecodedStep) -> None:
+        self.eng.cache.truncate(self.seq.seq_id, D, len(self.seq.tokens(D)))
+
+    def discard_candidate(self, candidate: DecodedStep) -> None:
+        """The target's losing candidate goes; the context it read stays."""
+        eng, sid = self.eng, self.seq.seq_id
+        eng.cache.truncate(sid, T, min(eng.cache.num_tokens(sid, T), len(self.seq.tokens(T))))
+
+    # ---------------------------------------------------------------- writing
+    def as_step(self, written: DecodedStep, escalated: bool) -> Step:
+        writer = T if escalated else D
+        return Step(text=self.eng.text(written.tokens, writer), token_ids=written.tokens, source=writer.label,
+                    ended_by=written.ended_by)
+
+    def _write(self, role: Role, first: ForwardOutput | None = None, track_features: bool = False, router=None):
+        """Catch up on the committed context in one prefill (unless `first` already holds the
+        logits that start the step), then decode the step."""
+        eng, seq, req = self.eng, self.seq, self.req
+        if first is None:
+            seen = eng.cache.num_tokens(seq.seq_id, role)
+            self.stats.add_prefill(role, len(seq.tokens(role)) - seen)
+            first = yield ModelWork(role, seq.seq_id, seq.tokens(role)[seen:])
+        if eng.config.decode_chunk == 1:
+            written = yield from decode_step_flow(role, seq.seq_id, first, req.sampling, req.generator,
+                                                  self.stops[role], track_features)
+        else:
+            # The chunked decoder runs its own device loop (CUDA graphs of batch 1): it decodes
+            # this request's step by itself, outside the scheduler's batch.
+            t = time.perf_counter()
+            mean_step_len = seq.num_generated / len(seq.steps) if seq.steps else None
+            written = decode_step_chunked(eng.runners[role], seq.seq_id, first, req.sampling, req.generator,
+                                          self.stops[role], track_features, chunk=eng.config.decode_chunk,
+                                          mean_step_len=mean_step_len, score=router)
+            self.stats.rolled_back_tokens += written.rolled_back
+            self.stats.add_seconds(role, time.perf_counter() - t)
+        self.stats.add_tokens(role, len(written.tokens))
+        self.stats.host_syncs += written.host_syncs
+        self.stats.decode_host_syncs += written.host_syncs
+        return written

@@ -1,0 +1,226 @@
+"""Continuous batching: which requests run, and one forward per model role per iteration.
+
+Each iteration:
+  1. admit waiting requests, oldest first, while the batch has room and the pool has pages
+     for the request's whole committed context plus a margin (no skipping ahead: a request
+     that does not fit yet holds the queue, so a preempted request is never starved);
+  2. the draft forward: every running request whose flow waits on the draft contributes its
+     work (one-token decode rows and catch-up prefill chunks mixed, prefill split to the
+     iteration's token budget), run as ONE varlen batch;
+  3. the target forward, the same way, including work that step 2 just produced;
+  4. each request's flow takes its output and runs on to its next model work, committing
+     steps (its policy decides on its own step) or ending.
+
+Memory: KV room for a forward is reserved before it runs. When the pool is full the newest
+running request is preempted (pages freed, committed steps kept, recomputed on resume),
+never an older one, so the oldest request always progresses; a request that does not fit
+even alone fails with `KVCacheExhausted` naming the sizes. Every way out of the running set
+(finish, failure, abort, preemption) frees the request's pages.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kv import KVCacheExhausted
+from .request import Request, RequestState
+from .request_flow import request_flow
+from .roles import Role
+from .runtime.model_runner import ForwardOutput
+from .runtime.work import ModelWork
+from .sequence import Step
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class Scheduler:
+    def __init__(self, eng: "Engine", max_batch: int, max_batch_tokens: int) -> None:
+        self.eng = eng
+        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: the newest is preempted first
+        # Progress of a work item split over iterations (chunked prefill): tokens fed, rows kept.
+        self._fed: dict[int, int] = {}
+        self._parts: dict[int, list[ForwardOutput]] = {}
+        self.last_batch = {Role.DRAFT: 0, Role.TARGET: 0}  # rows of each role's last forward
+
+    # ------------------------------------------------------------------ requests in and out
+    def add(self, req: Request) -> None:
+        self._check_fits_alone(req)
+        self.waiting.append(req)
+
+    def abort(self, req: Request) -> None:
+        if req.state is RequestState.WAITING:
+            self.waiting.remove(req)
+        elif req.state is RequestState.RUNNING:
+            self._leave(req)
+        req.state = RequestState.ABORTED
+        req.stats.wall_s = time.perf_counter() - req.arrival
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> set[Request]:
+        """Run one iteration; returns the requests that committed a step or ended in it."""
+        touched: set[Request] = set()
+        self._admit(touched)
+        for role in Role:
+            batch = self._reserve(role, self._collect(role), touched)
+            self.last_batch[role] = len(batch)
+            if not batch:
+                continue
+            t = time.perf_counter()
+            outs = self.eng.runners[role].run([w for _, w, _ in batch], [s for _, _, s in batch])
+            dt = time.perf_counter() - t
+            for (req, work, _), out in zip(batch, outs):
+                req.stats.add_seconds(role, dt)
+                whole = self._gather(req, work, out)
+                if whole is not None:
+                    self._advance(req, whole, touched)
+        return touched
+
+    def _admit(self, touched: set[Request]) -> None:
+        cache = self.eng.cache
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            need = self._context_pages(req)
+            margin = max(1, cache.num_pages // 100) + len(self.running)
+            if self.running and cache.stats()["free_pages"] < need + margin:
+                break
+            self.waiting.popleft()
+            cache.add_sequence(req.seq.seq_id)
+            req.state = RequestState.RUNNING
+            req.stats.queue_s += time.perf_counter() - req.waiting_since
+            self.running.append(req)
+            req.flow = request_flow(self.eng, req)
+            self._advance(req, None, touched)
+
+    def _collect(self, role: Role) -> list[tuple[Request, ModelWork]]:
+        """This role's work within the iteration's token budget: every decode row first (a
+        token each, so prefills never stall decoding), then prefills oldest first, the last one
+        that fits cut to what is left (chunked prefill)."""
+        waiting_on = [r for r in self.running if r.pending is not None and r.pending.role == role]
+        left = lambda r: len(r.pending.tokens) - self._fed.get(r.request_id, 0)  # noqa: E731
+        picked, budget = [], self.max_batch_tokens
+        for req in sorted(waiting_on, key=lambda r: left(r) > 1):  # stable: oldest first within each kind
+            if budget <= 0:
+                break
+            work, fed = req.pending, self._fed.get(req.request_id, 0)
+            take = min(left(req), budget)
+            # An intermediate chunk of a "last"-row work returns a row nobody reads; the final one is kept.
+            picked.append((req, ModelWork(role, work.seq_id, work.tokens[fed:fed + take], work.rows)))
+            budget -= take
+        return picked
+
+    def _reserve(self, role: Role, picked, touched) -> list[tuple[Request, ModelWork, int]]:
+        """KV room for every picked work, preempting the newest running requests when the pool
+        runs out; returns (request, work, start position) for those that got room."""
+        runner = self.eng.runners[role]
+        ready = []
+        for req, work in picked:
+            while req.state is RequestState.RUNNING:
+                try:
+                    ready.append((req, work, runner.reserve(work.seq_id, len(work.tokens))))
+                    break
+                except KVCacheExhausted:
+                    victim = self.running[-1]
+                    if victim is req and len(self.running) == 1:
+                        self._fail(req, KVCacheExhausted(self._too_large(req)), touched)
+                    else:
+                        self._preempt(victim)
+                        ready = [r for r in ready if r[0] is not victim]
+        return ready
+
+    def _gather(self, req: Request, work: ModelWork, out: ForwardOutput) -> ForwardOutput | None:
+        """The flow's whole output once the last chunk of its work ran, else None."""
+        pending = req.pending
+        fed = self._fed.get(req.request_id, 0) + len(work.tokens)
+        if fed < len(pending.tokens):
+            self._fed[req.request_id] = fed
+            if pending.rows == "all":
+                self._parts.setdefault(req.request_id, []).append(out)
+            return None
+        self._fed.pop(req.request_id, None)
+        parts = self._parts.pop(req.request_id, [])
+        if not parts:
+            return out
+        parts.append(out)
+        return ForwardOutput(hidden=torch.cat([p.hidden for p in parts]), logits=torch.cat([p.logits for p in parts]))
+
+    def _advance(self, req: Request, value, touched: set[Request]) -> None:
+        """Run the request's flow on to its next model work, collecting committed steps."""
+        try:
+            item = req.flow.send(value)
+            while isinstance(item, Step):
+                touched.add(req)
+                item = next(req.flow)
+            req.pending = item
+        except StopIteration as done:
+            self._finish(req, done.value, touched)
+        except KVCacheExhausted as e:  # raised by a decoder that reserves its own room
+            if len(self.running) > 1:
+                self._preempt(req)
+            else:
+                self._fail(req, KVCacheExhausted(f"{self._too_large(req)} ({e})"), touched)
+        except Exception as e:  # noqa: BLE001 - the request fails; the engine and other requests go on
+            self._fail(req, e, touched)
+
+    # ------------------------------------------------------------------ leaving the batch
+    def _leave(self, req: Request) -> None:
+        """Out of the running set with every page returned, whatever the reason."""
+        if req.flow is not None:
+            req.flow.close()
+            req.flow = None
+        req.pending = None
+        self._fed.pop(req.request_id, None)
+        self._parts.pop(req.request_id, None)
+        self.running.remove(req)
+        if self.eng.cache.has_sequence(req.seq.seq_id):
+            self.eng.cache.free_sequence(req.seq.seq_id)
+
+    def _preempt(self, req: Request) -> None:
+        self._leave(req)
+        req.rewind_step()
+        req.state = RequestState.WAITING
+        req.stats.preemptions += 1
+        req.waiting_since = time.perf_counter()
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, reason: str, touched: set[Request]) -> None:
+        self._leave(req)
+        req.state = RequestState.FINISHED
+        req.stats.wall_s = time.perf_counter() - req.arrival
+        req.result = self.eng.result_of(req, reason)
+        touched.add(req)
+
+    def _fail(self, req: Request, error: BaseException, touched: set[Request]) -> None:
+        self._leave(req)
+        req.state = RequestState.FAILED
+        req.error = error
+        req.stats.wall_s = time.perf_counter() - req.arrival
+        touched.add(req)
+
+    # ------------------------------------------------------------------ sizes
+    def _context_pages(self, req: Request) -> int:
+        """Pages for the request's committed context plus one token, in each model it uses."""
+        cache = self.eng.cache
+        return sum(-(-(len(req.seq.tokens(m)) + 1) // cache.block_size(m)) for m in req.policy.roles)
+
+    def _check_fits_alone(self, req: Request) -> None:
+        need, total = self._context_pages(req), self.eng.cache.num_pages
+        if need > total:
+            raise KVCacheExhausted(f"the prompt needs {need} KV pages (draft and target together) but the pool "
+                                   f"holds {total}: raise kv_pages / kv_memory_bytes or shorten the prompt")
+
+    def _too_large(self, req: Request) -> str:
+        seq, cache = req.seq, self.eng.cache
+        return (f"request {req.request_id} does not fit in the KV pool even alone: its context is "
+                f"{len(seq.tokens(Role.DRAFT))} draft and {len(seq.tokens(Role.TARGET))} target tokens "
+                f"(block sizes {cache.block_sizes}) and the pool holds {cache.num_pages} pages; raise kv_pages / "
+                f"kv_memory_bytes or lower max_new_tokens")

@@ -1,0 +1,243 @@
+"""Continuous batching: a request's output does not depend on what else is in flight.
+
+Every test compares a batched run against each request run alone (fp32, tiny models whose
+greedy argmaxes are far from ties), so a scheduling bug that mixes rows, KV pages or
+generators between requests shows up as a different token.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arbitrage_fast import Engine, EngineConfig, SamplingParams
+from arbitrage_fast.kv import KVCacheExhausted
+from arbitrage_fast.policies import POLICY_NAMES
+from arbitrage_fast.request import RequestState
+from arbitrage_fast.roles import Role
+from arbitrage_fast.router.head import RouterConfig, RouterHead
+from helpers.length_prm import LengthPRM, build_policy_pair
+
+PROMPTS = [
+    "We compute 12 + 30 = 42",
+    "Let x be the number",
+    "A",
+    "Ann has 7 apples and buys 5 more apples at the shop, then gives 3 to Bob",
+    "Q: 3 * 4 = ?",
+    "Start with 12. Add 30. What is the result? Think step by step about it",
+    "x",
+]
+SP = SamplingParams(max_new_tokens=24, max_step_tokens=6, ignore_eos=True)
+# Thresholds chosen per policy so that batches mix escalated and kept steps.
+THRESHOLDS = {"rsd": [0.3, 0.6, 0.9], "oracle": [0.0, 0.1, -0.1], "arbitrage": [0.3, 0.5, 0.7],
+              "every_step": [0.3, 0.5, 0.7]}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    draft, target = build_policy_pair(root)
+    torch.manual_seed(3)
+    head = RouterHead(RouterConfig(hidden_size=32, width=8))
+    head.save(root / "router")
+    return draft, target, root / "router"
+
+
+def _engine(folders, prm=None, **extra) -> Engine:
+    draft, target, router = folders
+    extra.setdefault("kv_pages", 256)
+    return Engine(EngineConfig(draft=str(draft), target=str(target), router=str(router), prm=prm,
+                               min_block_size=4, **extra))
+
+
+@pytest.fixture(scope="module", params=["target_likelihood", "length_prm"])
+def engine(request, folders):
+    return _engine(folders, prm=LengthPRM() if request.param == "length_prm" else None)
+
+
+def _threshold(policy: str, i: int):
+    return THRESHOLDS[policy][i % 3] if policy in THRESHOLDS else None
+
+
+def _mixed_batch(policy: str, n: int = 6):
+    """n prompts: the even ones under `policy` (thresholds varied), the odd ones under the others."""
+    others = [p for p in POLICY_NAMES if p != policy]
+    policies = [policy if i % 2 == 0 else others[i // 2 % len(others)] for i in range(n)]
+    return PROMPTS[:n], policies, [_threshold(p, i) for i, p in enumerate(policies)]
+
+
+def _same(a, b) -> None:
+    assert a.token_ids == b.token_ids
+    assert [(s.text, s.source, s.ended_by) for s in a.steps] == [(s.text, s.source, s.ended_by) for s in b.steps]
+    assert a.finish_reason == b.finish_reason
+
+
+def _alone(engine, prompts, policies, thresholds, sampling=SP):
+    samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+    return [engine.generate(p, policy=pol, threshold=t, sampling=s)
+            for p, pol, t, s in zip(prompts, policies, thresholds, samplings)]
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_every_policy_batched_with_the_others_equals_each_prompt_alone(engine, policy):
+    prompts, policies, thresholds = _mixed_batch(policy)
+    alone = _alone(engine, prompts, policies, thresholds)
+    batched = engine.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=SP)
+    for a, b in zip(alone, batched):
+        _same(a, b)
+    assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_a_tiny_token_budget_splits_prefills_and_changes_nothing(folders):
+    engine = _engine(folders, max_batch_tokens=5)
+    prompts, policies, thresholds = _mixed_batch("rsd", 7)
+    reference = _alone(_engine(folders), prompts, policies, thresholds)
+    batched = engine.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=SP)
+    for a, b in zip(reference, batched):
+        _same(a, b)
+    assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_each_forward_serves_the_whole_batch(folders, monkeypatch):
+    """One forward per role per iteration, and decode rows of different requests share it."""
+    engine = _engine(folders)
+    calls: list[tuple[Role, int]] = []
+    for role, runner in engine.runners.items():
+        original = runner.run
+        monkeypatch.setattr(runner, "run", lambda works, starts, _o=original, _r=role: (
+            calls.append((_r, len(works))), _o(works, starts))[1])
+    ids = [engine.add_request(p, policy="rsd", threshold=0.6, sampling=SP) for p in PROMPTS[:6]]
+    while engine.has_unfinished_requests():
+        before = len(calls)
+        engine.step()
+        roles = [r for r, _ in calls[before:]]
+        assert len(roles) == len(set(roles)), "more than one forward of a role in one iteration"
+    assert max(n for r, n in calls if r is Role.DRAFT) == 6
+    assert max(n for r, n in calls if r is Role.TARGET) > 1
+    for i in ids:
+        engine.forget(i)
+    assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(folders):
+    engine = _engine(folders)
+    samplings = [SamplingParams(max_new_tokens=20, max_step_tokens=6, temperature=1.0, top_k=40, seed=s,
+                                ignore_eos=True) for s in range(6)]
+    policies = ["rsd", "draft_only", "target_only", "oracle", "spec_decode", "arbitrage"]
+    thresholds = [_threshold(p, 1) for p in policies]
+    alone = _alone(engine, PROMPTS[:6], policies, thresholds, samplings)
+    batched = engine.generate_batch(PROMPTS[:6], policy=policies, threshold=thresholds, sampling=samplings)
+    for a, b in zip(alone, batched):
+        _same(a, b)
+    assert len({tuple(r.token_ids) for r in batched}) > 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_preemption_under_a_tiny_pool_gives_the_uncontended_tokens(folders, temperature):
+    prompts, policies, thresholds = _mixed_batch("rsd", 6)
+    samplings = [SamplingParams(max_new_tokens=24, max_step_tokens=6, temperature=temperature, seed=i,
+                                ignore_eos=True) for i in range(6)]
+    reference = _alone(_engine(folders), prompts, policies, thresholds, samplings)
+    tight = _engine(folders, kv_pages=32)  # every request fits alone, not all at once
+    batched = tight.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=samplings)
+    for a, b in zip(reference, batched):
+        _same(a, b)
+    assert sum(r.stats["preemptions"] for r in batched) > 0, "the pool was meant to force preemption"
+    assert tight.kv_stats()["used_pages"] == 0
+
+
+def test_a_request_that_cannot_fit_alone_fails_and_the_others_finish(folders):
+    engine = _engine(folders, kv_pages=8)
+    short = SamplingParams(max_new_tokens=6, max_step_tokens=6, ignore_eos=True)
+    long = SamplingParams(max_new_tokens=200, max_step_tokens=6, ignore_eos=True)
+    ok = engine.add_request(PROMPTS[1], policy="draft_only", sampling=short)
+    doomed = engine.add_request(PROMPTS[0], policy="rsd", threshold=0.9, sampling=long)
+    ended = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                ended[out.request_id] = out
+    assert ended[ok].state is RequestState.FINISHED and len(ended[ok].result.token_ids) == 6
+    assert ended[doomed].state is RequestState.FAILED
+    assert isinstance(ended[doomed].error, KVCacheExhausted)
+    assert "does not fit in the KV pool even alone" in str(ended[doomed].error)
+    assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_a_prompt_the_pool_can_never_hold_is_refused_up_front(folders):
+    engine = _engine(folders, kv_pages=2)
+    with pytest.raises(KVCacheExhausted, match="the prompt needs .* KV pages"):
+        engine.add_request(PROMPTS[3], policy="rsd")
+    assert engine.kv_stats()["used_pages"] == 0 and not engine.has_unfinished_requests()
+
+
+def test_step_api_streams_each_step_once_and_abort_frees_pages(folders):
+    engine = _engine(folders)
+    prompts, policies, thresholds = _mixed_batch("oracle", 6)
+    reference = _alone(engine, prompts, policies, thresholds)
+    ids = [engine.add_request(p, policy=pol, threshold=t, sampling=SP)
+           for p, pol, t in zip(prompts, policies, thresholds)]
+    victim = ids[2]
+    steps = {i: [] for i in ids}
+    results = {}
+    iterations = 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        iterations += 1
+        if iterations == 3:
+            assert engine.abort(victim) and not engine.abort(victim)
+        for out in outputs:
+            assert out.request_id != victim or iterations < 3, "an aborted request kept running"
+            steps[out.request_id] += out.steps
+            if out.finished:
+                results[out.request_id] = out.result
+    assert engine.kv_stats()["used_pages"] == 0
+    assert victim not in results
+    for rid, ref in zip(ids, reference):
+        if rid != victim:
+            _same(ref, results[rid])
+            assert [s.text for s in steps[rid]] == [s.text for s in ref.steps]
+
+
+def test_max_batch_caps_the_running_set(folders):
+    engine = _engine(folders, max_batch=2)
+    prompts, policies, thresholds = _mixed_batch("arbitrage", 6)
+    reference = _alone(engine, prompts, policies, thresholds)
+    ids = [engine.add_request(p, policy=pol, threshold=t, sampling=SP)
+           for p, pol, t in zip(prompts, policies, thresholds)]
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.result
+        assert engine.num_requests()["running"] <= 2
+    for rid, ref in zip(ids, reference):
+        _same(ref, results[rid])
+    assert all(results[i].stats["queue_s"] >= 0 for i in ids)
+
+
+def test_closing_a_stream_cancels_it_between_other_requests(folders):
+    engine = _engine(folders)
+    other = engine.add_request(PROMPTS[0], policy="rsd", sampling=SP)
+    stream = engine.stream(PROMPTS[1], policy="oracle", sampling=SP)
+    next(stream)
+    stream.close()
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.request(other).state is RequestState.FINISHED
+    assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_per_prompt_arguments_must_match_the_prompts(folders):
+    engine = _engine(folders)
+    with pytest.raises(ValueError, match="policy has 2 values for 3 prompts"):
+        engine.generate_batch(PROMPTS[:3], policy=["rsd", "draft_only"])
+    with pytest.raises(ValueError, match="unknown policy"):
+        engine.generate_batch(PROMPTS[:2], policy=["rsd", "nope"])
+    assert not engine.has_unfinished_requests() and engine.kv_stats()["used_pages"] == 0
+
+
+def test_a_denormal_temperature_samples_greedily(folders):
+    engine = _engine(folders)
+    greedy = engine.generate(PROMPTS[0], policy="draft_only", sampling=SP)
+    tiny = SamplingParams(max_new_tokens=24, max_step_tokens=6, ignore_eos=True, temperature=1.2e-38)
+    _same(greedy, engine.generate(PROMPTS[0], policy="draft_only", sampling=tiny))
