@@ -43,6 +43,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _preset(args):
     from arbitrage_fast.presets import resolve
 
@@ -123,6 +130,9 @@ def cmd_sweep(preset, args):
 
 def cmd_serve(args):
     from arbitrage_fast.commands import serve
+
+    if args.preset is None and not (args.draft or args.target or args.draft_url or args.target_url):
+        args.preset = "testbed"  # bare `serve` serves the shipped testbed; given models get no preset's router
 
     remote = _remote_engine(args)
     if remote is not None:  # a step router in front of two model servers
@@ -213,14 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions), "
                                      "streaming one event per reasoning step")
     _model_args(v)
-    v.set_defaults(preset="testbed")
-    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--served-model-name", default=None, help="the model name clients send (default: the preset's)")
     v.add_argument("--policy", default=None, help="policy for requests that name none (default: arbitrage "
                    "with a router head, rsd without)")
     v.add_argument("--threshold", type=float, default=None, help="threshold for requests that name none")
     v.add_argument("--max-tokens", type=int, default=256, help="token cap for requests that set none")
+    v.add_argument("--max-batch", type=_positive_int, default=None,
+                   help="requests decoded at once (continuous batching; default 8 on CPU, 32 on CUDA); "
+                        "1 serves one request at a time")
+    v.add_argument("--max-waiting", type=_positive_int, default=256,
+                   help="requests that may wait for admission; beyond it the server answers 503 with Retry-After")
+    v.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="request body size limit (413)")
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
     _decoding_args(v)
     _remote_args(v)
     v.set_defaults(func=cmd_serve)

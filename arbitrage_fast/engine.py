@@ -7,11 +7,13 @@ step logic (request_flow.py) decides; the runners touch the device; the pool hol
 `generate`, `stream` and `generate_batch` are this loop run until their requests end: a
 single request is simply a batch of one.
 
-The engine is not thread-safe: one thread drives it (the HTTP server keeps one engine thread).
+One thread should drive the engine (the HTTP server keeps one engine thread); a lock makes
+calls from other threads wait their turn rather than corrupt it.
 """
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Iterator, Sequence as SequenceOf
 
 import torch
@@ -71,6 +73,7 @@ class Engine:
         self.scheduler = Scheduler(self, config.max_batch, config.max_batch_tokens)
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ one request
     def generate(self, prompt: "str | list[int] | list[dict]", policy: str = "rsd", threshold: float | None = None,
@@ -105,7 +108,8 @@ class Engine:
         ids = []
         try:
             for req in requests:
-                self._submit(req)
+                with self._lock:
+                    self._submit(req)
                 ids.append(req.request_id)
             while any(not self._requests[i].done for i in ids):
                 self.step()
@@ -113,7 +117,8 @@ class Engine:
             for i in ids:
                 self.abort(i)
             raise
-        done = [self._requests.pop(i) for i in ids]
+        with self._lock:
+            done = [self._requests.pop(i) for i in ids]
         for req in done:
             if req.error is not None:
                 raise req.error
@@ -125,7 +130,8 @@ class Engine:
         """Queue a request (validated now: bad input raises ValueError before it holds any
         memory); returns its id. `step()` then advances it with every other request."""
         req = self._new_request(prompt, policy, threshold, sampling, chat, record_features)
-        self._submit(req)
+        with self._lock:
+            self._submit(req)
         return req.request_id
 
     def step(self) -> list[StepOutput]:
@@ -133,26 +139,31 @@ class Engine:
         requests that ended (finished, or failed with their error). An ended request is
         forgotten once reported."""
         outputs = []
-        for req in self.scheduler.step():
+        with self._lock:
+            touched = self.scheduler.step()
+        for req in touched:
             new = req.seq.steps[req.reported_steps:]
             req.reported_steps = len(req.seq.steps)
-            outputs.append(StepOutput(req.request_id, new, req.state, req.result, req.error))
+            outputs.append(StepOutput(req.request_id, new, req.state, req.result, req.error,
+                                      req.seq.prompt_len[Role.TARGET], req.policy.drafts))
         return outputs
 
     def abort(self, request_id: int) -> bool:
         """Cancel a request (waiting or running) and return its pages; False if it is unknown
         or already ended."""
-        req = self._requests.get(request_id)
-        if req is None or req.done:
-            return False
-        self.scheduler.abort(req)
-        return True
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None or req.done:
+                return False
+            self.scheduler.abort(req)
+            return True
 
     def forget(self, request_id: int) -> None:
         """Drop an ended request's record (`step` callers do this once they have its result)."""
-        req = self._requests.get(request_id)
-        if req is not None and req.done:
-            del self._requests[request_id]
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is not None and req.done:
+                del self._requests[request_id]
 
     def request(self, request_id: int) -> Request:
         return self._requests[request_id]
@@ -162,6 +173,10 @@ class Engine:
 
     def num_requests(self) -> dict[str, int]:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running)}
+
+    def batch_sizes(self) -> dict[str, int]:
+        """Rows in the last iteration's forward of each model (0: it did not run)."""
+        return {role.label: n for role, n in self.scheduler.last_batch.items()}
 
     def kv_stats(self) -> dict:
         return self.cache.stats()

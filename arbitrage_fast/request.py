@@ -119,6 +119,8 @@ class StepOutput:
     state: RequestState
     result: GenerationResult | None = None
     error: BaseException | None = None
+    prompt_tokens: int = 0  # the prompt's length in the target's tokens (0 where unknown)
+    drafts: bool = True  # the request's policy drafts steps (escalation counts mean something)
 
     @property
     def finished(self) -> bool:

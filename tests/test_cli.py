@@ -149,3 +149,26 @@ def test_generate_spec_k_speculates_escalations_without_changing_greedy_tokens(c
     assert "spec_proposed" not in plain["stats"]
     assert speculated["stats"]["spec_proposed"] > 0
     assert 0 <= speculated["stats"]["spec_accepted"] <= speculated["stats"]["spec_proposed"]
+
+
+def test_serve_given_models_starts_without_any_presets_router(monkeypatch, tmp_path):
+    """`serve --draft D --target T` serves those models with no router (the testbed's head has
+    another hidden size and used to stop the server); --max-batch reaches the engine."""
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    from helpers.tiny_models import build_tiny_lm
+
+    draft = build_tiny_lm(tmp_path / "d", "llama", hidden=32, layers=1, seed=1)
+    target = build_tiny_lm(tmp_path / "t", "llama", hidden=48, layers=1, seed=2)
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app, host=host))
+    assert main(["serve", "--draft", str(draft), "--target", str(target), "--max-batch", "3",
+                 "--max-tokens", "8"]) == 0
+    app = served["app"]
+    assert served["host"] == "127.0.0.1"
+    assert app.state.worker.engine.router is None and app.state.worker.engine.config.max_batch == 3
+    with TestClient(app) as client:
+        body = client.post("/v1/completions", json={"model": "", "prompt": "hello there"}).json()
+    assert body["arbitrage"]["policy"] == "rsd" and body["usage"]["completion_tokens"] <= 8

@@ -106,7 +106,10 @@ def test_chat_uses_the_chat_template_and_streams_deltas(client, engine):
 
 
 @pytest.mark.parametrize("path, body, status, match", [
-    ("/v1/completions", {"prompt": ""}, 400, "prompt is empty"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt.constrained-str: String should have at least 1 character"),
+    ("/v1/completions", {"prompt": "  "}, 400, "String should match pattern"),
+    ("/v1/completions", {"prompt": []}, 400, "List should have at least 1 item"),
+    ("/v1/completions", {"prompt": [10 ** 9]}, 400, "out of range"),
     ("/v1/completions", {"prompt": "word " * 300}, 400, "context holds"),
     ("/v1/completions", {"prompt": PROMPT, "threshold": -0.5}, 400, "out of range"),
     ("/v1/completions", {"prompt": PROMPT, "policy": "nonsense"}, 400, "unknown policy"),
@@ -180,7 +183,7 @@ def test_a_client_that_disconnects_mid_answer_returns_its_pages(server, engine):
         assert after.status_code == 200
 
 
-def test_concurrent_requests_queue_and_each_gets_its_own_answer(server, engine):
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, engine):
     prompts = [PROMPT, "We compute 12 + 30", "Tom has 3 apples."]
     refs = {p: engine.generate(p, policy="rsd", threshold=0.5, sampling=SamplingParams(max_new_tokens=24)).text
             for p in prompts}
@@ -197,3 +200,99 @@ def test_concurrent_requests_queue_and_each_gets_its_own_answer(server, engine):
         t.join()
     assert got == refs
     assert used_pages(engine) == 0
+
+
+def test_an_empty_or_missing_model_name_means_the_served_model(client):
+    for body in ({"model": ""}, {}, {"model": "tiny"}):
+        r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **body})
+        assert r.status_code == 200, (body, r.text)
+
+
+def test_openapi_documents_the_errors_and_the_prompt_rules(client):
+    schema = client.get("/openapi.json").json()
+    responses = schema["paths"]["/v1/completions"]["post"]["responses"]
+    assert {"200", "400", "413", "503"} <= set(responses)
+    prompt = schema["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    assert {"minLength": 1, "pattern": "\\S"}.items() <= prompt["anyOf"][0].items()
+
+
+def _app_client(engine, **options):
+    return TestClient(create_app(engine, "tiny", policy="rsd", threshold=0.5, max_tokens=8, **options))
+
+
+def test_api_key_guards_the_api_but_not_health(engine):
+    with _app_client(engine, api_key="sesame") as c:
+        assert c.post("/v1/completions", json={"prompt": PROMPT}).status_code == 401
+        wrong = c.post("/v1/completions", json={"prompt": PROMPT}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "API key" in wrong.json()["error"]["message"]
+        ok = c.post("/v1/completions", json={"prompt": PROMPT}, headers={"Authorization": "Bearer sesame"})
+        assert ok.status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+
+
+def test_an_oversized_body_is_refused_with_413(engine):
+    with _app_client(engine, max_body_bytes=256) as c:
+        r = c.post("/v1/completions", json={"prompt": "x" * 1000})
+        assert r.status_code == 413 and "limit of 256" in r.json()["error"]["message"]
+        chunked = c.post("/v1/completions", content=iter([b'{"prompt": "', b"y" * 600, b'"}']),
+                         headers={"content-type": "application/json"})
+        assert chunked.status_code == 413
+        assert c.post("/v1/completions", json={"prompt": PROMPT}).status_code == 200
+    assert used_pages(engine) == 0
+
+
+def test_a_full_waiting_queue_answers_503_with_retry_after(engine):
+    with _app_client(engine, max_waiting=0) as c:
+        r = c.post("/v1/completions", json={"prompt": PROMPT})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert 'arbitrage_requests_total{outcome="rejected"} 1.0' in c.get("/metrics").text
+
+
+def test_metrics_count_requests_tokens_batches_and_pages(engine):
+    with _app_client(engine) as c:
+        for policy in ("rsd", "target_only"):
+            assert c.post("/v1/completions", json={"prompt": PROMPT, "policy": policy}).status_code == 200
+        text = c.get("/metrics").text
+    assert 'arbitrage_requests_total{outcome="finished"} 2.0' in text
+    assert "arbitrage_kv_used_pages 0.0" in text and "arbitrage_kv_free_pages 64.0" in text
+    assert 'arbitrage_batch_size_count{role="draft"}' in text
+    assert 'arbitrage_generated_tokens_total{role="target"}' in text
+    assert "arbitrage_request_latency_seconds_count 2.0" in text
+    assert "arbitrage_escalation_rate" in text and "arbitrage_requests_waiting 0.0" in text
+
+
+def test_concurrent_streaming_clients_each_receive_exactly_their_own_answer(server, engine):
+    """Same prompt under different policies and caps: an answer delivered to the wrong client
+    (or two clients' steps interleaved) differs from that client's batch-1 reference."""
+    asks = [{"prompt": PROMPT, "policy": pol, "max_tokens": cap, "threshold": thr}
+            for pol, cap, thr in (("rsd", 24, 0.5), ("rsd", 24, 0.9), ("draft_only", 20, None),
+                                  ("target_only", 24, None), ("oracle", 16, 0.0), ("every_step", 24, 0.5))]
+    refs = [engine.generate(a["prompt"], policy=a["policy"], threshold=a["threshold"],
+                            sampling=SamplingParams(max_new_tokens=a["max_tokens"])) for a in asks]
+    got: dict[int, tuple] = {}
+
+    def ask(i):
+        with httpx.Client(base_url=server, timeout=120) as http:
+            with http.stream("POST", "/v1/completions", json={**asks[i], "stream": True}) as r:
+                events = sse(r.iter_lines())
+        steps = [(e["arbitrage"]["step"]["text"], e["arbitrage"]["step"]["source"]) for e in events
+                 if isinstance(e, dict) and "step" in e.get("arbitrage", {})]
+        got[i] = (steps, events[-2]["choices"][0]["finish_reason"])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, ref in enumerate(refs):
+        assert got[i][0] == [(s.text, s.source) for s in ref.steps], asks[i]
+        assert got[i][1] == {"eos": "stop", "length": "length"}[ref.finish_reason]
+    assert used_pages(engine) == 0
+    with httpx.Client(base_url=server, timeout=30) as http:
+        metrics = http.get("/metrics").text
+    # Some forward ran more than one request's rows: the clients really were batched.
+    le1 = next(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith('arbitrage_batch_size_bucket{le="1.0",role="draft"}'))
+    count = next(float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith('arbitrage_batch_size_count{role="draft"}'))
+    assert count > le1

@@ -13,12 +13,15 @@ target server's own configuration.
 """
 from __future__ import annotations
 
+import itertools
 import time
 
 from arbitrage_fast.config import SamplingParams
+from arbitrage_fast.decision import decide_step, run_now
 from arbitrage_fast.messages import checked_messages, is_conversation, problem_text
-from arbitrage_fast.policies import Policy, StepEvidence, make_policy
+from arbitrage_fast.policies import Policy, make_policy
 from arbitrage_fast.prm.target_likelihood import mean_probability
+from arbitrage_fast.request import RequestState, StepOutput
 from arbitrage_fast.sequence import GenerationResult, Step
 
 from .openai_client import CompletionsClient, RemoteModel, WrittenStep
@@ -39,6 +42,8 @@ class RemoteEngine:
         self.target = CompletionsClient(target, "target", transports.get("target"))
         self.prm = prm
         self._tokenizers: dict[str, object] = {}
+        self._runs: dict[int, RemoteRun] = {}
+        self._ids = itertools.count()
 
     def close(self) -> None:
         self.draft.close()
@@ -70,12 +75,60 @@ class RemoteEngine:
             raise ValueError("token-level speculation runs inside the target server (vLLM's --speculative-config, "
                              "SGLang's --speculative-algorithm); remotely, use target_only against such a server")
         prompts, text = self._prompts(prompt, chat)
-        run = RemoteRun()
+        run = RemoteRun(pol.drafts)
         run._it = self._steps(run, prompts, text, pol, sampling)
         return run
 
     def kv_stats(self) -> dict:
         """Nothing is held here: the KV caches live on the servers."""
+        return {}
+
+    # ------------------------------------------------------------------ the engine's step interface
+    # What the HTTP server drives. Each iteration advances every request by one step, in turn:
+    # the servers' requests are blocking calls, so requests interleave step by step here and
+    # batch on the model servers, which see one request per step from each.
+    def add_request(self, prompt, policy: str = "rsd", threshold: float | None = None,
+                    sampling: SamplingParams | None = None, chat: bool = False) -> int:
+        run = self.stream(prompt, policy, threshold, sampling, chat)
+        rid = next(self._ids)
+        self._runs[rid] = run
+        return rid
+
+    def step(self) -> list[StepOutput]:
+        outputs = []
+        for rid, run in list(self._runs.items()):
+            try:
+                step = next(run)
+            except StopIteration:
+                del self._runs[rid]
+                outputs.append(StepOutput(rid, [], RequestState.FINISHED, run.result, None, run.prompt_tokens or 0,
+                                          run.drafts))
+                continue
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                del self._runs[rid]
+                outputs.append(StepOutput(rid, [], RequestState.FAILED, None, e, run.prompt_tokens or 0, run.drafts))
+                continue
+            outputs.append(StepOutput(rid, [step], RequestState.RUNNING, prompt_tokens=run.prompt_tokens or 0,
+                                      drafts=run.drafts))
+        return outputs
+
+    def abort(self, request_id: int) -> bool:
+        run = self._runs.pop(request_id, None)
+        if run is None:
+            return False
+        run.close()
+        return True
+
+    def forget(self, request_id: int) -> None:
+        """Nothing is kept once a request has ended."""
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._runs)
+
+    def num_requests(self) -> dict[str, int]:
+        return {"waiting": 0, "running": len(self._runs)}
+
+    def batch_sizes(self) -> dict[str, int]:
         return {}
 
     # ------------------------------------------------------------------ the step loop
@@ -89,11 +142,7 @@ class RemoteEngine:
         while generated < sampling.max_new_tokens:
             budget = min(sampling.max_step_tokens, sampling.max_new_tokens - generated)
             cap = "length" if budget < sampling.max_step_tokens else "step_cap"
-            if not pol.drafts:
-                written = self._write(self.target, prompts["target"] + committed, budget, sampling, stats)
-                step = _as_step(written, "target", cap)
-            else:
-                step, written = self._decide(pol, prompts, problem, steps, committed, budget, cap, sampling, stats)
+            step, written = self._decide(pol, prompts, problem, steps, committed, budget, cap, sampling, stats)
             if run.prompt_tokens is None:
                 run.prompt_tokens = written.prompt_tokens
             generated += written.completion_tokens
@@ -114,32 +163,16 @@ class RemoteEngine:
                                 num_completion_tokens=generated)
 
     def _decide(self, pol, prompts, problem, steps, committed, budget, cap, sampling, stats) -> tuple[Step, WrittenStep]:
-        drafted = self._write(self.draft, prompts["draft"] + committed, budget, sampling, stats)
-        evidence = StepEvidence()
-        if pol.needs_draft_prm:
-            t = time.perf_counter()
-            if self.prm is not None:
-                evidence.draft_prm = self._prm_score(problem, steps, drafted.text)
-            else:
-                evidence.draft_prm = self.target.mean_token_probability(prompts["target"] + committed, drafted.text)
-            stats["prm_s"] += time.perf_counter() - t
-        candidate = None
-        if pol.generates_target_candidate:
-            candidate = self._write(self.target, prompts["target"] + committed, budget, sampling, stats,
-                                    logprobs=pol.needs_target_prm and self.prm is None)
-            if pol.needs_target_prm:
-                evidence.target_prm = (self._prm_score(problem, steps, candidate.text) if self.prm is not None
-                                       else mean_probability(candidate.logprobs))
-        if pol.escalate(evidence):
-            if candidate is None:
-                candidate = self._write(self.target, prompts["target"] + committed, budget, sampling, stats)
-            step = _as_step(candidate, "target", cap)
-            step.rejected_draft = drafted.text
-            written = candidate
+        source = _RemoteSource(self, pol, prompts, problem, steps, committed, budget, sampling, stats)
+        decision = run_now(decide_step(pol, source))
+        if decision.escalated:
+            step = _as_step(decision.kept, "target", cap)
+            if decision.drafted is not None:
+                step.rejected_draft = decision.drafted.text
         else:
-            step, written = _as_step(drafted, "draft", cap), drafted
-        step.draft_prm, step.target_prm = evidence.draft_prm, evidence.target_prm
-        return step, written
+            step = _as_step(decision.kept, "draft", cap)
+        step.draft_prm, step.target_prm = decision.evidence.draft_prm, decision.evidence.target_prm
+        return step, decision.kept
 
     def _write(self, client: CompletionsClient, prompt: str, budget: int, sampling, stats, logprobs=False) -> WrittenStep:
         t = time.perf_counter()
@@ -182,12 +215,56 @@ class RemoteEngine:
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+class _RemoteSource:
+    """The evidence of one step from the two servers (decision.StepSource): every answer is
+    one HTTP request, made at once."""
+
+    def __init__(self, eng: RemoteEngine, pol: Policy, prompts, problem, steps, committed, budget, sampling,
+                 stats) -> None:
+        self.eng, self.pol, self.prompts, self.problem, self.steps = eng, pol, prompts, problem, steps
+        self.committed, self.budget, self.sampling, self.stats = committed, budget, sampling, stats
+
+    def draft_step(self) -> WrittenStep:
+        return self.eng._write(self.eng.draft, self.prompts["draft"] + self.committed, self.budget, self.sampling,
+                               self.stats)
+
+    def router_score(self, drafted: WrittenStep) -> float:
+        raise AssertionError("refused in RemoteEngine.stream: the router needs the draft's hidden states")
+
+    def draft_prm(self, drafted: WrittenStep) -> float:
+        t = time.perf_counter()
+        if self.eng.prm is not None:
+            score = self.eng._prm_score(self.problem, self.steps, drafted.text)
+        else:
+            score = self.eng.target.mean_token_probability(self.prompts["target"] + self.committed, drafted.text)
+        self.stats["prm_s"] += time.perf_counter() - t
+        return score
+
+    def target_step(self) -> WrittenStep:
+        # The target's own log-probs are its likelihood PRM score when the policy compares the two.
+        logprobs = self.pol.needs_target_prm and self.eng.prm is None
+        return self.eng._write(self.eng.target, self.prompts["target"] + self.committed, self.budget, self.sampling,
+                               self.stats, logprobs=logprobs)
+
+    def target_prm(self, candidate: WrittenStep) -> float:
+        if self.eng.prm is not None:
+            return self.eng._prm_score(self.problem, self.steps, candidate.text)
+        return mean_probability(candidate.logprobs)
+
+    def reject_draft(self, drafted: WrittenStep) -> None:
+        """Nothing to roll back: the servers hold no state of ours between requests."""
+
+    def discard_candidate(self, candidate: WrittenStep) -> None:
+        """Nothing to roll back (see reject_draft)."""
+
+
 class RemoteRun:
     """One remote request in flight: an iterator over committed steps, then `.result`.
     `prompt_tokens` is the prompt's length as the first server to answer counted it."""
 
-    def __init__(self) -> None:
+    def __init__(self, drafts: bool) -> None:
         self._it = None
+        self.drafts = drafts  # its policy drafts steps
         self.result: GenerationResult | None = None
         self.prompt_tokens: int | None = None
 

@@ -6,22 +6,32 @@ from pathlib import Path
 
 
 def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="inference", router: bool = True,
-                 decode_chunk: int | None = None, spec_k: int = 0):
+                 decode_chunk: int | None = None, spec_k: int = 0, max_batch: int | None = None):
     """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
-    decode_chunk None picks by device (`default_decode_chunk`)."""
+    decode_chunk None picks by device (`default_decode_chunk`); max_batch None keeps the
+    engine's default."""
     from arbitrage_fast import Engine, EngineConfig
 
     chosen = preset.prm if prm == "inference" else preset.label_prm
     if decode_chunk is None:
         decode_chunk = default_decode_chunk(device)
+    batching = {} if max_batch is None else {"max_batch": max_batch}
     return Engine(EngineConfig(draft=preset.draft, target=preset.target, device=device,
                                dtype=dtype or preset.dtype, prm=chosen, router=preset.router if router else None,
-                               decode_chunk=decode_chunk, spec_k=spec_k))
+                               decode_chunk=decode_chunk, spec_k=spec_k, **batching))
 
 
 def decoding_options(args) -> dict:
     """The `--decode-chunk` / `--spec-k` flags as `build_engine` keywords."""
     return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k}
+
+
+def default_max_batch(device: str) -> int:
+    """Requests a server runs at once: 32 on a GPU (the largest CUDA-graph bucket); 8 on a
+    CPU, where a forward's cost grows with its rows sooner (a few cores share the matmuls)."""
+    import torch
+
+    return 32 if torch.device(device).type == "cuda" else 8
 
 
 def default_decode_chunk(device: str) -> int:

@@ -1,7 +1,7 @@
 """`serve`: the engine behind an OpenAI-compatible HTTP API."""
 from __future__ import annotations
 
-from .common import build_engine, decoding_options
+from .common import build_engine, decoding_options, default_max_batch
 
 
 def default_policy(preset) -> str:
@@ -11,10 +11,11 @@ def default_policy(preset) -> str:
 
 def run(preset, args) -> int:
     uvicorn, create_app = _server()
-    engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
+    engine = build_engine(preset, args.device, args.dtype, max_batch=args.max_batch or default_max_batch(args.device),
+                          **decoding_options(args))
     name = args.served_model_name or preset.name
     app = create_app(engine, name, policy=args.policy or default_policy(preset), threshold=args.threshold,
-                     max_tokens=args.max_tokens, chat_by_default=preset.chat)
+                     max_tokens=args.max_tokens, chat_by_default=preset.chat, **server_options(args))
     print(f"serving {name} ({preset.draft} -> {preset.target}) on http://{args.host}:{args.port}/v1")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
@@ -25,10 +26,16 @@ def run_remote(engine, args) -> int:
     the router needs the draft's hidden states, which the servers do not return)."""
     uvicorn, create_app = _server()
     name = args.served_model_name or "arbitrage-remote"
-    app = create_app(engine, name, policy=args.policy or "rsd", threshold=args.threshold, max_tokens=args.max_tokens)
+    app = create_app(engine, name, policy=args.policy or "rsd", threshold=args.threshold, max_tokens=args.max_tokens,
+                     **server_options(args))
     print(f"serving {name} ({args.draft_url} -> {args.target_url}) on http://{args.host}:{args.port}/v1")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def server_options(args) -> dict:
+    """The `--max-waiting` / `--api-key` / `--max-body-bytes` flags as `create_app` keywords."""
+    return {"max_waiting": args.max_waiting, "api_key": args.api_key, "max_body_bytes": args.max_body_bytes}
 
 
 def _server():

@@ -1,16 +1,17 @@
 """OpenAI-compatible HTTP server: /v1/completions and /v1/chat/completions, streamed step by step.
 
-A streamed answer arrives one reasoning step per event, as soon as the policy has decided it
-(the draft's step kept, or the target's rewrite), each marked with its source. Bad requests get
-a 400 naming what is wrong before any memory is taken; a client that goes away mid-answer
-cancels its request and its KV pages return to the pool.
+Concurrent requests are batched by the engine's scheduler (worker.py). A streamed answer
+arrives one reasoning step per event, as soon as the policy has decided it (the draft's step
+kept, or the target's rewrite), each marked with its source. Bad requests get a 400 naming
+what is wrong before any memory is taken; a full waiting queue a 503 with Retry-After; a
+client that goes away mid-answer cancels its request and its KV pages return to the pool.
 """
 from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -19,15 +20,30 @@ from arbitrage_fast.config import SamplingParams
 from arbitrage_fast.kv import KVCacheExhausted
 
 from . import protocol
+from .limits import ApiKey, BodySizeLimit
+from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import ChatRequest, CompletionRequest
-from .worker import EngineWorker
+from .worker import EngineWorker, ServerBusy
+
+RETRY_AFTER_S = 1
+# What the answers say besides 200, so the OpenAPI schema matches the server.
+_ERRORS = {code: {"model": protocol.ErrorResponse, "description": text} for code, text in (
+    (400, "invalid request: the message names the field or value"),
+    (401, "missing or wrong API key (only when the server has one)"),
+    (404, "the model named is not served here"),
+    (413, "request body too large"),
+    (502, "a model server behind this one failed"),
+    (503, "the waiting queue is full: retry after the Retry-After header's seconds"),
+)}
 
 
 def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float | None = None,
-               max_tokens: int = 256, chat_by_default: bool = False) -> FastAPI:
+               max_tokens: int = 256, chat_by_default: bool = False, max_waiting: int = 256,
+               api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
     """An app serving `engine` as `model_name`; `policy`/`threshold` apply to requests naming none.
     `chat_by_default` wraps plain /v1/completions prompts in the chat template (instruct models)."""
-    worker = EngineWorker(engine)
+    metrics = ServerMetrics()
+    worker = EngineWorker(engine, max_waiting=max_waiting, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -35,30 +51,38 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
         worker.shutdown()
 
     app = FastAPI(title="arbitrage-fast", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        metrics.requests.labels("invalid").inc()
         return JSONResponse(protocol.error(problems), status_code=400)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "kv": engine.kv_stats(), "requests": dict(worker.requests)}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "arbitrage-fast"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         return await _serve("completion", body, body.prompt, chat_by_default and isinstance(body.prompt, str), request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_ERRORS)
     async def chat_completions(body: ChatRequest, request: Request):
         return await _serve("chat", body, [m.model_dump() for m in body.messages], True, request)
 
     async def _serve(kind, body, prompt, chat, request):
-        if body.model is not None and body.model != model_name:
+        if body.model and body.model != model_name:  # none or "" means the served model, as in vLLM
             return JSONResponse(protocol.error(f"model {body.model!r} is not served here; this server serves "
                                                f"{model_name!r}", "not_found_error", "model"), status_code=404)
         chosen = {"policy": body.policy or policy,
@@ -68,7 +92,11 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
             sampling = SamplingParams(max_new_tokens=body.token_cap(max_tokens), temperature=body.temperature,
                                       top_p=body.top_p, seed=body.seed, **step_cap)
             handle = await worker.start(prompt, chosen["policy"], chosen["threshold"], sampling, chat)
-        except ValueError as e:
+        except ServerBusy as e:
+            return JSONResponse(protocol.error(str(e), "server_busy"), status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        except (ValueError, KVCacheExhausted) as e:  # KV: a prompt the pool can never hold
+            metrics.requests.labels("invalid").inc()
             return JSONResponse(protocol.error(str(e)), status_code=400)
         request_id = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl")
         if body.stream:
@@ -76,13 +104,13 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
         try:
             while await handle.next_step() is not None:
                 pass
-        except KVCacheExhausted as e:
-            return JSONResponse(protocol.error(f"KV cache exhausted: {e}", "server_busy"), status_code=503)
+        except KVCacheExhausted as e:  # the request outgrew the pool even alone
+            return JSONResponse(protocol.error(f"KV cache exhausted: {e}"), status_code=400)
         except RemoteBackendError as e:  # a model server behind this one failed
             return JSONResponse(protocol.error(str(e), "upstream_error"), status_code=502)
         finally:
             handle.close()
-        return protocol.completion(kind, request_id, model_name, handle.run.result, handle.prompt_tokens, chosen)
+        return protocol.completion(kind, request_id, model_name, handle.result, handle.prompt_tokens, chosen)
 
     async def _events(kind, request_id, handle, chosen):
         def event(obj) -> str:
@@ -93,13 +121,13 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
             while (step := await handle.next_step()) is not None:
                 yield event(protocol.chunk(kind, request_id, model_name, text=step.text, step=step, first=first))
                 first = False
-            result = handle.run.result
+            result = handle.result
             yield event(protocol.chunk(kind, request_id, model_name, finish_reason=protocol.FINISH_REASONS[
                 result.finish_reason], first=first, extra={
                 "usage": protocol.usage(handle.prompt_tokens, result.completion_tokens),
                 "arbitrage": {**chosen, "stats": result.stats}}))
         except KVCacheExhausted as e:
-            yield event(protocol.error(f"KV cache exhausted: {e}", "server_busy"))
+            yield event(protocol.error(f"KV cache exhausted: {e}"))
         except RemoteBackendError as e:
             yield event(protocol.error(str(e), "upstream_error"))
         finally:
@@ -107,4 +135,5 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
         yield "data: [DONE]\n\n"
 
     app.state.worker = worker
+    app.state.metrics = metrics
     return app

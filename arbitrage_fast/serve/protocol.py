@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,7 +17,7 @@ FINISH_REASONS = {"eos": "stop", "length": "length"}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields a batch-1 engine has no use for
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields this engine has no use for
 
     model: str | None = None
     max_tokens: int | None = Field(None, gt=0)
@@ -36,7 +36,8 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int]
+    # Text with something in it, or token ids (the engine checks their range).
+    prompt: Annotated[str, Field(min_length=1, pattern=r"\S")] | Annotated[list[int], Field(min_length=1)]
 
 
 class ChatMessage(BaseModel):
@@ -94,6 +95,19 @@ def chunk(kind: str, request_id: str, model: str, *, text: str | None = None, st
     if extra:
         out.update(extra)
     return out
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every non-200 answer: OpenAI's error shape."""
+
+    error: ErrorBody
 
 
 def error(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
