@@ -65,7 +65,9 @@ def _remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-name", help="the target's served model name (default: none sent)")
 
 
-def _label_cache_arg(p: argparse.ArgumentParser) -> None:
+def _labelling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=_positive_int, default=1,
+                   help="problems labelled at once (continuous batching; the labels equal batch 1's)")
     p.add_argument("--label-cache", default=None, metavar="DIR",
                    help="keep each problem's labels here and reuse them on a rerun (resumes an interrupted "
                         "labelling; any run labels only the problems the directory lacks)")
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-new-tokens", type=int, default=256)
     t.add_argument("--json", default=None)
-    _label_cache_arg(t)
+    _labelling_args(t)
     t.set_defaults(func=_with_preset(cmd_train_router))
 
     e = sub.add_parser("eval-router", help="Spearman/AUROC of a router vs the oracle advantage on held-out problems")
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--json", default=None)
-    _label_cache_arg(e)
+    _labelling_args(e)
     e.set_defaults(func=_with_preset(cmd_eval_router))
 
     g = sub.add_parser("generate", help="generate one answer step by step")

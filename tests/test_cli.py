@@ -22,7 +22,7 @@ SMALL = ["--preset", "testbed", "--n", "4", "--max-new-tokens", "96"]
 def trained_router(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "router"
     report = out.parent / "train.json"
-    assert main(["train-router", *SMALL, "--n", "6", "--epochs", "30", "--width", "16", "--out", str(out),
+    assert main(["train-router", *SMALL, "--n", "6", "--epochs", "30", "--width", "16", "--batch", "3", "--out", str(out),
                  "--json", str(report)]) == 0
     return out, json.loads(report.read_text())
 

@@ -26,13 +26,13 @@ def engine(tmp_path_factory):
 def counted(engine, monkeypatch):
     """The engine, counting the problems it is asked to solve."""
     calls = []
-    solve = engine.generate
+    solve = engine.generate_batch
 
-    def counting(prompt, **kw):
-        calls.append(prompt)
-        return solve(prompt, **kw)
+    def counting(prompts, **kw):
+        calls.extend(prompts)
+        return solve(prompts, **kw)
 
-    monkeypatch.setattr(engine, "generate", counting)
+    monkeypatch.setattr(engine, "generate_batch", counting)
     return engine, calls
 
 
@@ -87,3 +87,20 @@ def test_a_file_holding_another_problem_is_refused(engine, tmp_path):
 def test_a_cache_needs_an_id_per_prompt(engine, tmp_path):
     with pytest.raises(ValueError, match="one id per prompt"):
         label_problems(engine, list(PROMPTS.values()), SP, progress=False, ids=["p-0"], cache=LabelCache(tmp_path, RUN))
+
+
+def test_batched_labelling_gives_batch_one_labels(engine, tmp_path):
+    """Three problems labelled together: the same steps, PRM scores and advantages as one by
+    one, and features equal to float rounding (a batched matmul may sum in another order)."""
+    ids = list(PROMPTS)
+    alone = label_problems(engine, [PROMPTS[i] for i in ids], SP, progress=False)
+    cache = LabelCache(tmp_path, RUN)
+    batched = label_problems(engine, [PROMPTS[i] for i in ids], SP, progress=False, ids=ids, cache=cache, batch=3)
+    for name in ("advantage", "draft_prm", "target_prm", "problem"):
+        assert torch.equal(getattr(alone.data, name), getattr(batched.data, name)), name
+    assert torch.allclose(alone.data.features, batched.data.features, rtol=1e-5, atol=1e-5)
+    assert batched.labelled_now == 3 and len(set(batched.seconds)) == 1  # one batch, its time shared
+    assert _same(batched.data, label_problems(engine, [PROMPTS[i] for i in ids], SP, progress=False, ids=ids,
+                                              cache=LabelCache(tmp_path, RUN), batch=2).data)
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        label_problems(engine, [PROMPTS["p-0"]], SP, progress=False, batch=0)

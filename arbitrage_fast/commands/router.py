@@ -15,12 +15,12 @@ def _labels(preset, args, split: str, n: int, seed: int):
     from arbitrage_fast.eval.datasets import load_dataset
     from arbitrage_fast.router.data import label_problems
 
-    engine = build_engine(preset, args.device, args.dtype, prm="label", router=False)
+    engine = build_engine(preset, args.device, args.dtype, prm="label", router=False, max_batch=args.batch)
     items = load_dataset(preset.dataset, n=n, split=split, seed=seed, instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     cache = _label_cache(preset, args)
     return engine, label_problems(engine, [i.prompt for i in items], sampling, chat=preset.chat,
-                                  ids=[i.id for i in items], cache=cache)
+                                  ids=[i.id for i in items], cache=cache, batch=args.batch)
 
 
 def _label_cache(preset, args):

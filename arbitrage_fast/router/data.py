@@ -72,11 +72,10 @@ class LabelRun:
     labelled_now: int  # problems labelled in this run (the rest came from the cache)
 
 
-def label_problem(engine, prompt: str, sampling: SamplingParams, chat: bool = False) -> RouterDataset:
-    """One problem's steps along the oracle's trajectory (problem index 0)."""
+def _labels_of(engine, res) -> RouterDataset:
+    """One problem's labelled steps (problem index 0) from its oracle run."""
     from .features import feature_dim
 
-    res = engine.generate(prompt, policy="oracle", threshold=0.0, sampling=sampling, chat=chat, record_features=True)
     if not res.steps:
         empty = torch.zeros(0)
         return RouterDataset(torch.zeros(0, feature_dim(engine.draft_model.spec.hidden_size)), empty, empty, empty,
@@ -88,28 +87,42 @@ def label_problem(engine, prompt: str, sampling: SamplingParams, chat: bool = Fa
 
 
 def label_problems(engine, prompts: list[str], sampling: SamplingParams | None = None, progress: bool = True,
-                   chat: bool = False, ids: list[str] | None = None, cache=None) -> LabelRun:
+                   chat: bool = False, ids: list[str] | None = None, cache=None, batch: int = 1) -> LabelRun:
     """Labels of every prompt, read from `cache` (a `LabelCache`, keyed by `ids`) where it holds
-    them and written to it as each new problem is done."""
+    them and written to it as each new problem is done. Problems the cache lacks are labelled
+    `batch` at a time through the engine's continuous batching (each problem's oracle
+    trajectory is the same as alone); a batched problem's seconds are its batch's wall time
+    divided among the batch's problems."""
     if cache is not None and (ids is None or len(ids) != len(prompts)):
         raise ValueError("a label cache needs one id per prompt")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     sampling = sampling or SamplingParams(max_new_tokens=256)
-    parts, seconds, labelled_now = [], [], 0
-    for i, prompt in enumerate(tqdm(prompts, desc="router labels", disable=not progress)):
+    parts: list[RouterDataset | None] = [None] * len(prompts)
+    seconds: list[float] = [0.0] * len(prompts)
+    todo = []
+    for i in range(len(prompts)):
         cached = cache.get(ids[i]) if cache is not None else None
         if cached is None:
-            start = time.perf_counter()
-            part = label_problem(engine, prompt, sampling, chat)
-            cached = part, time.perf_counter() - start
-            labelled_now += 1
+            todo.append(i)
+        else:
+            parts[i], seconds[i] = cached
+    bar = tqdm(total=len(todo), desc="router labels", disable=not progress)
+    for group in (todo[k:k + batch] for k in range(0, len(todo), batch)):
+        start = time.perf_counter()
+        results = engine.generate_batch([prompts[i] for i in group], policy="oracle", threshold=0.0,
+                                        sampling=sampling, chat=chat, record_features=True)
+        each = (time.perf_counter() - start) / len(group)
+        for i, res in zip(group, results):
+            parts[i], seconds[i] = _labels_of(engine, res), each
             if cache is not None:
-                cache.put(ids[i], *cached)
-        parts.append(cached[0])
-        seconds.append(cached[1])
+                cache.put(ids[i], parts[i], each)
+        bar.update(len(group))
+    bar.close()
     data = RouterDataset.concat(parts)
     if not len(data):
         raise ValueError("no steps were generated; cannot build router labels")
-    return LabelRun(data, seconds, labelled_now)
+    return LabelRun(data, seconds, len(todo))
 
 
 def generate_labels(engine, prompts: list[str], sampling: SamplingParams | None = None,
