@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from arbitrage_fast import Engine, EngineConfig, SamplingParams
-from arbitrage_fast.roles import Role
-
-DRAFT_INDEX, TARGET_INDEX = Role.DRAFT, Role.TARGET
 from arbitrage_fast.eval.datasets import load_dataset
 from arbitrage_fast.models import gguf_assets
 from arbitrage_fast.models.architecture import DecoderSpec
 from arbitrage_fast.models.loader import LoadedModel, _build
+from arbitrage_fast.roles import Role
+
+DRAFT_INDEX, TARGET_INDEX = Role.DRAFT, Role.TARGET
 
 pytestmark = pytest.mark.slow
 
@@ -68,13 +68,13 @@ def hf_models(hf_fp32):
     return get
 
 
-def engine_for(hf, tokenizer, dtype: str, path: Path) -> Engine:
+def engine_for(hf, tokenizer, dtype: str, path: Path, kv_pages: int = 32) -> Engine:
     """The native decoder built from transformers' dequantised tensors (what `load_model` does
     for a .gguf file, minus a second parse), used as both draft and target."""
     spec = DecoderSpec.from_hf_config(hf.config)
     native = _build(spec, dict(hf.state_dict()), getattr(torch, dtype), "cpu", path)
     loaded = LoadedModel(model=native, spec=spec, tokenizer=tokenizer, hf_config=hf.config, path=str(path))
-    return Engine(EngineConfig(draft=str(path), target=str(path), dtype=dtype, kv_pages=32),
+    return Engine(EngineConfig(draft=str(path), target=str(path), dtype=dtype, kv_pages=kv_pages),
                   draft=loaded, target=loaded)
 
 
@@ -139,3 +139,21 @@ def test_dequantised_cache_serves_the_same_model_and_chat_template(hf_models, gg
     assert texts[0] == texts[1]
     assert tokenizer(texts[0])["input_ids"] == cached.tokenizer(texts[1])["input_ids"]
     assert cached.tokenizer.eos_token_id == tokenizer.eos_token_id == EOS
+
+
+def test_a_batch_of_six_equals_each_problem_alone_in_fp32(hf_models, gguf_path):
+    """Six GSM8K problems of different lengths under mixed policies and thresholds (draft =
+    target, so every policy runs), batched and alone: the same tokens and steps in fp32."""
+    hf, tokenizer = hf_models("float32")
+    engine = engine_for(hf, tokenizer, "float32", gguf_path, kv_pages=128)
+    questions = [item.question for item in load_dataset("gsm8k", n=None)[:6]]
+    policies = ["draft_only", "rsd", "target_only", "rsd", "oracle", "spec_decode"]
+    thresholds = [None, 0.6, None, 0.95, 0.0, None]
+    sampling = SamplingParams(max_new_tokens=12, max_step_tokens=6)
+    alone = [engine.generate(q, policy=p, threshold=t, chat=True, sampling=sampling)
+             for q, p, t in zip(questions, policies, thresholds)]
+    batched = engine.generate_batch(questions, policy=policies, threshold=thresholds, chat=True, sampling=sampling)
+    for a, b, policy in zip(alone, batched, policies):
+        assert b.token_ids == a.token_ids, policy
+        assert [(s.text, s.source) for s in b.steps] == [(s.text, s.source) for s in a.steps], policy
+    assert engine.kv_stats()["used_pages"] == 0

@@ -202,6 +202,15 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, en
     assert used_pages(engine) == 0
 
 
+def test_a_denormal_temperature_is_greedy_not_a_500(client, engine):
+    """Regression: logits divided by a denormal temperature overflowed and the sampler raised (a 500)."""
+    body = {"prompt": PROMPT, "max_tokens": 8, "policy": "rsd", "threshold": 0.5}
+    tiny = client.post("/v1/completions", json={**body, "temperature": 1e-40})
+    assert tiny.status_code == 200, tiny.text
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0.0}).json()
+    assert tiny.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
 def test_an_empty_or_missing_model_name_means_the_served_model(client):
     for body in ({"model": ""}, {}, {"model": "tiny"}):
         r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **body})

@@ -88,3 +88,17 @@ def test_greedy_verify():
     assert verify(torch.eye(3)[[1, 0, 2]], onehot[[1, 0]], [1, 0], greedy=True, generator=None) == (2, 2)
     assert verify(torch.eye(3)[[1, 2, 2]], onehot[[1, 0]], [1, 0], greedy=True, generator=None) == (1, 2)
     assert p.shape == (3, 3)
+
+
+def test_the_sampler_survives_huge_logits_over_a_small_temperature():
+    """Scaling happens after shifting the top logit to 0, so nothing overflows to inf (a NaN
+    softmax made torch.multinomial raise)."""
+    from arbitrage_fast.config import SamplingParams
+    from arbitrage_fast.runtime.sampler import probabilities, sample
+
+    logits = torch.tensor([[3.0e38, 2.9e38, -1.0e38, 0.0]])
+    params = SamplingParams(temperature=0.5, seed=0)
+    p = probabilities(logits, params)
+    assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(1))
+    assert p[0, 0] == 1.0  # the others are infinitely less likely at this scale
+    assert int(sample(logits, params, torch.Generator().manual_seed(0))) == 0

@@ -29,7 +29,9 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """
     if params.greedy:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / params.temperature
+    # Shifted so the largest logit is 0 before scaling: a tiny temperature or huge logits can
+    # then only push others to -inf (probability 0), never the top one to inf (NaN softmax).
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -90,7 +90,7 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
         try:
             step_cap = {"max_step_tokens": body.max_step_tokens} if body.max_step_tokens else {}
             sampling = SamplingParams(max_new_tokens=body.token_cap(max_tokens), temperature=body.temperature,
-                                      top_p=body.top_p, seed=body.seed, **step_cap)
+                                      top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos, **step_cap)
             handle = await worker.start(prompt, chosen["policy"], chosen["threshold"], sampling, chat)
         except ServerBusy as e:
             return JSONResponse(protocol.error(str(e), "server_busy"), status_code=503,

@@ -1,7 +1,8 @@
 """The OpenAI-compatible wire format: request bodies in, completion objects and stream chunks out.
 
 Requests may carry fields OpenAI's API lacks: `policy` and `threshold` choose the step-level
-policy per request, `max_step_tokens` caps a step for models that seldom write a blank line. Responses carry an `arbitrage` object beside the usual fields:
+policy per request, `max_step_tokens` caps a step for models that seldom write a blank line,
+`ignore_eos` (as in vLLM) generates to max_tokens. Responses carry an `arbitrage` object beside the usual fields:
 the committed steps, each marked draft or target, and the engine's accounting. Clients that
 ignore unknown fields see a plain completion.
 """
@@ -24,12 +25,13 @@ class _Request(BaseModel):
     max_completion_tokens: int | None = Field(None, gt=0)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2 ** 63)
     n: int = Field(1, ge=1, le=1, description="one completion per request")
     stream: bool = False
     policy: str | None = None
     threshold: float | None = None
     max_step_tokens: int | None = Field(None, gt=0, description="a step also ends after this many tokens")
+    ignore_eos: bool = Field(False, description="keep generating past EOS, to max_tokens (as vLLM's)")
 
     def token_cap(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default

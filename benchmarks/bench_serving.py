@@ -1,0 +1,214 @@
+"""Serving throughput and latency under concurrent clients: continuous batching vs one request
+at a time, and vLLM on the same model when it is installed, all in one run.
+
+The server is started on loopback as a separate process (`arbitrage-fast serve`), first with
+`--max-batch B` (continuous batching), then with `--max-batch 1` (requests queue and run one
+by one: the engine before batching), then vLLM's OpenAI server when `--vllm-python` names the
+interpreter of a virtualenv with vllm installed. Each is driven by 1, 4, 8, 16 concurrent
+clients (a client sends its requests one after another, streaming) over a fixed list of
+GSM8K prompts; every request asks for exactly `--max-tokens` tokens (ignore_eos), so every
+server generates the same number of tokens. Reported per (server, clients): aggregate
+generated tokens/s, p50/p99 request latency, p50 time to first streamed event (a step here,
+a token for vLLM), and ratios against the batch-1 server and vLLM measured in this run.
+
+    python benchmarks/bench_serving.py --draft M.gguf --target M.gguf --policy draft_only \
+        [--vllm-python /opt/vllm/bin/python --vllm-model DIR] [--clients 1,4,8,16]
+
+The JSON is rewritten after every row (benchmarks/results/serving_<name>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from _harness import RESULTS, cpu_run_record, write_json  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on loopback, up until `close()`."""
+
+    def __init__(self, argv: list[str], port: int, name: str, log: Path, startup_s: float) -> None:
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + startup_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.proc.returncode} before serving; see {log}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"{name} did not answer /health within {startup_s:.0f} s; see {log}")
+            time.sleep(1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
+
+
+def one_request(client: httpx.Client, body: dict) -> dict:
+    """Stream one completion; returns latency, time to the first event and tokens generated."""
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if "error" in event:
+                raise RuntimeError(f"server error: {event['error']}")
+            if first is None:
+                first = time.perf_counter() - start
+            usage = event.get("usage")
+            if usage:
+                tokens = usage["completion_tokens"]
+    return {"latency_s": time.perf_counter() - start, "first_event_s": first, "tokens": tokens}
+
+
+def drive(url: str, bodies: list[dict], clients: int, per_client: int) -> dict:
+    """`clients` threads, each sending `per_client` requests in turn; one row of figures."""
+    records: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client_loop(c: int) -> None:
+        with httpx.Client(base_url=url, timeout=3600) as http:
+            for k in range(per_client):
+                body = bodies[(c * per_client + k) % len(bodies)]
+                try:
+                    rec = one_request(http, body)
+                except Exception as e:  # noqa: BLE001 - recorded, the row is marked failed
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    return
+                with lock:
+                    records.append(rec)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = sorted(r["latency_s"] for r in records)
+    row = {"clients": clients, "requests": len(records), "wall_s": wall,
+           "tokens": sum(r["tokens"] for r in records), "errors": errors}
+    if records:
+        row.update(tok_s=row["tokens"] / wall, p50_latency_s=statistics.median(lat),
+                   p99_latency_s=lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
+                   p50_first_event_s=statistics.median(r["first_event_s"] for r in records))
+    return row
+
+
+def ratios(rows: list[dict]) -> None:
+    """Each row's throughput and p99 latency against the batch-1 server and vLLM, same clients."""
+    by = {(r["server"], r["clients"]): r for r in rows if "tok_s" in r}
+    for r in rows:
+        for ref in ("batch1", "vllm"):
+            other = by.get((ref, r["clients"]))
+            if other is None or "tok_s" not in r or r["server"] == ref:
+                continue
+            r[f"tok_s_vs_{ref}"] = r["tok_s"] / other["tok_s"]
+            r[f"p99_latency_vs_{ref}"] = r["p99_latency_s"] / other["p99_latency_s"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--draft")
+    ap.add_argument("--target")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--policy", default="draft_only")
+    ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--clients", default="1,4,8,16")
+    ap.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--chat", action="store_true", help="send chat-templated prompts (instruct models)")
+    ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm (reference server)")
+    ap.add_argument("--vllm-model", default=None, help="the model folder vLLM serves (same weights)")
+    ap.add_argument("--servers", default="batched,batch1,vllm", help="which servers to run, in order")
+    ap.add_argument("--startup-s", type=float, default=900)
+    ap.add_argument("--name", default="serving")
+    args = ap.parse_args()
+
+    from arbitrage_fast.eval.datasets import load_dataset
+
+    clients = [int(c) for c in args.clients.split(",")]
+    items = load_dataset("gsm8k", n=16, split="test", seed=0)
+    bodies = [{"prompt": i.prompt, "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0}
+              for i in items]
+    models = ["--preset", args.preset] if args.preset else ["--draft", args.draft, "--target", args.target]
+    serve = [sys.executable, "-m", "arbitrage_fast.cli", "serve", *models, "--dtype", args.dtype,
+             "--policy", args.policy, "--served-model-name", "m", "--max-waiting", "1024"]
+    if args.threshold is not None:
+        serve += ["--threshold", str(args.threshold)]
+    out = {"run": cpu_run_record(), "policy": args.policy, "dtype": args.dtype, "max_tokens": args.max_tokens,
+           "per_client": args.per_client, "max_batch": args.max_batch, "models": models, "rows": []}
+    logs = RESULTS / "serving_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for name in args.servers.split(","):
+        port = free_port()
+        if name == "batched":
+            argv = serve + ["--max-batch", str(args.max_batch), "--port", str(port)]
+        elif name == "batch1":
+            argv = serve + ["--max-batch", "1", "--port", str(port)]
+        elif name == "vllm":
+            if not (args.vllm_python and args.vllm_model):
+                print("vllm: skipped (give --vllm-python and --vllm-model)")
+                continue
+            argv = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.vllm_model,
+                    "--dtype", args.dtype, "--served-model-name", "m", "--port", str(port), "--host", "127.0.0.1"]
+            out["vllm_version"] = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
+                                                 capture_output=True, text=True).stdout.strip()
+        else:
+            raise SystemExit(f"unknown server {name!r}: expected batched, batch1 or vllm")
+        print(f"starting {name}: {' '.join(argv)}", flush=True)
+        server = Server(argv, port, name, logs / f"{args.name}_{name}.log", args.startup_s)
+        try:
+            drive(server.url, bodies[:1], 1, 1)  # warm-up: first-call costs stay out of the figures
+            for c in clients:
+                row = {"server": name, **drive(server.url, bodies, c, args.per_client)}
+                out["rows"].append(row)
+                ratios(out["rows"])
+                write_json(out, RESULTS, f"serving_{args.name}.json")
+                print(json.dumps({k: v for k, v in row.items() if k != "errors"}), flush=True)
+        finally:
+            server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
