@@ -23,7 +23,8 @@ from .kv.paged_cache import KVSpec, PagedKVCache
 from .messages import checked_messages, is_conversation, problem_text
 from .models.loader import LoadedModel, load_model, resolve_dtype
 from .policies import make_policy
-from .request import Request, RequestState, StepOutput
+from .prm.build import build_prm
+from .request import Request, StepOutput
 from .roles import Role
 from .router.head import RouterHead
 from .runtime.boundary import boundary_token_ids, eos_token_ids
@@ -67,7 +68,7 @@ class Engine:
         # Each model stops on its own vocabulary's boundary and EOS ids.
         self.boundary_ids = {m: frozenset(boundary_token_ids(lm.tokenizer)) for m, lm in loaded.items()}
         self.eos_ids = {m: frozenset(eos_token_ids(lm.tokenizer, lm.hf_config)) for m, lm in loaded.items()}
-        self.prm = _build_prm(config.prm, self.device)
+        self.prm = build_prm(config.prm, self.device)
         self.router = (RouterHead.load(config.router, expected_hidden_size=draft.spec.hidden_size).to(self.device)
                        if config.router else None)
         self.scheduler = Scheduler(self, config.max_batch, config.max_batch_tokens)
@@ -276,20 +277,6 @@ def _shares_vocabulary(draft: LoadedModel, target: LoadedModel) -> bool:
     return draft.tokenizer.convert_ids_to_tokens(ids) == target.tokenizer.convert_ids_to_tokens(ids)
 
 
-def _build_prm(spec, device):
-    from .prm.base import ProcessRewardModel
-
-    if spec is None:
-        return None  # target likelihood, computed inside the engine
-    if isinstance(spec, ProcessRewardModel):
-        return spec
-    if spec == "exact":
-        from .prm.exact import ExactCheckerPRM
-        return ExactCheckerPRM()
-    from .prm.hf_prm import load_prm
-    return load_prm(spec, device=device)
-
-
 class RequestStream:
     """One request's committed steps as an iterator (driving the engine while it waits), then
     `.result`. Closing it before the end cancels the request and returns its KV pages."""
@@ -338,27 +325,3 @@ def _per_prompt(name: str, value, n: int) -> list:
             raise ValueError(f"{name} has {len(value)} values for {n} prompts")
         return list(value)
     return [value] * n
-
-def _shares_vocabulary(draft: LoadedModel, target: LoadedModel) -> bool:
-    """Token ids can pass between the models directly when every id either model can emit
-    means the same text in both (tokenizer classes may differ in extra ids no model emits).
-    Otherwise the engine hands steps over as text."""
-    if draft.spec.vocab_size != target.spec.vocab_size:
-        return False
-    n = min(draft.spec.vocab_size, len(draft.tokenizer), len(target.tokenizer))
-    ids = list(range(n))
-    return draft.tokenizer.convert_ids_to_tokens(ids) == target.tokenizer.convert_ids_to_tokens(ids)
-
-
-def _build_prm(spec, device):
-    from .prm.base import ProcessRewardModel
-
-    if spec is None:
-        return None  # target likelihood, computed inside the engine
-    if isinstance(spec, ProcessRewardModel):
-        return spec
-    if spec == "exact":
-        from .prm.exact import ExactCheckerPRM
-        return ExactCheckerPRM()
-    from .prm.hf_prm import load_prm
-    return load_prm(spec, device=device)

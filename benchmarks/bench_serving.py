@@ -144,6 +144,22 @@ def ratios(rows: list[dict]) -> None:
             r[f"p99_latency_vs_{ref}"] = r["p99_latency_s"] / other["p99_latency_s"]
 
 
+def render(out: dict) -> str:
+    """The run as a markdown table (what RESULTS.md shows), from its JSON."""
+    lines = ["| server | clients | tok/s | p50 latency s | p99 latency s | p50 first event s | tok/s vs batch 1 "
+             "| p99 vs batch 1 | tok/s vs vLLM |", "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)  # noqa: E731
+    ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
+    for r in out["rows"]:
+        if "tok_s" not in r:
+            lines.append(f"| {r['server']} | {r['clients']} | failed: {'; '.join(r['errors'])[:80]} |||||||")
+            continue
+        lines.append(f"| {r['server']} | {r['clients']} | {fmt(r['tok_s'], '.1f')} | {fmt(r['p50_latency_s'])} "
+                     f"| {fmt(r['p99_latency_s'])} | {fmt(r['p50_first_event_s'])} | {ratio(r.get('tok_s_vs_batch1'))} "
+                     f"| {ratio(r.get('p99_latency_vs_batch1'))} | {ratio(r.get('tok_s_vs_vllm'))} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None)
@@ -162,7 +178,11 @@ def main() -> int:
     ap.add_argument("--servers", default="batched,batch1,vllm", help="which servers to run, in order")
     ap.add_argument("--startup-s", type=float, default=900)
     ap.add_argument("--name", default="serving")
+    ap.add_argument("--report", default=None, metavar="JSON", help="print a finished run's table and exit")
     args = ap.parse_args()
+    if args.report:
+        print(render(json.loads(Path(args.report).read_text())))
+        return 0
 
     from arbitrage_fast.eval.datasets import load_dataset
 

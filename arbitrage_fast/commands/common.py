@@ -53,16 +53,3 @@ def write_json(obj, path: str | Path | None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))
-
-
-def build_prm(spec):
-    """The PRM object for a spec (None = no standalone PRM: target likelihood lives in the engine)."""
-    if spec is None:
-        return None
-    if spec == "exact":
-        from arbitrage_fast.prm.exact import ExactCheckerPRM
-
-        return ExactCheckerPRM()
-    from arbitrage_fast.prm.hf_prm import load_prm
-
-    return load_prm(spec)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from arbitrage_fast.config import SamplingParams
 
-from .common import build_engine, build_prm, decoding_options, write_json
+from arbitrage_fast.prm.build import build_prm
+
+from .common import build_engine, decoding_options, write_json
 
 DEFAULT_THRESHOLDS = {
     "rsd": [0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.01],
