@@ -51,6 +51,8 @@ class EngineConfig:
     # 1 = the per-token decoder, N > 1 = chunks of N, 0 = adaptive (<= 2 host reads per step).
     decode_chunk: int = 1
     spec_k: int = 0  # token-level speculation inside target steps (0 = off)
+    # GGUF weights: False = kept in their quantized blocks (CPU); True = dequantised at load.
+    dequantize: bool = False
 
     def __post_init__(self) -> None:
         if not self.draft or not self.target:
@@ -69,3 +71,5 @@ class EngineConfig:
             raise ValueError(f"decode_chunk must be an integer >= 0 (0 = adaptive), got {self.decode_chunk!r}")
         if self.spec_k < 0:
             raise ValueError(f"spec_k must be >= 0, got {self.spec_k}")
+        if not isinstance(self.dequantize, bool):
+            raise ValueError(f"dequantize must be True or False, got {self.dequantize!r}")

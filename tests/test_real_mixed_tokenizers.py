@@ -18,6 +18,7 @@ from arbitrage_fast import Engine, EngineConfig, SamplingParams
 from arbitrage_fast.engine import DRAFT, TARGET, ModelMismatchError
 from arbitrage_fast.eval.datasets import load_dataset
 from arbitrage_fast.models import gguf_assets
+from arbitrage_fast.models.loader import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,9 @@ def paths():
 def engine(paths):
     torch.set_num_threads(2)
     smol, qwen = paths
-    return Engine(EngineConfig(draft=str(smol), target=str(qwen), dtype="float32"))
+    # Dequantised weights, the models transformers runs (the packed default rounds activations).
+    draft, target = (load_model(p, "float32", dequantize=True) for p in paths)
+    return Engine(EngineConfig(draft=str(smol), target=str(qwen), dtype="float32"), draft=draft, target=target)
 
 
 @pytest.fixture(scope="module")

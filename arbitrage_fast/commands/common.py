@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="inference", router: bool = True,
-                 decode_chunk: int | None = None, spec_k: int = 0):
+                 decode_chunk: int | None = None, spec_k: int = 0, dequantize: bool = False):
     """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
     decode_chunk None picks by device (`default_decode_chunk`)."""
     from arbitrage_fast import Engine, EngineConfig
@@ -16,12 +16,12 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
         decode_chunk = default_decode_chunk(device)
     return Engine(EngineConfig(draft=preset.draft, target=preset.target, device=device,
                                dtype=dtype or preset.dtype, prm=chosen, router=preset.router if router else None,
-                               decode_chunk=decode_chunk, spec_k=spec_k))
+                               decode_chunk=decode_chunk, spec_k=spec_k, dequantize=dequantize))
 
 
 def decoding_options(args) -> dict:
-    """The `--decode-chunk` / `--spec-k` flags as `build_engine` keywords."""
-    return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k}
+    """The `--decode-chunk` / `--spec-k` / `--dequantize` flags as `build_engine` keywords."""
+    return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k, "dequantize": getattr(args, "dequantize", False)}
 
 
 def default_decode_chunk(device: str) -> int:

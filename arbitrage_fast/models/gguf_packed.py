@@ -1,0 +1,171 @@
+"""Build the native decoder from a GGUF file with its quantized weights kept as stored.
+
+Every linear weight of a type in `gguf_ops.PACKED_TYPES` becomes part of a `QuantizedLinear`,
+the token embeddings a `QuantizedEmbedding` (a tied LM head shares their blocks), and the
+small float tensors (norms, biases) load in the model's dtype. Quantized types without a
+kernel are dequantised at load, and the load says so once. The result is the same
+`LlamaDecoder` the dequantising loader builds, so the runner, the arena and the policies
+see no difference; resident weight memory is about the file's size.
+
+Blocks are checked before use: a tensor whose bytes run past the end of the file, or whose
+blocks carry non-finite scales, is refused with its name.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from . import gguf_ops
+from .architecture import DecoderSpec
+from .llama import LlamaDecoder
+from .quantized_linear import DENSE, QuantizedEmbedding, QuantizedLinear
+
+log = logging.getLogger(__name__)
+QT = gguf.GGMLQuantizationType
+FLOAT_TYPES = {QT.F32, QT.F16, QT.BF16}
+
+
+class CorruptTensorError(ValueError):
+    """A tensor's stored blocks are truncated or carry invalid scales."""
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """gguf's reader, refusing a tensor whose data runs past the end of the file by name
+    (the reader itself fails on such a file with a bare reshape error)."""
+
+    def _build_tensors(self, start_offs, fields):
+        for field in fields:
+            _, name, _, dims, raw_dtype, offset = field.parts
+            elems, size = gguf.GGML_QUANT_SIZES[QT(int(raw_dtype[0]))]
+            end = int(start_offs) + int(offset[0]) + int(np.prod(dims)) * size // elems
+            if end > self.data.size:
+                raise CorruptTensorError(
+                    f"tensor {bytes(name).decode()!r} is truncated: its data ends at byte {end:,} of a "
+                    f"{self.data.size:,}-byte file (an incomplete download or copy?)")
+        super()._build_tensors(start_offs, fields)
+
+
+def _architecture(reader: gguf.GGUFReader) -> str:
+    field = reader.fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+class _Tensors:
+    """The file's tensors by name, each as (packed blocks, qtype) or (dense tensor, DENSE)."""
+
+    def __init__(self, path: Path, dtype: torch.dtype) -> None:
+        try:
+            reader = _CheckedReader(path)
+        except CorruptTensorError as e:
+            raise CorruptTensorError(f"{path}: {e}") from None
+        except (ValueError, KeyError) as e:
+            raise CorruptTensorError(f"{path} is not a readable GGUF file: {e}") from None
+        self.path, self.dtype = path, dtype
+        self.architecture = _architecture(reader)
+        self._by_name = {t.name: t for t in reader.tensors}
+        self.dequantised: dict[str, list[str]] = {}
+
+    def get(self, name: str) -> tuple[torch.Tensor, int]:
+        t = self._by_name.get(name)
+        if t is None:
+            raise KeyError(name)
+        qtype = QT(t.tensor_type)
+        if qtype in FLOAT_TYPES:
+            data = np.array(t.data)  # copy out of the memory map
+            return torch.from_numpy(data).to(self.dtype), DENSE
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+        if int(qtype) not in gguf_ops.PACKED_TYPES:
+            self.dequantised.setdefault(qtype.name, []).append(name)
+            dense = gguf.quants.dequantize(np.asarray(t.data), qtype).reshape(shape)
+            return torch.from_numpy(np.ascontiguousarray(dense)).to(self.dtype), DENSE
+        rows, in_features = shape
+        expected = (rows, gguf_ops.row_bytes(int(qtype), in_features))
+        if tuple(t.data.shape) != expected:
+            raise CorruptTensorError(f"{self.path}: tensor {name!r} holds {tuple(t.data.shape)} bytes of "
+                                     f"{qtype.name} blocks, its shape {shape} needs {expected}")
+        blocks = torch.from_numpy(np.array(t.data))
+        bad = gguf_ops.nonfinite_blocks(blocks, int(qtype))
+        if bad:
+            raise CorruptTensorError(f"{self.path}: tensor {name!r} has {bad} {qtype.name} block(s) with a "
+                                     "NaN or infinite scale; the file is corrupt")
+        return blocks, int(qtype)
+
+
+def _permute_back(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of q/k rows for its rotary layout (its converter permutes
+    them for the `llama` architecture, as transformers undoes): it stores
+    w.reshape(n_head, 2, dim).swapaxes(1, 2); rows are whole, so packed blocks move like floats."""
+    dim = t.shape[0] // n_head // 2
+    return t.reshape(n_head, dim, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def build(path: Path, spec: DecoderSpec, dtype: torch.dtype) -> LlamaDecoder:
+    tensors = _Tensors(path, dtype)
+    llama_rows = tensors.architecture == "llama"
+
+    def take(name: str) -> tuple[torch.Tensor, int]:
+        try:
+            return tensors.get(name)
+        except KeyError:
+            raise CorruptTensorError(f"{path}: tensor {name!r} is missing from the file") from None
+
+    def take_qk(name: str, n_head: int) -> tuple[torch.Tensor, int]:
+        t, q = take(name)
+        return (_permute_back(t, n_head), q) if llama_rows else (t, q)
+
+    def bias(*names: str) -> torch.Tensor:
+        return torch.cat([take(n)[0] for n in names])
+
+    with torch.device("meta"):
+        model = LlamaDecoder(spec)
+    plain: dict[str, torch.Tensor] = {"norm.weight": take("output_norm.weight")[0]}
+    embed, embed_type = take("token_embd.weight")
+    model.embed_tokens = (nn.Embedding.from_pretrained(embed, freeze=True) if embed_type == DENSE
+                          else QuantizedEmbedding(embed, embed_type, spec.hidden_size, dtype))
+    head = (embed, embed_type) if spec.tie_word_embeddings else take("output.weight")
+    model.lm_head = _quantized([head], None)
+    for i, layer in enumerate(model.layers):
+        p = f"blk.{i}."
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [take_qk(p + "attn_q.weight", spec.num_heads), take_qk(p + "attn_k.weight", spec.num_kv_heads),
+               take(p + "attn_v.weight")]
+        qkv_bias = None
+        if spec.qkv_bias:
+            qkv_bias = torch.cat([take_qk(p + "attn_q.bias", spec.num_heads)[0],
+                                  take_qk(p + "attn_k.bias", spec.num_kv_heads)[0], take(p + "attn_v.bias")[0]])
+        attn.qkv_proj = _quantized(qkv, qkv_bias)
+        attn.o_proj = _quantized([take(p + "attn_output.weight")], bias(p + "attn_output.bias") if spec.o_bias else None)
+        mlp.gate_up_proj = _quantized([take(p + "ffn_gate.weight"), take(p + "ffn_up.weight")],
+                                      bias(p + "ffn_gate.bias", p + "ffn_up.bias") if spec.mlp_bias else None)
+        mlp.down_proj = _quantized([take(p + "ffn_down.weight")], bias(p + "ffn_down.bias") if spec.mlp_bias else None)
+        plain[f"layers.{i}.input_layernorm.weight"] = take(p + "attn_norm.weight")[0]
+        plain[f"layers.{i}.post_attention_layernorm.weight"] = take(p + "ffn_norm.weight")[0]
+    model.load_state_dict(plain, strict=False, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n != "rotary.inv_freq"]
+    if left:
+        raise CorruptTensorError(f"{path}: no tensor in the file fills {left}")
+    model.rotary.inv_freq = spec.inv_freq
+    for type_name, names in tensors.dequantised.items():
+        log.warning("%s: %d %s tensor(s) have no packed kernel and were dequantised at load (e.g. %s)",
+                    path.name, len(names), type_name, names[0])
+    return model.eval().requires_grad_(False)
+
+
+def _quantized(parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None) -> nn.Module:
+    """A fused projection: packed where any part is packed, a plain nn.Linear otherwise
+    (then bf16 packing for oneDNN applies to it as to any checkpoint's linear)."""
+    if all(q == DENSE for _, q in parts):
+        weight = parts[0][0] if len(parts) == 1 else torch.cat([w for w, _ in parts])
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias, requires_grad=False)
+        return layer
+    w, q = next((w, q) for w, q in parts if q != DENSE)
+    elems, size = gguf_ops.block_shape(q)
+    return QuantizedLinear(parts, w.shape[1] // size * elems, bias)
