@@ -15,12 +15,10 @@ import gguf
 import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer
-from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from arbitrage_fast.models import loader
-from arbitrage_fast.models.architecture import DecoderSpec
 from arbitrage_fast.models.quantized_linear import QuantizedEmbedding, QuantizedLinear
-from helpers.gguf_files import greedy, teacher_forced, write_tiny_gguf
+from helpers.gguf_files import dequantised_reference, greedy, teacher_forced, write_tiny_gguf
 from helpers.tiny_models import build_tiny_lm
 
 pytest.importorskip("arbitrage_fast._C", reason="the native extension is not built")
@@ -31,9 +29,6 @@ QT = gguf.GGMLQuantizationType
 TYPES = {"attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K, "attn_output": QT.Q8_0,
          "ffn_gate": QT.Q5_0, "ffn_up": QT.Q5_1, "ffn_down": QT.Q4_0, "token_embd": QT.Q4_1,
          "output": QT.Q6_K, "blk.1.attn_output": QT.F16, "blk.1.ffn_down": QT.Q5_K}
-HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-            "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 # Logits, relative to their largest magnitude. The packed model differs from the dequantised
 # one only by the int8 rounding of each packed layer's input: at most half a step (1/254 of
 # a group's largest value) per input, about 0.5% rms of a layer's output, which these random
@@ -63,24 +58,6 @@ def tiny_gguf(tmp_path, monkeypatch):
         return path, config, tokenizer
 
     return make
-
-
-def dequantised_reference(path, config, arch: str):
-    processor = LlamaTensorProcessor(config={"num_attention_heads": config.num_attention_heads,
-                                             "num_key_value_heads": config.num_key_value_heads})
-    tensors = {}
-    for t in gguf.GGUFReader(path).tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
-        if arch == "llama":
-            w = processor.process(weights=w, name=t.name).weights
-        if t.name.startswith("blk."):
-            _, i, short, kind = t.name.split(".")
-            name = f"model.layers.{i}.{HF_NAMES[short]}.{kind}"
-        else:
-            name = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
-                    "output_norm.weight": "model.norm.weight"}[t.name]
-        tensors[name] = torch.from_numpy(w.copy()).float()
-    return loader._build(DecoderSpec.from_hf_config(config), tensors, torch.float32, "cpu", path)
 
 
 @pytest.mark.parametrize("arch,tie", [("qwen2", True), ("llama", False)])

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import gguf_ops
 from .architecture import DecoderSpec
+from .gguf_directory import GGUFDirectory, GGUFFormatError
 from .llama import LlamaDecoder
 from .quantized_linear import DENSE, QuantizedEmbedding, QuantizedLinear
 
@@ -34,66 +35,37 @@ class CorruptTensorError(ValueError):
     """A tensor's stored blocks are truncated or carry invalid scales."""
 
 
-class _CheckedReader(gguf.GGUFReader):
-    """gguf's reader, refusing a tensor whose data runs past the end of the file by name
-    (the reader itself fails on such a file with a bare reshape error)."""
-
-    def _build_tensors(self, start_offs, fields):
-        for field in fields:
-            _, name, _, dims, raw_dtype, offset = field.parts
-            elems, size = gguf.GGML_QUANT_SIZES[QT(int(raw_dtype[0]))]
-            end = int(start_offs) + int(offset[0]) + int(np.prod(dims)) * size // elems
-            if end > self.data.size:
-                raise CorruptTensorError(
-                    f"tensor {bytes(name).decode()!r} is truncated: its data ends at byte {end:,} of a "
-                    f"{self.data.size:,}-byte file (an incomplete download or copy?)")
-        super()._build_tensors(start_offs, fields)
-
-
-def _architecture(reader: gguf.GGUFReader) -> str:
-    field = reader.fields["general.architecture"]
-    return bytes(field.parts[field.data[0]]).decode()
-
-
 class _Tensors:
     """The file's tensors by name, each as (packed blocks, qtype) or (dense tensor, DENSE)."""
 
     def __init__(self, path: Path, dtype: torch.dtype) -> None:
         try:
-            reader = _CheckedReader(path)
-        except CorruptTensorError as e:
-            raise CorruptTensorError(f"{path}: {e}") from None
-        except (ValueError, KeyError) as e:
-            raise CorruptTensorError(f"{path} is not a readable GGUF file: {e}") from None
+            self._dir = GGUFDirectory(path)
+        except GGUFFormatError as e:
+            raise CorruptTensorError(str(e)) from None
         self.path, self.dtype = path, dtype
-        self.architecture = _architecture(reader)
-        self._by_name = {t.name: t for t in reader.tensors}
+        self.architecture = self._dir.architecture
         self.dequantised: dict[str, list[str]] = {}
 
     def get(self, name: str) -> tuple[torch.Tensor, int]:
-        t = self._by_name.get(name)
+        t = self._dir.tensors.get(name)
         if t is None:
             raise KeyError(name)
-        qtype = QT(t.tensor_type)
-        if qtype in FLOAT_TYPES:
-            data = np.array(t.data)  # copy out of the memory map
+        data = self._dir.array(t)
+        if t.qtype == QT.BF16:
+            return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).reshape(t.shape).to(self.dtype), DENSE
+        if t.qtype in FLOAT_TYPES:
             return torch.from_numpy(data).to(self.dtype), DENSE
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        if int(qtype) not in gguf_ops.PACKED_TYPES:
-            self.dequantised.setdefault(qtype.name, []).append(name)
-            dense = gguf.quants.dequantize(np.asarray(t.data), qtype).reshape(shape)
+        if int(t.qtype) not in gguf_ops.PACKED_TYPES:
+            self.dequantised.setdefault(t.qtype.name, []).append(name)
+            dense = gguf.quants.dequantize(data, t.qtype).reshape(t.shape)
             return torch.from_numpy(np.ascontiguousarray(dense)).to(self.dtype), DENSE
-        rows, in_features = shape
-        expected = (rows, gguf_ops.row_bytes(int(qtype), in_features))
-        if tuple(t.data.shape) != expected:
-            raise CorruptTensorError(f"{self.path}: tensor {name!r} holds {tuple(t.data.shape)} bytes of "
-                                     f"{qtype.name} blocks, its shape {shape} needs {expected}")
-        blocks = torch.from_numpy(np.array(t.data))
-        bad = gguf_ops.nonfinite_blocks(blocks, int(qtype))
+        blocks = torch.from_numpy(data)
+        bad = gguf_ops.nonfinite_blocks(blocks, int(t.qtype))
         if bad:
-            raise CorruptTensorError(f"{self.path}: tensor {name!r} has {bad} {qtype.name} block(s) with a "
+            raise CorruptTensorError(f"{self.path}: tensor {name!r} has {bad} {t.qtype.name} block(s) with a "
                                      "NaN or infinite scale; the file is corrupt")
-        return blocks, int(qtype)
+        return blocks, int(t.qtype)
 
 
 def _permute_back(t: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Tiny GGUF files written on the spot, and a plain greedy loop over the native decoder.
+"""Tiny GGUF files written on the spot, dequantised twins of packed models, and a plain
+greedy loop over the native decoder (one sequence, its own KV pages, no engine).
 
 `write_tiny_gguf` writes the tensors of a tiny Llama/Qwen2 checkpoint (shapes from its HF
 config) as random quantized blocks of chosen types, so the packed loader can be compared with
@@ -12,10 +13,15 @@ import gguf
 import numpy as np
 import torch
 
-from arbitrage_fast.models import gguf_ops
+from arbitrage_fast.models import gguf_ops, loader
+from arbitrage_fast.models.architecture import DecoderSpec
 from arbitrage_fast.runtime.attention_metadata import AttentionMetadata
 
 from .gguf_blocks import random_blocks
+
+HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 QT = gguf.GGMLQuantizationType
 # Block scales that give weights of a trained model's size (|w| up to ~0.1): d times the
@@ -75,6 +81,53 @@ def write_tiny_gguf(path: Path, config, arch: str, types: dict[str, QT], seed: i
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def dequantised_reference(path, config, arch: str):
+    """The dequantised model of a GGUF file, built without the packed loader's code: the
+    `gguf` package dequantises every tensor, transformers' own tensor processor undoes llama's
+    q/k permutation, and the dequantising loader's `_build` fuses and loads it (fp32)."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    processor = LlamaTensorProcessor(config={"num_attention_heads": config.num_attention_heads,
+                                             "num_key_value_heads": config.num_key_value_heads})
+    tensors = {}
+    for t in gguf.GGUFReader(path).tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        if arch == "llama":
+            w = processor.process(weights=w, name=t.name).weights
+        if t.name.startswith("blk."):
+            _, i, short, kind = t.name.split(".")
+            name = f"model.layers.{i}.{HF_NAMES[short]}.{kind}"
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+                    "output_norm.weight": "model.norm.weight"}[t.name]
+        tensors[name] = torch.from_numpy(w.copy()).float()
+    return loader._build(DecoderSpec.from_hf_config(config), tensors, torch.float32, "cpu", path)
+
+
+def dequantised_copy(model):
+    """The packed model with every packed layer replaced by its dequantised dense twin (the
+    compiled dequantiser equals the `gguf` package's bit for bit; test_gguf_kernels.py)."""
+    import copy
+
+    from torch import nn
+
+    from arbitrage_fast.models.quantized_linear import QuantizedEmbedding, QuantizedLinear
+
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, QuantizedLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                linear.weight = nn.Parameter(child.dequantized_weight(), requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = nn.Parameter(child.bias.float(), requires_grad=False)
+                setattr(module, child_name, linear)
+            elif isinstance(child, QuantizedEmbedding):
+                table = gguf_ops.gguf_dequantize(child.blocks, child.qtype, child.embedding_dim)
+                setattr(module, child_name, nn.Embedding.from_pretrained(table, freeze=True))
+    return dense
 
 
 class Session:
