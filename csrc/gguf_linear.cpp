@@ -19,10 +19,6 @@
 namespace arbitrage_fast {
 namespace gguf {
 
-// dot(weight row, quantized activation row) over `groups` groups of 32 inputs.
-using RowDot = float (*)(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs,
-                         int64_t groups);
-
 void decode_group(int64_t type, const uint8_t* row, int64_t g, Group* out) {
   auto nibbles = [&](const uint8_t* qs, int offset) {
     for (int i = 0; i < 16; ++i) {
@@ -103,6 +99,21 @@ void decode_group(int64_t type, const uint8_t* row, int64_t g, Group* out) {
   }
 }
 
+// R activation rows, `stride` int8 values apart (their scales `groups` apart), against one
+// weight row; out[r] receives row r's dot.
+struct Rows {
+  const int8_t* xq;
+  const float* xd;
+  const float* xs;
+  int64_t stride, groups;
+};
+
+// A vectorised kernel of one format, for one activation row and for four at once.
+struct Kernels {
+  void (*one)(const uint8_t* w, Rows x, float* out);
+  void (*four)(const uint8_t* w, Rows x, float* out);
+};
+
 namespace {
 
 // The portable path: what every vectorised path must reproduce up to float summation order.
@@ -153,10 +164,10 @@ bool cpu_has_avx512_vnni() {
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512_vnni() { return false; }
 namespace avx2 {
-inline RowDot row_dot(int64_t) { return nullptr; }
+inline Kernels kernels(int64_t) { return {nullptr, nullptr}; }
 }  // namespace avx2
 namespace avx512_vnni {
-inline RowDot row_dot(int64_t) { return nullptr; }
+inline Kernels kernels(int64_t) { return {nullptr, nullptr}; }
 }  // namespace avx512_vnni
 #endif
 
@@ -235,19 +246,19 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
               "gguf_linear: this implementation runs on CPU tensors only");
 
-  gguf::RowDot simd = nullptr;
+  gguf::Kernels simd{nullptr, nullptr};
   if (isa == "auto") {
     if (gguf::cpu_has_avx512_vnni()) {
-      simd = gguf::avx512_vnni::row_dot(type);
+      simd = gguf::avx512_vnni::kernels(type);
     } else if (gguf::cpu_has_avx2()) {
-      simd = gguf::avx2::row_dot(type);
+      simd = gguf::avx2::kernels(type);
     }
   } else if (isa == "avx512_vnni") {
     TORCH_CHECK(gguf::cpu_has_avx512_vnni(), "gguf_linear: this CPU lacks AVX-512 VNNI");
-    simd = gguf::avx512_vnni::row_dot(type);
+    simd = gguf::avx512_vnni::kernels(type);
   } else if (isa == "avx2") {
     TORCH_CHECK(gguf::cpu_has_avx2(), "gguf_linear: this CPU lacks AVX2/FMA/F16C");
-    simd = gguf::avx2::row_dot(type);
+    simd = gguf::avx2::kernels(type);
   } else {
     TORCH_CHECK(isa == "scalar", "gguf_linear: unknown isa '", std::string(isa),
                 "'; expected auto, avx512_vnni, avx2 or scalar");
@@ -269,20 +280,27 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   const float* xsp = xs.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
-  // Threads split the output rows, so each reads its own slice of the weight once; a small
-  // tile of weight rows stays in L1 while every activation row passes over it (prefill).
-  constexpr int64_t kTile = 4;
+  // Threads split the output rows, so each reads its own slice of the weight once. Prefill
+  // rows go four at a time through each weight row (decoded once for the four), while the
+  // weight row stays in L1.
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin; n0 < end; n0 += kTile) {
-      const int64_t n1 = std::min(end, n0 + kTile);
-      for (int64_t r = 0; r < rows; ++r) {
+    float dots[4];
+    for (int64_t j = begin; j < end; ++j) {
+      const uint8_t* wr = wp + j * row_bytes;
+      int64_t r = 0;
+      for (; simd.four && r + 4 <= rows; r += 4) {
+        simd.four(wr, {xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups}, dots);
+        for (int i = 0; i < 4; ++i) op[(r + i) * n + j] = dots[i];
+      }
+      for (; r < rows; ++r) {
         const int8_t* q = xqp + r * k;
         const float* d = xdp + r * groups;
         const float* s = xsp + r * groups;
-        for (int64_t j = n0; j < n1; ++j) {
-          const uint8_t* wr = wp + j * row_bytes;
-          op[r * n + j] = simd ? simd(wr, q, d, s, groups)
-                               : gguf::dot_reference(type, wr, q, d, s, groups);
+        if (simd.one) {
+          simd.one(wr, {q, d, s, k, groups}, dots);
+          op[r * n + j] = dots[0];
+        } else {
+          op[r * n + j] = gguf::dot_reference(type, wr, q, d, s, groups);
         }
       }
     }
