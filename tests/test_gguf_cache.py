@@ -112,3 +112,35 @@ def test_cached_folder_is_a_plain_checkpoint_transformers_loads(fake_gguf):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert getattr(hf.config, "quantization_config", None) is None
     assert torch.equal(hf.lm_head.weight, loaded.model.lm_head.weight)
+
+
+def test_packed_loads_parse_the_config_and_tokenizer_once(tmp_path, monkeypatch):
+    """The packed path needs only a GGUF's config and tokenizer: they are parsed once and kept
+    as a weightless folder keyed like the dequantised ones."""
+    import transformers
+
+    monkeypatch.setenv(gguf_assets.CACHE_ENV, str(tmp_path / "cache"))
+    folder = build_tiny_lm(tmp_path / "hf", "qwen2", seed=3)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF stub")
+    parses = []
+    real_config, real_tokenizer = transformers.AutoConfig.from_pretrained, transformers.AutoTokenizer.from_pretrained
+
+    def parse(real):
+        def from_pretrained(where, *args, gguf_file=None, **kwargs):
+            if gguf_file is None:
+                return real(where, *args, **kwargs)
+            parses.append(gguf_file)
+            return real(folder)
+        return from_pretrained
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", parse(real_config))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", parse(real_tokenizer))
+    first = loader._read_gguf_metadata(path)
+    second = loader._read_gguf_metadata(path)
+    assert parses == ["model.gguf", "model.gguf"]  # config and tokenizer, once
+    assert gguf_cache.metadata_complete(gguf_cache.metadata_folder_for(path))
+    assert not gguf_cache.is_complete(gguf_cache.metadata_folder_for(path))  # no weights written
+    assert first[0].to_dict()["vocab_size"] == second[0].to_dict()["vocab_size"]
+    text = "We compute 12 + 30 = 42.\n\nThen"
+    assert first[1](text).input_ids == second[1](text).input_ids
