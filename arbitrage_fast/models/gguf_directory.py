@@ -51,6 +51,8 @@ class GGUFDirectory:
             self.metadata, self.tensors = self._read()
         except struct.error:
             raise GGUFFormatError(f"{path}: the header is cut short (a truncated file?)") from None
+        finally:
+            self._map.close()  # only the header was read through it
 
     @property
     def architecture(self) -> str:
@@ -58,12 +60,17 @@ class GGUFDirectory:
 
     def array(self, info: TensorInfo) -> np.ndarray:
         """A copy of the tensor's bytes: quantized types as uint8 [rows, row_bytes], float
-        types as their numpy dtype in `shape`."""
+        types as their numpy dtype in `shape`. Read with a plain file read, not through the
+        map: mapped pages would count once more in the process's resident memory."""
         dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(info.qtype)
-        raw = np.frombuffer(self._map, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+        raw = np.empty(info.n_bytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(memoryview(raw)) != info.n_bytes:
+                raise GGUFFormatError(f"{self.path}: tensor {info.name!r} could not be read whole")
         if dtype is not None:
-            return raw.view(dtype).reshape(info.shape).copy()
-        return raw.reshape(info.shape[:-1] + (-1,)).copy() if len(info.shape) > 1 else raw.copy()
+            return raw.view(dtype).reshape(info.shape)
+        return raw.reshape(info.shape[:-1] + (-1,)) if len(info.shape) > 1 else raw
 
     def _unpack(self, fmt: str):
         values = struct.unpack_from("<" + fmt, self._map, self._pos)
