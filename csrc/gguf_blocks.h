@@ -1,6 +1,6 @@
 // GGUF quantized block layouts (as llama.cpp stores them) and the activation blocks the
 // quantized products read. Shared by the portable reference path (gguf_linear.cpp) and the
-// vectorised paths (gguf_linear_simd.inc).
+// vectorised paths (gguf_linear_simd.h).
 //
 // A weight row of K inputs is K / block_elems whole blocks laid end to end. Every format is
 // described to the kernels in groups of 32 inputs: a group decodes to 32 signed integers q

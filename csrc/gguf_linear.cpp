@@ -136,7 +136,7 @@ float dot_reference(int64_t type, const uint8_t* w, const int8_t* xq, const floa
 namespace avx2 {
 #define AF_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AF_VNNI 0
-#include "gguf_linear_simd.inc"
+#include "gguf_linear_simd.h"
 #undef AF_VNNI
 #undef AF_TARGET
 }  // namespace avx2
@@ -144,7 +144,7 @@ namespace avx2 {
 namespace avx512_vnni {
 #define AF_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define AF_VNNI 1
-#include "gguf_linear_simd.inc"
+#include "gguf_linear_simd.h"
 #undef AF_VNNI
 #undef AF_TARGET
 }  // namespace avx512_vnni
