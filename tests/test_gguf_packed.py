@@ -136,3 +136,10 @@ def test_a_truncated_file_is_refused_naming_the_tensor(tiny_gguf):
     path.write_bytes(path.read_bytes()[: last.data_offset + 10])
     with pytest.raises(loader.CheckpointError, match=rf"'{last.name}' is truncated"):
         loader.load_model(path, "float32")
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused_naming_it(tiny_gguf):
+    path, config, _ = tiny_gguf("qwen2", True)
+    config.intermediate_size *= 2  # the config now disagrees with the file's ffn tensors
+    with pytest.raises(loader.CheckpointError, match=r"blk\.0\.ffn_gate/up is \(1024, 256\) in the file, the config implies \(2048, 256\)"):
+        loader.load_model(path, "float32")

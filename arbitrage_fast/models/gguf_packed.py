@@ -93,14 +93,21 @@ def build(path: Path, spec: DecoderSpec, dtype: torch.dtype) -> LlamaDecoder:
     def bias(*names: str) -> torch.Tensor:
         return torch.cat([take(n)[0] for n in names])
 
+    def place(owner: nn.Module, attr: str, layer: nn.Module, what: str) -> None:
+        """Put a loaded layer where the config's (meta) layer is, if their shapes agree."""
+        meta = getattr(owner, attr)
+        if _shape(layer) != _shape(meta):
+            raise CorruptTensorError(f"{path}: {what} is {_shape(layer)} in the file, the config implies {_shape(meta)}")
+        setattr(owner, attr, layer)
+
     with torch.device("meta"):
         model = LlamaDecoder(spec)
     plain: dict[str, torch.Tensor] = {"norm.weight": take("output_norm.weight")[0]}
     embed, embed_type = take("token_embd.weight")
-    model.embed_tokens = (nn.Embedding.from_pretrained(embed, freeze=True) if embed_type == DENSE
-                          else QuantizedEmbedding(embed, embed_type, spec.hidden_size, dtype))
+    place(model, "embed_tokens", nn.Embedding.from_pretrained(embed, freeze=True) if embed_type == DENSE
+          else QuantizedEmbedding(embed, embed_type, _in_features(embed, embed_type), dtype), "token_embd.weight")
     head = (embed, embed_type) if spec.tie_word_embeddings else take("output.weight")
-    model.lm_head = _quantized([head], None)
+    place(model, "lm_head", _quantized([head], None), "the LM head")
     for i, layer in enumerate(model.layers):
         p = f"blk.{i}."
         attn, mlp = layer.self_attn, layer.mlp
@@ -110,11 +117,14 @@ def build(path: Path, spec: DecoderSpec, dtype: torch.dtype) -> LlamaDecoder:
         if spec.qkv_bias:
             qkv_bias = torch.cat([take_qk(p + "attn_q.bias", spec.num_heads)[0],
                                   take_qk(p + "attn_k.bias", spec.num_kv_heads)[0], take(p + "attn_v.bias")[0]])
-        attn.qkv_proj = _quantized(qkv, qkv_bias)
-        attn.o_proj = _quantized([take(p + "attn_output.weight")], bias(p + "attn_output.bias") if spec.o_bias else None)
-        mlp.gate_up_proj = _quantized([take(p + "ffn_gate.weight"), take(p + "ffn_up.weight")],
-                                      bias(p + "ffn_gate.bias", p + "ffn_up.bias") if spec.mlp_bias else None)
-        mlp.down_proj = _quantized([take(p + "ffn_down.weight")], bias(p + "ffn_down.bias") if spec.mlp_bias else None)
+        place(attn, "qkv_proj", _quantized(qkv, qkv_bias), p + "attn_q/k/v")
+        place(attn, "o_proj", _quantized([take(p + "attn_output.weight")],
+                                         bias(p + "attn_output.bias") if spec.o_bias else None), p + "attn_output")
+        place(mlp, "gate_up_proj", _quantized([take(p + "ffn_gate.weight"), take(p + "ffn_up.weight")],
+                                              bias(p + "ffn_gate.bias", p + "ffn_up.bias") if spec.mlp_bias else None),
+              p + "ffn_gate/up")
+        place(mlp, "down_proj", _quantized([take(p + "ffn_down.weight")],
+                                           bias(p + "ffn_down.bias") if spec.mlp_bias else None), p + "ffn_down")
         plain[f"layers.{i}.input_layernorm.weight"] = take(p + "attn_norm.weight")[0]
         plain[f"layers.{i}.post_attention_layernorm.weight"] = take(p + "ffn_norm.weight")[0]
     model.load_state_dict(plain, strict=False, assign=True)
@@ -139,5 +149,17 @@ def _quantized(parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None)
             layer.bias = nn.Parameter(bias, requires_grad=False)
         return layer
     w, q = next((w, q) for w, q in parts if q != DENSE)
-    elems, size = gguf_ops.block_shape(q)
-    return QuantizedLinear(parts, w.shape[1] // size * elems, bias)
+    return QuantizedLinear(parts, _in_features(w, q), bias)
+
+
+def _shape(layer: nn.Module) -> tuple[int, int]:
+    if hasattr(layer, "out_features"):
+        return layer.out_features, layer.in_features
+    return layer.num_embeddings, layer.embedding_dim
+
+
+def _in_features(blocks: torch.Tensor, qtype: int) -> int:
+    if qtype == DENSE:
+        return blocks.shape[1]
+    elems, size = gguf_ops.block_shape(qtype)
+    return blocks.shape[1] // size * elems
