@@ -23,6 +23,7 @@ pytest.importorskip("arbitrage_fast._C", reason="the native extension is not bui
 
 TYPES = sorted(gguf_ops.PACKED_TYPES)
 PATHS = gguf_ops.cpu_paths()
+ALL_PATHS = ["avx512_vnni", "avx2", "scalar"]  # every compiled path, reported as skipped where absent
 U = 2.0 ** -24
 
 
@@ -67,10 +68,12 @@ def test_dequantize_is_gguf_exactly(qtype):
                        gguf_ops.dequantize_reference(blocks, qtype, K))
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: gguf_ops.PACKED_TYPES[t])
 @pytest.mark.parametrize("rows", [1, 5, 11])
 def test_kernel_matches_twin_on_random_blocks(qtype, path, rows):
+    if path not in PATHS:
+        pytest.skip(f"this CPU does not run the {path} path")
     gen = torch.Generator().manual_seed(1000 + qtype)
     K = valid_in_features(qtype, 1024 // gguf_ops.block_shape(qtype)[0] + 1)
     blocks = random_blocks(qtype, 67, K, gen)
