@@ -14,6 +14,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", help="router head folder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dequantize", action="store_true",
+                   help="dequantise a GGUF's weights at load (the reference path) instead of running its "
+                        "quantized blocks packed, the default on CPU")
 
 
 def _decoding_args(p: argparse.ArgumentParser) -> None:

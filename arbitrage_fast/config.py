@@ -59,6 +59,8 @@ class EngineConfig:
     # first, then prefill chunks cut to what is left).
     max_batch: int = 32
     max_batch_tokens: int = 1024
+    # GGUF weights: False = kept in their quantized blocks (CPU); True = dequantised at load.
+    dequantize: bool = False
 
     def __post_init__(self) -> None:
         if not self.draft or not self.target:
@@ -81,3 +83,5 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.dequantize, bool):
+            raise ValueError(f"dequantize must be True or False, got {self.dequantize!r}")

@@ -44,8 +44,8 @@ class Engine:
         (benchmarks build random-weight models of real shapes without touching disk)."""
         self.config = config
         self.device = torch.device(config.device)
-        draft = draft or load_model(config.draft, config.dtype, self.device)
-        target = target or load_model(config.target, config.dtype, self.device)
+        draft = draft or load_model(config.draft, config.dtype, self.device, dequantize=config.dequantize)
+        target = target or load_model(config.target, config.dtype, self.device, dequantize=config.dequantize)
         self.shared_vocab = _shares_vocabulary(draft, target)
         if not self.shared_vocab and config.spec_k > 0:
             raise ModelMismatchError(

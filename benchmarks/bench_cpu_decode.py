@@ -10,6 +10,13 @@ load hits both alike; the engine's tokens must equal transformers'.
     python benchmarks/bench_cpu_decode.py --preset qwen2.5-coder --role draft --dtype bfloat16
     python benchmarks/bench_cpu_decode.py --model PATH.gguf|HF_FOLDER [--tokens 64] [--threads 2]
     python benchmarks/bench_cpu_decode.py --tiny      # a small random Llama, no download
+
+`--quant` (a .gguf model) times the engine three ways on the same file, prompt, token count and
+threads, in one run: weights packed as stored (the default load), dequantised to bf16 (the
+`dequantize=True` reference path), and llama.cpp through llama-cpp-python (the `bench` extra;
+skipped when absent). Results go to results/cpu_decode_quant.json, one record per model:
+
+    python benchmarks/bench_cpu_decode.py --preset qwen2.5-coder --role draft --quant --threads 2
 """
 from __future__ import annotations
 
@@ -80,6 +87,86 @@ def prompt_ids(tok, text: str | None) -> list[int]:
     return tok(text or "Janet has 16 eggs. She eats 3 for breakfast and bakes muffins with 4.")["input_ids"]
 
 
+def _timed(fn, repeats: int) -> tuple[float, list[int]]:
+    """Median seconds of `repeats` calls after one warm-up call, and the last call's tokens."""
+    fn()
+    times, tokens = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        tokens = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), tokens
+
+
+def run_quant(args, path: Path, label: str) -> int:
+    """Packed vs dequantised bf16 vs llama.cpp on one GGUF file (see the module docstring)."""
+    from arbitrage_fast import Engine, EngineConfig, SamplingParams
+    from arbitrage_fast.models import gguf_ops
+    from arbitrage_fast.models.loader import load_model
+
+    if path.suffix != ".gguf":
+        raise SystemExit(f"--quant needs a .gguf model, got {path}")
+    n = args.tokens
+    sp = SamplingParams(max_new_tokens=n, ignore_eos=True, max_step_tokens=n)
+    record = {"model": label, "format": _file_type(path), "threads": torch.get_num_threads(), "tokens": n,
+              "kernel_path": (gguf_ops.cpu_paths() or ["torch reference"])[0]}
+    seconds, tokens = {}, {}
+    for name, dtype, dequantize in (("engine", "float32", False), ("bf16", "bfloat16", True)):
+        loaded = load_model(path, dtype, dequantize=dequantize)
+        engine = Engine(EngineConfig(draft=str(path), target=str(path), dtype=dtype, kv_pages=64,
+                                     decode_chunk=args.decode_chunk), draft=loaded, target=loaded)
+        ids = prompt_ids(loaded.tokenizer, args.prompt)
+        seconds[name], tokens[name] = _timed(
+            lambda: engine.generate(ids, policy="target_only", sampling=sp).token_ids, args.repeats)
+        del engine, loaded
+    record["engine_tok_s"], record["bf16_tok_s"] = n / seconds["engine"], n / seconds["bf16"]
+    record["llamacpp_tok_s"], record["llamacpp_version"] = None, None
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama-cpp-python is not installed (pip install -e \".[bench]\"): llama.cpp not timed", file=sys.stderr)
+    else:
+        llm = llama_cpp.Llama(model_path=str(path), n_threads=record["threads"], n_ctx=len(ids) + n + 16,
+                              verbose=False)
+
+        def run_llamacpp():
+            llm.reset()
+            out = []
+            for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                out.append(t)
+                if len(out) == n:
+                    return out
+            return out
+
+        seconds["llamacpp"], tokens["llamacpp"] = _timed(run_llamacpp, args.repeats)
+        record["llamacpp_tok_s"], record["llamacpp_version"] = n / seconds["llamacpp"], llama_cpp.__version__
+    record["engine_vs_bf16"] = record["engine_tok_s"] / record["bf16_tok_s"]
+    if record["llamacpp_tok_s"]:
+        record["engine_vs_llamacpp"] = record["engine_tok_s"] / record["llamacpp_tok_s"]
+    # Greedy tokens agree at the start; where they part is a near-tie broken by rounding.
+    record["tokens_agree_with_bf16"] = next((i for i, (a, b) in enumerate(zip(tokens["engine"], tokens["bf16"]))
+                                             if a != b), n)
+    record.update(cpu_run_record())
+    print(json.dumps(record, indent=2))
+    out = RESULTS / "cpu_decode_quant.json"
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    rows = [r for r in rows if (r["model"], r["threads"]) != (label, record["threads"])] + [record]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _file_type(path: Path) -> str:
+    """The GGUF's types by share of quantized bytes, e.g. "Q5_0 71% + Q8_0 ...". """
+    from arbitrage_fast.models.gguf_directory import GGUFDirectory
+
+    sizes: dict[str, int] = {}
+    for t in GGUFDirectory(path).tensors.values():
+        sizes[t.qtype.name] = sizes.get(t.qtype.name, 0) + t.n_bytes
+    total = sum(sizes.values())
+    return " + ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]) if v / total > 0.01)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF folder or .gguf file")
@@ -92,12 +179,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--decode-chunk", type=int, default=1, help="EngineConfig.decode_chunk")
     ap.add_argument("--prompt", default=None, help="plain-text prompt (default: a chat-templated GSM8K problem)")
+    ap.add_argument("--quant", action="store_true",
+                    help="GGUF: packed weights vs dequantised bf16 vs llama.cpp (results/cpu_decode_quant.json)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from arbitrage_fast import Engine, EngineConfig, SamplingParams
 
     path, label, _tmp = resolve_path(args)
+    if args.quant:
+        return run_quant(args, path, label)
     dtype = getattr(torch, args.dtype)
     hf, tok, loaded, load_times = load_both(path, dtype)
     hf.generation_config.eos_token_id = None  # exactly n tokens on both sides, same argmax rule

@@ -1,11 +1,12 @@
-// The extension module arbitrage_fast._C: the BlockPool (pybind11) and the KV ops
-// (torch dispatcher, so they are called as torch.ops.arbitrage_fast.* and work under
-// torch.compile and CUDA graph capture). This is the one place where things are registered.
+// The extension module arbitrage_fast._C: the BlockPool (pybind11), the KV ops and the GGUF
+// quantized linear ops (torch dispatcher, so they are called as torch.ops.arbitrage_fast.* and
+// work under torch.compile and CUDA graph capture). This is the one place where things are registered.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include "block_pool.h"
+#include "gguf_linear.h"
 #include "kv_ops.h"
 
 namespace py = pybind11;
@@ -14,11 +15,15 @@ using arbitrage_fast::BlockPool;
 TORCH_LIBRARY(arbitrage_fast, m) {
   m.def("write_kv(Tensor(a!) cache, int layer, Tensor key, Tensor value, Tensor slots) -> ()");
   m.def("copy_pages(Tensor(a!) arena, Tensor src, Tensor dst) -> ()");
+  m.def("gguf_linear(Tensor x, Tensor weight, int type, str isa='auto') -> Tensor");
+  m.def("gguf_dequantize(Tensor weight, int type, int in_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
   m.impl("write_kv", &arbitrage_fast::write_kv_cpu);
   m.impl("copy_pages", &arbitrage_fast::copy_pages_cpu);
+  m.impl("gguf_linear", &arbitrage_fast::gguf_linear_cpu);
+  m.impl("gguf_dequantize", &arbitrage_fast::gguf_dequantize_cpu);
 }
 
 // Shape-only tracing (torch.compile's fake tensors): both ops return nothing.
@@ -29,6 +34,8 @@ void copy_pages_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
 TORCH_LIBRARY_IMPL(arbitrage_fast, Meta, m) {
   m.impl("write_kv", &write_kv_meta);
   m.impl("copy_pages", &copy_pages_meta);
+  m.impl("gguf_linear", &arbitrage_fast::gguf_linear_meta);
+  m.impl("gguf_dequantize", &arbitrage_fast::gguf_dequantize_meta);
 }
 
 #ifdef ARBITRAGE_FAST_WITH_CUDA
@@ -57,6 +64,9 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(PyExc_KeyError, e.what());
     }
   });
+
+  m.def("gguf_cpu_paths", &arbitrage_fast::gguf_cpu_paths,
+        "The gguf_linear code paths this CPU runs, best first.");
 
   py::class_<BlockPool>(m, "BlockPool",
                         "Ref-counted page allocator with one block table per sequence and model.")

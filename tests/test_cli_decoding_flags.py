@@ -79,3 +79,14 @@ def test_default_chunk_by_device(monkeypatch):
     common.build_engine(PRESET, "cuda")
     common.build_engine(PRESET, "cuda", decode_chunk=4, spec_k=2)
     assert [(c.decode_chunk, c.spec_k) for c in built] == [(0, 0), (4, 2)]
+
+
+@pytest.mark.parametrize("flag, expected", [(["--dequantize"], True), ([], False)])
+def test_generate_passes_dequantize_to_the_engine(captured, capsys, flag, expected):
+    assert cli.main(["generate", "--draft", "d", "--target", "t", "a prompt", *flag]) == 0
+    assert captured["config"].dequantize is expected  # [] keeps a GGUF packed
+
+
+def test_dequantize_must_be_a_bool():
+    with pytest.raises(ValueError, match="dequantize must be True or False"):
+        arbitrage_fast.EngineConfig(draft="d", target="t", dequantize="yes")

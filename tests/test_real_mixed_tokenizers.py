@@ -21,6 +21,7 @@ from arbitrage_fast.roles import Role
 DRAFT, TARGET = Role.DRAFT, Role.TARGET
 from arbitrage_fast.eval.datasets import load_dataset
 from arbitrage_fast.models import gguf_assets
+from arbitrage_fast.models.loader import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,9 @@ def paths():
 def engine(paths):
     torch.set_num_threads(2)
     smol, qwen = paths
-    return Engine(EngineConfig(draft=str(smol), target=str(qwen), dtype="float32"))
+    # Dequantised weights, the models transformers runs (the packed default rounds activations).
+    draft, target = (load_model(p, "float32", dequantize=True) for p in paths)
+    return Engine(EngineConfig(draft=str(smol), target=str(qwen), dtype="float32"), draft=draft, target=target)
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,7 @@ def test_dequantised_cache_serves_the_same_model_and_chat_template(hf_models, gg
     hf, tokenizer = hf_models("bfloat16")
     gguf_cache.store(gguf_cache.folder_for(gguf_path, torch.bfloat16), hf.config, tokenizer, dict(hf.state_dict()))
     monkeypatch.setattr(loader, "_read_gguf", lambda *a: pytest.fail("the cached folder was not used"))
-    cached = loader.load_model(gguf_path, "bfloat16")
+    cached = loader.load_model(gguf_path, "bfloat16", dequantize=True)
     direct = _build(DecoderSpec.from_hf_config(hf.config), dict(hf.state_dict()), torch.bfloat16, "cpu", gguf_path)
     a, b = cached.model.state_dict(), direct.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

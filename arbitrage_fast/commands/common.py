@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="inference", router: bool = True,
-                 decode_chunk: int | None = None, spec_k: int = 0, max_batch: int | None = None):
+                 decode_chunk: int | None = None, spec_k: int = 0, dequantize: bool = False,
+                 max_batch: int | None = None):
     """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
     decode_chunk None picks by device (`default_decode_chunk`); max_batch None keeps the
     engine's default."""
@@ -18,12 +19,12 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
     batching = {} if max_batch is None else {"max_batch": max_batch}
     return Engine(EngineConfig(draft=preset.draft, target=preset.target, device=device,
                                dtype=dtype or preset.dtype, prm=chosen, router=preset.router if router else None,
-                               decode_chunk=decode_chunk, spec_k=spec_k, **batching))
+                               decode_chunk=decode_chunk, spec_k=spec_k, dequantize=dequantize, **batching))
 
 
 def decoding_options(args) -> dict:
-    """The `--decode-chunk` / `--spec-k` flags as `build_engine` keywords."""
-    return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k}
+    """The `--decode-chunk` / `--spec-k` / `--dequantize` flags as `build_engine` keywords."""
+    return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k, "dequantize": getattr(args, "dequantize", False)}
 
 
 def default_max_batch(device: str) -> int:

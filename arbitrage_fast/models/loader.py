@@ -1,12 +1,15 @@
 """Load a Llama-family checkpoint into the native decoder.
 
 Two layouts: a Hugging Face folder (config.json + *.safetensors, sharded or not) read with
-safetensors (never unpickling), or a GGUF file dequantised by transformers' GGUF support.
+safetensors (never unpickling), or a GGUF file. On CPU a GGUF's quantized weights stay in
+their stored blocks (`gguf_packed`, the default); `dequantize=True`, or another device,
+dequantises every tensor through transformers' GGUF support instead (the reference path).
 Tokenizer and chat template always come from transformers.
 """
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,8 @@ import torch
 from .architecture import DecoderSpec, UnsupportedArchitectureError
 from .cpu_linear import pack_linears
 from .llama import LlamaDecoder
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,12 +45,18 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               *, dequantize: bool = False) -> LoadedModel:
     path = Path(path).expanduser()
     torch_dtype = resolve_dtype(dtype)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_file() and path.suffix == ".gguf":
+    is_gguf = path.is_file() and path.suffix == ".gguf"
+    if is_gguf and not dequantize:
+        if torch.device(device).type == "cpu":
+            return _load_gguf_packed(path, torch_dtype)
+        log.warning("%s: packed GGUF weights run on CPU only; dequantising for %s", path.name, device)
+    if is_gguf:
         hf_config, tokenizer, tensors = _read_gguf_cached(path, torch_dtype)
     elif path.is_dir():
         hf_config, tokenizer, tensors = _read_hf_folder(path)
@@ -94,6 +105,41 @@ def _safetensors_files(path: Path) -> list[Path]:
         hint = " (only pickled *.bin weights found; convert them to safetensors)" if has_pickle else ""
         raise CheckpointError(f"{path} has no *.safetensors weight files{hint}")
     return files
+
+
+def _load_gguf_packed(path: Path, torch_dtype: torch.dtype) -> LoadedModel:
+    from . import gguf_packed
+
+    hf_config, tokenizer = _read_gguf_metadata(path)
+    try:
+        spec = DecoderSpec.from_hf_config(hf_config)
+    except UnsupportedArchitectureError as e:
+        raise UnsupportedArchitectureError(f"{path}: {e}") from None
+    try:
+        model = gguf_packed.build(path, spec, torch_dtype)
+    except gguf_packed.CorruptTensorError as e:
+        raise CheckpointError(str(e)) from None
+    pack_linears(model)  # float layers of the file, if any (bf16 on CPU)
+    return LoadedModel(model=model, spec=spec, tokenizer=tokenizer, hf_config=hf_config, path=str(path))
+
+
+def _read_gguf_metadata(path: Path):
+    """Config and tokenizer of a GGUF file, through the metadata cache (`gguf_cache`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from . import gguf_cache
+
+    folder = gguf_cache.metadata_folder_for(path)
+    if gguf_cache.enabled() and gguf_cache.metadata_complete(folder):
+        return AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # transformers raises many types for a bad file
+        raise CheckpointError(f"could not read the config and tokenizer of GGUF file {path}: {e}") from None
+    if gguf_cache.enabled():
+        gguf_cache.store(folder, config, tokenizer, None)
+    return config, tokenizer
 
 
 def _read_gguf_cached(path: Path, torch_dtype: torch.dtype):

@@ -1,0 +1,340 @@
+#include "gguf_linear.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define AF_X86 1
+#else
+#define AF_X86 0
+#endif
+
+#include "gguf_blocks.h"
+
+namespace arbitrage_fast {
+namespace gguf {
+
+void decode_group(int64_t type, const uint8_t* row, int64_t g, Group* out) {
+  auto nibbles = [&](const uint8_t* qs, int offset) {
+    for (int i = 0; i < 16; ++i) {
+      out->q[i] = static_cast<int8_t>((qs[i] & 0xF) - offset);
+      out->q[i + 16] = static_cast<int8_t>((qs[i] >> 4) - offset);
+    }
+  };
+  auto fifth = [&](const uint8_t* qh, const uint8_t* qs, int offset) {
+    uint32_t h;
+    std::memcpy(&h, qh, 4);
+    for (int i = 0; i < 16; ++i) {
+      out->q[i] = static_cast<int8_t>(((qs[i] & 0xF) | (((h >> i) & 1) << 4)) - offset);
+      out->q[i + 16] = static_cast<int8_t>(((qs[i] >> 4) | (((h >> (i + 16)) & 1) << 4)) - offset);
+    }
+  };
+  out->min = 0.0f;
+  switch (type) {
+    case Q8_0: {
+      const uint8_t* b = row + g * 34;
+      out->scale_lo = out->scale_hi = half_at(b);
+      std::memcpy(out->q, b + 2, 32);
+      return;
+    }
+    case Q4_0: {
+      const uint8_t* b = row + g * 18;
+      out->scale_lo = out->scale_hi = half_at(b);
+      nibbles(b + 2, 8);
+      return;
+    }
+    case Q4_1: {
+      const uint8_t* b = row + g * 20;
+      out->scale_lo = out->scale_hi = half_at(b);
+      out->min = half_at(b + 2);
+      nibbles(b + 4, 0);
+      return;
+    }
+    case Q5_0: {
+      const uint8_t* b = row + g * 22;
+      out->scale_lo = out->scale_hi = half_at(b);
+      fifth(b + 2, b + 6, 16);
+      return;
+    }
+    case Q5_1: {
+      const uint8_t* b = row + g * 24;
+      out->scale_lo = out->scale_hi = half_at(b);
+      out->min = half_at(b + 2);
+      fifth(b + 4, b + 8, 0);
+      return;
+    }
+    case Q4_K: {
+      const uint8_t* b = row + (g / 8) * 144;
+      const int j = static_cast<int>(g % 8);
+      int scale, min;
+      q4k_scale_min(j, b + 4, &scale, &min);
+      out->scale_lo = out->scale_hi = half_at(b) * scale;
+      out->min = -(half_at(b + 2) * min);
+      const uint8_t* qs = b + 16 + 32 * (j / 2);
+      for (int i = 0; i < 32; ++i) out->q[i] = static_cast<int8_t>(j % 2 ? qs[i] >> 4 : qs[i] & 0xF);
+      return;
+    }
+    case Q6_K: {
+      const uint8_t* b = row + (g / 8) * 210;
+      const int gg = static_cast<int>(g % 8), h = gg / 4, k = gg % 4;
+      const uint8_t* ql = b + 64 * h + 32 * (k & 1);
+      const uint8_t* qh = b + 128 + 32 * h;
+      const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = half_at(b + 208);
+      out->scale_lo = d * scales[2 * gg];
+      out->scale_hi = d * scales[2 * gg + 1];
+      for (int i = 0; i < 32; ++i) {
+        const int nib = (ql[i] >> (4 * (k >> 1))) & 0xF;
+        out->q[i] = static_cast<int8_t>((nib | (((qh[i] >> (2 * k)) & 3) << 4)) - 32);
+      }
+      return;
+    }
+    default:
+      TORCH_CHECK(false, "gguf: no decoder for ggml type ", type);
+  }
+}
+
+// R activation rows, `stride` int8 values apart (their scales `groups` apart), against one
+// weight row; out[r] receives row r's dot.
+struct Rows {
+  const int8_t* xq;
+  const float* xd;
+  const float* xs;
+  int64_t stride, groups;
+};
+
+// A vectorised kernel of one format, for one activation row and for four at once.
+struct Kernels {
+  void (*one)(const uint8_t* w, Rows x, float* out);
+  void (*four)(const uint8_t* w, Rows x, float* out);
+};
+
+namespace {
+
+// The portable path: what every vectorised path must reproduce up to float summation order.
+float dot_reference(int64_t type, const uint8_t* w, const int8_t* xq, const float* xd,
+                    const float* xs, int64_t groups) {
+  float acc = 0.0f;
+  Group grp;
+  for (int64_t g = 0; g < groups; ++g) {
+    decode_group(type, w, g, &grp);
+    const int8_t* x = xq + 32 * g;
+    int32_t lo = 0, hi = 0;
+    for (int i = 0; i < 16; ++i) lo += grp.q[i] * x[i];
+    for (int i = 16; i < 32; ++i) hi += grp.q[i] * x[i];
+    acc += xd[g] * (grp.scale_lo * lo + grp.scale_hi * hi) + grp.min * xs[g];
+  }
+  return acc;
+}
+
+#if AF_X86
+namespace avx2 {
+#define AF_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AF_VNNI 0
+#include "gguf_linear_simd.h"
+#undef AF_VNNI
+#undef AF_TARGET
+}  // namespace avx2
+
+namespace avx512_vnni {
+#define AF_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AF_VNNI 1
+#include "gguf_linear_simd.h"
+#undef AF_VNNI
+#undef AF_TARGET
+}  // namespace avx512_vnni
+
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+bool cpu_has_avx512_vnni() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+#else
+// Other architectures run the portable path.
+bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512_vnni() { return false; }
+namespace avx2 {
+inline Kernels kernels(int64_t) { return {nullptr, nullptr}; }
+}  // namespace avx2
+namespace avx512_vnni {
+inline Kernels kernels(int64_t) { return {nullptr, nullptr}; }
+}  // namespace avx512_vnni
+#endif
+
+Format checked_format(int64_t type, const char* op) {
+  const Format f = format_of(type);
+  TORCH_CHECK(f.block_elems > 0, op, ": ggml type ", type,
+              " has no kernel here (supported: Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8, Q4_K=12, "
+              "Q6_K=14); dequantise such tensors at load instead");
+  return f;
+}
+
+// K, the inputs per row, from a [N, row_bytes] uint8 block tensor.
+int64_t checked_in_features(const at::Tensor& weight, const Format& f, const char* op) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte,
+              op, ": weight must be a 2-D uint8 tensor of blocks [out_features, row_bytes], got ",
+              weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(weight.size(1) % f.block_bytes == 0, op, ": a row of ", weight.size(1),
+              " bytes is not a whole number of ", f.block_bytes, "-byte blocks");
+  return weight.size(1) / f.block_bytes * f.block_elems;
+}
+
+// Activations quantized per group of 32 (gguf_blocks.h). Half-to-even rounding, so the
+// torch twin (torch.round) gives the same integers.
+void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* xd, float* xs) {
+  const int64_t groups = k / 32;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* v = x + r * k + 32 * g;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+        const float d = amax / 127.0f;
+        const float id = d > 0.0f ? 1.0f / d : 0.0f;
+        int8_t* q = xq + r * k + 32 * g;
+        int32_t sum = 0;
+        for (int i = 0; i < 32; ++i) {
+          q[i] = static_cast<int8_t>(std::nearbyint(v[i] * id));
+          sum += q[i];
+        }
+        xd[r * groups + g] = d;
+        xs[r * groups + g] = d * static_cast<float>(sum);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace gguf
+
+std::vector<std::string> gguf_cpu_paths() {
+  std::vector<std::string> paths;
+  if (gguf::cpu_has_avx512_vnni()) paths.emplace_back("avx512_vnni");
+  if (gguf::cpu_has_avx2()) paths.emplace_back("avx2");
+  paths.emplace_back("scalar");
+  return paths;
+}
+
+at::Tensor gguf_linear_meta(const at::Tensor& x, const at::Tensor& weight, int64_t type,
+                            c10::string_view) {
+  const gguf::Format f = gguf::checked_format(type, "gguf_linear");
+  const int64_t k = gguf::checked_in_features(weight, f, "gguf_linear");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "gguf_linear: x must be [rows, ", k, "], got ",
+              x.sizes());
+  return at::empty({x.size(0), weight.size(0)}, x.options());
+}
+
+at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t type,
+                           c10::string_view isa) {
+  const gguf::Format f = gguf::checked_format(type, "gguf_linear");
+  const int64_t k = gguf::checked_in_features(weight, f, "gguf_linear");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "gguf_linear: x must be [rows, ", k, "], got ",
+              x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kHalf,
+              "gguf_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
+              "gguf_linear: this implementation runs on CPU tensors only");
+
+  gguf::Kernels simd{nullptr, nullptr};
+  if (isa == "auto") {
+    if (gguf::cpu_has_avx512_vnni()) {
+      simd = gguf::avx512_vnni::kernels(type);
+    } else if (gguf::cpu_has_avx2()) {
+      simd = gguf::avx2::kernels(type);
+    }
+  } else if (isa == "avx512_vnni") {
+    TORCH_CHECK(gguf::cpu_has_avx512_vnni(), "gguf_linear: this CPU lacks AVX-512 VNNI");
+    simd = gguf::avx512_vnni::kernels(type);
+  } else if (isa == "avx2") {
+    TORCH_CHECK(gguf::cpu_has_avx2(), "gguf_linear: this CPU lacks AVX2/FMA/F16C");
+    simd = gguf::avx2::kernels(type);
+  } else {
+    TORCH_CHECK(isa == "scalar", "gguf_linear: unknown isa '", std::string(isa),
+                "'; expected auto, avx512_vnni, avx2 or scalar");
+  }
+
+  const int64_t rows = x.size(0), n = weight.size(0), groups = k / 32;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor xq = at::empty({rows, k}, x.options().dtype(at::kChar));
+  at::Tensor xd = at::empty({rows, groups}, xf.options());
+  at::Tensor xs = at::empty({rows, groups}, xf.options());
+  gguf::quantize_rows(xf.data_ptr<float>(), rows, k, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
+                      xs.data_ptr<float>());
+  at::Tensor out = at::empty({rows, n}, xf.options());
+
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int8_t* xqp = xq.data_ptr<int8_t>();
+  const float* xdp = xd.data_ptr<float>();
+  const float* xsp = xs.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t row_bytes = w.size(1);
+  // Threads split the output rows, so each reads its own slice of the weight once. Prefill
+  // rows go four at a time through each weight row (decoded once for the four), while the
+  // weight row stays in L1.
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    float dots[4];
+    for (int64_t j = begin; j < end; ++j) {
+      const uint8_t* wr = wp + j * row_bytes;
+      int64_t r = 0;
+      for (; simd.four && r + 4 <= rows; r += 4) {
+        simd.four(wr, {xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups}, dots);
+        for (int i = 0; i < 4; ++i) op[(r + i) * n + j] = dots[i];
+      }
+      for (; r < rows; ++r) {
+        const int8_t* q = xqp + r * k;
+        const float* d = xdp + r * groups;
+        const float* s = xsp + r * groups;
+        if (simd.one) {
+          simd.one(wr, {q, d, s, k, groups}, dots);
+          op[r * n + j] = dots[0];
+        } else {
+          op[r * n + j] = gguf::dot_reference(type, wr, q, d, s, groups);
+        }
+      }
+    }
+  });
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+at::Tensor gguf_dequantize_meta(const at::Tensor& weight, int64_t type, int64_t in_features) {
+  const gguf::Format f = gguf::checked_format(type, "gguf_dequantize");
+  const int64_t k = gguf::checked_in_features(weight, f, "gguf_dequantize");
+  TORCH_CHECK(k == in_features, "gguf_dequantize: rows hold ", k, " inputs, not ", in_features);
+  return at::empty({weight.size(0), k}, weight.options().dtype(at::kFloat));
+}
+
+at::Tensor gguf_dequantize_cpu(const at::Tensor& weight, int64_t type, int64_t in_features) {
+  const gguf::Format f = gguf::checked_format(type, "gguf_dequantize");
+  const int64_t k = gguf::checked_in_features(weight, f, "gguf_dequantize");
+  TORCH_CHECK(k == in_features, "gguf_dequantize: rows hold ", k, " inputs, not ", in_features);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty({w.size(0), k}, w.options().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t row_bytes = w.size(1);
+  at::parallel_for(0, w.size(0), 16, [&](int64_t begin, int64_t end) {
+    gguf::Group grp;
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t g = 0; g < k / 32; ++g) {
+        gguf::decode_group(type, wp + r * row_bytes, g, &grp);
+        float* o = op + r * k + 32 * g;
+        for (int i = 0; i < 32; ++i) o[i] = (i < 16 ? grp.scale_lo : grp.scale_hi) * grp.q[i] + grp.min;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace arbitrage_fast

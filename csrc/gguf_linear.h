@@ -1,0 +1,30 @@
+// Weight-only quantized linear layers over GGUF blocks, registered as
+// torch.ops.arbitrage_fast.{gguf_linear,gguf_dequantize,gguf_cpu_paths}.
+//
+//   gguf_linear(x[M, K] float32|bfloat16|float16, weight[N, row_bytes] uint8, type, isa)
+//     -> [M, N] in x's dtype: x @ W.T where W is the row-major GGUF tensor `weight` holds
+//     (N rows of K / block_elems blocks of ggml type `type`). x is quantized to int8 per
+//     group of 32 first (gguf_blocks.h), as llama.cpp does, and products are summed in fp32.
+//     `isa` picks the code path: "auto" (the best this CPU runs), "avx512_vnni", "avx2" or
+//     "scalar" (the portable path every other one is tested against).
+//   gguf_dequantize(weight[N, row_bytes] uint8, type, K) -> [N, K] float32.
+//   gguf_cpu_paths() -> the paths this CPU runs, best first.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <string>
+#include <vector>
+
+namespace arbitrage_fast {
+
+at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t type,
+                           c10::string_view isa);
+at::Tensor gguf_linear_meta(const at::Tensor& x, const at::Tensor& weight, int64_t type,
+                            c10::string_view isa);
+at::Tensor gguf_dequantize_cpu(const at::Tensor& weight, int64_t type, int64_t in_features);
+at::Tensor gguf_dequantize_meta(const at::Tensor& weight, int64_t type, int64_t in_features);
+std::vector<std::string> gguf_cpu_paths();
+
+}  // namespace arbitrage_fast

