@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable
+from ._utils import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable, use_triton
 
 __all__ = ["HAS_TRITON", "fused_norm_router", "fused_norm_router_reference", "fused_norm_router_triton",
            "rms_norm_reference", "router_epilogue_reference"]
@@ -153,8 +153,8 @@ def fused_norm_router_triton(x, norm_weight, eps, w_last, w_mean, h_sum, count, 
 
 
 def fused_norm_router(x, norm_weight, eps, w_last, w_mean, h_sum, count, out_hidden, out_pre) -> None:
-    """Final RMSNorm + running router pre-activation; Triton where it can run, torch elsewhere."""
-    if triton_usable(x):
+    """Final RMSNorm + running router pre-activation: Triton on CUDA, the torch twin elsewhere."""
+    if use_triton(x):
         fused_norm_router_triton(x, norm_weight, eps, w_last, w_mean, h_sum, count, out_hidden, out_pre)
     else:
         fused_norm_router_reference(x, norm_weight, eps, w_last, w_mean, h_sum, count, out_hidden, out_pre)

@@ -50,6 +50,7 @@ import torch
 from arbitrage_fast.config import SamplingParams
 from arbitrage_fast.kv import KVCacheExhausted
 from arbitrage_fast.router.features import StepFeatureAccumulator, assemble_features
+from arbitrage_fast.triton_kernels.step_boundary import first_step_end
 
 from .graphs import DecodeLoop, decode_graphs
 from .model_runner import ForwardOutput, ModelRunner
@@ -121,7 +122,7 @@ def decode_step_chunked(runner: ModelRunner, seq_id: int, first: ForwardOutput, 
         forwards += feeds
         chunk_tokens = buffers.tokens[:, done:done + k]
         step_len = buffers.step_pos.new_full((1,), done)
-        end = _first_step_end(chunk_tokens, is_boundary, eos, step_len, cap)
+        end = first_step_end(chunk_tokens, is_boundary, eos, step_len, cap)
         parts = [end.double()[:, None], chunk_tokens.double(), buffers.logprobs[:, done:done + k].double()]
         if score is not None:
             parts.append(score(_candidate_features(buffers, done, k)).double()[None])
@@ -193,15 +194,6 @@ def _candidate_features(buffers, done: int, k: int) -> torch.Tensor:
                              buffers.cum_logprob[0, ends], buffers.cum_entropy[0, ends],
                              buffers.min_logprob[0, ends], buffers.max_entropy[0, ends],
                              torch.arange(done + 1, done + k + 1, device=buffers.hidden.device))
-
-
-def _first_step_end(tokens, is_boundary, eos, step_len, cap) -> torch.Tensor:
-    """Triton on the GPU, the torch reference elsewhere (chosen by device, so a CPU run never
-    goes through the Triton interpreter)."""
-    from arbitrage_fast.triton_kernels import step_boundary
-
-    fn = step_boundary.first_step_end if tokens.is_cuda else step_boundary.first_step_end_reference
-    return fn(tokens, is_boundary, eos, step_len, cap)
 
 
 @lru_cache(maxsize=8)

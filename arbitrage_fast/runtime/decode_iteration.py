@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from arbitrage_fast.config import SamplingParams
+from arbitrage_fast.triton_kernels.router_head import fused_norm_router
 
 from .attention_metadata import AttentionMetadata
 from .sampler import sample, token_statistics
@@ -92,10 +93,9 @@ class DecodeIteration:
         self.track_features = track_features
         self.static_tables = static_tables  # True when captured: the graph bakes the full table in
         B, H, dev = buffers.batch, buffers.hidden_size, buffers.input_ids.device
-        # The fused final-norm + router kernel needs the residual stream and the norm; it
-        # runs where Triton runs (the GPU), the model's own norm everywhere else.
-        self.fused = (track_features and dev.type == "cuda" and hasattr(self.model, "forward_residual")
-                      and hasattr(self.model, "norm") and _fused_router_kernel() is not None)
+        # The fused final-norm + router op needs the residual stream and the norm. It is
+        # Triton on CUDA and its torch twin elsewhere, so CPU runs take the same bookkeeping.
+        self.fused = track_features and hasattr(self.model, "forward_residual") and hasattr(self.model, "norm")
         if self.fused:
             dtype = self.model.norm.weight.dtype
             # No router weights are folded in here (the engine scores the features itself):
@@ -154,8 +154,8 @@ class DecodeIteration:
         b = self.buffers
         jh = b.step_pos.clamp(max=b.capacity - 1)[:, None, None].expand(-1, 1, b.hidden_size)
         running = b.cum_hidden.gather(1, jh).squeeze(1)  # prefix before this token; updated in place
-        _fused_router_kernel()(residual, self.model.norm.weight, self.model.norm.eps, self._w, self._w,
-                               running, self._count, self._out_hidden, self._out_pre)
+        fused_norm_router(residual, self.model.norm.weight, self.model.norm.eps, self._w, self._w,
+                          running, self._count, self._out_hidden, self._out_pre)
         return self._out_hidden, running
 
 
@@ -164,12 +164,3 @@ def _prefix_update(prefix: torch.Tensor, index: torch.Tensor, value: torch.Tenso
     `sum += x` (torch.add) or its running min / max (torch.minimum / torch.maximum)."""
     prev = prefix.gather(1, index)
     prefix.scatter_(1, index + 1, combine(prev, value.reshape(prev.shape).to(prefix.dtype)))
-
-
-def _fused_router_kernel():
-    """The Triton fused norm + router kernel, or None where Triton cannot be imported."""
-    try:
-        from arbitrage_fast.triton_kernels.router_head import HAS_TRITON, fused_norm_router_triton
-    except ImportError:
-        return None
-    return fused_norm_router_triton if HAS_TRITON else None
