@@ -23,11 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbitrage_fast.kv.ops import write_kv
 from arbitrage_fast.runtime.attention_metadata import AttentionMetadata
 from arbitrage_fast.triton_kernels.paged_attention import paged_decode_attention, paged_prefill_attention
-
-from .layers import apply_rotary
+from arbitrage_fast.triton_kernels.rotary_kv import rope_write_kv
 
 
 class PagedAttention(nn.Module):
@@ -46,10 +44,9 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        write_kv(kv_cache, self.layer_idx, k, v, meta.slot_mapping)
+        q = rope_write_kv(q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
+                          v.view(T, self.num_kv_heads, self.head_dim), cos, sin, kv_cache, self.layer_idx,
+                          meta.slot_mapping)
         k_cache = kv_cache[:, self.layer_idx, 0]
         v_cache = kv_cache[:, self.layer_idx, 1]
         if self.sliding_window is None and (meta.on_device_only or x.is_cuda):
