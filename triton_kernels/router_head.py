@@ -9,8 +9,9 @@ once, hands the normed row to the LM head, adds it to a running per-row sum, and
 the pre-activation as if this token ended the step. At the boundary the score is then one
 tiny epilogue away (`router_epilogue_reference`), with no second pass over hidden states.
 
-Callers zero `h_sum` and `count` when a step starts (inside the CUDA graph this is a
-masked fill, so the kernel never has to know about steps).
+Callers hand in the running sum and the count of the step's tokens before this one, so the
+kernel never has to know about steps: the decode iteration reads both from its per-position
+buffers (runtime/decode_iteration.py), so a rolled-back token never leaks into a later one.
 
 The norm matches transformers' LlamaRMSNorm bit for bit in its order of rounding: the
 variance and the scaling are done in fp32, the result is cast to the input dtype, and only
