@@ -16,8 +16,9 @@ layer. A CPU cannot launch CUDA kernels, so this test counts the launches the CU
 - Per layer = count(2-layer model) - count(1-layer model): the embedding, the rotary tables,
   the final norm and the LM head run once per token and cancel.
 
-The same counter also checks that the layer makes no host sync (no `_local_scalar_dense`,
-the op behind `.item()`/`.tolist()`), which would break CUDA-graph capture.
+The same counter also checks that a layer, and a whole decode iteration, make no host sync:
+no `_local_scalar_dense`, the op behind `.item()` and `bool(tensor)`, which would break
+CUDA-graph capture. (`.tolist()` of a CPU tensor dispatches nothing and goes unseen here.)
 """
 from __future__ import annotations
 
@@ -118,3 +119,35 @@ def test_the_counter_sees_the_unfused_layer():
     the counter is not blind, and the fusions are what bring the count down."""
     one, two = _decode_token_launches(1, LaunchCounter()), _decode_token_launches(2, LaunchCounter())
     assert two.total - one.total > 2 * GOAL_PER_LAYER
+
+
+def test_a_decode_iteration_makes_no_host_sync_on_the_cuda_path(monkeypatch):
+    """The unit a CUDA graph captures (runtime/decode_iteration.py: metadata from device
+    counters, forward, fused final norm + router, LM head, sampling, statistics, bookkeeping)
+    reads nothing back to the host: no `_local_scalar_dense` among its dispatched ops."""
+    from types import SimpleNamespace
+
+    from arbitrage_fast.config import SamplingParams
+    from arbitrage_fast.router.head import RouterConfig, RouterHead
+    from arbitrage_fast.runtime.chunked_decoder import _folded
+    from arbitrage_fast.runtime.decode_iteration import DecodeBuffers, DecodeIteration
+
+    counter = LaunchCounter()
+    _fused_path(monkeypatch, counter)
+    router_kernel = load_kernel("router_head")
+    monkeypatch.setattr(router_kernel, "use_triton", lambda *t: True)
+    monkeypatch.setattr(router_kernel, "fused_norm_router_triton", router_kernel.fused_norm_router_reference)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    model = LlamaDecoder(DecoderSpec.from_hf_config(cfg)).eval()
+    runner = SimpleNamespace(model=model, kv_view=torch.zeros(4, 1, 2, 4, 2, 8), block_size=4)
+    with torch.inference_mode():
+        buffers = DecodeBuffers(1, 8, 32, 4, torch.device("cpu"))
+        buffers.set_block_table(0, [1, 0, 2, 3])
+        buffers.start_row(0, 3)
+        router = _folded(RouterHead(RouterConfig(hidden_size=32, width=8)), torch.device("cpu"))
+        iteration = DecodeIteration(runner, buffers, SamplingParams(), None, track_features=True,
+                                    static_tables=True, router=router)
+        with counter:
+            iteration()
+    assert counter.total > 0 and "_local_scalar_dense" not in counter.aten, dict(counter.aten)
