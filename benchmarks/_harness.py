@@ -167,8 +167,33 @@ def write_json(payload, out_dir: Path, name: str) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    # Written aside and renamed: a run killed mid-write leaves the previous whole file.
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    tmp.replace(path)
     return path
+
+
+class ResultFile:
+    """A benchmark's JSON, rewritten after every row: a run cut short by a timeout or a crash
+    in a later row keeps every row it finished. `payload` is the list of rows, or a dict whose
+    sections the benchmark fills in; call `save()` after each change (`append` does)."""
+
+    def __init__(self, payload, out_dir: Path, name: str) -> None:
+        self.payload, self.out_dir, self.name = payload, out_dir, name
+        self.path = self.save()
+
+    def save(self) -> Path:
+        return write_json(self.payload, self.out_dir, self.name)
+
+    def append(self, row: dict) -> None:
+        self.payload.append(row)
+        self.save()
+
+
+def error_row(exc: BaseException, **fields) -> dict:
+    """A row that failed: what it was, and why; no speed and no roofline fraction."""
+    return dict(fields, error=f"{type(exc).__name__}: {exc}")
 
 
 def _jsonable(x):

@@ -154,7 +154,8 @@ def make_cache(spec, tokens: int, dtype, device) -> PagedKVCache:
     return PagedKVCache([kv], num_pages=-(-tokens // block) + 2, dtype=dtype, device=device, min_block_size=block)
 
 
-def bench_shape(name: str, args, device, peak) -> list[dict]:
+def bench_shape(name: str, args, device, peak, results: H.ResultFile) -> None:
+    """The shape's rows (eager, graphs, engine loop), each saved to `results` once measured."""
     dtype = getattr(torch, args.dtype)
     with nvtx.range(f"{name}.init"):
         loaded = random_model(shapes.hf_config(name), device, dtype, seed=args.seed, name=name)
@@ -182,36 +183,38 @@ def bench_shape(name: str, args, device, peak) -> list[dict]:
     def row(graphs: bool, timing: H.Timing, **extra) -> dict:
         s_tok = timing.median_s / N
         bw = bytes_per_token / s_tok
-        return dict(base, graphs=graphs, tok_s=1.0 / s_tok, s_per_token=s_tok, achieved_bw=bw,
-                    roofline_fraction=bw / peak if peak else None, timing=H.timing_dict(timing, N), **extra)
-
-    rows = []
+        out = dict(base, graphs=graphs, tok_s=1.0 / s_tok, s_per_token=s_tok, achieved_bw=bw,
+                   timing=H.timing_dict(timing, N), **extra)
+        if peak:  # no fraction at all where the peak is unknown (CPU), rather than a null one
+            out["roofline_fraction"] = bw / peak
+        return out
 
     def eager():
         with nvtx.range(f"{name}.decode.eager"):
             for _ in range(N):
                 runner.forward_one(SEQ, [token]).logits.argmax(-1)
 
-    t = H.time_variants({"eager": eager}, device, args.repeats, args.warmup,
-                        reset=lambda: runner.truncate(SEQ, C))["eager"]
-    rows.append(row(False, t, path="ModelRunner.forward"))
+    # Each variant is recorded and the next one runs, whatever happened to the one before.
+    try:
+        t = H.time_variants({"eager": eager}, device, args.repeats, args.warmup,
+                            reset=lambda: runner.truncate(SEQ, C))["eager"]
+        results.append(row(False, t, path="ModelRunner.forward"))
+    except Exception as e:
+        results.append(H.error_row(e, **base, graphs=False, path="ModelRunner.forward"))
 
     if args.graphs and device.type == "cuda":
         runner.truncate(SEQ, C)
         try:
-            rows.append(_graph_row(name, model, cache, runner, token, args, device, row))
-        except Exception as e:  # record and go on: the eager row still stands
-            rows.append(dict(base, graphs=True, tok_s=None, roofline_fraction=None,
-                             error=f"{type(e).__name__}: {e}"))
+            results.append(_graph_row(name, model, cache, runner, token, args, device, row))
+        except Exception as e:
+            results.append(H.error_row(e, **base, graphs=True, path="StaticDecode"))
     runner.truncate(SEQ, C)
     try:
-        rows.append(_engine_loop_row(name, runner, token, args, device, row))
+        results.append(_engine_loop_row(name, runner, token, args, device, row))
     except Exception as e:
-        rows.append(dict(base, graphs=None, path="engine DecodeLoop", tok_s=None, roofline_fraction=None,
-                         error=f"{type(e).__name__}: {e}"))
+        results.append(H.error_row(e, **base, graphs=None, path="engine DecodeLoop"))
     del runner, cache, model, loaded
     H.free_device_memory(device)
-    return rows
 
 
 def _graph_row(name, model, cache, runner, token, args, device, row) -> dict:
@@ -279,16 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     args.context = args.context or (32 if args.smoke else 1024)
     args.tokens = args.tokens or (8 if args.smoke else 128)
     peak = H.peak_bandwidth(device, args.peak_bw)
-    rows = []
+    results = H.ResultFile([], args.out_dir, f"decode_{H.device_slug(device)}.json")
     with torch.inference_mode():
         for name in names:
             try:
-                rows.extend(bench_shape(name, args, device, peak))
-            except Exception as e:
-                rows.append(dict(shape=name, graphs=None, tok_s=None, roofline_fraction=None,
-                                 error=f"{type(e).__name__}: {e}"))
+                bench_shape(name, args, device, peak, results)
+            except Exception as e:  # model build or prefill failed: the shape's one row says why
+                results.append(H.error_row(e, shape=name, graphs=None))
                 H.free_device_memory(device)
-    path = H.write_json(rows, args.out_dir, f"decode_{H.device_slug(device)}.json")
+    rows, path = results.payload, results.path
     parts = []
     for r in rows:
         if r.get("tok_s"):

@@ -58,7 +58,9 @@ def _graphed(fn, n: int):
     return graph
 
 
-def run(args, device) -> dict:
+def run(args, device, results: H.ResultFile) -> None:
+    """Fill `results.payload` section by section (eager, graphs, kernels), saving after each;
+    a section that fails records its error and the next one runs."""
     dtype = getattr(torch, args.dtype)
     name = args.shape
     with nvtx.range("init"):
@@ -88,14 +90,19 @@ def run(args, device) -> dict:
                     step()
         return fn
 
-    result = dict(shape=name, dtype=args.dtype, device=H.device_name(device), context=C, tokens=N,
+    result = results.payload
+    result.update(shape=name, dtype=args.dtype, device=H.device_name(device), context=C, tokens=N,
                   router_width=args.width, hidden_size=spec.hidden_size, env=H.environment(device))
-    t = H.time_variants({"draft_step": loop(plain.step, "draft_step.eager"),
-                         "draft_step+router": loop(routed.step, "draft_step+router.eager")},
-                        device, args.repeats, args.warmup, reset)
-    result["eager"] = dict(draft_step=_per_token(t["draft_step"], N),
-                           draft_step_router=_per_token(t["draft_step+router"], N),
-                           overhead_pct=_overhead(t["draft_step"], t["draft_step+router"]))
+    try:
+        t = H.time_variants({"draft_step": loop(plain.step, "draft_step.eager"),
+                             "draft_step+router": loop(routed.step, "draft_step+router.eager")},
+                            device, args.repeats, args.warmup, reset)
+        result["eager"] = dict(draft_step=_per_token(t["draft_step"], N),
+                               draft_step_router=_per_token(t["draft_step+router"], N),
+                               overhead_pct=_overhead(t["draft_step"], t["draft_step+router"]))
+    except Exception as e:
+        result["eager"] = H.error_row(e)
+    results.save()
 
     if device.type == "cuda":
         try:
@@ -109,10 +116,14 @@ def run(args, device) -> dict:
                                     draft_step_router=_per_token(t["draft_step+router"], N),
                                     overhead_pct=_overhead(t["draft_step"], t["draft_step+router"]))
         except Exception as e:
-            result["graphs"] = dict(error=f"{type(e).__name__}: {e}")
+            result["graphs"] = H.error_row(e)
+        results.save()
 
-    result["kernels"] = _kernels(model, router, device, args)
-    return result
+    try:
+        result["kernels"] = _kernels(model, router, device, args)
+    except Exception as e:
+        result["kernels"] = H.error_row(e)
+    results.save()
 
 
 def _kernels(model, router, device, args) -> dict:
@@ -142,9 +153,9 @@ def _kernels(model, router, device, args) -> dict:
 
 
 def _triton_used(x) -> bool:
-    from arbitrage_fast.triton_kernels.router_head import triton_usable
+    from arbitrage_fast.triton_kernels.router_head import use_triton
 
-    return triton_usable(x)
+    return use_triton(x)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,16 +171,28 @@ def main(argv: list[str] | None = None) -> int:
     args.shape = args.shape or ("smoke-llama-draft" if args.smoke else "llama-3.2-1b")
     args.context = args.context or (32 if args.smoke else 512)
     args.tokens = args.tokens or (4 if args.smoke else 64)
+    results = H.ResultFile({}, args.out_dir, f"router_overhead_{H.device_slug(device)}.json")
     with torch.inference_mode():
-        result = run(args, device)
-    path = H.write_json(result, args.out_dir, f"router_overhead_{H.device_slug(device)}.json")
-    e, g, k = result["eager"], result.get("graphs", {}), result["kernels"]["us_per_call"]
-    graph_part = (f", graphs {g['draft_step']['median_s'] * 1e6:.0f} us {g['overhead_pct']:+.1f}%"
-                  if "overhead_pct" in g else (", graphs FAILED" if g else ""))
-    print(f"router overhead ({args.shape}, F={args.width}, {H.device_name(device)}): eager step "
-          f"{e['draft_step']['median_s'] * 1e6:.0f} us {e['overhead_pct']:+.1f}%{graph_part}; kernels "
-          f"norm {k['final_norm']:.1f} us vs fused {k['fused_norm_router']:.1f} us -> {path}")
-    return 0
+        try:
+            run(args, device, results)
+        except Exception as e:  # model build or prefill failed
+            results.payload["error"] = H.error_row(e)["error"]
+            results.save()
+    result = results.payload
+    parts = []
+    for mode in ("eager", "graphs"):
+        m = result.get(mode)
+        if m and "overhead_pct" in m:
+            parts.append(f"{mode} step {m['draft_step']['median_s'] * 1e6:.0f} us {m['overhead_pct']:+.1f}%")
+        elif m:
+            parts.append(f"{mode} FAILED")
+    k = result.get("kernels", {}).get("us_per_call")
+    if k:
+        parts.append(f"kernels norm {k['final_norm']:.1f} us vs fused {k['fused_norm_router']:.1f} us")
+    print(f"router overhead ({args.shape}, F={args.width}, {H.device_name(device)}): "
+          + ("; ".join(parts) or f"FAILED {result.get('error')}") + f" -> {results.path}")
+    failed = "error" in result or any("error" in result.get(m, {}) for m in ("eager", "graphs", "kernels"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -94,15 +94,19 @@ def build_engine(args, device) -> tuple[Engine, ForcedEscalationPRM]:
     return Engine(config, draft=draft, target=target), prm
 
 
-def run(args, device) -> dict:
+def run(args, device, results: H.ResultFile) -> None:
+    """Time the policies group by group (the two baselines, then rsd and every_step per forced
+    rate), interleaved within a group, and save each group's rows as soon as they exist."""
     engine, prm = build_engine(args, device)
     vocab = engine.draft_model.spec.vocab_size
     prompt = torch.randint(0, vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(args.seed)).tolist()
     sampling = SamplingParams(max_new_tokens=args.steps * args.step_tokens, max_step_tokens=args.step_tokens,
                               ignore_eos=True)
-    cases = [("target_only", None), ("draft_only", None)]
-    for rate in args.rates:
-        cases += [("rsd", rate), ("every_step", rate)]
+    result = results.payload
+    result.update(draft=engine.draft_model.path, target=engine.target_model.path, dtype=args.dtype,
+                  device=H.device_name(device), prompt_tokens=args.prompt_tokens, steps=args.steps,
+                  step_tokens=args.step_tokens, threshold=THRESHOLD, note=SIMULATION_NOTE,
+                  decode_chunk=args.decode_chunk, env=H.environment(device), policies=[])
     last: dict[str, object] = {}
 
     def request(policy: str, rate: float | None, key: str):
@@ -114,36 +118,42 @@ def run(args, device) -> dict:
                 last[key] = engine.generate(prompt, policy=policy, threshold=threshold, sampling=sampling)
         return fn
 
-    fns = {_key(p, r): request(p, r, _key(p, r)) for p, r in cases}
-    timings = H.time_variants(fns, device, args.repeats, args.warmup)
-    rows = []
-    for policy, rate in cases:
-        key = _key(policy, rate)
-        res, t = last[key], timings[key]
-        st = res.stats
-        steps = st["steps"]
-        rows.append(dict(
-            policy=policy, forced_escalation_rate=rate,
-            realised_escalation_rate=(st["escalations"] / steps) if policy in ("rsd", "every_step") else None,
-            request_s=t.median_s, step_latency_s=t.median_s / steps, tok_s=len(res.token_ids) / t.median_s,
-            steps=steps, tokens=len(res.token_ids), step_lengths=sorted({len(s.token_ids) for s in res.steps}),
-            host_syncs_per_step=st["host_syncs"] / steps,
-            stats={k: st[k] for k in ("escalations", "draft_tokens", "target_tokens", "draft_prefill_tokens",
-                                      "target_prefill_tokens", "host_syncs", "decode_host_syncs",
-                                      "rolled_back_tokens", "draft_s", "target_s", "prm_s")},
-            timing=H.timing_dict(t), output_head=res.token_ids[:8]))
-    for rate in args.rates:  # what skipping the target's work is worth at the same decisions
-        rsd, every = (next(r for r in rows if r["policy"] == p and r["forced_escalation_rate"] == rate)
-                      for p in ("rsd", "every_step"))
-        rsd["speedup_vs_every_step"] = every["request_s"] / rsd["request_s"]
-        rsd["same_decisions_as_every_step"] = (
-            [s.source for s in last[_key("rsd", rate)].steps] == [s.source for s in last[_key("every_step", rate)].steps])
-    graphs = {name: [list(k) for k in decode_graphs(runner).captured]
-              for name, runner in (("draft", engine.draft), ("target", engine.target))}
-    return dict(draft=engine.draft_model.path, target=engine.target_model.path, dtype=args.dtype,
-                device=H.device_name(device), prompt_tokens=args.prompt_tokens, steps=args.steps,
-                step_tokens=args.step_tokens, threshold=THRESHOLD, note=SIMULATION_NOTE,
-                decode_chunk=args.decode_chunk, captured_graphs=graphs, env=H.environment(device), policies=rows)
+    groups = [[("target_only", None), ("draft_only", None)]]
+    groups += [[("rsd", rate), ("every_step", rate)] for rate in args.rates]
+    for cases in groups:
+        try:
+            timings = H.time_variants({_key(p, r): request(p, r, _key(p, r)) for p, r in cases}, device,
+                                      args.repeats, args.warmup)
+            rows = [_row(policy, rate, last[_key(policy, rate)], timings[_key(policy, rate)])
+                    for policy, rate in cases]
+        except Exception as e:
+            rows = [H.error_row(e, policy=policy, forced_escalation_rate=rate) for policy, rate in cases]
+        if len(rows) == 2 and rows[0]["policy"] == "rsd" and "error" not in rows[0] and "error" not in rows[1]:
+            # What skipping the target's work is worth at the same decisions.
+            rsd, every = rows
+            rate = rsd["forced_escalation_rate"]
+            rsd["speedup_vs_every_step"] = every["request_s"] / rsd["request_s"]
+            rsd["same_decisions_as_every_step"] = (
+                [s.source for s in last[_key("rsd", rate)].steps] == [s.source for s in last[_key("every_step", rate)].steps])
+        result["policies"] += rows
+        result["captured_graphs"] = {name: [list(k) for k in decode_graphs(runner).captured]
+                                     for name, runner in (("draft", engine.draft), ("target", engine.target))}
+        results.save()
+
+
+def _row(policy: str, rate: float | None, res, t: H.Timing) -> dict:
+    st = res.stats
+    steps = st["steps"]
+    return dict(
+        policy=policy, forced_escalation_rate=rate,
+        realised_escalation_rate=(st["escalations"] / steps) if policy in ("rsd", "every_step") else None,
+        request_s=t.median_s, step_latency_s=t.median_s / steps, tok_s=len(res.token_ids) / t.median_s,
+        steps=steps, tokens=len(res.token_ids), step_lengths=sorted({len(s.token_ids) for s in res.steps}),
+        host_syncs_per_step=st["host_syncs"] / steps,
+        stats={k: st[k] for k in ("escalations", "draft_tokens", "target_tokens", "draft_prefill_tokens",
+                                  "target_prefill_tokens", "host_syncs", "decode_host_syncs",
+                                  "rolled_back_tokens", "draft_s", "target_s", "prm_s")},
+        timing=H.timing_dict(t), output_head=res.token_ids[:8])
 
 
 def _key(policy: str, rate: float | None) -> str:
@@ -169,19 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (4 if args.smoke else 8)
     args.step_tokens = args.step_tokens or (4 if args.smoke else 32)
     args.dtype = args.dtype or ("float32" if args.smoke else "bfloat16")
+    results = H.ResultFile({}, args.out_dir, f"step_latency_{H.device_slug(device)}.json")
     with torch.inference_mode():
-        result = run(args, device)
-    path = H.write_json(result, args.out_dir, f"step_latency_{H.device_slug(device)}.json")
+        run(args, device, results)
+    result = results.payload
     parts = []
     for r in result["policies"]:
+        key = _key(r["policy"], r["forced_escalation_rate"])
+        if "error" in r:
+            parts.append(f"{key} FAILED")
+            continue
         extra = f" (x{r['speedup_vs_every_step']:.2f} vs every_step)" if "speedup_vs_every_step" in r else ""
-        parts.append(f"{_key(r['policy'], r['forced_escalation_rate'])} {r['step_latency_s'] * 1e3:.1f} ms/step{extra}")
+        parts.append(f"{key} {r['step_latency_s'] * 1e3:.1f} ms/step{extra}")
     graphs = result["captured_graphs"]
     mode = f"decode_chunk={args.decode_chunk}, graphs " + ("on" if graphs["draft"] and graphs["target"] else "off")
     print(f"step latency ({result['steps']}x{result['step_tokens']} tokens, {result['device']}, {mode}; "
-          f"escalation SIMULATED, random weights cannot reason): " + "; ".join(parts) + f" -> {path}")
-    return 0
-
+          f"escalation SIMULATED, random weights cannot reason): " + "; ".join(parts) + f" -> {results.path}")
+    return 1 if any("error" in r for r in result["policies"]) else 0
 
 if __name__ == "__main__":
     sys.exit(main())

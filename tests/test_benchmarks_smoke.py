@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -42,9 +43,35 @@ def test_bench_decode_smoke(run_smoke):
     run("bench_decode", "--shapes", "smoke-llama-draft,smoke-qwen2", "--tokens", "4", "--context", "16")
     rows = json.loads((out / "decode_cpu.json").read_text())
     assert {r["shape"] for r in rows} == {"smoke-llama-draft", "smoke-qwen2"}
-    assert all({"shape", "graphs", "tok_s", "roofline_fraction"} <= set(r) and r["tok_s"] > 0 for r in rows)
+    assert all({"shape", "graphs", "tok_s"} <= set(r) and r["tok_s"] > 0 and "error" not in r for r in rows)
+    assert not any("roofline_fraction" in r for r in rows)  # no peak bandwidth known for a CPU
     engine_rows = [r for r in rows if r["path"].startswith("engine")]
     assert len(engine_rows) == 2 and all(r["loop_vs_runner_same_first_token"] for r in engine_rows)
+
+
+def test_bench_decode_saves_each_row_and_records_failures(tmp_path, monkeypatch):
+    """A failing variant becomes a row with an error string and no speed or roofline fraction;
+    the rows measured before it are already on disk when it runs."""
+    bench = _load("bench_decode")
+    seen_on_disk = []
+
+    def failing_engine_loop(*args, **kwargs):
+        seen_on_disk.append(json.loads((tmp_path / "decode_cpu.json").read_text()))
+        raise RuntimeError("engine loop broke")
+
+    monkeypatch.setattr(bench, "_engine_loop_row", failing_engine_loop)
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--smoke", "--out-dir", str(tmp_path), "--repeats", "1", "--warmup", "0",
+                         "--shapes", "smoke-llama-draft", "--tokens", "2", "--context", "8"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 1
+    assert [r["path"] for r in seen_on_disk[0]] == ["ModelRunner.forward"]
+    eager, failed = json.loads((tmp_path / "decode_cpu.json").read_text())
+    assert eager["tok_s"] > 0
+    assert failed["error"] == "RuntimeError: engine loop broke" and failed["path"] == "engine DecodeLoop"
+    assert not {"tok_s", "roofline_fraction"} & set(failed)
 
 
 def test_bench_router_overhead_smoke(run_smoke):
@@ -53,6 +80,7 @@ def test_bench_router_overhead_smoke(run_smoke):
     result = json.loads((out / "router_overhead_cpu.json").read_text())
     assert "overhead_pct" in result["eager"] and set(result["kernels"]["us_per_call"]) == {
         "final_norm", "fused_norm_router"}
+    assert "graphs" not in result  # CUDA graphs are not attempted on the CPU
 
 
 def test_bench_step_latency_smoke(run_smoke, capsys):
@@ -79,3 +107,28 @@ def test_profile_script_without_nsys_says_so():
     out = subprocess.run(["bash", str(BENCHMARKS / "profile.sh"), "decode", "--smoke"], capture_output=True,
                          text=True, check=True).stdout
     assert "nsys" in out and "nothing profiled" in out
+
+
+def test_gpu_check_runs_every_python_through_py():
+    """The GPU image's interpreter with torch is python3, not python: every call goes via $PY."""
+    script = (BENCHMARKS / "gpu_check.sh").read_text()
+    code = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
+    assert 'PY="${PY:-python3}"' in code
+    bare = [line for line in code if re.search(r'(^|[\s;(])python3?(\s|$)', line)]
+    assert not bare, bare
+    for flag in ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "PIP_NO_INDEX=1", "TORCH_CUDA_ARCH_LIST"):
+        assert flag in script
+
+
+def test_summary_reads_partial_and_failed_results(tmp_path):
+    summarize = _load("summarize_results").summarize
+    (tmp_path / "decode_x.json").write_text(json.dumps([
+        {"shape": "a", "graphs": False, "path": "ModelRunner.forward", "tok_s": 10.0, "roofline_fraction": 0.5},
+        {"shape": "a", "graphs": True, "path": "StaticDecode", "error": "RuntimeError: capture failed"}]))
+    (tmp_path / "router_overhead_x.json").write_text(json.dumps({"error": "OutOfMemoryError: no"}))
+    (tmp_path / "step_latency_x.json").write_text("{ cut short")
+    lines = summarize(tmp_path)
+    assert any("10.0 tok/s  roofline 50.0%" in line for line in lines)
+    assert any("ERROR RuntimeError: capture failed" in line for line in lines)
+    assert any("router  ERROR OutOfMemoryError: no" in line for line in lines)
+    assert any("step_latency_x.json: unreadable" in line for line in lines)

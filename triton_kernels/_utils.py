@@ -1,8 +1,15 @@
-"""Plumbing shared by the Triton kernels: one guarded import and launch-size helpers.
+"""Plumbing shared by the Triton kernels: one guarded import, the dispatch rule, launch sizes.
 
 Triton is optional (CPU-only installs may lack it, and some wheels fail to import without a
 driver), so every kernel module imports it through here and exposes `HAS_TRITON`; the torch
 references keep working either way.
+
+The dispatch rule, the same for every kernel module: each exports one public op (say
+`first_step_end`) beside its Triton launcher (`*_triton`) and its torch twin (`*_reference`).
+The op runs the Triton kernel on CUDA tensors and the twin on anything else, so callers never
+choose. CPU tensors never go through the Triton interpreter from the op, even with
+TRITON_INTERPRET=1 (the test suite sets it): the interpreter is for testing a kernel, which the
+tests do by calling the launcher directly.
 """
 from __future__ import annotations
 
@@ -27,8 +34,13 @@ except Exception:  # ImportError, or a wheel that cannot load its backend here
 INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """The dispatch rule: the Triton kernel for CUDA tensors, the torch twin for all others."""
+    return HAS_TRITON and all(t.is_cuda for t in tensors)
+
+
 def triton_usable(*tensors: torch.Tensor) -> bool:
-    """Whether our kernels can run on these tensors: on the GPU, or built for the interpreter."""
+    """Whether a launcher can run on these tensors: on the GPU, or built for the interpreter."""
     if not HAS_TRITON:
         return False
     return INTERPRETED or all(t.is_cuda for t in tensors)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, cdiv, next_pow2, num_sms, require_triton, tl, triton, triton_usable
+from ._utils import HAS_TRITON, cdiv, next_pow2, num_sms, require_triton, tl, triton, triton_usable, use_triton
 
 __all__ = ["HAS_TRITON", "choose_num_splits", "paged_decode_attention", "paged_decode_attention_reference",
            "paged_decode_attention_triton", "paged_prefill_attention", "paged_prefill_attention_reference",
@@ -108,8 +108,9 @@ if HAS_TRITON:
     @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr,
-        s_qb, s_qh, s_qd, s_kp, s_ks, s_kh, s_kd, s_vp, s_vs, s_vh, s_vd, s_btb, s_btn,
-        s_ob, s_oh, s_od, qk_scale, block_size, group, head_dim, num_q_heads,
+        stride_qb, stride_qh, stride_qd, stride_kp, stride_ks, stride_kh, stride_kd,
+        stride_vp, stride_vs, stride_vh, stride_vd, stride_btb, stride_btn,
+        stride_ob, stride_oh, stride_od, qk_scale, block_size, group, head_dim, num_q_heads,
         NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         IEEE: tl.constexpr,
     ):
@@ -126,7 +127,7 @@ if HAS_TRITON:
         heads = kvh * group + g
         g_mask = g < group
         d_mask = d < head_dim
-        q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :] * s_qd,
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
         # Finite start for the running max: a fully masked tile then yields p = 0, never NaN.
@@ -137,26 +138,27 @@ if HAS_TRITON:
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < end
             # int64: page * page_stride overflows int32 once the arena passes 2^31 elements.
-            page = tl.load(bt_ptr + b * s_btb + (n // block_size) * s_btn, mask=n_mask, other=0).to(tl.int64)
+            page = tl.load(bt_ptr + b * stride_btb + (n // block_size) * stride_btn, mask=n_mask,
+                           other=0).to(tl.int64)
             slot = n % block_size
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + (page * s_kp + slot * s_ks + kvh * s_kh)[:, None] + d[None, :] * s_kd,
-                        mask=kv_mask, other=0.0)
+            k_rows = page * stride_kp + slot * stride_ks + kvh * stride_kh
+            k = tl.load(k_ptr + k_rows[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
             s = _scores(q, k, IEEE) * qk_scale
             s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + (page * s_vp + slot * s_vs + kvh * s_vh)[:, None] + d[None, :] * s_vd,
-                        mask=kv_mask, other=0.0)
+            v_rows = page * stride_vp + slot * stride_vs + kvh * stride_vh
+            v = tl.load(v_ptr + v_rows[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + _weighted_values(p, v, IEEE)
             m_i = m_new
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_mask = g_mask[:, None] & d_mask[None, :]
         if NUM_SPLITS == 1:
-            tl.store(out_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :] * s_od,
+            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od,
                      out.to(out_ptr.dtype.element_ty), mask=o_mask)
         else:
             # Partials are packed [B, Hq, NUM_SPLITS, D] fp32; lse (log2 domain) [B, Hq, NUM_SPLITS].
@@ -167,7 +169,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _merge_splits_kernel(
-        part_ptr, lse_ptr, out_ptr, s_ob, s_oh, s_od, head_dim, num_q_heads,
+        part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, stride_od, head_dim, num_q_heads,
         NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         b = tl.program_id(0)
@@ -183,13 +185,15 @@ if HAS_TRITON:
         part = tl.load(part_ptr + row[:, None] * head_dim + d[None, :], mask=d_mask[None, :], other=0.0)
         total = tl.sum(w, axis=0)
         out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-        tl.store(out_ptr + b * s_ob + h * s_oh + d * s_od, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty),
+                 mask=d_mask)
 
     @triton.jit
     def _paged_prefill_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, seq_lens_ptr, out_ptr,
-        s_qt, s_qh, s_qd, s_kp, s_ks, s_kh, s_kd, s_vp, s_vs, s_vh, s_vd, s_btb, s_btn,
-        s_ot, s_oh, s_od, qk_scale, block_size, group, head_dim,
+        stride_qt, stride_qh, stride_qd, stride_kp, stride_ks, stride_kh, stride_kd,
+        stride_vp, stride_vs, stride_vh, stride_vd, stride_btb, stride_btn,
+        stride_ot, stride_oh, stride_od, qk_scale, block_size, group, head_dim,
         BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         IEEE: tl.constexpr,
     ):
@@ -211,7 +215,7 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)
         d_mask = d < head_dim
         tok = q_start + qi
-        q = tl.load(q_ptr + tok[:, None] * s_qt + heads[:, None] * s_qh + d[None, :] * s_qd,
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
 
         # Keys past the last query of this block are invisible to all of its rows.
@@ -223,24 +227,25 @@ if HAS_TRITON:
         for n0 in range(0, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < end
-            page = tl.load(bt_ptr + b * s_btb + (n // block_size) * s_btn, mask=n_mask, other=0).to(tl.int64)
+            page = tl.load(bt_ptr + b * stride_btb + (n // block_size) * stride_btn, mask=n_mask,
+                           other=0).to(tl.int64)
             slot = n % block_size
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + (page * s_kp + slot * s_ks + kvh * s_kh)[:, None] + d[None, :] * s_kd,
-                        mask=kv_mask, other=0.0)
+            k_rows = page * stride_kp + slot * stride_ks + kvh * stride_kh
+            k = tl.load(k_ptr + k_rows[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
             s = _scores(q, k, IEEE) * qk_scale
             s = tl.where(n_mask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + (page * s_vp + slot * s_vs + kvh * s_vh)[:, None] + d[None, :] * s_vd,
-                        mask=kv_mask, other=0.0)
+            v_rows = page * stride_vp + slot * stride_vs + kvh * stride_vh
+            v = tl.load(v_ptr + v_rows[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + _weighted_values(p, v, IEEE)
             m_i = m_new
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + tok[:, None] * s_ot + heads[:, None] * s_oh + d[None, :] * s_od,
+        tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
@@ -359,16 +364,16 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_query_l
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
-    """Decode attention; the Triton kernel where it can run, the torch reference elsewhere."""
-    if triton_usable(q):
+    """Decode attention: Triton on CUDA, the torch reference elsewhere."""
+    if use_triton(q):
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
     return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale: float,
                             max_query_len: int | None = None) -> torch.Tensor:
-    """Varlen causal attention; the Triton kernel where it can run, the torch reference elsewhere."""
-    if triton_usable(q):
+    """Varlen causal attention: Triton on CUDA, the torch reference elsewhere."""
+    if use_triton(q):
         return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens,
                                               scale, max_query_len)
     return paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens,

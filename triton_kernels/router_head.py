@@ -9,8 +9,9 @@ once, hands the normed row to the LM head, adds it to a running per-row sum, and
 the pre-activation as if this token ended the step. At the boundary the score is then one
 tiny epilogue away (`router_epilogue_reference`), with no second pass over hidden states.
 
-Callers zero `h_sum` and `count` when a step starts (inside the CUDA graph this is a
-masked fill, so the kernel never has to know about steps).
+Callers hand in the running sum and the count of the step's tokens before this one, so the
+kernel never has to know about steps: the decode iteration reads both from its per-position
+buffers (runtime/decode_iteration.py), so a rolled-back token never leaks into a later one.
 
 The norm matches transformers' LlamaRMSNorm bit for bit in its order of rounding: the
 variance and the scaling are done in fp32, the result is cast to the input dtype, and only
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable
+from ._utils import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable, use_triton
 
 __all__ = ["HAS_TRITON", "fused_norm_router", "fused_norm_router_reference", "fused_norm_router_triton",
            "rms_norm_reference", "router_epilogue_reference"]
@@ -153,8 +154,8 @@ def fused_norm_router_triton(x, norm_weight, eps, w_last, w_mean, h_sum, count, 
 
 
 def fused_norm_router(x, norm_weight, eps, w_last, w_mean, h_sum, count, out_hidden, out_pre) -> None:
-    """Final RMSNorm + running router pre-activation; Triton where it can run, torch elsewhere."""
-    if triton_usable(x):
+    """Final RMSNorm + running router pre-activation: Triton on CUDA, the torch twin elsewhere."""
+    if use_triton(x):
         fused_norm_router_triton(x, norm_weight, eps, w_last, w_mean, h_sum, count, out_hidden, out_pre)
     else:
         fused_norm_router_reference(x, norm_weight, eps, w_last, w_mean, h_sum, count, out_hidden, out_pre)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable
+from ._utils import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable, use_triton
 
 __all__ = ["HAS_TRITON", "first_step_end", "first_step_end_reference", "first_step_end_triton"]
 
@@ -102,7 +102,7 @@ def first_step_end_triton(tokens: torch.Tensor, is_boundary: torch.Tensor, eos_i
 
 def first_step_end(tokens: torch.Tensor, is_boundary: torch.Tensor, eos_ids: torch.Tensor,
                    step_len: torch.Tensor, max_step_tokens: int) -> torch.Tensor:
-    """First step-ending index per row; the Triton kernel where it can run, torch elsewhere."""
-    if triton_usable(tokens):
+    """First step-ending index per row: Triton on CUDA, the torch twin elsewhere."""
+    if use_triton(tokens):
         return first_step_end_triton(tokens, is_boundary, eos_ids, step_len, max_step_tokens)
     return first_step_end_reference(tokens, is_boundary, eos_ids, step_len, max_step_tokens)

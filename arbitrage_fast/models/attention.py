@@ -1,14 +1,21 @@
 """Attention over the shared paged KV arena.
 
 Each layer writes its new K/V into the pages named by the slot mapping, then attends over
-the sequence's pages. Dispatch: the Triton paged-decode kernel on CUDA for decode batches,
-otherwise the torch path (gather pages, SDPA), which is the reference the kernel is tested
-against and the CPU implementation.
+the sequence's pages. Two implementations:
 
-A decode batch in the device form (no host lengths, see AttentionMetadata.for_device_decode)
-goes to `paged_decode_attention` (Triton on CUDA, its torch reference elsewhere); a sliding-
-window layer, which that kernel does not model, takes a masked gather over the whole block
-table instead. Both read lengths from the device only, so a CUDA graph can capture them.
+- the paged kernel ops (`paged_decode_attention`, `paged_prefill_attention`: Triton on CUDA,
+  their torch references elsewhere, by the kernel modules' one dispatch rule) read K/V in
+  place through the block table, one launch for the whole batch. They serve every layer
+  without a sliding window on CUDA, and device-form decode batches everywhere (no host
+  lengths, see AttentionMetadata.for_device_decode, so a CUDA graph can capture them).
+  Prefill goes through the kernel on CUDA because the other path gathers every page of every
+  sequence into a contiguous copy per layer and loops over sequences on the host: the catch-up
+  prefill of an escalation is a few dozen query tokens over a context of thousands, where that
+  copy costs more than the attention itself.
+- SDPA over gathered pages, on the CPU for host-form batches: transformers' own arithmetic,
+  which greedy outputs equal to transformers' `generate` rely on; and for sliding-window layers
+  (which the kernels do not model), with a masked gather over the whole block table in the
+  device form.
 """
 from __future__ import annotations
 
@@ -16,27 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbitrage_fast.kv.ops import write_kv
 from arbitrage_fast.runtime.attention_metadata import AttentionMetadata
-
-from .layers import apply_rotary
-
-
-def _triton_decode():
-    try:
-        from arbitrage_fast.triton_kernels.paged_attention import HAS_TRITON, paged_decode_attention
-    except ImportError:
-        return None
-    return paged_decode_attention if HAS_TRITON else None
-
-
-def _device_decode_kernel(q: torch.Tensor):
-    """The paged decode kernel for a device-form batch: Triton on CUDA, the torch reference
-    elsewhere (chosen by device, not by TRITON_INTERPRET, so CPU runs never interpret)."""
-    from arbitrage_fast.triton_kernels.paged_attention import paged_decode_attention_reference
-
-    kernel = _triton_decode() if q.is_cuda else None
-    return kernel or paged_decode_attention_reference
+from arbitrage_fast.triton_kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from arbitrage_fast.triton_kernels.rotary_kv import rope_write_kv
 
 
 class PagedAttention(nn.Module):
@@ -55,26 +44,24 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        write_kv(kv_cache, self.layer_idx, k, v, meta.slot_mapping)
+        q = rope_write_kv(q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
+                          v.view(T, self.num_kv_heads, self.head_dim), cos, sin, kv_cache, self.layer_idx,
+                          meta.slot_mapping)
         k_cache = kv_cache[:, self.layer_idx, 0]
         v_cache = kv_cache[:, self.layer_idx, 1]
-        if meta.on_device_only:
-            out = self._device_decode(q, k_cache, v_cache, meta)
-            return self.o_proj(out.reshape(T, self.q_size))
-        kernel = _triton_decode() if (x.is_cuda and meta.is_decode and self.sliding_window is None) else None
-        if kernel is not None:
-            out = kernel(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, self.scale)
+        if self.sliding_window is None and (meta.on_device_only or x.is_cuda):
+            out = self._paged_attention(q, k_cache, v_cache, meta)
+        elif meta.on_device_only:
+            out = self._windowed_decode(q, k_cache, v_cache, meta)
         else:
             out = self._torch_attention(q, k_cache, v_cache, meta)
         return self.o_proj(out.reshape(T, self.q_size))
 
-    def _device_decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        if self.sliding_window is None:
-            return _device_decode_kernel(q)(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, self.scale)
-        return self._windowed_decode(q, k_cache, v_cache, meta)
+    def _paged_attention(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.is_decode:
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, self.scale)
+        return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_query_lens,
+                                       meta.seq_lens_tensor, self.scale, max_query_len=max(meta.query_lens))
 
     def _windowed_decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         """Sliding-window decode from device lengths: gather every page the table names and

@@ -1,9 +1,16 @@
-"""Building blocks of a Llama-family decoder, written to match transformers numerically."""
+"""Building blocks of a Llama-family decoder, written to match transformers numerically.
+
+The arithmetic lives in the kernel modules' ops (Triton on CUDA, their torch twins, which are
+transformers' arithmetic, elsewhere): one launch per norm with its residual add, one for the
+MLP's activation.
+"""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from arbitrage_fast.triton_kernels.activation import silu_and_mul
+from arbitrage_fast.triton_kernels.rms_norm import add_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -14,11 +21,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); given the residual stream, (norm(residual + x), residual + x) in one pass."""
+        normed, stream = add_rms_norm(x, residual, self.weight, self.eps)
+        return normed if residual is None else (normed, stream)
 
 
 class RotaryEmbedding(nn.Module):
@@ -37,22 +43,14 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 class GatedMLP(nn.Module):
-    """SwiGLU with gate and up fused into one GEMM (one weight read, one launch)."""
+    """SwiGLU with gate and up fused into one GEMM (one weight read, one launch), then one
+    activation kernel for silu(gate) * up."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
         super().__init__()
-        self.intermediate = intermediate
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

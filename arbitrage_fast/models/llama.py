@@ -27,9 +27,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
 
-    def forward(self, h, cos, sin, meta, kv_cache):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, cos, sin, meta, kv_cache):
+        """(this layer's MLP output, the residual stream before it): the add that closes the
+        layer happens in the next norm's kernel, so each norm costs one launch."""
+        if residual is None:  # the first layer: the embedding is the stream
+            normed, residual = self.input_layernorm(h), h
+        else:
+            normed, residual = self.input_layernorm(h, residual)
+        attn = self.self_attn(normed, cos, sin, meta, kv_cache)
+        normed, residual = self.post_attention_layernorm(attn, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaDecoder(nn.Module):
@@ -50,16 +57,24 @@ class LlamaDecoder(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward_residual(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        """Last layer's output before the final norm (what a fused norm+router kernel reads)."""
+    def _layers(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last MLP output, residual stream before it): their sum is the last layer's output."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(meta.positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h, cos, sin, meta, kv_cache)
-        return h
+            h, residual = layer(h, residual, cos, sin, meta, kv_cache)
+        return h, residual
+
+    def forward_residual(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Last layer's output before the final norm (what a fused norm+router kernel reads)."""
+        h, residual = self._layers(input_ids, meta, kv_cache)
+        return residual + h
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.forward_residual(input_ids, meta, kv_cache))
+        h, residual = self._layers(input_ids, meta, kv_cache)
+        return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

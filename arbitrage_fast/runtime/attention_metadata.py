@@ -13,6 +13,8 @@ back would be a host sync per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import accumulate
 
 import torch
 
@@ -55,6 +57,13 @@ class AttentionMetadata:
         """One query token per sequence; sequence b attends to its first seq_lens_tensor[b] tokens."""
         return cls(positions=positions, slot_mapping=slot_mapping, block_tables=block_tables,
                    query_lens=None, seq_lens=None, block_size=block_size, seq_lens_tensor=seq_lens_tensor)
+
+    @cached_property
+    def cu_query_lens(self) -> torch.Tensor:
+        """[B + 1] int32 on the device: where each sequence's query tokens start (host form);
+        built once per forward, on first use, for the layers' prefill kernel."""
+        starts = list(accumulate(self.query_lens, initial=0))
+        return torch.tensor(starts, dtype=torch.int32, device=self.positions.device)
 
     @property
     def on_device_only(self) -> bool:

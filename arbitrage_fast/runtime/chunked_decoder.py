@@ -28,10 +28,11 @@ at several reads. Which wins depends on the model and the length distribution: m
 long chunks, since a sync stalls every row while a finished row's extra tokens ride along in
 forwards that run anyway.
 
-Router scoring rides on the same read: given the router (`score`), the chunk scores every
-position of the chunk as if the step ended there (the features are prefix sums, so each
-candidate costs one row of a tiny MLP) and the score at the real end comes back with the
-tokens. Scoring after the step instead would cost the arbitrage policy a third host read.
+Router scoring rides on the same read: given the router (`score`), its first layer is folded
+into the draft's final norm (decode_iteration.py), which leaves a pre-activation per position;
+the chunk finishes the MLP for every position of the chunk as if the step ended there (one
+epilogue row each) and the score at the real end comes back with the tokens. Scoring after
+the step instead would cost the arbitrage policy a third host read.
 
 Sampling (temperature > 0) uses the same torch sampler and generator as the per-token decoder
 (graphs capture greedy decoding only, see graphs.py). The first step of a request samples the
@@ -41,15 +42,18 @@ the same distribution but not the same stream.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import torch
 
 from arbitrage_fast.config import SamplingParams
 from arbitrage_fast.kv import KVCacheExhausted
-from arbitrage_fast.router.features import StepFeatureAccumulator, assemble_features
+from arbitrage_fast.router.features import StepFeatureAccumulator
+from arbitrage_fast.router.head import FoldedRouter, RouterHead
+from arbitrage_fast.triton_kernels.router_head import router_epilogue_reference
+from arbitrage_fast.triton_kernels.step_boundary import first_step_end
 
 from .graphs import DecodeLoop, decode_graphs
 from .model_runner import ForwardOutput, ModelRunner
@@ -91,18 +95,19 @@ class ChunkPlan:
 def decode_step_chunked(runner: ModelRunner, seq_id: int, first: ForwardOutput, sampling: SamplingParams,
                         generator: torch.Generator | None, stop: StopRule, track_features: bool,
                         chunk: int = ADAPTIVE, mean_step_len: float | None = None,
-                        score: Callable[[torch.Tensor], torch.Tensor] | None = None) -> DecodedStep:
+                        score: RouterHead | None = None) -> DecodedStep:
     """`decode_step` in chunks; `mean_step_len` (this request's mean step length so far) sizes
-    the adaptive first chunk; `score` (router features [N, F] -> probabilities [N], needs
-    track_features) fills `router_score`. host_syncs counts the blocking device-to-host reads
-    (one per chunk, router score included)."""
+    the adaptive first chunk; `score` (the router head, needs track_features) fills
+    `router_score`. host_syncs counts the blocking device-to-host reads (one per chunk, router
+    score included)."""
     if score is not None and not track_features:
         raise ValueError("router scoring during decoding needs track_features=True")
     cap = min(stop.max_step_tokens, stop.budget)
     if cap <= 0:
         raise ValueError(f"no token left to decode in this step (cap {stop.max_step_tokens}, budget {stop.budget})")
     plan = ChunkPlan.for_step(chunk, cap, mean_step_len)
-    loop = decode_graphs(runner).loop(1, cap, sampling, generator, track_features)
+    folded = _folded(score, first.hidden.device) if score is not None else None
+    loop = decode_graphs(runner).loop(1, cap, sampling, generator, track_features, router=folded)
     buffers = loop.buffers
     logits = first.logits[-1:]
     is_boundary, eos = _stop_tensors(stop.boundary_ids, stop.eos_ids, logits.shape[-1], logits.device)
@@ -121,10 +126,10 @@ def decode_step_chunked(runner: ModelRunner, seq_id: int, first: ForwardOutput, 
         forwards += feeds
         chunk_tokens = buffers.tokens[:, done:done + k]
         step_len = buffers.step_pos.new_full((1,), done)
-        end = _first_step_end(chunk_tokens, is_boundary, eos, step_len, cap)
+        end = first_step_end(chunk_tokens, is_boundary, eos, step_len, cap)
         parts = [end.double()[:, None], chunk_tokens.double(), buffers.logprobs[:, done:done + k].double()]
-        if score is not None:
-            parts.append(score(_candidate_features(buffers, done, k)).double()[None])
+        if folded is not None:
+            parts.append(_candidate_scores(loop.iteration, folded, done, k).double()[None])
         row = torch.cat(parts, dim=1)[0].tolist()  # the chunk's one blocking read
         syncs += 1
         e = int(row[0])
@@ -183,25 +188,32 @@ def _features(buffers, n: int, device) -> StepFeatureAccumulator:
     return acc
 
 
-def _candidate_features(buffers, done: int, k: int) -> torch.Tensor:
-    """Router features [k, F] of the step as if it ended at each of positions done..done+k-1,
-    laid out as `StepFeatureAccumulator.features()`: [h_last, h_mean, mean log p, mean entropy,
-    log1p(n), min log p, max entropy], read from the prefix sums and running extremes (so
-    positions past the real end never leak in)."""
+def _candidate_scores(iteration, router: FoldedRouter, done: int, k: int) -> torch.Tensor:
+    """Router scores [k] of the step as if it ended at each of positions done..done+k-1: the
+    epilogue over the pre-activations the fused norm kept per position, with the scalar
+    features read from the prefix sums and running extremes (so positions past the real end
+    never leak in)."""
+    b = iteration.buffers
     ends = slice(done + 1, done + k + 1)  # prefix index j + 1 holds positions 0..j
-    return assemble_features(buffers.hidden[0, done:done + k], buffers.cum_hidden[0, ends],
-                             buffers.cum_logprob[0, ends], buffers.cum_entropy[0, ends],
-                             buffers.min_logprob[0, ends], buffers.max_entropy[0, ends],
-                             torch.arange(done + 1, done + k + 1, device=buffers.hidden.device))
+    n = torch.arange(done + 1, done + k + 1, device=b.hidden.device)
+    return router_epilogue_reference(iteration.pre[0, done:done + k], router.w_scalar, router.b1, router.w2,
+                                     router.b2, b.cum_logprob[0, ends] / n, b.cum_entropy[0, ends] / n, n,
+                                     b.min_logprob[0, ends], b.max_entropy[0, ends])
 
 
-def _first_step_end(tokens, is_boundary, eos, step_len, cap) -> torch.Tensor:
-    """Triton on the GPU, the torch reference elsewhere (chosen by device, so a CPU run never
-    goes through the Triton interpreter)."""
-    from arbitrage_fast.triton_kernels import step_boundary
+_FOLDED: "weakref.WeakKeyDictionary[RouterHead, dict]" = weakref.WeakKeyDictionary()
 
-    fn = step_boundary.first_step_end if tokens.is_cuda else step_boundary.first_step_end_reference
-    return fn(tokens, is_boundary, eos, step_len, cap)
+
+def _folded(router: RouterHead, device: torch.device) -> FoldedRouter:
+    """The router's folded first layer on `device`, computed once per router and device (the
+    same tensors every step, which a captured graph needs)."""
+    per_device = _FOLDED.setdefault(router, {})
+    if device not in per_device:
+        with torch.no_grad():
+            f = router.folded()
+        per_device[device] = FoldedRouter(*(t.detach().float().to(device).contiguous()
+                                            for t in (f.w_last, f.w_mean, f.w_scalar, f.b1, f.w2, f.b2)))
+    return per_device[device]
 
 
 @lru_cache(maxsize=8)

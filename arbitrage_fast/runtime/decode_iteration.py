@@ -14,12 +14,21 @@ after the chunk, so every sampled token's log-prob, hidden state and *prefix sum
 by position. The router features of a step of n tokens are then read at position n-1, and
 the prefix sums are built by the same sequential fp32 adds as `StepFeatureAccumulator`, so
 they agree bit for bit with the per-token decoder's given the same hidden states.
+
+With a router (its first layer folded, `FoldedRouter`), the final RMSNorm is the fused
+norm + router op: the same pass over the last layer's output also adds the normed row to the
+running hidden sum and forms the router's pre-activation `W_last h_j + W_mean mean(h_0..h_j)`,
+which is kept per position like everything else. The score of a step that ends at position j
+is then the epilogue alone (`router_epilogue_reference`: the scalar features, SiLU, the second
+layer), run once per chunk at the boundary, never a pass over hidden states.
 """
 from __future__ import annotations
 
 import torch
 
 from arbitrage_fast.config import SamplingParams
+from arbitrage_fast.router.head import FoldedRouter
+from arbitrage_fast.triton_kernels.router_head import fused_norm_router
 
 from .attention_metadata import AttentionMetadata
 from .sampler import sample, token_statistics
@@ -86,24 +95,24 @@ class DecodeIteration:
     """The iteration as a callable over `DecodeBuffers` (eager here, replayed by graphs.py)."""
 
     def __init__(self, runner, buffers: DecodeBuffers, sampling: SamplingParams,
-                 generator: torch.Generator | None, track_features: bool, static_tables: bool = False) -> None:
+                 generator: torch.Generator | None, track_features: bool, static_tables: bool = False,
+                 router: FoldedRouter | None = None) -> None:
+        if router is not None and not track_features:
+            raise ValueError("a router reads the step's features: it needs track_features=True")
         self.model, self.kv_view, self.block_size = runner.model, runner.kv_view, runner.block_size
         self.buffers, self.sampling, self.generator = buffers, sampling, generator
         self.track_features = track_features
         self.static_tables = static_tables  # True when captured: the graph bakes the full table in
+        self.router = router
         B, H, dev = buffers.batch, buffers.hidden_size, buffers.input_ids.device
-        # The fused final-norm + router kernel needs the residual stream and the norm; it
-        # runs where Triton runs (the GPU), the model's own norm everywhere else.
-        self.fused = (track_features and dev.type == "cuda" and hasattr(self.model, "forward_residual")
-                      and hasattr(self.model, "norm") and _fused_router_kernel() is not None)
-        if self.fused:
-            dtype = self.model.norm.weight.dtype
-            # No router weights are folded in here (the engine scores the features itself):
-            # one zero feature row keeps the kernel's pre-activation output trivially small.
-            self._w = torch.zeros(1, H, device=dev)
+        if router is not None:
+            # The fused op (Triton on CUDA, its torch twin elsewhere) replaces the final norm,
+            # so it reads the residual stream; `pre` holds the pre-activation per position.
+            F = router.w_last.shape[0]
             self._count = torch.zeros(B, dtype=torch.int32, device=dev)
-            self._out_hidden = torch.empty(B, H, dtype=dtype, device=dev)
-            self._out_pre = torch.empty(B, 1, device=dev)
+            self._out_hidden = torch.empty(B, H, dtype=self.model.norm.weight.dtype, device=dev)
+            self._out_pre = torch.empty(B, F, device=dev)
+            self.pre = torch.zeros(B, buffers.capacity, F, device=dev)
 
     def __call__(self) -> None:
         b = self.buffers
@@ -115,7 +124,7 @@ class DecodeIteration:
         slots = torch.where(b.active, page * bs + pos % bs, torch.full_like(pos, -1))
         meta = AttentionMetadata.for_device_decode(positions=pos, slot_mapping=slots, block_tables=tables,
                                                    seq_lens_tensor=(pos + 1).to(torch.int32), block_size=bs)
-        if self.fused:
+        if self.router is not None:
             residual = self.model.forward_residual(b.input_ids, meta, self.kv_view)
             hidden, running = self._fused_norm(residual)
         else:
@@ -144,19 +153,31 @@ class DecodeIteration:
             b.hidden.scatter_(1, jh, h[:, None])
             if running_hidden is None:
                 _prefix_update(b.cum_hidden, jh, h, torch.add)
+                if self.router is not None:  # a step's first token: its hidden came from a prefill
+                    self._record_pre(h, b.cum_hidden.gather(1, jh + 1).squeeze(1) / (j + 1).float(), j)
             else:  # the fused kernel already added h to the prefix it was given
                 b.cum_hidden.scatter_(1, jh + 1, running_hidden[:, None])
         b.input_ids.copy_(token)
         b.step_pos.add_(1)
 
     def _fused_norm(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final RMSNorm and the running hidden sum in one kernel; returns (normed, new prefix sum)."""
+        """Final RMSNorm, running hidden sum and router pre-activation in one pass; returns
+        (normed, new prefix sum) and files the pre-activation at the row's step position."""
         b = self.buffers
-        jh = b.step_pos.clamp(max=b.capacity - 1)[:, None, None].expand(-1, 1, b.hidden_size)
+        j = b.step_pos.clamp(max=b.capacity - 1)
+        jh = j[:, None, None].expand(-1, 1, b.hidden_size)
         running = b.cum_hidden.gather(1, jh).squeeze(1)  # prefix before this token; updated in place
-        _fused_router_kernel()(residual, self.model.norm.weight, self.model.norm.eps, self._w, self._w,
-                               running, self._count, self._out_hidden, self._out_pre)
+        self._count.copy_(j)  # tokens of the step before this one; the kernel counts this one
+        fused_norm_router(residual, self.model.norm.weight, self.model.norm.eps, self.router.w_last,
+                          self.router.w_mean, running, self._count, self._out_hidden, self._out_pre)
+        self.pre.scatter_(1, j[:, None, None].expand(-1, 1, self.pre.shape[2]), self._out_pre[:, None])
         return self._out_hidden, running
+
+    def _record_pre(self, h: torch.Tensor, h_mean: torch.Tensor, j: torch.Tensor) -> None:
+        """The pre-activation of a token whose normed hidden came from elsewhere (the fused
+        op's arithmetic, in torch): h, h_mean [B, H] fp32; j [B, 1] step positions."""
+        pre = h @ self.router.w_last.t() + h_mean @ self.router.w_mean.t()
+        self.pre.scatter_(1, j[:, :, None].expand(-1, 1, self.pre.shape[2]), pre[:, None])
 
 
 def _prefix_update(prefix: torch.Tensor, index: torch.Tensor, value: torch.Tensor, combine) -> None:
@@ -164,12 +185,3 @@ def _prefix_update(prefix: torch.Tensor, index: torch.Tensor, value: torch.Tenso
     `sum += x` (torch.add) or its running min / max (torch.minimum / torch.maximum)."""
     prev = prefix.gather(1, index)
     prefix.scatter_(1, index + 1, combine(prev, value.reshape(prev.shape).to(prefix.dtype)))
-
-
-def _fused_router_kernel():
-    """The Triton fused norm + router kernel, or None where Triton cannot be imported."""
-    try:
-        from arbitrage_fast.triton_kernels.router_head import HAS_TRITON, fused_norm_router_triton
-    except ImportError:
-        return None
-    return fused_norm_router_triton if HAS_TRITON else None

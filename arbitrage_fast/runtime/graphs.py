@@ -27,6 +27,8 @@ import torch
 
 from arbitrage_fast.config import SamplingParams
 
+from arbitrage_fast.router.head import FoldedRouter
+
 from .decode_iteration import DecodeBuffers, DecodeIteration
 
 _GREEDY = SamplingParams()
@@ -60,30 +62,33 @@ class DecodeLoop:
 
 
 class DecodeGraphs:
-    """One runner's decode buffers (per batch size) and captured graphs (per batch size and
-    feature tracking), all allocated from one graph memory pool."""
+    """One runner's decode buffers (per batch size) and captured graphs (per batch size,
+    feature tracking and router), all allocated from one graph memory pool."""
 
     def __init__(self, runner) -> None:
         self.runner = runner
         self.enabled = runner.device.type == "cuda" and os.environ.get("ARBITRAGE_FAST_CUDA_GRAPHS", "1") != "0"
         self._buffers: dict[int, DecodeBuffers] = {}
-        self._graphs: dict[tuple[int, bool], DecodeLoop] = {}
+        self._graphs: dict[tuple[int, bool, bool], DecodeLoop] = {}
         self._pool = None
 
     @property
-    def captured(self) -> list[tuple[int, bool]]:
-        """(batch size, feature tracking) of each decode iteration now replayed from a graph."""
+    def captured(self) -> list[tuple[int, bool, bool]]:
+        """(batch size, feature tracking, router) of each decode iteration now replayed from a graph."""
         return sorted(key for key, loop in self._graphs.items() if loop.captured)
 
     def loop(self, batch: int, capacity: int, sampling: SamplingParams, generator: torch.Generator | None,
-             track_features: bool) -> DecodeLoop:
-        """A loop over buffers that hold steps of `capacity` tokens; captures on first use."""
+             track_features: bool, router: FoldedRouter | None = None) -> DecodeLoop:
+        """A loop over buffers that hold steps of `capacity` tokens; captures on first use.
+        A graph bakes in its router's weights: another router is captured anew."""
         buffers = self._buffers_for(batch, capacity)
         if not (self.enabled and sampling.greedy):
-            return DecodeLoop(DecodeIteration(self.runner, buffers, sampling, generator, track_features))
-        key = (batch, track_features)
-        if key not in self._graphs:
-            iteration = DecodeIteration(self.runner, buffers, _GREEDY, None, track_features, static_tables=True)
+            return DecodeLoop(DecodeIteration(self.runner, buffers, sampling, generator, track_features,
+                                              router=router))
+        key = (batch, track_features, router is not None)
+        if key not in self._graphs or self._graphs[key].iteration.router is not router:
+            iteration = DecodeIteration(self.runner, buffers, _GREEDY, None, track_features, static_tables=True,
+                                        router=router)
             self._graphs[key] = DecodeLoop(iteration, self._capture(iteration))
         return self._graphs[key]
 
