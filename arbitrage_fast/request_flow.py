@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import nvtx
 from .decision import decide_step
 from .prm.target_likelihood import mean_probability, mean_token_probability
 from .request import Request
@@ -86,7 +87,7 @@ class _LocalSource:
         if drafted.router_score is not None:  # the chunked decoder's read brought it back
             return drafted.router_score
         t = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), nvtx.range("router"):
             score = float(self.eng.router(drafted.features.features()))
         self.stats.host_syncs += 1
         self.stats.router_s += time.perf_counter() - t
@@ -96,7 +97,8 @@ class _LocalSource:
         eng, seq = self.eng, self.seq
         if eng.prm is not None:
             t = time.perf_counter()
-            score = eng.prm.score(seq.prompt_text, seq.step_texts(), eng.text(drafted.tokens, D))
+            with nvtx.range("prm"):
+                score = eng.prm.score(seq.prompt_text, seq.step_texts(), eng.text(drafted.tokens, D))
             self.stats.prm_s += time.perf_counter() - t
             return score
         # Target likelihood: one target prefill over the unseen context and the draft step.
@@ -140,7 +142,8 @@ class _LocalSource:
         if eng.prm is None:
             return mean_probability(candidate.logprobs)
         t = time.perf_counter()
-        score = eng.prm.score(seq.prompt_text, seq.step_texts(), eng.text(candidate.tokens, T))
+        with nvtx.range("prm"):
+            score = eng.prm.score(seq.prompt_text, seq.step_texts(), eng.text(candidate.tokens, T))
         self.stats.prm_s += time.perf_counter() - t
         return score
 

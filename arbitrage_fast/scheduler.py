@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import nvtx
 from .kv import KVCacheExhausted
 from .request import Request, RequestState
 from .request_flow import request_flow
@@ -69,14 +70,16 @@ class Scheduler:
     def step(self) -> set[Request]:
         """Run one iteration; returns the requests that committed a step or ended in it."""
         touched: set[Request] = set()
-        self._admit(touched)
+        with nvtx.range("admit"):
+            self._admit(touched)
         for role in Role:
             batch = self._reserve(role, self._collect(role), touched)
             self.last_batch[role] = len(batch)
             if not batch:
                 continue
             t = time.perf_counter()
-            outs = self.eng.runners[role].run([w for _, w, _ in batch], [s for _, _, s in batch])
+            with nvtx.range(f"{role.label}.forward[{len(batch)}]"):
+                outs = self.eng.runners[role].run([w for _, w, _ in batch], [s for _, _, s in batch])
             dt = time.perf_counter() - t
             for (req, work, _), out in zip(batch, outs):
                 req.stats.add_seconds(role, dt)
@@ -156,10 +159,11 @@ class Scheduler:
     def _advance(self, req: Request, value, touched: set[Request]) -> None:
         """Run the request's flow on to its next model work, collecting committed steps."""
         try:
-            item = req.flow.send(value)
-            while isinstance(item, Step):
-                touched.add(req)
-                item = next(req.flow)
+            with nvtx.range("request_flow"):  # sampling, decisions, commits (and chunked decoding on GPU)
+                item = req.flow.send(value)
+                while isinstance(item, Step):
+                    touched.add(req)
+                    item = next(req.flow)
             req.pending = item
         except StopIteration as done:
             self._finish(req, done.value, touched)
