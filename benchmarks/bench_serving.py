@@ -47,10 +47,12 @@ def free_port() -> int:
 class Server:
     """A server process on loopback, up until `close()`."""
 
-    def __init__(self, argv: list[str], port: int, name: str, log: Path, startup_s: float) -> None:
+    def __init__(self, argv: list[str], port: int, name: str, log: Path, startup_s: float,
+                 cwd: str | None = None) -> None:
         self.name, self.url = name, f"http://127.0.0.1:{port}"
         self._log = open(log, "w")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=cwd)
         deadline = time.monotonic() + startup_s
         while True:
             if self.proc.poll() is not None:
@@ -80,7 +82,10 @@ def one_request(client: httpx.Client, body: dict) -> dict:
     start = time.perf_counter()
     first = None
     tokens = 0
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+    # include_usage: vLLM reports the token count in a last chunk only when asked (this server
+    # always sends usage in its closing chunk and ignores the option).
+    stream = {"stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json={**body, **stream}) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -168,6 +173,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--policy", default="draft_only")
     ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--dequantize", action="store_true", help="serve GGUF weights dequantised (bf16 matmuls)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
@@ -175,6 +181,9 @@ def main() -> int:
     ap.add_argument("--chat", action="store_true", help="send chat-templated prompts (instruct models)")
     ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm (reference server)")
     ap.add_argument("--vllm-model", default=None, help="the model folder vLLM serves (same weights)")
+    # vLLM's CPU backend reserves this fraction of host memory for its KV cache by default 0.92,
+    # which a machine already holding this project's models cannot give.
+    ap.add_argument("--vllm-args", default="--gpu-memory-utilization 0.3 --max-model-len 4096")
     ap.add_argument("--servers", default="batched,batch1,vllm", help="which servers to run, in order")
     ap.add_argument("--startup-s", type=float, default=900)
     ap.add_argument("--name", default="serving")
@@ -195,7 +204,10 @@ def main() -> int:
              "--policy", args.policy, "--served-model-name", "m", "--max-waiting", "1024"]
     if args.threshold is not None:
         serve += ["--threshold", str(args.threshold)]
-    out = {"run": cpu_run_record(), "policy": args.policy, "dtype": args.dtype, "max_tokens": args.max_tokens,
+    if args.dequantize:
+        serve.append("--dequantize")
+    out = {"run": cpu_run_record(), "policy": args.policy, "dtype": args.dtype, "dequantize": args.dequantize,
+           "max_tokens": args.max_tokens,
            "per_client": args.per_client, "max_batch": args.max_batch, "models": models, "rows": []}
     logs = RESULTS / "serving_logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -210,13 +222,23 @@ def main() -> int:
                 print("vllm: skipped (give --vllm-python and --vllm-model)")
                 continue
             argv = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.vllm_model,
-                    "--dtype", args.dtype, "--served-model-name", "m", "--port", str(port), "--host", "127.0.0.1"]
+                    "--dtype", args.dtype, "--served-model-name", "m", "--port", str(port), "--host", "127.0.0.1",
+                    *args.vllm_args.split()]
             out["vllm_version"] = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
                                                  capture_output=True, text=True).stdout.strip()
         else:
             raise SystemExit(f"unknown server {name!r}: expected batched, batch1 or vllm")
         print(f"starting {name}: {' '.join(argv)}", flush=True)
-        server = Server(argv, port, name, logs / f"{args.name}_{name}.log", args.startup_s)
+        try:
+            # vLLM starts outside this checkout: its own `triton_kernels` package must not be
+            # shadowed by this repository's folder of that name on the working directory's path.
+            server = Server(argv, port, name, logs / f"{args.name}_{name}.log", args.startup_s,
+                            cwd="/" if name == "vllm" else None)
+        except RuntimeError as e:  # recorded as a failed row; the other servers still run
+            out["rows"].append({"server": name, "clients": None, "errors": [str(e)]})
+            write_json(out, RESULTS, f"serving_{args.name}.json")
+            print(f"{name}: {e}", flush=True)
+            continue
         try:
             drive(server.url, bodies[:1], 1, 1)  # warm-up: first-call costs stay out of the figures
             for c in clients:
