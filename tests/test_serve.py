@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -15,6 +14,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from arbitrage_fast import Engine, EngineConfig, SamplingParams  # noqa: E402
 from arbitrage_fast.serve import create_app  # noqa: E402
+from helpers.live_server import serve_on_loopback  # noqa: E402
 from helpers.tiny_models import build_tiny_lm  # noqa: E402
 
 PROMPT = "Janet has 16 eggs."
@@ -144,21 +144,8 @@ def test_health_and_models(client):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(engine, "tiny", policy="rsd", threshold=0.5, max_tokens=24),
-                            host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with serve_on_loopback(create_app(engine, "tiny", policy="rsd", threshold=0.5, max_tokens=24)) as url:
+        yield url
 
 
 def wait_for(predicate, seconds=30.0):

@@ -7,8 +7,6 @@ real uvicorn server on loopback.
 """
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import pytest
@@ -21,6 +19,7 @@ from schemathesis.specs.openapi.checks import status_code_conformance  # noqa: E
 
 from arbitrage_fast import Engine, EngineConfig  # noqa: E402
 from arbitrage_fast.serve import create_app  # noqa: E402
+from helpers.live_server import serve_on_loopback  # noqa: E402
 from helpers.tiny_models import build_tiny_lm  # noqa: E402
 
 EXAMPLES_PER_OPERATION = 60
@@ -32,21 +31,10 @@ def served(tmp_path_factory):
     draft = build_tiny_lm(root / "draft", "llama", hidden=32, layers=1, seed=1, max_positions=64, boundary_bias=4.0)
     target = build_tiny_lm(root / "target", "llama", hidden=48, layers=1, seed=2, max_positions=64, boundary_bias=4.0)
     engine = Engine(EngineConfig(draft=str(draft), target=str(target), kv_pages=64, min_block_size=4))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # A small token cap keeps each generated request cheap; clients may still ask for more.
     app = create_app(engine, "tiny", policy="rsd", threshold=0.5, max_tokens=4, max_body_bytes=4096)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield engine, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_on_loopback(app) as url:
+        yield engine, url
 
 
 def test_no_generated_request_gets_a_5xx_or_leaks_a_page(served):
