@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include "bf16_linear.h"
 #include "block_pool.h"
 #include "gguf_linear.h"
 #include "kv_ops.h"
@@ -17,6 +18,7 @@ TORCH_LIBRARY(arbitrage_fast, m) {
   m.def("copy_pages(Tensor(a!) arena, Tensor src, Tensor dst) -> ()");
   m.def("gguf_linear(Tensor x, Tensor weight, int type, str isa='auto') -> Tensor");
   m.def("gguf_dequantize(Tensor weight, int type, int in_features) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor weight, str isa='auto') -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
@@ -24,6 +26,7 @@ TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
   m.impl("copy_pages", &arbitrage_fast::copy_pages_cpu);
   m.impl("gguf_linear", &arbitrage_fast::gguf_linear_cpu);
   m.impl("gguf_dequantize", &arbitrage_fast::gguf_dequantize_cpu);
+  m.impl("bf16_linear", &arbitrage_fast::bf16_linear_cpu);
 }
 
 // Shape-only tracing (torch.compile's fake tensors): both ops return nothing.
@@ -36,6 +39,7 @@ TORCH_LIBRARY_IMPL(arbitrage_fast, Meta, m) {
   m.impl("copy_pages", &copy_pages_meta);
   m.impl("gguf_linear", &arbitrage_fast::gguf_linear_meta);
   m.impl("gguf_dequantize", &arbitrage_fast::gguf_dequantize_meta);
+  m.impl("bf16_linear", &arbitrage_fast::bf16_linear_meta);
 }
 
 #ifdef ARBITRAGE_FAST_WITH_CUDA

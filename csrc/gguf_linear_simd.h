@@ -199,13 +199,13 @@ AF_TARGET static void dot_q6_k(const uint8_t* w, Rows x, float* out) {
 
 AF_TARGET static Kernels kernels(int64_t type) {
   switch (type) {
-    case Q4_0: return {dot_q4_0<1>, dot_q4_0<4>};
-    case Q4_1: return {dot_q4_1<1>, dot_q4_1<4>};
-    case Q5_0: return {dot_q5_0<1>, dot_q5_0<4>};
-    case Q5_1: return {dot_q5_1<1>, dot_q5_1<4>};
-    case Q8_0: return {dot_q8_0<1>, dot_q8_0<4>};
-    case Q4_K: return {dot_q4_k<1>, dot_q4_k<4>};
-    case Q6_K: return {dot_q6_k<1>, dot_q6_k<4>};
-    default: return {nullptr, nullptr};
+    case Q4_0: return {dot_q4_0<1>, dot_q4_0<4>, dot_q4_0<8>};
+    case Q4_1: return {dot_q4_1<1>, dot_q4_1<4>, dot_q4_1<8>};
+    case Q5_0: return {dot_q5_0<1>, dot_q5_0<4>, dot_q5_0<8>};
+    case Q5_1: return {dot_q5_1<1>, dot_q5_1<4>, dot_q5_1<8>};
+    case Q8_0: return {dot_q8_0<1>, dot_q8_0<4>, dot_q8_0<8>};
+    case Q4_K: return {dot_q4_k<1>, dot_q4_k<4>, dot_q4_k<8>};
+    case Q6_K: return {dot_q6_k<1>, dot_q6_k<4>, dot_q6_k<8>};
+    default: return {nullptr, nullptr, nullptr};
   }
 }

@@ -81,6 +81,23 @@ def test_kernel_matches_twin_on_random_blocks(qtype, path, rows):
     check(x, blocks, qtype, path)
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: gguf_ops.PACKED_TYPES[t])
+def test_a_row_gets_the_same_bits_alone_or_in_any_batch(qtype, path):
+    # Rows go through tiles of 8, 4 and 1; a batched request must see exactly what it would
+    # alone, whichever tile its row lands in.
+    if path not in PATHS:
+        pytest.skip(f"this CPU does not run the {path} path")
+    gen = torch.Generator().manual_seed(3000 + qtype)
+    K = valid_in_features(qtype, 512 // gguf_ops.block_shape(qtype)[0])
+    blocks = random_blocks(qtype, 19, K, gen)
+    x = torch.randn(13, K, generator=gen)
+    op = torch.ops.arbitrage_fast.gguf_linear
+    alone = torch.cat([op(x[i:i + 1], blocks, qtype, path) for i in range(13)])
+    for rows in (4, 8, 9, 13):
+        assert torch.equal(op(x[:rows], blocks, qtype, path), alone[:rows]), rows
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: gguf_ops.PACKED_TYPES[t])
 def test_kernel_approximates_the_unrounded_product(qtype):
     gen = torch.Generator().manual_seed(2000 + qtype)

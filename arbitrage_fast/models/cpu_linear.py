@@ -1,15 +1,25 @@
-"""bf16 linear layers with their weights pre-packed for oneDNN, for batch-1 decode on CPU.
+"""bf16 linear layers on CPU, chosen at load: oneDNN pre-packed, or the engine's own kernel.
 
 `F.linear` on a bf16 CPU tensor re-lays out its weight for oneDNN on every call; for the
 matrix-vector products of decoding that reorder costs more than the product itself (2-4x
-the time of the packed product on a 2-core AVX-512 machine). Packing once at load time
-removes it. The packed product runs the same oneDNN kernel, so its output is bit-identical
-to `F.linear`'s: `pack_linears` checks that on a probe input for every distinct layer shape
-and leaves a layer unpacked when it is not (another CPU, another torch build), so greedy
-outputs stay those of transformers.
+the time of the packed product on a 2-core AVX-512 machine). Where oneDNN runs bf16 natively
+(AVX-512 BW/VL/DQ or AVX-NE-CONVERT), the weight is packed once at load time. The packed
+product runs the same oneDNN kernel, so its output is bit-identical to `F.linear`'s:
+`pack_linears` checks that on a probe input for every distinct layer shape and leaves a layer
+unpacked when it is not (another CPU, another torch build), so greedy outputs stay those of
+transformers.
+
+Where it does not (AVX2-only CPUs), torch's bf16 matmul converts and multiplies row by row:
+a batch of 8 decode rows costs 5-6x one row, so continuous batching gains little. There the
+layers run `torch.ops.arbitrage_fast.bf16_linear` (csrc/bf16_linear.cpp) instead: the weight
+is streamed once for every row of the batch, and each output is a dot product summed in an
+order fixed by K alone, so a row gets the same bits alone, batched or inside a prefill. Its
+sums are not F.linear's: about 1 output in 5,000 differs by one bf16 rounding step, which can
+change a greedy bf16 token where two logits tie within that step (token-exactness against
+transformers is claimed in float32; bf16 is compared with a tolerance).
 
 Only bf16 on CPU: fp32 `F.linear` runs MKL, whose packed variant sums in another order.
-`ARBITRAGE_FAST_PACK_LINEAR=0` turns packing off.
+`ARBITRAGE_FAST_PACK_LINEAR=0` keeps plain `F.linear` (the reference) everywhere.
 """
 from __future__ import annotations
 
@@ -41,10 +51,43 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
 
 
-def packing_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
-    if os.environ.get(ENV, "1") == "0":
+class Bf16Linear(nn.Module):
+    """A bias-optional bf16 linear computed by the engine's CPU kernel (row-invariant sums)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        if not weight.is_contiguous():
+            raise ValueError("Bf16Linear needs a contiguous [out_features, in_features] weight")
+        self.weight, self.bias = weight, bias  # the layer's own parameters (a tie stays a tie)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.arbitrage_fast.bf16_linear(x.reshape(-1, self.in_features), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, row-invariant kernel"
+
+
+def _bf16_on_cpu(device: torch.device | str, dtype: torch.dtype) -> bool:
+    return os.environ.get(ENV, "1") != "0" and torch.device(device).type == "cpu" and dtype == torch.bfloat16
+
+
+def kernel_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """The engine's bf16 kernel runs here, vectorised (AVX2 or better)."""
+    if not _bf16_on_cpu(device, dtype) or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
-    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+    try:
+        from arbitrage_fast import _C  # noqa: F401  (registers the op)
+    except ImportError:
+        return False
+    return hasattr(torch.ops.arbitrage_fast, "bf16_linear")
+
+
+def packing_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
+    if not _bf16_on_cpu(device, dtype):
         return False
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
@@ -73,11 +116,16 @@ def _matches(linear: nn.Linear, packed: PackedLinear) -> bool:
 
 @torch.no_grad()
 def pack_linears(model: nn.Module) -> int:
-    """Replace every bf16 CPU nn.Linear in `model` by a PackedLinear; returns how many.
+    """Replace every bf16 CPU nn.Linear in `model` by a PackedLinear, or by a Bf16Linear where
+    oneDNN has no native bf16; returns how many.
 
-    A tied LM head gets its own packed copy (the embedding keeps the plain weight)."""
-    if not any(packing_supported(p.device, p.dtype) for p in model.parameters()):
-        return 0
+    A tied LM head gets its own packed copy (the embedding keeps the plain weight); the
+    kernel's layer shares the tied weight."""
+    params = list(model.parameters())
+    if not any(packing_supported(p.device, p.dtype) for p in params):
+        if not any(kernel_supported(p.device, p.dtype) for p in params):
+            return 0
+        return _replace_with_kernel(model)
     verdict: dict[tuple, bool] = {}
     n = 0
     for name, module in list(model.named_modules()):
@@ -92,5 +140,15 @@ def pack_linears(model: nn.Module) -> int:
                     log.warning("packed bf16 linear %s differs from F.linear here; left unpacked", key)
             if verdict[key]:
                 setattr(module, child_name, packed)
+                n += 1
+    return n
+
+
+def _replace_with_kernel(model: nn.Module) -> int:
+    n = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and kernel_supported(child.weight.device, child.weight.dtype):
+                setattr(module, child_name, Bf16Linear(child.weight, child.bias))
                 n += 1
     return n

@@ -1,0 +1,109 @@
+"""What a batch of decode rows costs a linear layer on the CPU, per implementation, in one run.
+
+Continuous batching pays off only if a forward over B rows costs far less than B forwards of
+one row: the weight is read once for all of them. This times the layers of a real model's
+shapes for B = 1, 4, 8, 16 rows with each CPU implementation the engine can run:
+
+  torch_bf16   F.linear on bf16 weights (the reference; on CPUs without native bf16 it
+               converts and multiplies row by row)
+  kernel_bf16  torch.ops.arbitrage_fast.bf16_linear (csrc/bf16_linear.cpp)
+  gguf_<type>  torch.ops.arbitrage_fast.gguf_linear on the same shape in a GGUF block format
+
+and reports, per implementation and shape, the time of B rows over the time of one row (the
+batching cost; 1.0 would be free) and each implementation's time over torch_bf16's. Repeats
+are interleaved across implementations (benchmarks/_harness.py), so machine load hits each
+alike. Shapes default to Qwen2.5-0.5B's (hidden 896, MLP 4864, vocabulary 151,936).
+
+    python benchmarks/bench_batched_linear.py [--threads 2] [--rows 1,4,8,16]
+    python benchmarks/bench_batched_linear.py --report results/batched_linear.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from _harness import RESULTS, cpu_run_record, time_variants, write_json  # noqa: E402
+
+SHAPES = {"qkv": (1152, 896), "o": (896, 896), "gate_up": (9728, 896), "down": (896, 4864),
+          "lm_head": (151936, 896)}
+
+
+def implementations(n: int, k: int, gen: torch.Generator) -> dict:
+    """Each implementation as x -> x @ W.T over one [n, k] weight (GGUF blocks are random:
+    the kernels' time does not depend on the values)."""
+    from arbitrage_fast.models import gguf_ops
+
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    impls = {"torch_bf16": lambda x: F.linear(x, w), "kernel_bf16": lambda x: torch.ops.arbitrage_fast.bf16_linear(x, w)}
+    for name in ("Q8_0", "Q4_K"):
+        qtype = int(gguf_ops.QT[name])
+        elems, size = gguf_ops.block_shape(qtype)
+        if k % elems:
+            continue
+        blocks = torch.randint(0, 256, (n, k // elems, size), dtype=torch.uint8, generator=gen)
+        for off in gguf_ops.SCALE_OFFSETS[qtype]:  # finite fp16 scales
+            blocks[:, :, off:off + 2] = torch.full((n, k // elems), 0.01, dtype=torch.float16).view(torch.uint8).reshape(
+                n, k // elems, 2)
+        blocks = blocks.reshape(n, -1)
+        impls[f"gguf_{name}"] = lambda x, b=blocks, q=qtype: gguf_ops.gguf_linear(x, b, q)
+    return impls
+
+
+def run(args) -> dict:
+    import arbitrage_fast._C  # noqa: F401  (registers the ops)
+
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    rows = [int(r) for r in args.rows.split(",")]
+    record = {**cpu_run_record(), "rows": rows, "shapes": {}}
+    for shape, (n, k) in SHAPES.items():
+        impls = implementations(n, k, gen)
+        xs = {b: torch.randn(b, k, generator=gen).to(torch.bfloat16) for b in rows}
+        fns = {f"{name}@{b}": (lambda f=f, x=xs[b]: f(x)) for name, f in impls.items() for b in rows}
+        timings = time_variants(fns, torch.device("cpu"), args.repeats, args.warmup)
+        record["shapes"][shape] = {"n": n, "k": k, "median_s": {key: t.median_s for key, t in timings.items()}}
+        print(render_shape(shape, record["shapes"][shape], rows), flush=True)
+    return record
+
+
+def render_shape(shape: str, entry: dict, rows: list[int]) -> str:
+    med = entry["median_s"]
+    names = sorted({key.split("@")[0] for key in med}, key=lambda s: (s != "torch_bf16", s))
+    lines = [f"{shape} [{entry['n']} x {entry['k']}]: time of B rows / time of 1 row; last column: time at "
+             f"B={rows[-1]} / torch_bf16's",
+             "| implementation | " + " | ".join(f"B={b}" for b in rows) + " | vs torch |",
+             "|---|" + "---|" * (len(rows) + 1)]
+    for name in names:
+        one = med[f"{name}@{rows[0]}"]
+        cells = [f"{med[f'{name}@{b}'] / one:.2f}" for b in rows]
+        vs = med[f"{name}@{rows[-1]}"] / med[f"torch_bf16@{rows[-1]}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {vs:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default="1,4,8,16")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--report", default=None, metavar="JSON", help="print a finished run's tables and exit")
+    args = ap.parse_args()
+    if args.report:
+        record = json.loads(Path(args.report).read_text())
+        print("\n\n".join(render_shape(s, e, record["rows"]) for s, e in record["shapes"].items()))
+        return
+    path = write_json(run(args), RESULTS, "batched_linear.json")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
