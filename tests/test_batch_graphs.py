@@ -26,6 +26,7 @@ from arbitrage_fast.roles import Role
 from arbitrage_fast.runtime.batch_graphs import BUCKETS, DecodeBuckets, bucket_for, is_decode_batch
 from arbitrage_fast.runtime.cuda_graph import ENV, cuda_graphs_enabled
 from arbitrage_fast.runtime.work import ModelWork
+from helpers.decode_batches import prefilled_decode_batch
 from helpers.length_prm import build_policy_pair
 from helpers.tiny_models import build_tiny_lm
 
@@ -42,18 +43,6 @@ def engine(request, tmp_path_factory):
     else:
         draft = target = build_tiny_lm(root / "m", "mistral", hidden=32, layers=2, seed=4, sliding_window=6)
     return Engine(EngineConfig(draft=str(draft), target=str(target), kv_pages=256, min_block_size=4))
-
-
-def _decode_batch(engine: Engine, role: Role, rows: int, seed: int):
-    """`rows` sequences with prompts of different lengths, prefilled, each with room reserved
-    for one decode token: (seq ids, works, starts)."""
-    runner, gen = engine.runners[role], torch.Generator().manual_seed(seed)
-    seqs = [1000 + i for i in range(rows)]
-    for i, seq in enumerate(seqs):
-        engine.cache.add_sequence(seq)
-        runner.forward_one(seq, torch.randint(1, 250, (2 + 3 * i,), generator=gen).tolist())
-    works = [ModelWork(role, seq, [int(t)]) for seq, t in zip(seqs, torch.randint(1, 250, (rows,), generator=gen))]
-    return seqs, works, [runner.reserve(seq, 1) for seq in seqs]
 
 
 def _fill_unowned_pages(engine: Engine, seqs: list[int]) -> None:
@@ -81,7 +70,7 @@ def _slot_marker(engine: Engine, role: Role, works, starts) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [1, 3, 5, 9])
 def test_real_rows_of_a_padded_batch_equal_the_unpadded_batch_and_padding_writes_no_kv(engine, role, rows):
     runner, cache = engine.runners[role], engine.cache
-    seqs, works, starts = _decode_batch(engine, role, rows, seed=rows)
+    seqs, works, starts = prefilled_decode_batch(engine, role, rows, seed=rows)
     real = _slot_marker(engine, role, works, starts)
     _fill_unowned_pages(engine, seqs)
     cache.arena[real] = torch.randn(int(real.sum()))  # the slots the forward fills: nothing reads them first

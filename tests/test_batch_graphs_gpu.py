@@ -17,7 +17,7 @@ from arbitrage_fast import Engine, EngineConfig, SamplingParams
 from arbitrage_fast.roles import Role
 from arbitrage_fast.runtime.batch_graphs import BUCKETS, DecodeBuckets, bucket_for
 from arbitrage_fast.runtime.cuda_graph import ENV
-from arbitrage_fast.runtime.work import ModelWork
+from helpers.decode_batches import prefilled_decode_batch
 from helpers.length_prm import build_policy_pair
 
 pytestmark = pytest.mark.gpu
@@ -45,16 +45,6 @@ def _engine(folders, dtype: str = "float32") -> Engine:
                                kv_pages=512, min_block_size=4, decode_chunk=1))
 
 
-def _decode_batch(engine: Engine, role: Role, rows: int):
-    runner, gen = engine.runners[role], torch.Generator().manual_seed(rows)
-    seqs = [2000 + i for i in range(rows)]
-    for i, seq in enumerate(seqs):
-        engine.cache.add_sequence(seq)
-        runner.forward_one(seq, torch.randint(1, 250, (2 + i % 9,), generator=gen).tolist())
-    works = [ModelWork(role, seq, [int(t)]) for seq, t in zip(seqs, torch.randint(1, 250, (rows,), generator=gen))]
-    return seqs, works, [runner.reserve(seq, 1) for seq in seqs]
-
-
 @pytest.mark.parametrize("role", list(Role))
 def test_each_bucket_replay_equals_the_eager_forward(folders, role, monkeypatch):
     engine = _engine(folders)
@@ -65,7 +55,7 @@ def test_each_bucket_replay_equals_the_eager_forward(folders, role, monkeypatch)
     assert graphed.capturing and not eager_padded.capturing
     for bucket in BUCKETS:
         rows = bucket // 2 + 1  # 1, 2, 3, 5, 9, 17: padded rows in every bucket past the second
-        seqs, works, starts = _decode_batch(engine, role, rows)
+        seqs, works, starts = prefilled_decode_batch(engine, role, rows, seed=rows)
         before = cache.arena.clone()
         hidden, logits = graphed.run(works, starts)
         assert bucket in graphed.captured and bucket_for(rows) == bucket
@@ -95,7 +85,7 @@ def test_each_bucket_replay_equals_the_eager_forward(folders, role, monkeypatch)
 def test_a_replay_overwrites_its_outputs_but_not_what_it_returned(folders):
     engine = _engine(folders)
     runner = engine.draft
-    seqs, works, starts = _decode_batch(engine, Role.DRAFT, 3)
+    seqs, works, starts = prefilled_decode_batch(engine, Role.DRAFT, 3, seed=3)
     first = runner.run(works, starts)
     kept = [o.logits.clone() for o in first]
     starts = [runner.reserve(seq, 1) for seq in seqs]
