@@ -137,6 +137,7 @@ def test_buckets_follow_the_device_and_the_environment(engine, monkeypatch):
     """Off on the CPU unless asked for; on CUDA on unless ARBITRAGE_FAST_CUDA_GRAPHS=0.
     Nothing here touches a GPU: the pool is created at the first capture."""
     assert not engine.draft.buckets.padded and not engine.target.buckets.padded
+    assert engine.graph_buckets() == {"draft": [], "target": []}
     cuda = SimpleNamespace(device=torch.device("cuda"))
     monkeypatch.delenv(ENV, raising=False)
     assert cuda_graphs_enabled(cuda.device) and not cuda_graphs_enabled(torch.device("cpu"))

@@ -101,6 +101,8 @@ def test_a_batched_engine_with_graphs_equals_the_eager_engine(folders, monkeypat
     batched = engine.generate_batch(PROMPTS, policy=POLICIES, threshold=THRESHOLDS, sampling=SP)
     captured = set(engine.draft.buckets.captured) | set(engine.target.buckets.captured)
     assert captured and captured <= set(BUCKETS)
+    assert engine.graph_buckets() == {"draft": list(engine.draft.buckets.captured),
+                                      "target": list(engine.target.buckets.captured)}
     alone = [engine.generate(p, policy=pol, threshold=t, sampling=SP)
              for p, pol, t in zip(PROMPTS, POLICIES, THRESHOLDS)]
     monkeypatch.setenv(ENV, "0")
