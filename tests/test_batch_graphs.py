@@ -24,7 +24,7 @@ import torch
 from arbitrage_fast import Engine, EngineConfig
 from arbitrage_fast.roles import Role
 from arbitrage_fast.runtime.batch_graphs import BUCKETS, DecodeBuckets, bucket_for, is_decode_batch
-from arbitrage_fast.runtime.cuda_graph import ENV, cuda_graphs_enabled
+from arbitrage_fast.runtime.cuda_graph import ENV, GraphPool, cuda_graphs_enabled
 from arbitrage_fast.runtime.work import ModelWork
 from helpers.decode_batches import prefilled_decode_batch
 from helpers.length_prm import build_policy_pair
@@ -150,3 +150,53 @@ def test_buckets_follow_the_device_and_the_environment(engine, monkeypatch):
     assert not off.padded and not off.capturing
     forced = DecodeBuckets(cuda, padded=True)  # padded but eager: what the GPU tests compare against
     assert forced.padded and not forced.capturing
+
+
+class _StandInGraph:
+    """A CUDA graph's contract on the CPU: replay() reruns what was captured into the very
+    tensors the capture returned (the static outputs every replay rewrites)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.outputs = fn()
+
+    def replay(self) -> None:
+        for static, fresh in zip(self.outputs, self.fn()):
+            static.copy_(fresh)
+
+
+def test_the_replay_path_pads_before_capture_and_returns_copies(engine, monkeypatch):
+    """The capture-and-replay branch of DecodeBuckets.run with a stand-in graph: the capture
+    runs on padded rows only (no KV written), the replay on the filled inputs, and what a
+    replay returned survives the next replay of the same bucket."""
+    monkeypatch.setattr(GraphPool, "capture", lambda self, fn, what: (graph := _StandInGraph(fn), graph.outputs))
+    runner, cache = engine.draft, engine.cache
+    seqs, works, starts = prefilled_decode_batch(engine, Role.DRAFT, 3, seed=11)
+    before = cache.arena.clone()
+    replayed = DecodeBuckets(runner, padded=True)
+    replayed.capturing = True  # as on CUDA
+    hidden, logits = replayed.run(works, starts)
+    assert replayed.captured == (4,)
+    after = cache.arena.clone()
+    cache.arena.copy_(before)
+    eager = DecodeBuckets(runner, padded=True).run(works, starts)
+    assert torch.equal(hidden, eager[0]) and torch.equal(logits, eager[1])
+    assert torch.equal(cache.arena, after), "the capture wrote KV, or the replay wrote other slots"
+    kept = logits.clone()
+    replayed.run(works, [runner.reserve(seq, 1) for seq in seqs])  # next position, same bucket
+    assert torch.equal(logits, kept) and dict(replayed.served) == {4: 2}
+    for seq in seqs:
+        cache.free_sequence(seq)
+    assert cache.stats()["used_pages"] == 0
+
+
+def test_a_failed_capture_falls_back_to_eager(engine, monkeypatch):
+    monkeypatch.setattr(GraphPool, "capture", lambda self, fn, what: None)
+    runner = engine.draft
+    seqs, works, starts = prefilled_decode_batch(engine, Role.DRAFT, 2, seed=12)
+    buckets = DecodeBuckets(runner, padded=True)
+    buckets.capturing = True
+    assert buckets.run(works, starts) is None
+    assert not buckets.padded and not buckets.capturing and buckets.captured == ()
+    for seq in seqs:
+        engine.cache.free_sequence(seq)

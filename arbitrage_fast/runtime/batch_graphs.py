@@ -126,11 +126,13 @@ class DecodeBuckets:
         r = self.runner
         tables = r.cache.block_table_tensor([w.seq_id for w in works], r.index)
         inputs = self.static_inputs()
-        if tables.shape[1] > inputs.table_width:  # longer than the model's context: never captured
+        if tables.shape[1] > inputs.table_width:  # a sequence past the model's context
             return None
-        captured = self._graph(bucket) if self.capturing else None
-        if self.capturing and captured is None:  # capture failed: eager from now on
-            return None
+        captured = None
+        if self.capturing:
+            captured = self._graph(bucket)
+            if captured is None:  # the capture failed: eager and unpadded from now on
+                return None
         n = len(works)
         inputs.fill(bucket, [w.tokens[0] for w in works], starts, tables)
         self.served[bucket] += 1
