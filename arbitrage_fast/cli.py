@@ -25,7 +25,10 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
         "--decode-chunk", type=_non_negative_int, default=None, metavar="N",
         help="tokens decoded per host read while writing a step: 1 = every token; N > 1 = chunks of N "
              "(tokens past a step boundary are rolled back); 0 = adaptive, at most 2 host reads a step. "
-             "Default: 0 on a CUDA device (only chunks replay CUDA graphs), 1 elsewhere (on a CPU nothing "
+             "With 1, every request's token shares one batched forward (replayed from a CUDA graph per batch "
+             "bucket on a GPU); N != 1 decodes each request's step by itself. "
+             "Default: 0 on a CUDA device (a step's tokens run with no host read between them), 1 elsewhere "
+             "(on a CPU nothing "
              "is saved by fewer reads and each rolled-back token costs a forward). Where step lengths "
              "vary widely, a small fixed N (4-8) can roll back less than 0.")
     p.add_argument(

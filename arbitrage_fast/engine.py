@@ -179,6 +179,10 @@ class Engine:
         """Rows in the last iteration's forward of each model (0: it did not run)."""
         return {role.label: n for role, n in self.scheduler.last_batch.items()}
 
+    def graph_buckets(self) -> dict[str, list[int]]:
+        """The batch buckets each model's decode forwards replay from CUDA graphs (none on a CPU)."""
+        return {role.label: list(runner.buckets.captured) for role, runner in self.runners.items()}
+
     def kv_stats(self) -> dict:
         return self.cache.stats()
 

@@ -2,8 +2,10 @@
 
 For each shape: prefill `--context` tokens, then decode `--tokens` more, two ways:
 
-  graphs=false  the engine's path: `ModelRunner.forward` once per token over the paged cache
-                (host-side slot/metadata work and every kernel launch included). The token fed
+  graphs=false  the eager runner: `ModelRunner.forward` once per token over the paged cache
+                (host-side slot/metadata work and every kernel launch included), built with
+                `padded_decode=False` (the engine's runners replay a batch-bucket graph for
+                such a forward on CUDA, runtime/batch_graphs.py). The token fed
                 is a fixed id, so the loop never waits for the device; the engine's own loop
                 also reads each sampled token back, which this row leaves out.
   graphs=true   one decode iteration (slot from position, forward, LM head, argmax fed back as
@@ -162,7 +164,7 @@ def bench_shape(name: str, args, device, peak, results: H.ResultFile) -> None:
     model, spec = loaded.model, loaded.spec
     C, N = args.context, args.tokens
     cache = make_cache(spec, C + N + 1, dtype, device)
-    runner = ModelRunner(model, cache, Role.DRAFT)
+    runner = ModelRunner(model, cache, Role.DRAFT, padded_decode=False)  # the eager row and the references
     cache.add_sequence(SEQ)
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, spec.vocab_size, (C,), generator=gen).tolist()

@@ -15,6 +15,7 @@ from arbitrage_fast.policies import POLICY_NAMES
 from arbitrage_fast.request import RequestState
 from arbitrage_fast.roles import Role
 from arbitrage_fast.router.head import RouterConfig, RouterHead
+from arbitrage_fast.runtime.batch_graphs import BUCKETS, DecodeBuckets, is_decode_batch
 from helpers.length_prm import LengthPRM, build_policy_pair
 
 PROMPTS = [
@@ -115,6 +116,38 @@ def test_each_forward_serves_the_whole_batch(folders, monkeypatch):
     assert max(n for r, n in calls if r is Role.TARGET) > 1
     for i in ids:
         engine.forget(i)
+    assert engine.kv_stats()["used_pages"] == 0
+
+
+@pytest.mark.parametrize("buckets, policy", [(BUCKETS, p) for p in POLICY_NAMES] + [((1, 4), "arbitrage")])
+def test_decode_batches_padded_to_graph_buckets_equal_each_prompt_alone(folders, buckets, policy, monkeypatch):
+    """The CUDA-graph bucket path (runtime/batch_graphs.py) run eagerly: every decode-only
+    forward is padded to its bucket and described in the device form a graph replays. With
+    buckets (1, 4), forwards of 5 or 6 decode rows stay eager and unpadded between padded ones."""
+    engine = _engine(folders)
+    decode_forwards = []  # (rows, whether the padded path served it) of each decode-only forward
+    for runner in engine.runners.values():
+        runner.buckets = DecodeBuckets(runner, padded=True, buckets=buckets)
+        original = runner.buckets.run
+
+        def spy(works, starts, _original=original):
+            out = _original(works, starts)
+            if is_decode_batch(works):
+                decode_forwards.append((len(works), out is not None))
+            return out
+
+        monkeypatch.setattr(runner.buckets, "run", spy)
+    prompts, policies, thresholds = _mixed_batch(policy)
+    reference = _alone(_engine(folders), prompts, policies, thresholds)
+    batched = engine.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=SP)
+    for a, b in zip(reference, batched):
+        _same(a, b)
+    assert any(n not in buckets for n, padded in decode_forwards if padded), "no forward was padded"
+    assert all(padded == (n <= buckets[-1]) for n, padded in decode_forwards)
+    if buckets[-1] < 6:
+        assert any(not padded for _, padded in decode_forwards), "no decode forward was past the largest bucket"
+    for runner in engine.runners.values():
+        assert set(runner.buckets.served) <= set(buckets) and runner.buckets.captured == ()
     assert engine.kv_stats()["used_pages"] == 0
 
 

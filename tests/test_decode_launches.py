@@ -151,3 +151,28 @@ def test_a_decode_iteration_makes_no_host_sync_on_the_cuda_path(monkeypatch):
         with counter:
             iteration()
     assert counter.total > 0 and "_local_scalar_dense" not in counter.aten, dict(counter.aten)
+
+
+def test_a_padded_decode_batch_makes_no_host_sync_on_the_cuda_path(monkeypatch):
+    """The scheduler's decode batch as a bucket's graph captures it (runtime/batch_graphs.py:
+    metadata from the static inputs, forward, LM head), padded rows included, reads nothing
+    back to the host."""
+    from types import SimpleNamespace
+
+    from arbitrage_fast.runtime.batch_graphs import DecodeBuckets
+
+    counter = LaunchCounter()
+    _fused_path(monkeypatch, counter)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    model = LlamaDecoder(DecoderSpec.from_hf_config(cfg)).eval()
+    runner = SimpleNamespace(model=model, kv_view=torch.zeros(4, 1, 2, 4, 2, 8), block_size=4, max_len=16,
+                             cache=SimpleNamespace(num_pages=4), device=torch.device("cpu"))
+    with torch.inference_mode():
+        buckets = DecodeBuckets(runner, padded=True)
+        buckets.static_inputs().fill(4, [7, 9, 11], [3, 5, 0], torch.tensor([[1, 0], [2, 3], [0, 0]],
+                                                                              dtype=torch.int32))
+        with counter:
+            hidden, logits = buckets.forward(4)
+    assert hidden.shape == (4, 32) and logits.shape == (4, 64)
+    assert counter.total > 0 and "_local_scalar_dense" not in counter.aten, dict(counter.aten)

@@ -136,6 +136,7 @@ def test_health_and_models(client):
     health = client.get("/health").json()
     assert health["kv"]["used_pages"] == 0 and health["requests"]["waiting"] == 0
     assert health["requests"]["finished"] > 0
+    assert health["graph_buckets"] == {"draft": [], "target": []}  # CUDA graphs only on a GPU
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
 
 

@@ -38,8 +38,10 @@ def default_max_batch(device: str) -> int:
 def default_decode_chunk(device: str) -> int:
     """0 (adaptive chunks) on CUDA, 1 (per token) elsewhere.
 
-    On CUDA only the chunked decoder replays CUDA graphs and keeps the host out of the loop
-    (at most 2 reads a step), which a launch-bound batch-1 decode needs. On the CPU there are
+    On CUDA the chunked decoder keeps the host out of a step's loop (at most 2 reads a step,
+    graph replays between them), which a launch-bound batch-1 decode needs. Per-token decoding
+    batches every request's token into one forward, replayed from a batch-bucket graph, but
+    reads the host once a token; which wins under load is unmeasured. On the CPU there are
     no launches to hide, while every token decoded past a boundary and rolled back costs a
     whole forward, so reading each token is cheapest.
     """

@@ -7,20 +7,20 @@ iteration of every chunk because nothing in it depends on the host: each row's p
 slot and step index come from device counters in the static `DecodeBuffers`, which the
 iteration itself advances.
 
-Capture follows the usual recipe: warm-up runs on a side stream (Triton compiles, cuBLAS
-picks its kernels) with every row inactive, so no KV page is written; then one capture into a
-memory pool shared by all graphs of the runner. Graphs cover greedy decoding only: sampling
+Capture follows the runtime's recipe (cuda_graph.py): warm-up runs on a side stream with
+every row inactive, so no KV page is written; then one capture into a memory pool shared by
+all graphs of the runner. Graphs cover greedy decoding only: sampling
 draws from the request's own `torch.Generator`, and capturing a private generator's state
 is not something every supported torch version does, so sampled steps run the very same
 iteration eagerly (still without host syncs between tokens). On the CPU everything is
 eager: this module is then a thin pass-through, so the logic it replays is tested there.
+The scheduler's batched decode iterations have their own graphs, one per batch bucket
+(batch_graphs.py).
 
 Set ARBITRAGE_FAST_CUDA_GRAPHS=0 to run eagerly on the GPU too (profiling, bisecting).
 """
 from __future__ import annotations
 
-import os
-import warnings
 import weakref
 
 import torch
@@ -29,10 +29,10 @@ from arbitrage_fast.config import SamplingParams
 
 from arbitrage_fast.router.head import FoldedRouter
 
+from .cuda_graph import GraphPool, cuda_graphs_enabled
 from .decode_iteration import DecodeBuffers, DecodeIteration
 
 _GREEDY = SamplingParams()
-_WARMUP_ITERATIONS = 2
 _MIN_CAPACITY = 32
 
 
@@ -67,10 +67,10 @@ class DecodeGraphs:
 
     def __init__(self, runner) -> None:
         self.runner = runner
-        self.enabled = runner.device.type == "cuda" and os.environ.get("ARBITRAGE_FAST_CUDA_GRAPHS", "1") != "0"
+        self.enabled = cuda_graphs_enabled(runner.device)
         self._buffers: dict[int, DecodeBuffers] = {}
         self._graphs: dict[tuple[int, bool, bool], DecodeLoop] = {}
-        self._pool = None
+        self._pool = GraphPool()
 
     @property
     def captured(self) -> list[tuple[int, bool, bool]]:
@@ -109,25 +109,11 @@ class DecodeGraphs:
         b.active.fill_(False)  # warm-up must not write into anyone's KV pages
         b.kv_len.zero_()
         b.step_pos.zero_()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(_WARMUP_ITERATIONS):
-                    iteration()
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.cuda.graph(graph, pool=self._pool):
-                iteration()
-        except RuntimeError as exc:  # e.g. a kernel that syncs; eager is slower, never wrong
-            warnings.warn(f"decode iteration could not be captured as a CUDA graph ({exc}); "
-                          "decoding eagerly", RuntimeWarning, stacklevel=4)
+        captured = self._pool.capture(iteration, "the decode iteration")
+        if captured is None:
             self.enabled = False
-            graph = None
         b.step_pos.zero_()
-        return graph
+        return None if captured is None else captured[0]
 
 
 _PER_RUNNER: "weakref.WeakKeyDictionary[object, DecodeGraphs]" = weakref.WeakKeyDictionary()

@@ -1,7 +1,9 @@
 """Everything that touches the device for one model: KV slots, metadata, forward, logits.
 
 The engine speaks in tokens and sequence ids; the runner turns them into a flat batch over
-the shared arena. One runner per model role.
+the shared arena. One runner per model role. A forward of decode rows only is padded to a
+batch bucket and replayed from a CUDA graph on the GPU (batch_graphs.py); every other forward,
+and every forward on the CPU, runs eagerly as one varlen batch.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from arbitrage_fast.models.llama import LlamaDecoder
 from arbitrage_fast.roles import Role
 
 from .attention_metadata import AttentionMetadata
+from .batch_graphs import DecodeBuckets
 from .work import ModelWork
 
 
@@ -24,7 +27,10 @@ class ForwardOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaDecoder, cache: PagedKVCache, role: Role) -> None:
+    def __init__(self, model: LlamaDecoder, cache: PagedKVCache, role: Role,
+                 padded_decode: bool | None = None) -> None:
+        """padded_decode: whether decode-only forwards take the padded bucket path (None: where
+        CUDA graphs are captured; see DecodeBuckets)."""
         self.model = model
         self.cache = cache
         self.role = role
@@ -34,6 +40,7 @@ class ModelRunner:
         self.block_size = cache.block_size(role)
         self.kv_view = cache.view(role)
         self.max_len = model.spec.max_position_embeddings
+        self.buckets = DecodeBuckets(self, padded=padded_decode)
 
     def kv_len(self, seq_id: int) -> int:
         return self.cache.num_tokens(seq_id, self.index)
@@ -69,6 +76,10 @@ class ModelRunner:
         """One forward over every work item, whose KV room `reserve` made (item i's tokens at
         positions starts[i]...): decode rows and prefill chunks of many sequences in one varlen
         batch, so the weights are read once for all of them. Returns each item's rows."""
+        padded = self.buckets.run(works, starts)
+        if padded is not None:
+            hidden, logits = padded
+            return [ForwardOutput(hidden=h, logits=lg) for h, lg in zip(hidden.split(1), logits.split(1))]
         positions, slots, query_lens, seq_lens, picked = [], [], [], [], []
         offset = 0
         for work, start in zip(works, starts):

@@ -63,7 +63,8 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "kv": engine.kv_stats(), "requests": dict(worker.requests)}
+        return {"status": "ok", "kv": engine.kv_stats(), "requests": dict(worker.requests),
+                "graph_buckets": engine.graph_buckets()}
 
     @app.get("/metrics")
     async def prometheus():
