@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from arbitrage_fast.config import QUANT_FORMATS, QUANT_GROUPS
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="named bundle of models: testbed, qwen2.5-coder")
@@ -17,6 +19,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="dequantise a GGUF's weights at load (the reference path) instead of running its "
                         "quantized blocks packed, the default on CPU")
+    for role in ("draft", "target"):
+        p.add_argument(f"--{role}-quant", default=None, choices=list(QUANT_FORMATS),
+                       help=f"quantize the {role}'s linear layers at load: int8 per output channel, int4 or int3 "
+                            "per group of --quant-group inputs (a GGUF is dequantised first)")
+    p.add_argument("--quant-group", type=int, default=64, choices=list(QUANT_GROUPS),
+                   help="inputs per scale and zero point for int4/int3 (default 64)")
 
 
 def _decoding_args(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# Weight quantization at load (models/group_quant.py holds the formats; kept in step by a test).
+QUANT_FORMATS = ("int8", "int4", "int3")
+QUANT_GROUPS = (32, 64, 128)
+
 # Temperatures below this sample greedily: dividing logits by a denormal temperature overflows
 # to inf and the softmax turns to NaN (vLLM draws the same line).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -61,6 +65,12 @@ class EngineConfig:
     max_batch_tokens: int = 1024
     # GGUF weights: False = kept in their quantized blocks (CPU); True = dequantised at load.
     dequantize: bool = False
+    # Quantize a model's decoder linear layers at load: None (as stored), "int8" (per output
+    # channel), "int4" or "int3" (per group of quant_group inputs: 32, 64 or 128). A GGUF file
+    # is dequantised first and requantized from its float values.
+    draft_quant: str | None = None
+    target_quant: str | None = None
+    quant_group: int = 64
 
     def __post_init__(self) -> None:
         if not self.draft or not self.target:
@@ -85,3 +95,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.dequantize, bool):
             raise ValueError(f"dequantize must be True or False, got {self.dequantize!r}")
+        for name in ("draft_quant", "target_quant"):
+            value = getattr(self, name)
+            if value is not None and value not in QUANT_FORMATS:
+                raise ValueError(f"{name} must be None or one of {list(QUANT_FORMATS)}, got {value!r}")
+        if isinstance(self.quant_group, bool) or self.quant_group not in QUANT_GROUPS:
+            raise ValueError(f"quant_group must be one of {list(QUANT_GROUPS)}, got {self.quant_group!r}")

@@ -21,6 +21,7 @@ import torch
 from .config import EngineConfig, SamplingParams
 from .kv.paged_cache import KVSpec, PagedKVCache
 from .messages import checked_messages, is_conversation, problem_text
+from .models.group_quant import QuantScheme
 from .models.loader import LoadedModel, load_model, resolve_dtype
 from .policies import make_policy
 from .prm.build import build_prm
@@ -44,8 +45,12 @@ class Engine:
         (benchmarks build random-weight models of real shapes without touching disk)."""
         self.config = config
         self.device = torch.device(config.device)
-        draft = draft or load_model(config.draft, config.dtype, self.device, dequantize=config.dequantize)
-        target = target or load_model(config.target, config.dtype, self.device, dequantize=config.dequantize)
+        for role, given, quant in (("draft", draft, config.draft_quant), ("target", target, config.target_quant)):
+            if given is not None and quant is not None:
+                raise ValueError(f"{role}_quant={quant!r} quantizes a model the engine loads; a {role} passed "
+                                 "already loaded is used as it is (quantize it before, or let the engine load it)")
+        draft = draft or self._load(config.draft, config.draft_quant)
+        target = target or self._load(config.target, config.target_quant)
         self.shared_vocab = _shares_vocabulary(draft, target)
         if not self.shared_vocab and config.spec_k > 0:
             raise ModelMismatchError(
@@ -75,6 +80,10 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
+
+    def _load(self, path: str, quant: str | None) -> LoadedModel:
+        scheme = None if quant is None else QuantScheme(quant, self.config.quant_group)
+        return load_model(path, self.config.dtype, self.device, dequantize=self.config.dequantize, quant=scheme)
 
     # ------------------------------------------------------------------ one request
     def generate(self, prompt: "str | list[int] | list[dict]", policy: str = "rsd", threshold: float | None = None,

@@ -39,8 +39,14 @@ def _paged_attention(op):
     return case
 
 
+def _quant_matmul():
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, 8), dtype=torch.int32)  # [N, K / 8] int4 words
+    scales = torch.rand(3, 2).half()
+    return "quant_matmul", "quant_matmul", (torch.randn(2, 64), words, scales, -scales, 4, 32)
+
+
 CASES = [_step_boundary, _router_head, _paged_attention("paged_decode_attention"),
-         _paged_attention("paged_prefill_attention")]
+         _paged_attention("paged_prefill_attention"), _quant_matmul]
 
 
 def _outputs(fn, args):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="inference", router: bool = True,
                  decode_chunk: int | None = None, spec_k: int = 0, dequantize: bool = False,
+                 draft_quant: str | None = None, target_quant: str | None = None, quant_group: int = 64,
                  max_batch: int | None = None):
     """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
     decode_chunk None picks by device (`default_decode_chunk`); max_batch None keeps the
@@ -19,12 +20,30 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
     batching = {} if max_batch is None else {"max_batch": max_batch}
     return Engine(EngineConfig(draft=preset.draft, target=preset.target, device=device,
                                dtype=dtype or preset.dtype, prm=chosen, router=preset.router if router else None,
-                               decode_chunk=decode_chunk, spec_k=spec_k, dequantize=dequantize, **batching))
+                               decode_chunk=decode_chunk, spec_k=spec_k, dequantize=dequantize,
+                               draft_quant=draft_quant, target_quant=target_quant, quant_group=quant_group,
+                               **batching))
 
 
 def decoding_options(args) -> dict:
-    """The `--decode-chunk` / `--spec-k` / `--dequantize` flags as `build_engine` keywords."""
-    return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k, "dequantize": getattr(args, "dequantize", False)}
+    """The `--decode-chunk` / `--spec-k` flags and `load_options` as `build_engine` keywords."""
+    return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k, **load_options(args)}
+
+
+def load_options(args) -> dict:
+    """How the models load: `--dequantize`, `--draft-quant`, `--target-quant`, `--quant-group`."""
+    return {"dequantize": getattr(args, "dequantize", False), "draft_quant": getattr(args, "draft_quant", None),
+            "target_quant": getattr(args, "target_quant", None), "quant_group": getattr(args, "quant_group", 64)}
+
+
+def quant_info(args) -> dict:
+    """The quantization flags that change a model's answers, for keys of stored results; empty
+    without quantization, so files written before these flags existed still match."""
+    opts = load_options(args)
+    info = {k: opts[k] for k in ("draft_quant", "target_quant") if opts[k]}
+    if any(opts[k] in ("int4", "int3") for k in info):
+        info["quant_group"] = opts["quant_group"]
+    return info
 
 
 def default_max_batch(device: str) -> int:

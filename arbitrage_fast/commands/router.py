@@ -8,14 +8,15 @@ import torch
 
 from arbitrage_fast.config import SamplingParams
 
-from .common import build_engine, write_json
+from .common import build_engine, load_options, quant_info, write_json
 
 
 def _labels(preset, args, split: str, n: int, seed: int):
     from arbitrage_fast.eval.datasets import load_dataset
     from arbitrage_fast.router.data import label_problems
 
-    engine = build_engine(preset, args.device, args.dtype, prm="label", router=False, max_batch=args.batch)
+    engine = build_engine(preset, args.device, args.dtype, prm="label", router=False, max_batch=args.batch,
+                          **load_options(args))
     items = load_dataset(preset.dataset, n=n, split=split, seed=seed, instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
     cache = _label_cache(preset, args)
@@ -32,7 +33,8 @@ def _label_cache(preset, args):
     return LabelCache(args.label_cache, {
         "draft": preset.draft, "target": preset.target, "label_prm": str(preset.label_prm or "target-likelihood"),
         "dataset": preset.dataset, "instruction": preset.instruction, "chat": preset.chat,
-        "max_new_tokens": args.max_new_tokens, "dtype": args.dtype or preset.dtype, "device": args.device})
+        "max_new_tokens": args.max_new_tokens, "dtype": args.dtype or preset.dtype, "device": args.device,
+        **quant_info(args)})
 
 
 def train(preset, args) -> dict:

@@ -5,7 +5,7 @@ from arbitrage_fast.config import SamplingParams
 
 from arbitrage_fast.prm.build import build_prm
 
-from .common import build_engine, decoding_options, write_json
+from .common import build_engine, decoding_options, quant_info, write_json
 
 DEFAULT_THRESHOLDS = {
     "rsd": [0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.01],
@@ -63,7 +63,7 @@ def run(preset, args) -> int:
                 "inference_prm": str(preset.prm), "audit_prm": str(preset.label_prm),
                 "dataset": args.dataset or preset.dataset, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "dtype": args.dtype or preset.dtype,
-                "instruction": preset.instruction}
+                "instruction": preset.instruction, **quant_info(args)}
     if args.spec_k:  # changes latency, not greedy answers; absent means 0, so older files still resume
         run_info["spec_k"] = args.spec_k
     planned = len(items)

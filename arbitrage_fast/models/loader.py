@@ -4,6 +4,8 @@ Two layouts: a Hugging Face folder (config.json + *.safetensors, sharded or not)
 safetensors (never unpickling), or a GGUF file. On CPU a GGUF's quantized weights stay in
 their stored blocks (`gguf_packed`, the default); `dequantize=True`, or another device,
 dequantises every tensor through transformers' GGUF support instead (the reference path).
+`quant` quantizes the decoder's linear layers at load (`quantize_on_load`); a GGUF file is
+then dequantised first, so its blocks are requantized from their float values.
 Tokenizer and chat template always come from transformers.
 """
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 
 from .architecture import DecoderSpec, UnsupportedArchitectureError
 from .cpu_linear import pack_linears
+from .group_quant import QuantizationError, QuantScheme
 from .llama import LlamaDecoder
+from .quantize_on_load import quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +50,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               *, dequantize: bool = False) -> LoadedModel:
+               *, dequantize: bool = False, quant: QuantScheme | None = None) -> LoadedModel:
     path = Path(path).expanduser()
     torch_dtype = resolve_dtype(dtype)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     is_gguf = path.is_file() and path.suffix == ".gguf"
-    if is_gguf and not dequantize:
+    if is_gguf and not dequantize and quant is None:
         if torch.device(device).type == "cpu":
             return _load_gguf_packed(path, torch_dtype)
         log.warning("%s: packed GGUF weights run on CPU only; dequantising for %s", path.name, device)
@@ -66,7 +70,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         spec = DecoderSpec.from_hf_config(hf_config)
     except UnsupportedArchitectureError as e:
         raise UnsupportedArchitectureError(f"{path}: {e}") from None
-    model = _build(spec, tensors, torch_dtype, device, path)
+    model = _build(spec, tensors, torch_dtype, device, path, quant)
     return LoadedModel(model=model, spec=spec, tokenizer=tokenizer, hf_config=hf_config, path=str(path))
 
 
@@ -213,7 +217,8 @@ def _convert(spec: DecoderSpec, tensors: dict[str, torch.Tensor], path: Path) ->
     return out
 
 
-def _build(spec: DecoderSpec, tensors, torch_dtype, device, path: Path) -> LlamaDecoder:
+def _build(spec: DecoderSpec, tensors, torch_dtype, device, path: Path,
+           quant: QuantScheme | None = None) -> LlamaDecoder:
     weights = _convert(spec, tensors, path)
     with torch.device("meta"):
         model = LlamaDecoder(spec)
@@ -229,5 +234,10 @@ def _build(spec: DecoderSpec, tensors, torch_dtype, device, path: Path) -> Llama
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.inv_freq = spec.inv_freq.to(device)
     model = model.eval().requires_grad_(False)
+    if quant is not None:
+        try:
+            quantize_linears(model, quant)  # before packing: it replaces the plain nn.Linear layers
+        except QuantizationError as e:
+            raise CheckpointError(f"{path}: cannot quantize to {quant.name}: {e}") from None
     pack_linears(model)  # bf16 on CPU: weights pre-packed for oneDNN, bit-identical output
     return model
