@@ -11,6 +11,25 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes only lose to OpenMP hand-offs, which stall for long on a small, busy machine."""
+    yield from _threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Kernels whose threading is under test (at::parallel_for splits) need more than one thread."""
+    yield from _threads(2)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")

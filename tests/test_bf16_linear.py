@@ -18,12 +18,7 @@ HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="the vector path needs AVX2/FMA")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(rows: int, n: int, k: int, seed: int, dtype=torch.bfloat16):

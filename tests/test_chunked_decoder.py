@@ -35,13 +35,7 @@ SHORT_PROMPT = "Let x be the number"  # llama: steps hit the cap; qwen2: ends on
 SP = SamplingParams(max_new_tokens=40, max_step_tokens=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forwards only lose to OpenMP hand-offs on a small, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _engines(draft, target, router=None, **config) -> dict[int, Engine]:

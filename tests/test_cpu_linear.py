@@ -11,13 +11,7 @@ from arbitrage_fast.models.cpu_linear import PackedLinear, pack, pack_linears, p
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes only lose to OpenMP hand-offs, which stall for long on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 needs_packing = pytest.mark.skipif(not packing_supported("cpu", torch.bfloat16),

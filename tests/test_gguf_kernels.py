@@ -27,12 +27,7 @@ ALL_PATHS = ["avx512_vnni", "avx2", "scalar"]  # every compiled path, reported a
 U = 2.0 ** -24
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def rounding_bound(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
