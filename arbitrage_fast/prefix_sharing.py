@@ -8,6 +8,9 @@ up on; this module answers from the running requests:
 * what another request has *computed* in that model, checked token by token: its committed
   tokens up to its KV length. KV past the committed context (a step in progress) is never
   offered, since nothing records which ids it holds;
+* in whole pages only, as vLLM's prefix cache does: a shared stretch shorter than a page
+  (two prompts that merely start with the same BOS token) is not worth a wait, and a whole
+  page is never written again by either request, so sharing never costs a page copy;
 * what another request is computing right now: the work it waits on in that model (a prefill
   perhaps split over iterations) will leave its KV holding a longer shared prefix. Then the
   asker waits for it rather than computing the same tokens beside it, which is how identical
@@ -41,20 +44,22 @@ def plan_share(ask: SharePrefix, asker: Request, running: Iterable[Request], cac
     """The best prefix of `ask.context` to take over now, or a wait. `fed` holds the tokens each
     request's current work has fed so far in earlier iterations (chunked prefill)."""
     own = cache.num_tokens(ask.seq_id, ask.role)
+    page = cache.block_size(ask.role)
+    whole = lambda n: n - n % page  # noqa: E731
     best_now, donor, best_soon = own, None, own
     for other in running:
         if other is asker:
             continue
-        shared = common_prefix_len(ask.context, other.seq.tokens(ask.role))
+        shared = whole(common_prefix_len(ask.context, other.seq.tokens(ask.role)))
         if shared <= own:
             continue
         kv = cache.num_tokens(other.seq.seq_id, ask.role)
-        if min(shared, kv) > best_now:
-            best_now, donor = min(shared, kv), other
+        if whole(min(shared, kv)) > best_now:
+            best_now, donor = whole(min(shared, kv)), other
         work = other.pending
         if isinstance(work, ModelWork) and work.role == ask.role:
             start = kv - fed.get(other.request_id, 0)  # where its work's first token lands
-            best_soon = max(best_soon, min(shared, start + len(work.tokens)))
+            best_soon = max(best_soon, whole(min(shared, start + len(work.tokens))))
     if best_soon > best_now:
         return SharePlan(None, 0, wait=True)
     return SharePlan(donor, best_now, wait=False)

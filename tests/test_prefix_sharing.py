@@ -60,6 +60,7 @@ class FedCounter:
 
     def __init__(self, engine: Engine, monkeypatch) -> None:
         self.fed: dict[Role, list[tuple[int, int]]] = {Role.DRAFT: [], Role.TARGET: []}
+        self.page = {m: engine.cache.block_size(m) for m in Role}
         for role, runner in engine.runners.items():
             monkeypatch.setattr(runner, "run", self._wrap(runner.run, role))
 
@@ -78,10 +79,26 @@ class FedCounter:
         return {seq for seq, _ in self.fed[role]}
 
 
-def distinct_prefixes(prompts: list[list[int]]) -> int:
-    """Tokens to compute if every shared leading run of tokens is computed once (the size of
-    the prompts' trie, each prompt without its last token)."""
-    return len({tuple(p[:j + 1]) for p in prompts for j in range(len(p) - 1)})
+def computed_once(prompts: list[list[int]], page: int) -> int:
+    """Prompt tokens (each prompt without its last one) left to compute when every whole page of
+    leading tokens that prompts share is computed once: a position counts once per distinct
+    run of tokens up to the end of its page when that page lies wholly before the prompt's last
+    token, else once per prompt. Exact for prompts none of which is a prefix of another."""
+    pages, single = set(), 0
+    for p in prompts:
+        for j in range(len(p) - 1):
+            end = j - j % page + page
+            if end <= len(p) - 1:
+                pages.add((tuple(p[:end]), j))
+            else:
+                single += 1
+    return len(pages) + single
+
+
+def _shared(engine, prompt_len: int) -> dict[Role, int]:
+    """Tokens a copy of a running request's prompt takes over in each model: whole pages only."""
+    n = prompt_len - 1  # the last prompt token is always fed
+    return {m: n - n % engine.cache.block_size(m) for m in Role}
 
 
 def _run(engine, requests) -> tuple[list, dict[int, list[int]]]:
@@ -107,7 +124,7 @@ def _alone(engine, requests) -> list:
 def _check_computed_once(counter: FedCounter, prompts: dict[int, list[int]]) -> None:
     for role in Role:
         ran = counter.ran(role)
-        expected = distinct_prefixes([p for seq, p in prompts.items() if seq in ran])
+        expected = computed_once([p for seq, p in prompts.items() if seq in ran], counter.page[role])
         assert counter.prompt_tokens_computed(role, prompts) == expected, f"{role.label} recomputed a shared prefix"
 
 
@@ -120,11 +137,11 @@ def test_one_prompt_under_every_policy_prefills_once_and_equals_each_alone(engin
     for a, b in zip(alone, batched):
         _same(a, b)
     _check_computed_once(counter, prompts)
-    plen = len(next(iter(prompts.values())))
+    shared = _shared(engine, len(next(iter(prompts.values()))))
     # target_only and draft_only, admitted first, computed the prompt in the target and the
-    # draft; every later request took over all of it but its last token.
-    assert POLICY_NAMES[:2] == ("target_only", "draft_only")
-    assert [r.stats["cached_prompt_tokens"] for r in batched] == [0, 0] + [plen - 1] * (len(requests) - 2)
+    # draft; every later request took over its whole pages but the last token's.
+    assert POLICY_NAMES[:2] == ("target_only", "draft_only") and shared[Role.DRAFT] == shared[Role.TARGET] > 0
+    assert [r.stats["cached_prompt_tokens"] for r in batched] == [0, 0] + [shared[Role.DRAFT]] * (len(requests) - 2)
     assert all(a.stats["cached_prompt_tokens"] == 0 for a in alone)
     assert engine.kv_stats()["used_pages"] == 0
 
@@ -150,9 +167,10 @@ def test_generate_batch_of_repeated_prompts_reports_cached_tokens(folders, monke
     for b in batched:
         _same(alone, b)
     plen = len(engine.tokenizer(PROMPT)["input_ids"])
-    for role in Role:  # one request computed the prompt; three fed only its last token
-        assert sum(1 for _, pos in counter.fed[role] if pos < plen) == plen + 3
-    assert [b.stats["cached_prompt_tokens"] for b in batched] == [0, plen - 1, plen - 1, plen - 1]
+    shared = _shared(engine, plen)
+    for role in Role:  # one request computed the prompt; three computed only what follows its whole pages
+        assert sum(1 for _, pos in counter.fed[role] if pos < plen) == plen + 3 * (plen - shared[role])
+    assert [b.stats["cached_prompt_tokens"] for b in batched] == [0] + [max(shared.values())] * 3
     for b in batched:  # what a copy computes plus what it took over is what it computed alone
         for role in ("draft", "target"):
             assert (b.stats[f"{role}_prefill_tokens"] + b.stats[f"{role}_cached_tokens"]
@@ -250,6 +268,22 @@ def test_preempting_requests_that_share_pages_changes_nothing(folders, monkeypat
     assert tight.kv_stats()["used_pages"] == 0
 
 
+@pytest.mark.gpu
+def test_on_the_gpu_with_graph_decoding_copies_equal_each_alone(folders, monkeypatch):
+    """Copy-on-write through the CUDA page copy, and steps decoded by the chunked graph loop."""
+    draft, target, router = folders
+    engine = Engine(EngineConfig(draft=str(draft), target=str(target), router=str(router), device="cuda",
+                                 kv_pages=256, min_block_size=4, decode_chunk=0))
+    requests = [(PROMPT, pol, THRESHOLDS.get(pol), SP) for pol in POLICY_NAMES]
+    alone = _alone(engine, requests)
+    counter = FedCounter(engine, monkeypatch)
+    batched, prompts = _run(engine, requests)
+    for a, b in zip(alone, batched):
+        _same(a, b)
+    _check_computed_once(counter, prompts)
+    assert engine.kv_stats()["used_pages"] == 0
+
+
 # ---------------------------------------------------------------------- random prompt sets and pools
 def test_common_prefix_len_against_a_loop():
     @given(st.lists(st.integers(0, 3), max_size=40), st.lists(st.integers(0, 3), max_size=40))
@@ -262,8 +296,8 @@ def test_common_prefix_len_against_a_loop():
     check()
 
 
-_BASE = st.lists(st.integers(3, 250), min_size=2, max_size=24)
-_REQUEST = st.tuples(st.integers(0, 30), st.lists(st.integers(3, 250), max_size=6), st.sampled_from(POLICY_NAMES),
+_BASE = st.lists(st.integers(3, 250), min_size=4, max_size=40)
+_REQUEST = st.tuples(st.integers(0, 45), st.lists(st.integers(3, 250), max_size=6), st.sampled_from(POLICY_NAMES),
                      st.sampled_from([None, 0, 1]))
 
 
