@@ -18,9 +18,10 @@ even alone fails with `KVCacheExhausted` naming the sizes. Every way out of the 
 (finish, failure, abort, preemption) frees the request's pages.
 
 Prefix sharing: before a flow catches up in a model it asks to share (`SharePrefix`), and
-the scheduler hands it the pages of the longest prefix of its context another running
+the scheduler hands it the whole pages of the longest prefix of its context another running
 request has computed in that model (prefix_sharing.py), so n samples of one prompt, or one
-problem under several policies, prefill the prompt once per model. When another request is
+problem under several policies, prefill the prompt once per model (but for the tail of its
+last page, which each request computes). When another request is
 computing that prefix right now (its prefill is queued or split over iterations), the asker
 waits: its flow stays parked on the question, holds no work in any forward, and asks again
 at the start of each iteration until the prefix is computed, or the other request leaves
