@@ -7,8 +7,6 @@ token, which every request feeds itself (its logits start the request's first st
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
