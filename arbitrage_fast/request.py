@@ -35,7 +35,12 @@ class RequestStats:
     decoders' share. Not counted: a PRM model's own reads inside `prm.score`, and the
     per-proposal reads of speculative verification (one read per proposal and per verify).
     draft_s / target_s add up the forwards the request took part in (a batched forward counts
-    whole for each of its requests: it is the time each of them waited for it)."""
+    whole for each of its requests: it is the time each of them waited for it).
+    draft_cached_tokens / target_cached_tokens: context tokens whose KV the request took over
+    from another request instead of computing (they are not in the *_prefill_tokens);
+    cached_prompt_tokens: the most prompt tokens one of its models took over that way in one go
+    (all but the last for a copy of a running request's prompt), reported as vLLM reports
+    `prompt_tokens_details.cached_tokens`."""
 
     steps: int = 0
     escalations: int = 0
@@ -43,6 +48,9 @@ class RequestStats:
     target_tokens: int = 0
     draft_prefill_tokens: int = 0
     target_prefill_tokens: int = 0
+    draft_cached_tokens: int = 0
+    target_cached_tokens: int = 0
+    cached_prompt_tokens: int = 0
     host_syncs: int = 0
     decode_host_syncs: int = 0
     rolled_back_tokens: int = 0
@@ -63,6 +71,14 @@ class RequestStats:
     def add_prefill(self, role: Role, n: int) -> None:
         name = f"{role.label}_prefill_tokens"
         setattr(self, name, getattr(self, name) + n)
+
+    def add_cached(self, role: Role, n: int, prompt: int) -> None:
+        """n more tokens of `role`'s context taken over, `prompt` of them in the prompt. The
+        largest such take-over counts, not the sum: a request preempted and resumed may take
+        its prompt over again, and each model takes over the same prompt."""
+        name = f"{role.label}_cached_tokens"
+        setattr(self, name, getattr(self, name) + n)
+        self.cached_prompt_tokens = max(self.cached_prompt_tokens, prompt)
 
     def add_seconds(self, role: Role, s: float) -> None:
         name = f"{role.label}_s"

@@ -9,7 +9,8 @@ on the host, for this request alone; the scheduler batches the forwards of all r
 
 KV bookkeeping follows one invariant: after a commit each model has seen at most the
 committed context minus its last token, and catches up on the rest in ONE prefill when it
-next writes or scores.
+next writes or scores. Before that prefill the flow asks to share another request's KV of
+the same leading tokens (`SharePrefix`), so a prompt many requests share is computed once.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .runtime.chunked_decoder import decode_step_chunked
 from .runtime.model_runner import ForwardOutput
 from .runtime.speculative import speculative_step
 from .runtime.step_decoder import DecodedStep, StopRule, decode_step_flow
-from .runtime.work import ModelWork
+from .runtime.work import ModelWork, share_prefix
 from .sequence import Step
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ class _LocalSource:
         if not step_ids:  # the draft step is empty text in the target's vocabulary
             return 0.0
         n = len(step_ids)
+        yield from share_prefix(eng.cache, seq.seq_id, T, seq.tokens(T))
         seen = eng.cache.num_tokens(seq.seq_id, T)
         self.stats.add_prefill(T, len(seq.tokens(T)) - seen + n - 1)
         out = yield ModelWork(T, seq.seq_id, seq.tokens(T)[seen:] + step_ids[:-1], rows="all")
@@ -166,6 +168,7 @@ class _LocalSource:
         logits that start the step), then decode the step."""
         eng, seq, req = self.eng, self.seq, self.req
         if first is None:
+            yield from share_prefix(eng.cache, seq.seq_id, role, seq.tokens(role))
             seen = eng.cache.num_tokens(seq.seq_id, role)
             self.stats.add_prefill(role, len(seq.tokens(role)) - seen)
             first = yield ModelWork(role, seq.seq_id, seq.tokens(role)[seen:])

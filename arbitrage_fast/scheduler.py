@@ -16,6 +16,21 @@ running request is preempted (pages freed, committed steps kept, recomputed on r
 never an older one, so the oldest request always progresses; a request that does not fit
 even alone fails with `KVCacheExhausted` naming the sizes. Every way out of the running set
 (finish, failure, abort, preemption) frees the request's pages.
+
+Prefix sharing: before a flow catches up in a model it asks to share (`SharePrefix`), and
+the scheduler hands it the whole pages of the longest prefix of its context another running
+request has computed in that model (prefix_sharing.py), so n samples of one prompt, or one
+problem under several policies, prefill the prompt once per model (but for the tail of its
+last page, which each request computes). When another request is
+computing that prefix right now (its prefill is queued or split over iterations), the asker
+waits: its flow stays parked on the question, holds no work in any forward, and asks again
+at the start of each iteration until the prefix is computed, or the other request leaves
+(preempted, ended, aborted) and it computes the prefix itself. Sharing is decided per model
+at the moment of catch-up rather than at admission, because a policy prefills the target
+lazily (RSD: after the first draft step), long after both requests drafted. Admission still
+counts each request's whole context in pages (a shared prefix is not discounted), and pages
+are copy-on-write and reference counted in the pool, so whatever one request does to its KV
+(rollback, preemption, end) the other's is untouched.
 """
 from __future__ import annotations
 
@@ -27,11 +42,12 @@ import torch
 
 from . import nvtx
 from .kv import KVCacheExhausted
+from .prefix_sharing import plan_share
 from .request import Request, RequestState
 from .request_flow import request_flow
 from .roles import Role
 from .runtime.model_runner import ForwardOutput
-from .runtime.work import ModelWork
+from .runtime.work import ModelWork, SharePrefix
 from .sequence import Step
 
 if TYPE_CHECKING:
@@ -71,6 +87,7 @@ class Scheduler:
         """Run one iteration; returns the requests that committed a step or ended in it."""
         touched: set[Request] = set()
         with nvtx.range("admit"):
+            self._resume_sharing(touched)
             self._admit(touched)
         for role in Role:
             batch = self._reserve(role, self._collect(role), touched)
@@ -81,11 +98,15 @@ class Scheduler:
             with nvtx.range(f"{role.label}.forward[{len(batch)}]"):
                 outs = self.eng.runners[role].run([w for _, w, _ in batch], [s for _, _, s in batch])
             dt = time.perf_counter() - t
+            done = []
             for (req, work, _), out in zip(batch, outs):
                 req.stats.add_seconds(role, dt)
                 whole = self._gather(req, work, out)
                 if whole is not None:
-                    self._advance(req, whole, touched)
+                    req.pending = None  # computed: no longer a prefill others could wait for
+                    done.append((req, whole))
+            for req, whole in done:
+                self._advance(req, whole, touched)
         return touched
 
     def _admit(self, touched: set[Request]) -> None:
@@ -108,7 +129,7 @@ class Scheduler:
         """This role's work within the iteration's token budget: every decode row first (a
         token each, so prefills never stall decoding), then prefills oldest first, the last one
         that fits cut to what is left (chunked prefill)."""
-        waiting_on = [r for r in self.running if r.pending is not None and r.pending.role == role]
+        waiting_on = [r for r in self.running if isinstance(r.pending, ModelWork) and r.pending.role == role]
         left = lambda r: len(r.pending.tokens) - self._fed.get(r.request_id, 0)  # noqa: E731
         picked, budget = [], self.max_batch_tokens
         for req in sorted(waiting_on, key=lambda r: left(r) > 1):  # stable: oldest first within each kind
@@ -157,12 +178,16 @@ class Scheduler:
         return ForwardOutput(hidden=torch.cat([p.hidden for p in parts]), logits=torch.cat([p.logits for p in parts]))
 
     def _advance(self, req: Request, value, touched: set[Request]) -> None:
-        """Run the request's flow on to its next model work, collecting committed steps."""
+        """Run the request's flow on to its next model work (or a prefix it must wait for),
+        collecting committed steps."""
         try:
             with nvtx.range("request_flow"):  # sampling, decisions, commits (and chunked decoding on GPU)
                 item = req.flow.send(value)
-                while isinstance(item, Step):
-                    touched.add(req)
+                while not isinstance(item, ModelWork):
+                    if isinstance(item, Step):
+                        touched.add(req)
+                    elif not self._share(req, item):
+                        break  # parked on the question until the prefix is computed
                     item = next(req.flow)
             req.pending = item
         except StopIteration as done:
@@ -174,6 +199,28 @@ class Scheduler:
                 self._fail(req, KVCacheExhausted(f"{self._too_large(req)} ({e})"), touched)
         except Exception as e:  # noqa: BLE001 - the request fails; the engine and other requests go on
             self._fail(req, e, touched)
+
+    # ------------------------------------------------------------------ prefix sharing
+    def _share(self, req: Request, ask: SharePrefix) -> bool:
+        """Give the request the longest computed prefix another one holds; False: wait, one is
+        being computed."""
+        plan = plan_share(ask, req, self.running, self.eng.cache, self._fed)
+        if plan.wait:
+            return False
+        if plan.donor is not None:
+            cache = self.eng.cache
+            own = cache.num_tokens(ask.seq_id, ask.role)
+            cache.share_prefix(plan.donor.seq.seq_id, ask.seq_id, ask.role, plan.length)
+            prompt = req.seq.prompt_len[ask.role]
+            req.stats.add_cached(ask.role, plan.length - own, max(0, min(plan.length, prompt) - own))
+        return True
+
+    def _resume_sharing(self, touched: set[Request]) -> None:
+        """Ask again for every flow parked on a prefix, oldest first (last iteration's forwards
+        may have computed it)."""
+        for req in [r for r in self.running if isinstance(r.pending, SharePrefix)]:
+            if req.state is RequestState.RUNNING and self._share(req, req.pending):
+                self._advance(req, None, touched)
 
     # ------------------------------------------------------------------ leaving the batch
     def _leave(self, req: Request) -> None:

@@ -89,6 +89,8 @@ PYBIND11_MODULE(_C, m) {
       .def("truncate", &BlockPool::truncate, py::arg("seq_id"), py::arg("model"),
            py::arg("num_tokens"))
       .def("fork", &BlockPool::fork, py::arg("src_seq"), py::arg("dst_seq"))
+      .def("share_prefix", &BlockPool::share_prefix, py::arg("src_seq"), py::arg("dst_seq"),
+           py::arg("model"), py::arg("num_tokens"))
       .def("can_allocate", &BlockPool::can_allocate, py::arg("num_pages"))
       .def("refcount", &BlockPool::refcount, py::arg("page"))
       .def("free_list", &BlockPool::free_list)

@@ -190,6 +190,29 @@ void BlockPool::fork(int64_t src_seq, int64_t dst_seq) {
   sequences_.emplace(dst_seq, std::move(copy));
 }
 
+void BlockPool::share_prefix(int64_t src_seq, int64_t dst_seq, int64_t model,
+                             int64_t num_tokens) {
+  check_model(model);
+  if (src_seq == dst_seq) {
+    throw std::invalid_argument("cannot share a prefix of " + seq_name(src_seq) + " with itself");
+  }
+  const Table& src = lookup(src_seq)[model];
+  Table& dst = lookup(dst_seq)[model];
+  if (num_tokens < 0 || num_tokens > src.num_tokens) {
+    throw std::invalid_argument("share " + std::to_string(num_tokens) + " tokens of " +
+                                seq_name(src_seq) + " model " + std::to_string(model) +
+                                ": must be in [0, " + std::to_string(src.num_tokens) + "]");
+  }
+  const auto keep = static_cast<size_t>(ceil_div(num_tokens, block_sizes_[model]));
+  std::vector<PageId> pages(src.pages.begin(), src.pages.begin() + keep);
+  // Take the new references before dropping dst's old ones: a page both tables hold must
+  // never pass through refcount 0 (it would land on the free list while still in use).
+  for (PageId page : pages) ++refcount_[page];
+  release_tail(dst, 0);
+  dst.pages = std::move(pages);
+  dst.num_tokens = num_tokens;
+}
+
 bool BlockPool::can_allocate(int64_t num_pages) const {
   if (num_pages < 0) {
     throw std::invalid_argument("can_allocate needs a page count >= 0, got " +

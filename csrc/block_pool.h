@@ -65,6 +65,11 @@ class BlockPool {
   std::vector<CopyPair> extend(int64_t seq_id, int64_t model, int64_t new_num_tokens);
   void truncate(int64_t seq_id, int64_t model, int64_t num_tokens);
   void fork(int64_t src_seq, int64_t dst_seq);
+  // dst's table for `model` becomes src's first num_tokens positions: the pages are shared
+  // (copy-on-write on the next extend of either), dst's own pages for that model released.
+  // One model at a time, so a request can take over another's prompt in the target long
+  // after both computed their own drafts.
+  void share_prefix(int64_t src_seq, int64_t dst_seq, int64_t model, int64_t num_tokens);
 
   bool can_allocate(int64_t num_pages) const;
   int64_t refcount(int64_t page) const;

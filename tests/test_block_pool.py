@@ -118,6 +118,12 @@ class PoolMachine(RuleBasedStateMachine):
     def fork(self, pick, stray, dst):
         self.both("fork", self.seq(pick, stray), dst % 8)
 
+    @rule(pick=PICK, stray=STRAY, dst=PICK, m=PICK, drop=st.integers(-1, 12))
+    def share_prefix(self, pick, stray, dst, m, drop):
+        src, model = self.seq(pick, stray), self.model_index(m, stray)
+        tokens = self.tokens(src, model)
+        self.both("share_prefix", src, self.seq(dst, stray), model, tokens + 1 if drop < 0 else max(tokens - drop, 0))
+
     @rule(n=st.integers(-1, 30))
     def can_allocate(self, n):
         self.both("can_allocate", n)
@@ -252,6 +258,42 @@ def test_shared_pages_survive_until_the_last_owner_frees(Pool):
 
 
 @pytest.mark.parametrize("Pool", POOLS)
+def test_share_prefix_takes_one_models_prefix_and_releases_the_old_pages(Pool):
+    pool = Pool(12, [4, 2])
+    for seq in (0, 1):
+        pool.add_sequence(seq)
+    pool.extend(0, 0, 10)                       # model 0: pages [0, 1, 2]
+    pool.extend(0, 1, 3)                        # model 1: pages [3, 4]
+    pool.extend(1, 0, 5)                        # seq 1's own model-0 pages [5, 6]
+    pool.share_prefix(0, 1, 0, 6)               # 6 tokens: pages [0, 1], page 1 partly shared
+    assert pool.block_table(1, 0) == [0, 1] and pool.num_tokens(1, 0) == 6
+    assert pool.block_table(1, 1) == [] and pool.num_tokens(1, 1) == 0  # the other model untouched
+    assert (pool.refcount(0), pool.refcount(1), pool.refcount(2)) == (2, 2, 1)
+    assert pool.stats()["free_pages"] == 12 - 5  # seq 1's pages 5 and 6 went back
+    assert pool.extend(1, 0, 7) == [(1, 5)]     # writing into the shared partial page copies it (LIFO: 5)
+    assert pool.block_table(0, 0) == [0, 1, 2]
+    pool.share_prefix(1, 0, 0, 4)               # a full page: nothing to copy on the next write
+    assert pool.block_table(0, 0) == [0] and pool.extend(0, 0, 5) == []
+    pool.free_sequence(1)
+    pool.free_sequence(0)
+    assert pool.stats()["free_pages"] == 12
+    check_invariants(pool)
+
+
+@pytest.mark.parametrize("Pool", POOLS)
+def test_share_prefix_of_pages_dst_already_holds_keeps_them_alive(Pool):
+    pool = Pool(4, [2])
+    pool.add_sequence(0)
+    pool.extend(0, 0, 4)
+    pool.fork(0, 1)                             # both hold [0, 1]
+    pool.share_prefix(0, 1, 0, 3)               # re-take what it holds: no page may pass refcount 0
+    assert pool.block_table(1, 0) == [0, 1] and pool.free_list() == [3, 2]
+    pool.free_sequence(0)
+    pool.free_sequence(1)
+    check_invariants(pool)
+
+
+@pytest.mark.parametrize("Pool", POOLS)
 def test_errors_are_typed_and_worded(Pool):
     with pytest.raises(ValueError, match="num_pages"):
         Pool(0, [4])
@@ -276,6 +318,13 @@ def test_errors_are_typed_and_worded(Pool):
         pool.fork(3, 3)
     with pytest.raises(KeyError):
         pool.fork(9, 10)
+    with pytest.raises(ValueError, match="with itself"):
+        pool.share_prefix(3, 3, 0, 1)
+    pool.add_sequence(4)
+    with pytest.raises(ValueError, match=r"share 4 tokens of sequence 3 model 0: must be in \[0, 3\]"):
+        pool.share_prefix(3, 4, 0, 4)
+    with pytest.raises(KeyError):
+        pool.share_prefix(3, 9, 0, 1)
     with pytest.raises(IndexError, match="page 4"):
         pool.refcount(4)
     with pytest.raises(ValueError):

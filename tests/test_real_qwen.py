@@ -158,4 +158,6 @@ def test_a_batch_of_six_equals_each_problem_alone_in_fp32(hf_models, gguf_path):
     for a, b, policy in zip(alone, batched, policies):
         assert b.token_ids == a.token_ids, policy
         assert [(s.text, s.source) for s in b.steps] == [(s.text, s.source) for s in a.steps], policy
+    # The chat template's system prompt is a shared prefix: its whole pages were computed once.
+    assert sum(b.stats["cached_prompt_tokens"] > 0 for b in batched) >= 4
     assert engine.kv_stats()["used_pages"] == 0

@@ -55,6 +55,7 @@ def test_completion_equals_the_engine_and_reports_steps(client, engine):
     assert choice["text"] == ref.text and choice["finish_reason"] == {"eos": "stop", "length": "length"}[ref.finish_reason]
     assert body["usage"]["completion_tokens"] == len(ref.token_ids)
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + len(ref.token_ids)
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # nothing else ran beside it
     steps = body["arbitrage"]["steps"]
     assert [s["text"] for s in steps] == [s.text for s in ref.steps] and len(steps) == 5
     assert [s["source"] for s in steps] == [s.source for s in ref.steps]
@@ -187,6 +188,20 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, en
     for t in threads:
         t.join()
     assert got == refs
+    assert used_pages(engine) == 0
+
+
+def test_usage_reports_the_prompt_tokens_shared_with_another_request(engine):
+    from arbitrage_fast.serve.protocol import usage
+
+    first, copy = engine.generate_batch([PROMPT, PROMPT], policy="rsd", threshold=0.5,
+                                        sampling=SamplingParams(max_new_tokens=8))
+    n = len(engine.tokenizer(PROMPT)["input_ids"])
+    # Whole pages of the prompt, short of its last token (which every request feeds itself).
+    cached = max((n - 1) - (n - 1) % engine.cache.block_size(m) for m in (0, 1))
+    assert usage(n, first)["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage(n, copy)["prompt_tokens_details"] == {"cached_tokens": cached} and cached > 0
+    assert usage(n, copy)["total_tokens"] == n + copy.completion_tokens
     assert used_pages(engine) == 0
 
 

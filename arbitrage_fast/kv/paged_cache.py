@@ -122,6 +122,11 @@ class PagedKVCache:
         """dst shares every page of src until one of them writes (copy-on-write)."""
         self.pool.fork(src_seq, dst_seq)
 
+    def share_prefix(self, src_seq: int, dst_seq: int, model: int, num_tokens: int) -> None:
+        """dst's KV in model `model` becomes src's first num_tokens positions, its pages shared
+        copy-on-write (dst's own pages of that model are released)."""
+        self.pool.share_prefix(src_seq, dst_seq, model, num_tokens)
+
     def num_tokens(self, seq_id: int, model: int) -> int:
         return self.pool.num_tokens(seq_id, model)
 

@@ -146,6 +146,20 @@ class ReferenceBlockPool:
                 self._refcount[page] += 1
         self._seqs[dst_seq] = [[num, list(pages)] for num, pages in src]
 
+    def share_prefix(self, src_seq: int, dst_seq: int, model: int, num_tokens: int) -> None:
+        self._check_model(model)
+        if src_seq == dst_seq:
+            raise ValueError(f"cannot share a prefix of sequence {src_seq} with itself")
+        src, dst = self._seq(src_seq)[model], self._seq(dst_seq)[model]
+        if not 0 <= num_tokens <= src[0]:
+            raise ValueError(f"share {num_tokens} tokens of sequence {src_seq} model {model}: "
+                             f"must be in [0, {src[0]}]")
+        pages = src[1][:_ceil_div(num_tokens, self._block_sizes[model])]
+        for page in pages:  # before releasing dst's: a page both hold never reaches refcount 0
+            self._refcount[page] += 1
+        self._release_tail(dst[1], 0)
+        dst[0], dst[1] = num_tokens, pages
+
     # ------------------------------------------------------------------ accounting
     def can_allocate(self, num_pages: int) -> bool:
         if num_pages < 0:

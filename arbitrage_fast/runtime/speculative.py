@@ -21,7 +21,7 @@ from arbitrage_fast.roles import Role
 
 from .sampler import probabilities, sample, token_statistics
 from .step_decoder import DecodedStep, StopRule
-from .work import ModelWork, WorkFlow
+from .work import ModelWork, WorkFlow, share_prefix
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, proposals: list[int], greedy: bool,
@@ -68,6 +68,8 @@ def speculative_step(cache: PagedKVCache, seq, k: int, sampling: SamplingParams,
         # Each model must re-read at least the last token to get its next-token logits.
         for role in (D, T):
             cache.truncate(sid, role, min(seen(role), base - 1))
+        if not step:  # each model's catch-up on the context happens in the first round
+            yield from share_prefix(cache, sid, D, context)
         out = yield ModelWork(D, sid, (context + step)[seen(D):])
         for _ in range(k):
             with torch.inference_mode():
@@ -80,6 +82,8 @@ def speculative_step(cache: PagedKVCache, seq, k: int, sampling: SamplingParams,
                 break
             out = yield ModelWork(D, sid, [x])
         # 2. Target scores the unseen context and all proposals in one forward.
+        if not step:
+            yield from share_prefix(cache, sid, T, context)
         fed = (context + step)[seen(T):] + proposals
         t_out = yield ModelWork(T, sid, fed, rows="all")
         with torch.inference_mode():

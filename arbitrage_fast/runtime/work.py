@@ -3,8 +3,11 @@
 A request never calls a model itself. Its step logic is a generator that yields a
 `ModelWork` (feed these tokens to this role's model for this sequence) and is sent back the
 `ForwardOutput`; the scheduler gathers the works of every running request into one forward
-per role. `run_alone` drives such a generator with nothing else in the batch, which is what
-a single-request decoder (and its tests) needs.
+per role. Before a catch-up prefill the generator may also yield a `SharePrefix`: the
+scheduler then lets the sequence take over KV that another request already computed for the
+same leading tokens, and the generator feeds only the rest. `run_alone` drives such a
+generator with nothing else in the batch (so nothing to share), which is what a
+single-request decoder (and its tests) needs.
 """
 from __future__ import annotations
 
@@ -28,8 +31,28 @@ class ModelWork:
             raise ValueError("a model work item needs at least one token to feed")
 
 
-# A step-logic generator: yields ModelWork, receives ForwardOutput, returns its result.
-WorkFlow = Generator[ModelWork, object, T]
+@dataclass
+class SharePrefix:
+    """Let sequence `seq_id` take over, in `role`'s model, another request's KV for the longest
+    prefix of `context` that request has computed (the same prompt, say), instead of computing
+    it. The flow is sent None once the scheduler has done what it can; it then reads its KV
+    length and prefills the rest. `context` never holds the flow's last context token: that one
+    is always fed, since its logits start the next step."""
+
+    role: Role
+    seq_id: int
+    context: list[int]
+
+
+# A step-logic generator: yields ModelWork (receives ForwardOutput) or SharePrefix (receives
+# None), and returns its result.
+WorkFlow = Generator["ModelWork | SharePrefix", object, T]
+
+
+def share_prefix(cache, seq_id: int, role: Role, context: list[int]) -> "WorkFlow[None]":
+    """Ask to share the KV of `context` but its last token, unless this sequence already holds it."""
+    if cache.num_tokens(seq_id, role) < len(context) - 1:
+        yield SharePrefix(role, seq_id, context[:-1])
 
 
 def run_alone(flow: "WorkFlow[T]", runners) -> T:
@@ -40,4 +63,5 @@ def run_alone(flow: "WorkFlow[T]", runners) -> T:
             work = flow.send(out)
         except StopIteration as done:
             return done.value
-        out = runners[work.role].forward_one(work.seq_id, work.tokens, work.rows)
+        out = None if isinstance(work, SharePrefix) else runners[work.role].forward_one(work.seq_id, work.tokens,
+                                                                                        work.rows)

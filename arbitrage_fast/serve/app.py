@@ -125,7 +125,7 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
             result = handle.result
             yield event(protocol.chunk(kind, request_id, model_name, finish_reason=protocol.FINISH_REASONS[
                 result.finish_reason], first=first, extra={
-                "usage": protocol.usage(handle.prompt_tokens, result.completion_tokens),
+                "usage": protocol.usage(handle.prompt_tokens, result),
                 "arbitrage": {**chosen, "stats": result.stats}}))
         except KVCacheExhausted as e:
             yield event(protocol.error(f"KV cache exhausted: {e}"))

@@ -60,9 +60,15 @@ def step_json(step) -> dict:
             "target_prm": step.target_prm, "router_score": step.router_score}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, result) -> dict:
+    """OpenAI usage; `prompt_tokens_details.cached_tokens` (as vLLM reports it) where the engine
+    counted the prompt tokens it shared from another request (remote backends do not)."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": result.completion_tokens,
+           "total_tokens": prompt_tokens + result.completion_tokens}
+    cached = result.stats.get("cached_prompt_tokens")
+    if cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": min(cached, prompt_tokens)}
+    return out
 
 
 def completion(kind: str, request_id: str, model: str, result, prompt_tokens: int, policy: dict) -> dict:
@@ -75,7 +81,7 @@ def completion(kind: str, request_id: str, model: str, result, prompt_tokens: in
     return {
         "id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()), "model": model, "choices": [choice],
-        "usage": usage(prompt_tokens, result.completion_tokens),
+        "usage": usage(prompt_tokens, result),
         "arbitrage": {**policy, "steps": [step_json(s) for s in result.steps], "stats": result.stats},
     }
 
