@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--n", type=int, default=400, help="training problems")
     t.add_argument("--out", required=True)
     t.add_argument("--epochs", type=int, default=300)
+    t.add_argument("--patience", type=int, default=40,
+                   help="stop when the validation loss has not improved for this many epochs")
     t.add_argument("--width", type=int, default=64)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-new-tokens", type=int, default=256)
