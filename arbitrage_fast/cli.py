@@ -45,6 +45,17 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
              "proposes K tokens at a time and the target verifies them in one forward: the same tokens when "
              "greedy, the target's distribution when sampling. 0 = off. Needs a draft and target with one "
              "vocabulary. The spec_decode policy speculates with K (4 when 0).")
+    p.add_argument(
+        "--reflection-cues", type=_word_list, default=None, metavar="W1,W2,...",
+        help="spec_thinking: a kept draft step whose first word is one of these (case-insensitive) hands the "
+             "next step to the target. Default: Wait,But,Alternatively,Hmm.")
+
+
+def _word_list(text: str) -> tuple[str, ...]:
+    words = tuple(w.strip() for w in text.split(","))
+    if not all(words):
+        raise argparse.ArgumentTypeError(f"expected comma-separated words, got {text!r}")
+    return words
 
 
 def _non_negative_int(text: str) -> int:
@@ -95,8 +106,9 @@ def _remote_engine(args):
         raise ValueError("remote models need both --draft-url and --target-url")
     from arbitrage_fast.backends import RemoteEngine, RemoteModel
 
+    cues = {"reflection_cues": args.reflection_cues} if getattr(args, "reflection_cues", None) else {}
     return RemoteEngine(RemoteModel(args.draft_url, args.draft_name, tokenizer=args.draft),
-                        RemoteModel(args.target_url, args.target_name, tokenizer=args.target))
+                        RemoteModel(args.target_url, args.target_name, tokenizer=args.target), **cues)
 
 
 def _engine_for(args):
@@ -206,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--n", type=int, default=400, help="training problems")
     t.add_argument("--out", required=True)
     t.add_argument("--epochs", type=int, default=300)
+    t.add_argument("--patience", type=int, default=40,
+                   help="stop when the validation loss has not improved for this many epochs")
     t.add_argument("--width", type=int, default=64)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-new-tokens", type=int, default=256)

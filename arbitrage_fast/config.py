@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .policies import DEFAULT_REFLECTION_CUES, check_cues
+
 # Weight quantization at load (models/group_quant.py holds the formats; kept in step by a test).
 QUANT_FORMATS = ("int8", "int4", "int3")
 QUANT_GROUPS = (32, 64, 128)
@@ -71,8 +73,11 @@ class EngineConfig:
     draft_quant: str | None = None
     target_quant: str | None = None
     quant_group: int = 64
+    # spec_thinking: a kept draft step whose first word is one of these hands the next step to the target.
+    reflection_cues: tuple[str, ...] = DEFAULT_REFLECTION_CUES
 
     def __post_init__(self) -> None:
+        self.reflection_cues = check_cues(self.reflection_cues)
         if not self.draft or not self.target:
             raise ValueError("EngineConfig needs both a draft and a target checkpoint path")
         if self.dtype not in ("float32", "bfloat16", "float16"):

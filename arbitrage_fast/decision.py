@@ -22,6 +22,8 @@ class StepSource(Protocol[W]):
     def draft_step(self) -> W: ...
     def router_score(self, drafted: W) -> float: ...
     def draft_prm(self, drafted: W) -> float: ...
+    def judge_score(self, drafted: W) -> float: ...
+    def previous_draft_step(self) -> str | None: ...
     def target_step(self) -> W: ...
     def target_prm(self, candidate: W) -> float: ...
     def reject_draft(self, drafted: W) -> None: ...
@@ -38,15 +40,19 @@ class StepDecision(Generic[W]):
 
 def decide_step(policy: Policy, source: StepSource[W]):
     """One step under `policy`: a generator of the source's model work returning a StepDecision."""
-    if not policy.drafts:
-        return StepDecision(kept=(yield from _answer(source.target_step())), escalated=True, drafted=None,
-                            evidence=StepEvidence())
-    drafted = yield from _answer(source.draft_step())
     evidence = StepEvidence()
+    if policy.reads_previous_step:
+        evidence.previous_draft_step = source.previous_draft_step()
+    if not policy.drafts or policy.takes_over(evidence):
+        return StepDecision(kept=(yield from _answer(source.target_step())), escalated=True, drafted=None,
+                            evidence=evidence)
+    drafted = yield from _answer(source.draft_step())
     if policy.needs_router:
         evidence.router_score = yield from _answer(source.router_score(drafted))
     if policy.needs_draft_prm:
         evidence.draft_prm = yield from _answer(source.draft_prm(drafted))
+    if policy.needs_judge:
+        evidence.judge_score = yield from _answer(source.judge_score(drafted))
     candidate = None
     if policy.generates_target_candidate:
         candidate = yield from _answer(source.target_step())

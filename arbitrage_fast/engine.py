@@ -12,6 +12,7 @@ calls from other threads wait their turn rather than corrupt it.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from typing import Iterator, Sequence as SequenceOf
@@ -25,6 +26,7 @@ from .models.group_quant import QuantScheme
 from .models.loader import LoadedModel, load_model, resolve_dtype
 from .policies import make_policy
 from .prm.build import build_prm
+from .prm.target_judge import TargetJudge
 from .request import Request, StepOutput
 from .roles import Role
 from .router.head import RouterHead
@@ -195,13 +197,21 @@ class Engine:
     def kv_stats(self) -> dict:
         return self.cache.stats()
 
+    @functools.cached_property
+    def target_judge(self) -> TargetJudge:
+        """SpecReason's judge prompt and answer digits in the target's vocabulary."""
+        return TargetJudge(self.tokenizers[Role.TARGET], self.target_model.path)
+
     # ------------------------------------------------------------------ requests
     def _new_request(self, prompt, policy, threshold, sampling, chat, record_features) -> Request:
         """Validate everything up front, so a bad request fails before it holds any memory."""
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        pol = make_policy(policy, threshold, have_router=self.router is not None)
+        pol = make_policy(policy, threshold, have_router=self.router is not None,
+                          reflection_cues=self.config.reflection_cues)
+        if pol.needs_judge:
+            self.target_judge  # noqa: B018 - refuses a target whose digits are not single tokens, up front
         if pol.needs_router and self.router is None:
             raise ValueError(f"policy {policy!r} needs a router head: set EngineConfig(router=PATH) "
                              "(train one with `arbitrage-fast train-router`)")

@@ -1,8 +1,13 @@
 """Step-level routing policies: given what is known about a draft step, keep it or escalate.
 
 Policies only decide. They declare which evidence they need (a PRM score of the draft step,
-a router score, a target candidate) and the engine produces exactly that, so a policy can
-never cost more than its evidence.
+a router score, a target candidate, the target's judgement of the draft step, the previous
+step) and the engine produces exactly that, so a policy can never cost more than its evidence.
+
+Beside the paper's policies live the peer step-level methods, so all run in one engine on the
+same models and clock: SpecReason (`specreason`: the target scores the draft step 0-9 and
+keeps it at >= threshold) and Speculative Thinking (`spec_thinking`: a draft step that opens
+with a reflection cue hands the next step to the target).
 """
 from __future__ import annotations
 
@@ -17,6 +22,13 @@ class StepEvidence:
     draft_prm: float | None = None
     target_prm: float | None = None
     router_score: float | None = None
+    judge_score: float | None = None  # the target's 0-9 judgement of the draft step (expected digit)
+    previous_draft_step: str | None = None  # the last committed step's text, when the draft wrote it
+
+
+# Speculative Thinking's reflection words: a paragraph opening with one is where a small
+# reasoning model most often goes astray, so the target writes the paragraph after it.
+DEFAULT_REFLECTION_CUES = ("Wait", "But", "Alternatively", "Hmm")
 
 
 @dataclass(frozen=True)
@@ -28,10 +40,16 @@ class Policy:
     needs_router: bool = False
     generates_target_candidate: bool = False  # the target writes every step too (then one is kept)
     needs_target_prm: bool = False
+    needs_judge: bool = False  # the target scores the draft step (one forward, then rolled back)
+    reads_previous_step: bool = False  # may hand a step to the target before the draft writes it
 
     def escalate(self, e: StepEvidence) -> bool:
         """True when the target's step should be committed instead of the draft's."""
         raise NotImplementedError
+
+    def takes_over(self, e: StepEvidence) -> bool:
+        """True when the target writes this step without a draft (decided before drafting)."""
+        return False
 
     @property
     def roles(self) -> tuple[Role, ...]:
@@ -94,6 +112,53 @@ class EveryStep(Policy):
         return e.draft_prm < self.threshold
 
 
+class SpecReason(Policy):
+    """SpecReason: the target judges the draft step with a one-token score 0-9, read as the
+    expected digit under its next-token distribution; keep the step when the score >= the
+    threshold. Threshold 0 keeps every draft step; 10 (above any score) escalates every one."""
+
+    def escalate(self, e: StepEvidence) -> bool:
+        return e.judge_score < self.threshold
+
+
+@dataclass(frozen=True)
+class SpeculativeThinking(Policy):
+    """Speculative Thinking: the draft's steps are kept; when a kept draft step opens with a
+    reflection cue, the target writes the next step. A cue matches the step's first word
+    (after leading whitespace), case-insensitively, and not as the prefix of a longer word
+    ("But" matches "But," and "but we", never "Butter")."""
+
+    cues: tuple[str, ...] = DEFAULT_REFLECTION_CUES
+
+    def escalate(self, e: StepEvidence) -> bool:
+        return False
+
+    def takes_over(self, e: StepEvidence) -> bool:
+        return e.previous_draft_step is not None and opens_with_cue(e.previous_draft_step, self.cues)
+
+
+def opens_with_cue(text: str, cues: tuple[str, ...]) -> bool:
+    head = text.lstrip().casefold()
+    for cue in cues:
+        c = cue.casefold()
+        if head.startswith(c) and (len(head) == len(c) or not head[len(c)].isalnum()):
+            return True
+    return False
+
+
+def check_cues(cues) -> tuple[str, ...]:
+    """Reflection cues as a tuple of non-empty words (an empty cue would match every step)."""
+    if isinstance(cues, str):
+        raise ValueError(f"reflection cues must be a list of words, not the string {cues!r}")
+    cues = tuple(cues)
+    if not cues:
+        raise ValueError("spec_thinking needs at least one reflection cue")
+    for c in cues:
+        if not isinstance(c, str) or not c.strip() or c != c.strip():
+            raise ValueError(f"reflection cue {c!r} must be a non-empty word without surrounding whitespace")
+    return cues
+
+
 # name -> (class, default threshold, allowed threshold range, flags)
 _POLICIES = {
     "target_only": (TargetOnly, None, None, dict(drafts=False)),
@@ -104,12 +169,15 @@ _POLICIES = {
                dict(needs_draft_prm=True, generates_target_candidate=True, needs_target_prm=True)),
     "arbitrage": (ArbitrageRouter, 0.5, (0.0, 1.0), dict(needs_router=True)),
     "every_step": (EveryStep, 0.5, (0.0, math.inf), dict(generates_target_candidate=True)),
+    "specreason": (SpecReason, 7.0, (0.0, 10.0), dict(needs_judge=True)),
+    "spec_thinking": (SpeculativeThinking, None, None, dict(reads_previous_step=True)),
 }
 
 POLICY_NAMES = tuple(_POLICIES)
 
 
-def make_policy(name: str, threshold: float | None = None, *, have_router: bool = False) -> Policy:
+def make_policy(name: str, threshold: float | None = None, *, have_router: bool = False,
+                reflection_cues=DEFAULT_REFLECTION_CUES) -> Policy:
     if name not in _POLICIES:
         raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
     cls, default, allowed, flags = _POLICIES[name]
@@ -117,6 +185,8 @@ def make_policy(name: str, threshold: float | None = None, *, have_router: bool 
     if name == "every_step":
         flags["needs_router"] = have_router
         flags["needs_draft_prm"] = not have_router
+    if name == "spec_thinking":
+        flags["cues"] = check_cues(reflection_cues)
     if allowed is None:
         return cls(name=name, threshold=None, **flags)
     if threshold is None:

@@ -55,6 +55,7 @@ def request_flow(eng: "Engine", req: Request):
             step.rejected_draft = eng.text(decision.drafted.tokens, D)
         ev = decision.evidence
         step.draft_prm, step.target_prm, step.router_score = ev.draft_prm, ev.target_prm, ev.router_score
+        step.judge_score = ev.judge_score
         if req.record_features and decision.drafted is not None:
             step.features = decision.drafted.features.features()
         writer = T if decision.escalated else D
@@ -118,6 +119,40 @@ class _LocalSource:
         self.stats.host_syncs += 1  # the score's read
         self.target_first = ForwardOutput(hidden=out.hidden[-n:][:1], logits=out.logits[-n:][:1])
         return score
+
+    def judge_score(self, drafted: DecodedStep):
+        """SpecReason's judgement (prm/target_judge.py): ONE target forward over the unseen
+        committed context, the draft step and the judge prompt, whose last row holds the answer.
+
+        The forward doubles as the target's catch-up. Afterwards its KV is cut back to the
+        committed context plus the draft step minus its last token: exactly what the invariant
+        allows once the step is kept; the prompt's tokens never stay. The row of the last
+        committed token starts the target's own step if this one is rejected."""
+        eng, seq = self.eng, self.seq
+        judge = eng.target_judge
+        step_ids = drafted.tokens if eng.shared_vocab else eng.encode_step(eng.text(drafted.tokens, D), T)
+        committed = len(seq.tokens(T))
+        # Feed at least the last committed token, so its row (the escalation's start) is computed.
+        seen = min(eng.cache.num_tokens(seq.seq_id, T), committed - 1)
+        if eng.cache.num_tokens(seq.seq_id, T) > seen:
+            eng.cache.truncate(seq.seq_id, T, seen)
+        fed = seq.tokens(T)[seen:] + step_ids + judge.prompt_ids
+        self.stats.add_prefill(T, len(fed))
+        out = yield ModelWork(T, seq.seq_id, fed, rows="all")
+        with torch.inference_mode():
+            score = judge.score(out.logits[-1])
+        self.stats.host_syncs += 1  # the score's read
+        if step_ids:
+            start = committed - 1 - seen
+            self.target_first = ForwardOutput(hidden=out.hidden[start:start + 1], logits=out.logits[start:start + 1])
+            eng.cache.truncate(seq.seq_id, T, committed + len(step_ids) - 1)
+        else:  # an empty step commits nothing: the KV goes back to where it started
+            eng.cache.truncate(seq.seq_id, T, seen)
+        return score
+
+    def previous_draft_step(self) -> str | None:
+        steps = self.seq.steps
+        return steps[-1].text if steps and steps[-1].source == D.label else None
 
     def target_step(self):
         """The target writes the step from the committed context (its KV rolled back to it),

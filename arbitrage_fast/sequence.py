@@ -18,6 +18,7 @@ class Step:
     draft_prm: float | None = None
     target_prm: float | None = None
     router_score: float | None = None
+    judge_score: float | None = None  # specreason: the target's 0-9 score of the draft step
     features: torch.Tensor | None = field(default=None, repr=False)  # router input of the draft step
     rejected_draft: str | None = field(default=None, repr=False)  # text of the draft step an escalation replaced
 

@@ -41,7 +41,8 @@ def test_evidence_each_policy_asks_for():
     assert o.needs_draft_prm and o.needs_target_prm and o.generates_target_candidate
     a = make_policy("arbitrage")
     assert a.needs_router and not a.needs_draft_prm and not a.generates_target_candidate
-    assert set(POLICY_NAMES) == {"target_only", "draft_only", "spec_decode", "rsd", "oracle", "arbitrage", "every_step"}
+    assert set(POLICY_NAMES) == {"target_only", "draft_only", "spec_decode", "rsd", "oracle", "arbitrage", "every_step",
+                                 "specreason", "spec_thinking"}
 
 
 @pytest.fixture(scope="module")

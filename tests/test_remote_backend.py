@@ -260,3 +260,14 @@ def test_the_http_server_routes_steps_between_two_model_servers(monkeypatch, cap
         failed = client.post("/v1/completions", json={"prompt": PROBLEM, "policy": "target_only"})
         assert failed.status_code == 502 and "CUDA out of memory" in failed.json()["error"]["message"]
         assert client.get("/health").json()["requests"]["finished"] >= 2
+
+
+def test_spec_thinking_runs_remotely_and_specreason_is_refused():
+    draft_steps = ["Ann starts with 2 apples.\n\n", "Wait, she buys 3 more.\n\n", "The answer is 6."]
+    engine, draft, target = make_engine(draft_steps=draft_steps)
+    res = engine.generate(PROBLEM, policy="spec_thinking")
+    assert [s.source for s in res.steps] == ["draft", "draft", "target"]  # the step after "Wait" is the target's
+    assert res.text == "".join(draft_steps[:2]) + TARGET_STEPS[2]
+    assert res.stats["escalations"] == 1 and target.step_requests == 1 and target.echo_requests == 0
+    with pytest.raises(ValueError, match="digit tokens"):
+        engine.generate(PROBLEM, policy="specreason", threshold=7.0)

@@ -108,6 +108,76 @@ def test_split_is_by_problem():
     assert len(train) + len(val) == 360
 
 
+def _rare_positives(n_problems=40, steps=5, hidden=8, seed=0, positive_problems=3):
+    """Separable data where only a few problems hold any positive step (one each)."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_problems * steps
+    feats = torch.randn(n, feature_dim(hidden), generator=g)
+    positive = torch.zeros(n, dtype=torch.bool)
+    positive[torch.arange(positive_problems) * 7 % n_problems * steps] = True
+    feats[positive, 0] += 4.0  # separable: one feature tells the classes apart
+    adv = torch.where(positive, 1.0, -0.5)
+    return RouterDataset(features=feats, advantage=adv, draft_prm=torch.zeros(n), target_prm=adv,
+                         problem=torch.arange(n) // steps)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_is_stratified_so_both_sides_keep_the_rare_class(seed):
+    data = _rare_positives(positive_problems=2)
+    train, val = split_by_problem(data, 0.2, seed=seed)
+    assert not set(train.problem.tolist()) & set(val.problem.tolist())
+    assert val.labels.sum() == 1 and train.labels.sum() == 1  # one of the two positive problems each
+    assert 0 < val.labels.sum() < len(val)
+
+
+def _separable(seed, n_problems=60, steps=5, hidden=4, rate=0.1, shift=10.0):
+    """Steps whose first feature alone tells the ~10% positives apart."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_problems * steps
+    feats = torch.randn(n, feature_dim(hidden), generator=g)
+    positive = torch.rand(n, generator=g) < rate
+    feats[positive, 0] += shift
+    adv = torch.where(positive, 1.0, -0.5)
+    return RouterDataset(features=feats, advantage=adv, draft_prm=torch.zeros(n), target_prm=adv,
+                         problem=torch.arange(n) // steps)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_training_fits_separable_data_and_keeps_a_trained_epoch(seed):
+    """The fitted head separates the classes at the default threshold and the epoch kept is a
+    trained one (selection by validation AUROC kept heads that escalated ~10% of negatives)."""
+    data = _separable(seed)
+    head, report = train_router(data, hidden_size=4, width=16, epochs=400, patience=30, progress=False)
+    assert report.best_epoch > 0
+    assert report.val_positives >= 1 and report.val_auroc == 1.0
+    with torch.no_grad():
+        scores = head(data.features)
+    assert auroc(data.labels.numpy(), scores.numpy()) == 1.0
+    assert ((scores > 0.5) == (data.labels > 0)).float().mean() >= 0.99
+    n = report.stopped_epoch + 1
+    assert len(report.losses) == len(report.val_losses) == len(report.val_aurocs) == n
+    assert report.val_losses[report.best_epoch] == min(report.val_losses)
+    assert report.val_losses[report.best_epoch] < 0.5 * report.val_losses[0]
+    curves = report.curves()
+    assert set(curves) == {"train_loss", "val_loss", "val_auroc"} and len(curves["val_auroc"]) == n
+
+
+def test_early_stopping_ends_after_patience_without_improvement():
+    data = _rare_positives()
+    _, report = train_router(data, hidden_size=8, width=16, epochs=3000, lr=0.05, patience=5, progress=False)
+    assert report.stopped_epoch < 2999
+    assert report.stopped_epoch - report.best_epoch == 5
+    assert min(report.val_losses[report.best_epoch + 1:]) >= report.val_losses[report.best_epoch]
+
+
+def test_training_refuses_a_split_without_positives():
+    data = _rare_positives()
+    data = RouterDataset(data.features, torch.full_like(data.advantage, -1.0), data.draft_prm, data.target_prm,
+                         data.problem)
+    with pytest.raises(ValueError, match="only negative"):
+        train_router(data, hidden_size=8, width=16, epochs=5, progress=False)
+
+
 def test_dataset_save_load(tmp_path):
     data = _synthetic(n_problems=3)
     data.save(tmp_path / "d.safetensors")

@@ -8,8 +8,11 @@ servers as text, so draft and target may tokenize differently; the servers' pref
 make re-sending the growing context cheap.
 
 What the wire cannot carry: the draft's hidden states, which the router head reads, so
-`arbitrage` runs only in the native engine; and token-level speculation, which belongs in the
-target server's own configuration.
+`arbitrage` runs only in the native engine; token-level speculation, which belongs in the
+target server's own configuration; and `specreason`'s judgement, which reads ten digit logits
+of the target after a prompt in its own token ids (a server reports at most its top few
+log-probs, so the score would change with the server's cap). `spec_thinking` needs only the
+steps' text and runs here as natively.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import time
 from arbitrage_fast.config import SamplingParams
 from arbitrage_fast.decision import decide_step, run_now
 from arbitrage_fast.messages import checked_messages, is_conversation, problem_text
-from arbitrage_fast.policies import Policy, make_policy
+from arbitrage_fast.policies import DEFAULT_REFLECTION_CUES, Policy, check_cues, make_policy
 from arbitrage_fast.prm.target_likelihood import mean_probability
 from arbitrage_fast.request import RequestState, StepOutput
 from arbitrage_fast.sequence import GenerationResult, Step
@@ -36,8 +39,10 @@ class RemoteEngine:
     likelihood computed by the target server.
     """
 
-    def __init__(self, draft: RemoteModel, target: RemoteModel, *, prm=None, transports: dict | None = None) -> None:
+    def __init__(self, draft: RemoteModel, target: RemoteModel, *, prm=None, transports: dict | None = None,
+                 reflection_cues=DEFAULT_REFLECTION_CUES) -> None:
         transports = transports or {}
+        self.reflection_cues = check_cues(reflection_cues)
         self.draft = CompletionsClient(draft, "draft", transports.get("draft"))
         self.target = CompletionsClient(target, "target", transports.get("target"))
         self.prm = prm
@@ -67,7 +72,11 @@ class RemoteEngine:
                sampling: SamplingParams | None = None, chat: bool = False) -> "RemoteRun":
         """Iterate over committed steps as they are decided; `.result` holds the whole answer."""
         sampling = sampling or SamplingParams()
-        pol = make_policy(policy, threshold)
+        pol = make_policy(policy, threshold, reflection_cues=self.reflection_cues)
+        if pol.needs_judge:
+            raise ValueError(f"policy {policy!r} reads the target's logits over the ten digit tokens after its judge "
+                             "prompt, which OpenAI-compatible servers do not return in full: run it with the native "
+                             "Engine, or use rsd, oracle or spec_thinking remotely")
         if pol.needs_router:
             raise ValueError(f"policy {policy!r} reads the draft's hidden states, which OpenAI-compatible servers "
                              "do not return: run it with the native Engine, or use rsd or oracle remotely")
@@ -230,6 +239,12 @@ class _RemoteSource:
 
     def router_score(self, drafted: WrittenStep) -> float:
         raise AssertionError("refused in RemoteEngine.stream: the router needs the draft's hidden states")
+
+    def judge_score(self, drafted: WrittenStep) -> float:
+        raise AssertionError("refused in RemoteEngine.stream: the judge needs the target's digit logits")
+
+    def previous_draft_step(self) -> str | None:
+        return self.steps[-1].text if self.steps and self.steps[-1].source == "draft" else None
 
     def draft_prm(self, drafted: WrittenStep) -> float:
         t = time.perf_counter()

@@ -45,11 +45,14 @@ def train(preset, args) -> dict:
     label_s = time.perf_counter() - start
     data = labels.data
     hidden = engine.draft_model.spec.hidden_size
-    head, report = train_router(data, hidden_size=hidden, width=args.width, epochs=args.epochs, seed=args.seed)
+    head, report = train_router(data, hidden_size=hidden, width=args.width, epochs=args.epochs, seed=args.seed,
+                                patience=args.patience)
     out = Path(args.out)
     summary = {
         "n_problems": args.n, "n_steps": len(data), "positive_rate": report.positive_rate,
         "val_auroc": report.val_auroc, "val_spearman": report.val_spearman, "best_epoch": report.best_epoch,
+        "stopped_epoch": report.stopped_epoch, "n_train_steps": report.n_train, "n_val_steps": report.n_val,
+        "val_positives": report.val_positives, "curves": report.curves(),
         # labelling cost of these problems whenever they were labelled; this run's share beside it
         "label_seconds": sum(labels.seconds), "label_seconds_this_run": label_s,
         "problems_labelled_this_run": labels.labelled_now,

@@ -12,6 +12,7 @@ DEFAULT_THRESHOLDS = {
     "arbitrage": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
     "oracle": [0.0],
     "every_step": [0.5],
+    "specreason": [3.0, 5.0, 6.0, 7.0, 8.0, 9.0],  # the judge's expected digit; SpecReason's default is 7
 }
 
 

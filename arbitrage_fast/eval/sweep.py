@@ -28,7 +28,7 @@ from .datasets import EvalItem
 from .grading import grade
 
 # Policies whose behaviour has no threshold to sweep: they run once, at threshold None.
-THRESHOLDLESS_POLICIES = frozenset({"target_only", "draft_only", "spec_decode"})
+THRESHOLDLESS_POLICIES = frozenset({"target_only", "draft_only", "spec_decode", "spec_thinking"})
 REQUIRED_STATS = ("draft_tokens", "target_tokens", "escalations", "steps", "wall_s")
 # Kept when the engine reports them: token-level speculation inside the target's steps.
 SPECULATION_STATS = ("spec_proposed", "spec_accepted")
