@@ -112,6 +112,24 @@ def points_from_records(items: Sequence[EvalItem], policies: Sequence[str], thre
     return _points(log, complete, plan, audited), complete
 
 
+def points_from_record_file(records: str | Path) -> tuple[dict, list[dict]]:
+    """(header, points) of a finished records file whatever its header: the plan is the
+    (policy, threshold) pairs in the order first seen, over the problems solved under all of
+    them. For re-reporting committed evidence; a sweep resumes only through `RecordLog`."""
+    lines = Path(records).read_text().splitlines()
+    header = json.loads(lines[0]).get("run") or {}
+    done = {}
+    for line in lines[1:]:
+        record = json.loads(line)
+        done[(record["item"], record["policy"], record["threshold"])] = record
+    plan = list(dict.fromkeys((policy, threshold) for _, policy, threshold in done))
+    items = [i for i in dict.fromkeys(item for item, _, _ in done) if all((i, *run) in done for run in plan)]
+    if not items:
+        raise ValueError(f"records file {records} holds no problem solved under every policy and threshold")
+    runs = [[done[(item, *run)] for item in items] for run in plan]
+    return header, points_with_comparisons(runs, audited="audited" in runs[0][0])
+
+
 def records_header(run_info: dict, plan: list[tuple[str, float | None]]) -> dict:
     """What a records file must agree on to be resumed: the caller's settings, the plan, the code."""
     return {**run_info, "plan": [[policy, threshold] for policy, threshold in plan], "code": code_revision()}
