@@ -83,10 +83,11 @@ def _label(point: dict) -> str:
 def render_points_table(result: dict) -> str:
     """Every point of a sweep. Without a calibration its thresholds were not chosen on dev, so
     the caption says the table is a full grid read on the same problems it reports."""
-    split = result.get("split", "test")
+    # Results written before the train/dev/test splits carry no split: their "test" was the old one.
+    split = f"{result['split']} split" if "split" in result else "split not recorded, older than train/dev/test"
     kind = ("thresholds from the dev calibration" if "protocol" in result
             else "full threshold grid, not chosen on dev: any 'best point' read off it is optimistic")
-    caption = (f"{result['preset']} on {result['dataset']} ({split} split, n = {result['n']}; {kind}). "
+    caption = (f"{result['preset']} on {result['dataset']} ({split}, n = {result['n']}; {kind}). "
                "Wall and CPU s are means per problem; speed-ups are target_only's summed latency over the row's, "
                "paired by problem.")
     rows = [[_label(p), *_cells(p)] for p in result["points"]]
