@@ -1,4 +1,5 @@
-"""`sweep`: every policy over a threshold grid on the same problems -> points, speed-ups, plot."""
+"""`sweep`: every policy over a threshold grid (or the thresholds a calibration chose) on the same
+problems -> points with intervals, the matched-accuracy table of a calibration, plot."""
 from __future__ import annotations
 
 from arbitrage_fast.config import SamplingParams
@@ -24,24 +25,6 @@ def parse_thresholds(spec: str | None, policies: list[str]) -> dict[str, list[fl
             out[name.strip()] = [float(v) for v in values.split(",") if v.strip()]
         except ValueError:
             raise ValueError(f"bad --thresholds entry {part!r}; expected POLICY=V1,V2,...") from None
-    return out
-
-
-def matched_speedups(points: list[dict], policies: list[str], tolerance: float = 0.01) -> dict:
-    """Latency ratios read off the curves at the target-only accuracy (minus tolerance)."""
-    from arbitrage_fast.eval.pareto import speedup_at_matched_accuracy
-
-    ref = next((p for p in points if p["policy"] == "target_only"), None)
-    if ref is None:
-        return {}
-    out = {"reference_accuracy": ref["accuracy"], "tolerance": tolerance}
-    for policy in policies:
-        if policy == "target_only":
-            continue
-        out[policy] = {
-            base: speedup_at_matched_accuracy(points, policy, base, ref["accuracy"], tolerance)
-            for base in ("target_only", "rsd") if base != policy and any(p["policy"] == base for p in points)
-        }
     return out
 
 
@@ -121,7 +104,6 @@ def run(preset, args) -> int:
         thresholds = parse_thresholds(args.thresholds, policies)
     result = sweep_points(preset, args, args.split, policies, thresholds, report_only=args.report_only)
     points, n, planned = result["points"], result["n"], result.get("n_planned", result["n"])
-    result["speedups"] = matched_speedups(points, policies)
     if calibration is not None:
         result["calibration"] = {"file": str(args.thresholds_from), "split": calibration["split"],
                                  "n": calibration["n"], "target_only": calibration["target_only"]}
