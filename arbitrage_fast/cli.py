@@ -1,4 +1,4 @@
-"""`arbitrage-fast` command line: demo, generate, sweep, train-router, eval-router."""
+"""`arbitrage-fast` command line: demo, generate, sweep, calibrate, train-router, eval-router, serve."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,13 @@ def _labelling_args(p: argparse.ArgumentParser) -> None:
                         "labelling; any run labels only the problems the directory lacks)")
 
 
+def _records_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--records", default=None, metavar="JSONL",
+                   help="append each solved (problem, policy, threshold) here and, when rerun with the same "
+                        "file, skip what it already holds: resumes a long sweep after an interruption. The "
+                        "file's header holds the settings, plan and code revision; other settings are refused")
+
+
 def _remote_engine(args):
     """The remote engine when server URLs are given, else None."""
     if not (args.draft_url or args.target_url):
@@ -156,6 +163,11 @@ def cmd_sweep(preset, args):
     return sweep.run(preset, args)
 
 
+def cmd_calibrate(preset, args):
+    from arbitrage_fast.commands import calibrate
+    return calibrate.run(preset, args)
+
+
 def cmd_serve(args):
     from arbitrage_fast.commands import serve
 
@@ -200,18 +212,36 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dataset", default=None, help="testbed | gsm8k | math500 (default: the preset's)")
     s.add_argument("--policies", default="target_only,rsd,arbitrage")
     s.add_argument("--thresholds", default=None, help='e.g. "rsd=0.5,0.9;arbitrage=0.2,0.4"')
+    s.add_argument("--thresholds-from", default=None, metavar="JSON",
+                   help="run exactly the policies and thresholds a `calibrate` file chose on dev (and "
+                        "target_only), and add the matched-accuracy table of that protocol to the report")
+    s.add_argument("--split", default="test", choices=["train", "dev", "test"],
+                   help="problems to sweep (default test; thresholds are chosen on dev by `calibrate`)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--json", default=None)
     s.add_argument("--plot", default=None, help="write the Pareto plot (PNG)")
-    s.add_argument("--records", default=None, metavar="JSONL",
-                   help="append each solved (problem, policy, threshold) here and, when rerun with the same "
-                        "file, skip what it already holds: resumes a long sweep after an interruption")
+    _records_arg(s)
     s.add_argument("--report-only", action="store_true",
                    help="run nothing: report the points of the --records file over the problems it holds under "
                         "every policy and threshold (a sweep may still be appending to it)")
     _decoding_args(s)
     s.set_defaults(func=_with_preset(cmd_sweep))
+
+    c = sub.add_parser("calibrate", help="choose each policy's thresholds on the dev split (for sweep "
+                                         "--thresholds-from)")
+    _model_args(c)
+    c.add_argument("--n", type=int, default=200, help="dev problems (default 200, or all a dataset's dev split has)")
+    c.add_argument("--dataset", default=None, help="testbed | gsm8k | math500 (default: the preset's)")
+    c.add_argument("--policies", default="target_only,rsd,arbitrage")
+    c.add_argument("--grid-points", type=int, default=21,
+                   help="thresholds per policy, spread evenly over its score range (the same for every policy)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--out", required=True, metavar="JSON", help="the calibration file to write")
+    _records_arg(c)
+    _decoding_args(c)
+    c.set_defaults(func=_with_preset(cmd_calibrate))
 
     t = sub.add_parser("train-router", help="label steps with the PRM advantage, train and save a router head")
     _model_args(t)

@@ -3,8 +3,9 @@
 # held-out metrics, one sweep of every policy (RSD with the target-likelihood PRM, as a
 # deployment without PRM weights runs it), then RSD with the exact checker as its PRM (a
 # perfect, free PRM that exists only on the testbed) against target_only in a second run, then
-# rsd and arbitrage with the draft speculating the target's rewrites (--spec-k) in a third.
-# About an hour on a 2-core CPU; TRAIN_N, N, SPEC_K and the threshold grids override the defaults.
+# rsd and arbitrage with the draft speculating the target's rewrites (--spec-k) in a third,
+# and last the protocol run: thresholds chosen on dev by `calibrate`, reported on test once.
+# About an hour on a 2-core CPU (the protocol run adds its dev grid); TRAIN_N, N, SPEC_K and the threshold grids override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRAIN_N=${TRAIN_N:-1000}
@@ -27,3 +28,7 @@ ROUTER=$(python -c "from arbitrage_fast.presets import testbed_router_dir as d; 
   --thresholds "rsd=0.75" --json "$OUT/testbed_sweep_exact_prm.json"
 "${CLI[@]}" sweep --preset testbed --spec-k "$SPEC_K" --n "$N" --policies target_only,rsd,arbitrage \
   --thresholds "rsd=0.7;arbitrage=0.7" --json "$OUT/testbed_sweep_spec_k.json"
+"${CLI[@]}" calibrate --preset testbed --n "$N" --policies rsd,arbitrage \
+  --records "$OUT/testbed_calibration_records.jsonl" --out "$OUT/testbed_calibration.json"
+"${CLI[@]}" sweep --preset testbed --n "$N" --thresholds-from "$OUT/testbed_calibration.json" \
+  --records "$OUT/testbed_protocol_records.jsonl" --json "$OUT/testbed_protocol.json"

@@ -80,26 +80,43 @@ def test_grading_works_off_the_main_thread():
 
 @pytest.mark.parametrize("name, size", [("gsm8k", 1319), ("math500", 500)])
 def test_every_gold_answer_grades_against_itself(name, size):
-    items = load_dataset(name, split="train") + load_dataset(name, split="test")
+    items = [i for split in ("train", "dev", "test") for i in load_dataset(name, split=split)]
     assert len(items) == size and len({i.id for i in items}) == size
     assert all(grade(f"So the answer is \\boxed{{{i.answer}}}.", i.answer) for i in items)
 
 
 @pytest.mark.parametrize("name", ["gsm8k", "math500"])
-def test_router_training_split_is_every_tenth_problem_and_disjoint_from_test(name):
-    train, test = load_dataset(name, split="train"), load_dataset(name, split="test")
-    every = train + test
-    assert not {i.id for i in train} & {i.id for i in test}
-    assert len(train) == len(every) // 10
+def test_train_dev_test_splits_are_disjoint_sized_and_fixed_by_problem_id(name):
+    from arbitrage_fast.eval.datasets import split_of
+
+    splits = {s: load_dataset(name, split=s) for s in ("train", "dev", "test")}
+    ids = {s: {i.id for i in items} for s, items in splits.items()}
+    assert not ids["train"] & ids["dev"] and not ids["train"] & ids["test"] and not ids["dev"] & ids["test"]
+    total = sum(map(len, ids.values()))
+    for split, share in (("train", 0.25), ("dev", 0.15), ("test", 0.60)):
+        assert abs(len(ids[split]) / total - share) < 0.04, (split, len(ids[split]), total)
+    # The split depends on the id alone: an id keeps its split whatever else the file holds.
+    assert all(split_of(name, i) == s for s, members in ids.items() for i in members)
     subset = load_dataset(name, n=30, split="train", seed=1)
-    assert {i.id for i in subset} <= {i.id for i in train}
+    assert {i.id for i in subset} <= {i.id for i in splits["train"]}
     with pytest.raises(ValueError, match="unknown split 'validation'"):
         load_dataset(name, split="validation")
 
 
+def test_both_datasets_give_the_router_at_least_300_training_problems():
+    assert len(load_dataset("gsm8k", split="train")) + len(load_dataset("math500", split="train")) >= 300
+
+
+def test_the_testbed_has_a_dev_split_of_its_own():
+    dev, test = load_dataset("testbed", n=20, split="dev"), load_dataset("testbed", n=20, split="test")
+    assert not {i.prompt for i in dev} & {i.prompt for i in test}
+
+
 def test_gsm8k_fields():
-    first = load_dataset("gsm8k")[0]
-    assert load_dataset("gsm8k", split="train")[0].id == "gsm8k-9"  # file position 9
+    from arbitrage_fast.eval.datasets import split_of
+
+    first = load_dataset("gsm8k", split=split_of("gsm8k", "gsm8k-0"))[0]
+    assert load_dataset("gsm8k", split="train")[0].id == "gsm8k-8"  # the first id hashed into train
     assert first.id == "gsm8k-0" and first.answer == "18"
     assert first.question.startswith("Janet") and first.prompt == first.question
     assert all("," not in i.answer for i in load_dataset("gsm8k"))  # "2,125" -> "2125"
@@ -141,7 +158,8 @@ def test_testbed_uses_generate_problems(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="aime"), "unknown dataset"),
-    (dict(name="gsm8k", split="dev"), "unknown split 'dev'"),
+    (dict(name="gsm8k", split="val"), "unknown split 'val'"),
+    (dict(name="testbed", n=2, split="val"), "unknown split 'val'"),
     (dict(name="testbed"), "pass n"),
 ])
 def test_bad_dataset_requests(kwargs, message):

@@ -1,6 +1,4 @@
-"""Pareto frontiers, speed-up at matched accuracy, and the plot/JSON outputs."""
-
-import pytest
+"""Pareto frontiers and the plot/JSON outputs."""
 
 from arbitrage_fast.eval import (
     frontier,
@@ -8,7 +6,6 @@ from arbitrage_fast.eval import (
     pareto_frontiers,
     plot_pareto,
     save_points_json,
-    speedup_at_matched_accuracy,
 )
 
 
@@ -40,31 +37,6 @@ def test_frontier_drops_dominated_points_and_sorts_by_latency():
 def test_frontier_tie_in_latency_keeps_the_more_accurate():
     a, b = pt("x", 1, 0.4, 1.0), pt("x", 2, 0.6, 1.0)
     assert frontier([a, b]) == [b]
-
-
-def test_speedup_at_matched_accuracy():
-    # Router reaches 0.80 at 5 s; target only at 10 s.
-    assert speedup_at_matched_accuracy(POINTS, "router", "target_only", 0.80) == pytest.approx(2.0)
-    # Tolerance admits rsd@0.9 (0.78 >= 0.79 - 0.01).
-    assert speedup_at_matched_accuracy(POINTS, "rsd", "target_only", 0.79) == pytest.approx(10 / 8)
-    # At 0.70 the fastest router point is 3 s, the fastest rsd point 6 s.
-    assert speedup_at_matched_accuracy(POINTS, "router", "rsd", 0.70) == pytest.approx(2.0)
-
-
-def test_a_point_exactly_one_tolerance_below_counts_despite_float_rounding():
-    # 6/100 >= 7/100 - 0.01 is False in floating point; the rule means it to be True.
-    assert not 6 / 100 >= 7 / 100 - 0.01
-    points = [pt("target_only", None, 7 / 100, 10.0), pt("router", 0.5, 6 / 100, 4.0)]
-    assert speedup_at_matched_accuracy(points, "router", "target_only", 7 / 100) == pytest.approx(2.5)
-    # ... but nothing further below does.
-    points.append(pt("rsd", 0.5, 5 / 100, 1.0))
-    assert speedup_at_matched_accuracy(points, "rsd", "target_only", 7 / 100) is None
-
-
-def test_speedup_is_none_when_unreachable():
-    assert speedup_at_matched_accuracy(POINTS, "rsd", "target_only", 0.80, tolerance=0.0) is None
-    assert speedup_at_matched_accuracy(POINTS, "router", "target_only", 0.95) is None
-    assert speedup_at_matched_accuracy(POINTS, "missing", "target_only", 0.5) is None
 
 
 def test_plot_and_json_roundtrip(tmp_path):

@@ -7,6 +7,8 @@ import pytest
 
 from arbitrage_fast.eval import EvalItem, run_sweep, sweep_plan
 from arbitrage_fast.eval import sweep as sweep_module
+from arbitrage_fast.eval.intervals import wilson_interval
+from arbitrage_fast.eval.provenance import code_revision
 
 ITEMS = [EvalItem("a", "What is 1+1?", "2"), EvalItem("b", "What is 2+2?", "4", prompt_text="P: 2+2")]
 
@@ -57,12 +59,15 @@ def test_sweep_points_schema_and_arithmetic():
     assert [(c[0], c[1], c[2]) for c in engine.calls] == [
         ("What is 1+1?", "target_only", None), ("What is 1+1?", "rsd", 0.5), ("What is 1+1?", "rsd", 0.9),
         ("P: 2+2", "target_only", None), ("P: 2+2", "rsd", 0.5), ("P: 2+2", "rsd", 0.9)]
-    keys = {"policy", "threshold", "n", "accuracy", "latency_s", "cpu_s", "escalation_rate",
-            "draft_tokens", "target_tokens", "steps", "engine_wall_s"}
-    assert all(set(p) == keys for p in points)
+    keys = {"policy", "threshold", "n", "accuracy", "accuracy_ci", "latency_s", "cpu_s", "escalation_rate",
+            "draft_tokens", "target_tokens", "steps", "engine_wall_s", "sittings", "mixed_sittings"}
+    assert set(points[0]) == keys and all(set(p) == keys | {"vs_target_only"} for p in points[1:])
     json.dumps(points)  # serialisable as-is
 
     target, rsd_lo, rsd_hi = points
+    assert target["accuracy_ci"] == list(wilson_interval(2, 2)) and rsd_lo["accuracy_ci"] == list(wilson_interval(1, 2))
+    assert rsd_lo["vs_target_only"]["accuracy_diff"] == -0.5
+    assert len({s for p in points for s in p["sittings"]}) == 1 and not any(p["mixed_sittings"] for p in points)
     assert target["n"] == 2 and target["accuracy"] == 1.0 and target["escalation_rate"] == 1.0
     assert target["target_tokens"] == 50.0 and target["draft_tokens"] == 0.0 and target["steps"] == 5.0
     assert rsd_lo["accuracy"] == 0.5 and rsd_lo["escalation_rate"] == pytest.approx(1 / 10)
@@ -86,7 +91,8 @@ def test_records_resume_skips_solved_runs_and_gives_the_same_points(tmp_path):
     full = run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only", "rsd"], {"rsd": [0.5, 0.9]},
                      progress=False, records=path, run_info=info)
     lines = path.read_text().splitlines()
-    assert json.loads(lines[0]) == {"run": info} and len(lines) == 1 + 6
+    header = {**info, "plan": [["target_only", None], ["rsd", 0.5], ["rsd", 0.9]], "code": code_revision()}
+    assert json.loads(lines[0]) == {"run": header} and len(lines) == 1 + 6
     assert json.loads(lines[1])["text"] == "The answer is \\boxed{2}."
 
     # An interruption after the fourth record, mid-way through writing the fifth.
@@ -98,14 +104,24 @@ def test_records_resume_skips_solved_runs_and_gives_the_same_points(tmp_path):
     assert [strip_point(p) for p in full] == [strip_point(p) for p in resumed]
     assert len(path.read_text().splitlines()) == 1 + 6
 
+    # The resumed points join two sittings: each point's latency is flagged as not side by side.
+    assert [p["mixed_sittings"] for p in resumed] == [False, True, True] and not any(p["mixed_sittings"] for p in full)
+    assert [len(p["sittings"]) for p in resumed] == [1, 2, 2]  # target_only ran wholly in the first
+
     # Everything solved: a rerun does no work; a subset of the problems summarises only those.
     engine = ScriptedEngine(SCRIPT)
-    one = run_sweep(engine, ITEMS[:1], ["rsd"], {"rsd": [0.9]}, progress=False, records=path, run_info=info)
-    assert engine.calls == [] and one[0]["n"] == 1 and one[0]["accuracy"] == 0.0
+    one = run_sweep(engine, ITEMS[:1], ["target_only", "rsd"], {"rsd": [0.5, 0.9]}, progress=False,
+                    records=path, run_info=info)
+    assert engine.calls == [] and one[2]["n"] == 1 and one[2]["accuracy"] == 0.0
 
 
 def strip_point(point):
-    return {k: v for k, v in point.items() if k not in ("latency_s", "cpu_s")}
+    """A point without what depends on when it was measured: latencies and their ratios, sittings."""
+    timing = ("latency_s", "cpu_s", "sittings", "mixed_sittings")
+    out = {k: v for k, v in point.items() if k not in timing}
+    if "vs_target_only" in out:
+        out["vs_target_only"] = {k: v for k, v in out["vs_target_only"].items() if "speedup" not in k}
+    return out
 
 
 def test_a_report_of_an_unfinished_sweep_covers_the_problems_solved_under_every_policy(tmp_path):
@@ -127,8 +143,11 @@ def test_a_report_of_an_unfinished_sweep_covers_the_problems_solved_under_every_
 
     with pytest.raises(ValueError, match="another sweep"):
         points_from_records(ITEMS, *plan, records=path, run_info={**info, "max_new_tokens": 16})
-    with pytest.raises(ValueError, match="no problem solved under every policy"):
+    with pytest.raises(ValueError, match="differs in .'plan'."):
         points_from_records(ITEMS, ["target_only", "rsd"], {"rsd": [0.7]}, records=path, run_info=info)
+    path.write_text("\n".join(lines[:3]) + "\n")  # problem "a" under two of its three runs
+    with pytest.raises(ValueError, match="no problem solved under every policy"):
+        points_from_records(ITEMS, *plan, records=path, run_info=info)
     with pytest.raises(ValueError, match="no records file"):
         points_from_records(ITEMS, *plan, records=tmp_path / "missing.jsonl", run_info=info)
     empty = tmp_path / "empty.jsonl"
@@ -138,11 +157,25 @@ def test_a_report_of_an_unfinished_sweep_covers_the_problems_solved_under_every_
     assert empty.read_text() == ""  # a report never writes a header either
 
 
+def test_records_refuse_another_plan_and_another_code_revision(tmp_path, monkeypatch):
+    path = tmp_path / "runs.jsonl"
+    info = {"dataset": "toy"}
+    run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only", "rsd"], {"rsd": [0.5]}, progress=False,
+              records=path, run_info=info)
+    with pytest.raises(ValueError, match=r"differs in \['plan'\].*file has .*0\.5.*this run has .*0\.9"):
+        run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only", "rsd"], {"rsd": [0.5, 0.9]}, progress=False,
+                  records=path, run_info=info)
+    monkeypatch.setattr(sweep_module, "code_revision", lambda: "0.1.0+src.000000000000")
+    with pytest.raises(ValueError, match=r"differs in \['code'\]"):
+        run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only", "rsd"], {"rsd": [0.5]}, progress=False,
+                  records=path, run_info=info)
+
+
 def test_records_of_another_sweep_are_refused(tmp_path):
     path = tmp_path / "runs.jsonl"
     run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only"], {}, progress=False, records=path,
               run_info={"dataset": "toy", "max_new_tokens": 8})
-    with pytest.raises(ValueError, match=r"another sweep \(differs in \['max_new_tokens'\]\)"):
+    with pytest.raises(ValueError, match=r"another sweep \(differs in \['max_new_tokens'\]: max_new_tokens: file has 8, this run has 16\)"):
         run_sweep(ScriptedEngine(SCRIPT), ITEMS, ["target_only"], {}, progress=False, records=path,
                   run_info={"dataset": "toy", "max_new_tokens": 16})
 

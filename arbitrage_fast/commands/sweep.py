@@ -1,4 +1,5 @@
-"""`sweep`: every policy over a threshold grid on the same problems -> points, speed-ups, plot."""
+"""`sweep`: every policy over a threshold grid (or the thresholds a calibration chose) on the same
+problems -> points with intervals, the matched-accuracy table of a calibration, plot."""
 from __future__ import annotations
 
 from arbitrage_fast.config import SamplingParams
@@ -28,47 +29,34 @@ def parse_thresholds(spec: str | None, policies: list[str]) -> dict[str, list[fl
     return out
 
 
-def matched_speedups(points: list[dict], policies: list[str], tolerance: float = 0.01) -> dict:
-    """Latency ratios read off the curves at the target-only accuracy (minus tolerance)."""
-    from arbitrage_fast.eval.pareto import speedup_at_matched_accuracy
-
-    ref = next((p for p in points if p["policy"] == "target_only"), None)
-    if ref is None:
-        return {}
-    out = {"reference_accuracy": ref["accuracy"], "tolerance": tolerance}
-    for policy in policies:
-        if policy == "target_only":
-            continue
-        out[policy] = {
-            base: speedup_at_matched_accuracy(points, policy, base, ref["accuracy"], tolerance)
-            for base in ("target_only", "rsd") if base != policy and any(p["policy"] == base for p in points)
-        }
-    return out
-
-
-def run(preset, args) -> int:
-    from arbitrage_fast.eval.datasets import load_dataset
-    from arbitrage_fast.eval.pareto import plot_pareto
-    from arbitrage_fast.eval.sweep import points_from_records, run_sweep
-
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    thresholds = parse_thresholds(args.thresholds, policies)
-    if args.report_only and not args.records:
-        raise ValueError("--report-only summarises a --records file: pass --records too")
-    items = load_dataset(args.dataset or preset.dataset, n=args.n, split="test", seed=args.seed,
-                         instruction=preset.instruction)
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
-    audit = build_prm(preset.label_prm)
-    # What a records file must agree on to be resumed: everything that changes an answer.
-    run_info = {"preset": preset.name, "draft": preset.draft, "target": preset.target, "router": preset.router,
+def sweep_settings(preset, args) -> dict:
+    """Everything that changes an answer or a latency, bar the split and the plan: a records file,
+    and a calibration carried from dev to test, must agree on all of it."""
+    settings = {"preset": preset.name, "draft": preset.draft, "target": preset.target, "router": preset.router,
                 "inference_prm": str(preset.prm), "audit_prm": str(preset.label_prm),
                 "dataset": args.dataset or preset.dataset, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "dtype": args.dtype or preset.dtype,
                 "instruction": preset.instruction, **quant_info(args)}
     if args.spec_k:  # changes latency, not greedy answers; absent means 0, so older files still resume
-        run_info["spec_k"] = args.spec_k
+        settings["spec_k"] = args.spec_k
+    return settings
+
+
+def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict[str, list[float]],
+                 report_only: bool = False) -> dict:
+    """Run (or, `report_only`, read back from --records) one sweep of `split`; returns its result dict."""
+    from arbitrage_fast.eval.datasets import load_dataset
+    from arbitrage_fast.eval.sweep import points_from_records, run_sweep
+
+    if report_only and not args.records:
+        raise ValueError("--report-only summarises a --records file: pass --records too")
+    items = load_dataset(args.dataset or preset.dataset, n=args.n, split=split, seed=args.seed,
+                         instruction=preset.instruction)
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
+    audit = build_prm(preset.label_prm)
+    run_info = {**sweep_settings(preset, args), "split": split}
     planned = len(items)
-    if args.report_only:
+    if report_only:
         points, items = points_from_records(items, policies, thresholds, args.records, run_info,
                                             audited=audit is not None)
     else:
@@ -76,21 +64,61 @@ def run(preset, args) -> int:
         points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
                            generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info)
     result = {
-        "preset": preset.name, "dataset": args.dataset or preset.dataset, "n": len(items),
+        "preset": preset.name, "dataset": args.dataset or preset.dataset, "split": split, "n": len(items),
         "inference_prm": preset.prm or "target-likelihood", "audit_prm": preset.label_prm, "spec_k": args.spec_k,
-        "points": points, "speedups": matched_speedups(points, policies),
+        "settings": run_info, "points": points,
     }
     if len(items) < planned:  # a report of a sweep not yet finished
         result["n_planned"] = planned
+    return result
+
+
+def _calibrated_plan(preset, args) -> tuple[list[str], dict[str, list[float]], dict]:
+    """--thresholds-from: the calibration's policies and thresholds, after checking it was made
+    on dev with the settings of this sweep."""
+    from arbitrage_fast.eval.calibration import load_calibration, thresholds_from
+
+    if args.thresholds:
+        raise ValueError("--thresholds-from and --thresholds both choose thresholds: pass one")
+    calibration = load_calibration(args.thresholds_from)
+    if calibration["split"] == args.split:
+        raise ValueError(f"the calibration in {args.thresholds_from} was made on the {args.split!r} split; "
+                         "thresholds must be reported on another split than the one that chose them")
+    ours, theirs = sweep_settings(preset, args), calibration["settings"]
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k != "seed")
+    if differ:
+        detail = "; ".join(f"{k}: calibration has {theirs.get(k)!r}, this sweep has {ours.get(k)!r}" for k in differ)
+        raise ValueError(f"the calibration in {args.thresholds_from} was made with other settings ({detail})")
+    policies, thresholds = thresholds_from(calibration)
+    return policies, thresholds, calibration
+
+
+def run(preset, args) -> int:
+    from arbitrage_fast.eval.pareto import plot_pareto
+    from arbitrage_fast.eval.report import protocol_rows, render_points_table, render_protocol_table
+
+    calibration = None
+    if args.thresholds_from:
+        policies, thresholds, calibration = _calibrated_plan(preset, args)
+    else:
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        thresholds = parse_thresholds(args.thresholds, policies)
+    result = sweep_points(preset, args, args.split, policies, thresholds, report_only=args.report_only)
+    points, n, planned = result["points"], result["n"], result.get("n_planned", result["n"])
+    if calibration is not None:
+        result["calibration"] = {"file": str(args.thresholds_from), "split": calibration["split"],
+                                 "n": calibration["n"], "target_only": calibration["target_only"]}
+        result["protocol"] = protocol_rows(calibration["choices"], points)
     write_json(result, args.json)
     if args.plot:
-        of = f" of {planned} so far" if len(items) < planned else ""
-        plot_pareto(points, args.plot, title=f"{preset.name}: accuracy vs latency (n={len(items)}{of})")
-    if len(items) < planned:
-        print(f"report of the {len(items)} of {planned} problems solved under every policy so far")
-    for p in points:
-        t = "" if p["threshold"] is None else f"@{p['threshold']:g}"
-        print(f"{p['policy'] + t:18s} acc {p['accuracy']:.3f}  latency {p['latency_s'] * 1000:8.1f} ms  "
-              f"escalation {p['escalation_rate']:.2f}  target tokens {p['target_tokens']:.1f}")
-    print("speed-ups at matched accuracy:", result["speedups"])
+        of = f" of {planned} so far" if n < planned else ""
+        grid = "calibrated thresholds" if calibration else "full grid"
+        plot_pareto(points, args.plot, title=f"{preset.name}: accuracy vs latency, {args.split} split, {grid} "
+                                             f"(n={n}{of})")
+    if n < planned:
+        print(f"report of the {n} of {planned} problems solved under every policy so far")
+    print(render_points_table(result))
+    if calibration is not None:
+        print()
+        print(render_protocol_table(result))
     return 0

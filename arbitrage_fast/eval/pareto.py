@@ -1,9 +1,9 @@
-"""Accuracy-vs-latency curves: Pareto frontiers, speed-up at matched accuracy, plots.
+"""Accuracy-vs-latency curves: Pareto frontiers and plots.
 
-A policy is judged by its whole threshold sweep, never by one point: the
-frontier keeps the points no other point of the same policy beats on both axes
-(lower latency, higher accuracy), and the speed-up is read at an accuracy both
-policies actually reach.
+The frontier keeps the points no other point of the same policy beats on both axes
+(lower latency, higher accuracy). A frontier read on the problems it reports is
+optimistic, so speed-ups at matched accuracy come only from thresholds chosen on dev
+(`eval.calibration`, `sweep --thresholds-from`), never from reading these curves.
 """
 
 from __future__ import annotations
@@ -40,35 +40,6 @@ def frontier(points: list[Point]) -> list[Point]:
 def pareto_frontiers(points: list[Point]) -> dict[str, list[Point]]:
     """Each policy's frontier, keyed by policy name."""
     return {policy: frontier(pts) for policy, pts in group_by_policy(points).items()}
-
-
-# Accuracies are counts over n problems and a floor is reference - tolerance, both rounded
-# floats: 6/100 >= 7/100 - 0.01 is False in binary. Anything this close counts as reached.
-_ACCURACY_EPS = 1e-9
-
-
-def fastest_at_accuracy(points: list[Point], policy: str, min_accuracy: float) -> Point | None:
-    """The lowest-latency point of `policy` with accuracy >= `min_accuracy`, or None."""
-    reaching = [p for p in points if p["policy"] == policy and p["accuracy"] >= min_accuracy - _ACCURACY_EPS]
-    return min(reaching, key=lambda p: p["latency_s"], default=None)
-
-
-def speedup_at_matched_accuracy(points: list[Point], policy: str, baseline: str,
-                                reference_accuracy: float, tolerance: float = 0.01) -> float | None:
-    """Baseline latency / policy latency, each at its fastest point within `tolerance` of the reference.
-
-    Above 1 means `policy` is faster. None when either policy never reaches
-    `reference_accuracy - tolerance` (a speed-up at an accuracy one side cannot
-    deliver is not a speed-up).
-    """
-    floor = reference_accuracy - tolerance
-    ours = fastest_at_accuracy(points, policy, floor)
-    theirs = fastest_at_accuracy(points, baseline, floor)
-    if ours is None or theirs is None:
-        return None
-    if ours["latency_s"] <= 0:
-        raise ValueError(f"policy {policy!r} has a non-positive latency {ours['latency_s']}; cannot form a ratio")
-    return theirs["latency_s"] / ours["latency_s"]
 
 
 def plot_pareto(points: list[Point], path_png: str | Path, title: str | None = None) -> Path:

@@ -12,13 +12,21 @@ touches every policy alike, and a sweep stopped halfway still compares the
 policies on the same problems. With a records file every solved (problem,
 policy, threshold) is appended as one JSON line the moment it finishes, and a
 rerun with the same file skips what is already there: an hours-long sweep on
-real models survives an interruption.
+real models survives an interruption. The file's header names everything that sets
+an answer or a latency (models, PRM, caps, split, the (policy, threshold) plan, the
+code revision); a rerun under any other header is refused, so one file never mixes
+settings: a new point is a new file. Each record carries the sitting (process start)
+that measured it, and a point whose records come from more than one sitting, or from
+other sittings than its baseline's, is flagged: its latencies were not measured side by side.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
+from datetime import datetime, timezone
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,12 +34,16 @@ from tqdm.auto import tqdm
 
 from .datasets import EvalItem
 from .grading import grade
+from .intervals import compare_to_baseline, wilson_interval
+from .provenance import code_revision
 
 # Policies whose behaviour has no threshold to sweep: they run once, at threshold None.
 THRESHOLDLESS_POLICIES = frozenset({"target_only", "draft_only", "spec_decode", "spec_thinking"})
 REQUIRED_STATS = ("draft_tokens", "target_tokens", "escalations", "steps", "wall_s")
 # Kept when the engine reports them: token-level speculation inside the target's steps.
 SPECULATION_STATS = ("spec_proposed", "spec_accepted")
+# Every other point is compared with this one, paired by problem, when the sweep runs it.
+BASELINE = "target_only"
 
 
 def sweep_plan(policies: Sequence[str], thresholds: dict[str, list[float]]) -> list[tuple[str, float | None]]:
@@ -63,22 +75,25 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
     (accepted / proposed draft tokens). With `audit_prm`, each escalated step's rejected draft and
     committed target step are both scored offline, adding `wasted_escalation_share`
     (escalations whose target step scored no better than the draft step it replaced;
-    None when nothing escalated). `records` is a JSONL file to append to and resume
-    from; `run_info` (what the caller swept: models, dataset, token cap...) is its
-    header, and a file written under a different header is refused.
+    None when nothing escalated). Every point carries `accuracy_ci` (Wilson, 95%) and the
+    `sittings` that measured it; with target_only in the plan every other point also
+    carries `vs_target_only` (`compare_with_baseline`). `records` is a JSONL file to append to and resume
+    from; its header is `run_info` (what the caller swept: models, dataset, token cap...)
+    with the plan and the code revision added, and a file written under a different header is refused.
     """
     if not items:
         raise ValueError("run_sweep needs at least one item")
     grader = grade if grader is None else grader
     plan = sweep_plan(policies, thresholds)
-    log = RecordLog(records, run_info or {})
+    log = RecordLog(records, records_header(run_info or {}, plan))
     todo = [(item, policy, threshold) for item in items for policy, threshold in plan
             if (item.id, policy, threshold) not in log.done]
     with tqdm(total=len(plan) * len(items), initial=len(plan) * len(items) - len(todo),
               disable=not progress, unit="run") as bar:
         for item, policy, threshold in todo:
             bar.set_description(f"{item.id} {_label(policy, threshold)}")
-            log.append(_solve(engine, item, policy, threshold, sampling, grader, audit_prm, generate_kwargs or {}))
+            log.append(_solve(engine, item, policy, threshold, sampling, grader, audit_prm, generate_kwargs or {},
+                              log.sitting))
             bar.update(1)
     return _points(log, items, plan, audit_prm is not None)
 
@@ -90,23 +105,64 @@ def points_from_records(items: Sequence[EvalItem], policies: Sequence[str], thre
     problems. Nothing is run and the file is only read (a sweep may be appending to it).
     Returns the points and the problems they cover."""
     plan = sweep_plan(policies, thresholds)
-    log = RecordLog(records, run_info, read_only=True)
+    log = RecordLog(records, records_header(run_info, plan), read_only=True)
     complete = [item for item in items if all((item.id, policy, threshold) in log.done for policy, threshold in plan)]
     if not complete:
         raise ValueError(f"records file {records} holds no problem solved under every policy and threshold of this sweep")
     return _points(log, complete, plan, audited), complete
 
 
+def points_from_record_file(records: str | Path) -> tuple[dict, list[dict]]:
+    """(header, points) of a finished records file whatever its header: the plan is the
+    (policy, threshold) pairs in the order first seen, over the problems solved under all of
+    them. For re-reporting committed evidence; a sweep resumes only through `RecordLog`."""
+    lines = Path(records).read_text().splitlines()
+    header = json.loads(lines[0]).get("run") or {}
+    done = {}
+    for line in lines[1:]:
+        record = json.loads(line)
+        done[(record["item"], record["policy"], record["threshold"])] = record
+    plan = list(dict.fromkeys((policy, threshold) for _, policy, threshold in done))
+    items = [i for i in dict.fromkeys(item for item, _, _ in done) if all((i, *run) in done for run in plan)]
+    if not items:
+        raise ValueError(f"records file {records} holds no problem solved under every policy and threshold")
+    runs = [[done[(item, *run)] for item in items] for run in plan]
+    return header, points_with_comparisons(runs, audited="audited" in runs[0][0])
+
+
+def records_header(run_info: dict, plan: list[tuple[str, float | None]]) -> dict:
+    """What a records file must agree on to be resumed: the caller's settings, the plan, the code."""
+    return {**run_info, "plan": [[policy, threshold] for policy, threshold in plan], "code": code_revision()}
+
+
 def _points(log: "RecordLog", items: Sequence[EvalItem], plan, audited: bool) -> list[dict]:
-    return [summarise([log.done[(item.id, policy, threshold)] for item in items], audited)
-            for policy, threshold in plan]
+    return points_with_comparisons([[log.done[(item.id, policy, threshold)] for item in items]
+                                    for policy, threshold in plan], audited)
+
+
+def points_with_comparisons(runs: list[list[dict]], audited: bool = False) -> list[dict]:
+    """One point per run (the records of one (policy, threshold), in one problem order), each
+    compared with the target_only run when there is one."""
+    points = [summarise(records, audited) for records in runs]
+    baseline = next((i for i, p in enumerate(points) if p["policy"] == BASELINE), None)
+    if baseline is None:
+        return points
+    for point, records in zip(points, runs):
+        if point["policy"] == BASELINE:
+            continue
+        point["vs_target_only"] = compare_to_baseline(records, runs[baseline])
+        # Latencies compared across sittings met different machine loads: say so beside the ratio.
+        point["mixed_sittings"] = (len(point["sittings"]) > 1
+                                   or point["sittings"] != points[baseline]["sittings"])
+    points[baseline]["mixed_sittings"] = len(points[baseline]["sittings"]) > 1
+    return points
 
 
 def _label(policy: str, threshold: float | None) -> str:
     return policy if threshold is None else f"{policy}@{threshold:g}"
 
 
-def _solve(engine, item, policy, threshold, sampling, grader, audit_prm, generate_kwargs) -> dict:
+def _solve(engine, item, policy, threshold, sampling, grader, audit_prm, generate_kwargs, sitting) -> dict:
     """One problem under one (policy, threshold), as a JSON-able record."""
     wall, cpu = time.perf_counter(), time.process_time()
     result = engine.generate(item.prompt, policy=policy, threshold=threshold, sampling=sampling,
@@ -117,7 +173,7 @@ def _solve(engine, item, policy, threshold, sampling, grader, audit_prm, generat
         raise KeyError(f"engine result stats lack {missing[0]!r} (have {sorted(result.stats)}); "
                        f"a sweep needs {list(REQUIRED_STATS)}")
     record = {"item": item.id, "policy": policy, "threshold": threshold,
-              "correct": bool(grader(result.text, item.answer)), "latency_s": wall, "cpu_s": cpu,
+              "correct": bool(grader(result.text, item.answer)), "latency_s": wall, "cpu_s": cpu, "sitting": sitting,
               **{key: result.stats[key] for key in REQUIRED_STATS},
               **{key: result.stats[key] for key in SPECULATION_STATS if key in result.stats}, "text": result.text}
     if audit_prm is not None:
@@ -129,11 +185,13 @@ def summarise(records: list[dict], audited: bool = False) -> dict:
     """One sweep point from the records of one (policy, threshold) over the sweep's problems."""
     n = len(records)
     total = {key: sum(r[key] for r in records) for key in (*REQUIRED_STATS, "latency_s", "cpu_s")}
+    correct = sum(bool(r["correct"]) for r in records)
     point = {
         "policy": records[0]["policy"],
         "threshold": records[0]["threshold"],
         "n": n,
-        "accuracy": sum(r["correct"] for r in records) / n,
+        "accuracy": correct / n,
+        "accuracy_ci": list(wilson_interval(correct, n)),
         "latency_s": total["latency_s"] / n,
         "cpu_s": total["cpu_s"] / n,
         "escalation_rate": total["escalations"] / total["steps"] if total["steps"] else 0.0,
@@ -141,6 +199,8 @@ def summarise(records: list[dict], audited: bool = False) -> dict:
         "target_tokens": total["target_tokens"] / n,
         "steps": total["steps"] / n,
         "engine_wall_s": total["wall_s"] / n,
+        # Records written before sittings were kept share one unnamed sitting.
+        "sittings": sorted({r.get("sitting") or "unrecorded" for r in records}),
     }
     proposed = sum(r.get("spec_proposed", 0) for r in records)
     if proposed:  # the share of the draft's proposed tokens the target kept
@@ -156,11 +216,14 @@ class RecordLog:
 
     The file's first line is {"run": run_info}; every further line is one record. A `read_only`
     log never writes: a last line cut short (a sweep writing it now) is skipped, not repaired.
+    `sitting` names this log's sitting: its start time (UTC), process id and a random tag (two
+    sittings of one process may start within the same second).
     """
 
     def __init__(self, path: str | Path | None, run_info: dict, read_only: bool = False):
         self.path = None if path is None else Path(path)
         self.read_only = read_only
+        self.sitting = f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.done: dict[tuple, dict] = {}
         if self.path is None:
             return
@@ -176,9 +239,11 @@ class RecordLog:
         lines = self.path.read_text().splitlines()
         header = json.loads(lines[0]).get("run")
         if header != run_info:
-            differ = sorted(k for k in set(header or {}) | set(run_info) if (header or {}).get(k) != run_info.get(k))
-            raise ValueError(f"records file {self.path} belongs to another sweep (differs in {differ}); "
-                             "pass a new --records path or delete the file")
+            header = header or {}
+            differ = sorted(k for k in set(header) | set(run_info) if header.get(k) != run_info.get(k))
+            detail = "; ".join(f"{k}: file has {header.get(k)!r}, this run has {run_info.get(k)!r}" for k in differ)
+            raise ValueError(f"records file {self.path} belongs to another sweep (differs in {differ}: {detail}); "
+                             "a new setting is a new file: pass a new --records path")
         for number, line in enumerate(lines[1:], start=2):
             try:
                 record = json.loads(line)

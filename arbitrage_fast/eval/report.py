@@ -1,0 +1,170 @@
+"""Markdown tables of sweep results, rendered from the result JSON alone.
+
+Every figure README.md and benchmarks/RESULTS.md quote from a sweep sits in a block
+between `<!-- table: PATH -->` and `<!-- /table -->`, rewritten by
+`python -m arbitrage_fast.eval.report` from the JSON at PATH (relative to the repository
+root); a test checks that each block equals what this module renders, so no number in the
+docs can drift from its JSON. Every accuracy carries its Wilson 95% interval and every
+speed-up its paired-bootstrap 95% interval (`eval.intervals`); "matched" means the
+accuracy difference to target_only is not significant at 95%.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+BLOCK = re.compile(r"(<!-- table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
+
+
+def protocol_rows(choices: list[dict], points: list[dict]) -> list[dict]:
+    """One row per calibration choice: the dev figures that chose the threshold beside the
+    test point it names (test None when dev reached no threshold for the target)."""
+    by_key = {(p["policy"], p["threshold"]): p for p in points}
+    rows = []
+    for choice in choices:
+        row = {"policy": choice["policy"], "target": choice["target"], "threshold": choice["threshold"],
+               "dev": choice["dev"], "test": None}
+        if choice["threshold"] is not None:
+            if (choice["policy"], choice["threshold"]) not in by_key:
+                raise ValueError(f"the sweep has no point for {choice['policy']}@{choice['threshold']}, "
+                                 "which the calibration chose")
+            row["test"] = by_key[(choice["policy"], choice["threshold"])]
+        rows.append(row)
+    return rows
+
+
+def _acc(point: dict) -> str:
+    low, high = point["accuracy_ci"]
+    return f"{point['accuracy']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _ratio(value, ci) -> str:
+    return "—" if value is None else f"{value:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _versus(point: dict) -> list[str]:
+    vs = point.get("vs_target_only")
+    if vs is None:  # target_only itself, or a sweep without it
+        return ["—", "—", "—", "—"]
+    low, high = vs["accuracy_diff_ci"]
+    return [f"{vs['accuracy_diff'] * 100:+.1f} pt [{low * 100:+.1f}, {high * 100:+.1f}]",
+            "yes" if vs["matched"] else "**no**", _ratio(vs["speedup"], vs["speedup_ci"]),
+            _ratio(vs["cpu_speedup"], vs["cpu_speedup_ci"])]
+
+
+def _cells(point: dict) -> list[str]:
+    return [_acc(point), *_versus(point)[:2], f"{point['latency_s']:.3f}", f"{point['cpu_s']:.3f}",
+            *_versus(point)[2:], f"{point['escalation_rate']:.2f}",
+            _sittings(point)]
+
+
+def _sittings(point: dict) -> str:
+    if point.get("mixed_sittings"):
+        return "**mixed**"
+    return "not recorded" if point["sittings"] == ["unrecorded"] else "one"
+
+
+_COLUMNS = ["accuracy [95% CI]", "vs target_only [95% CI]", "matched", "wall s", "CPU s",
+            "speed-up, wall [95% CI]", "speed-up, CPU [95% CI]", "escalation", "sittings"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def _label(point: dict) -> str:
+    return point["policy"] if point["threshold"] is None else f"{point['policy']}@{point['threshold']:g}"
+
+
+def render_points_table(result: dict) -> str:
+    """Every point of a sweep. Without a calibration its thresholds were not chosen on dev, so
+    the caption says the table is a full grid read on the same problems it reports."""
+    # Results written before the train/dev/test splits carry no split: their "test" was the old one.
+    split = f"{result['split']} split" if "split" in result else "split not recorded, older than train/dev/test"
+    kind = ("thresholds from the dev calibration" if "protocol" in result
+            else "full threshold grid, not chosen on dev: any 'best point' read off it is optimistic")
+    caption = (f"{result['preset']} on {result['dataset']} ({split}, n = {result['n']}; {kind}). "
+               "Wall and CPU s are means per problem; speed-ups are target_only's summed latency over the row's, "
+               "paired by problem.")
+    rows = [[_label(p), *_cells(p)] for p in result["points"]]
+    return caption + "\n\n" + _table(["policy", *_COLUMNS], rows)
+
+
+def render_protocol_table(result: dict) -> str:
+    """The matched-accuracy table: each policy at the thresholds dev chose, measured on test."""
+    cal = result["calibration"]
+    caption = (f"{result['preset']} on {result['dataset']}: thresholds chosen on the {cal['split']} split "
+               f"(n = {cal['n']}, target_only {cal['target_only']['accuracy']:.3f}), reported on the "
+               f"{result['split']} split (n = {result['n']}) once. Targets: dev accuracy within 0/1/2 points "
+               "of target_only's, or a dev escalation rate.")
+    rows = []
+    for row in result["protocol"]:
+        head = [row["policy"], row["target"], "—" if row["threshold"] is None else f"{row['threshold']:g}"]
+        if row["test"] is None:
+            rows.append([*head, "no dev grid point reached the target", *["—"] * (len(_COLUMNS) - 1)])
+        else:
+            rows.append([*head, *_cells(row["test"])])
+    return caption + "\n\n" + _table(["policy", "dev target", "threshold", *_COLUMNS], rows)
+
+
+def render(result: dict) -> str:
+    """The block a doc shows for `result`: the protocol table where there is one, else the grid."""
+    return render_protocol_table(result) if "protocol" in result else render_points_table(result)
+
+
+def rewrite_blocks(text: str, root: Path) -> str:
+    """`text` with every table block re-rendered from its JSON."""
+    def fill(match: re.Match) -> str:
+        path = root / match["path"]
+        if not path.is_file():
+            raise ValueError(f"a table block names {match['path']}, which does not exist under {root}")
+        return match.group(1) + render(json.loads(path.read_text())) + "\n" + match.group(4)
+    return BLOCK.sub(fill, text)
+
+
+def refresh_points(result_path: Path, records_path: Path) -> None:
+    """Rewrite the points of a sweep's result JSON from its records file (adding the intervals a
+    result written before them lacks), after checking that every figure it held is unchanged."""
+    from .sweep import points_from_record_file
+
+    result = json.loads(result_path.read_text())
+    _, rebuilt = points_from_record_file(records_path)
+    by_key = {(p["policy"], p["threshold"]): p for p in rebuilt}
+    old = result["points"]
+    points = [by_key.get((p["policy"], p["threshold"])) for p in old]  # in the order the JSON lists them
+    if len(old) != len(rebuilt) or None in points or any(abs(o[k] - n[k]) > 1e-12 for o, n in zip(old, points)
+                                       for k in ("accuracy", "latency_s", "cpu_s", "escalation_rate")):
+        raise ValueError(f"{records_path} does not reproduce the points of {result_path}")
+    result["points"] = points
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="re-render the sweep tables in Markdown files from their JSON")
+    parser.add_argument("files", nargs="*", type=Path)
+    parser.add_argument("--refresh", nargs=2, type=Path, metavar=("RESULT_JSON", "RECORDS_JSONL"),
+                        help="first rebuild RESULT_JSON's points, with intervals, from its records file")
+    parser.add_argument("--root", type=Path, default=Path("."), help="where the blocks' JSON paths start")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
+    args = parser.parse_args(argv)
+    if args.refresh:
+        refresh_points(*args.refresh)
+    stale = []
+    for path in args.files:
+        text = path.read_text()
+        new = rewrite_blocks(text, args.root)
+        if new != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(new)
+    if stale:
+        print(("stale: " if args.check else "rewrote: ") + ", ".join(map(str, stale)))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The result tables in README.md and RESULTS.md equal what the renderer makes of their JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from arbitrage_fast.eval.report import BLOCK, main, protocol_rows, render, rewrite_blocks
+from arbitrage_fast.eval.sweep import points_with_comparisons
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "benchmarks/RESULTS.md"])
+def test_every_table_in_the_docs_is_rendered_from_its_json(doc):
+    text = (ROOT / doc).read_text()
+    blocks = list(BLOCK.finditer(text))
+    assert blocks, f"{doc} has no rendered result table"
+    assert rewrite_blocks(text, ROOT) == text, (
+        f"a table in {doc} differs from its JSON; run: python -m arbitrage_fast.eval.report README.md "
+        "benchmarks/RESULTS.md")
+
+
+def test_the_readme_headline_numbers_are_the_jsons():
+    block = next(BLOCK.finditer((ROOT / "README.md").read_text()))
+    result = json.loads((ROOT / block["path"]).read_text())
+    for point in result["points"]:
+        assert f"{point['accuracy']:.3f} [{point['accuracy_ci'][0]:.3f}, {point['accuracy_ci'][1]:.3f}]" in block["body"]
+        vs = point.get("vs_target_only")
+        if vs is not None:
+            assert f"{vs['speedup']:.2f}x [{vs['speedup_ci'][0]:.2f}, {vs['speedup_ci'][1]:.2f}]" in block["body"]
+
+
+def _records(policy, threshold, correct, latency):
+    return [{"item": f"p{i}", "policy": policy, "threshold": threshold, "correct": c, "latency_s": latency,
+             "cpu_s": latency, "draft_tokens": 1, "target_tokens": 1, "escalations": 0, "steps": 1, "wall_s": latency,
+             "sitting": "s1"} for i, c in enumerate(correct)]
+
+
+def _result():
+    runs = [_records("target_only", None, [True] * 40, 2.0), _records("rsd", 0.5, [True] * 40, 1.0),
+            _records("rsd", 0.9, [i >= 20 for i in range(40)], 0.5)]
+    runs[2][0]["sitting"] = "s2"
+    points = points_with_comparisons(runs)
+    choices = [{"policy": "rsd", "target": "accuracy -0 pt", "threshold": 0.5, "dev": {}},
+               {"policy": "rsd", "target": "accuracy -1 pt", "threshold": None, "dev": None},
+               {"policy": "rsd", "target": "escalation 10%", "threshold": 0.9, "dev": {}}]
+    return {"preset": "toy", "dataset": "toy", "split": "test", "n": 40, "points": points,
+            "calibration": {"split": "dev", "n": 10, "target_only": {"accuracy": 1.0}},
+            "protocol": protocol_rows(choices, points)}
+
+
+def test_protocol_table_marks_unmatched_rows_mixed_sittings_and_unreached_targets():
+    table = render(_result())
+    rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| rsd")}
+    assert "thresholds chosen on the dev split (n = 10" in table
+    assert "| yes |" in rows["accuracy -0 pt"] and "2.00x [2.00, 2.00]" in rows["accuracy -0 pt"]
+    assert "| **no** |" in rows["escalation 10%"] and "-50.0 pt" in rows["escalation 10%"]
+    assert "**mixed**" in rows["escalation 10%"] and "| one |" in rows["accuracy -0 pt"]
+    assert "no dev grid point reached the target" in rows["accuracy -1 pt"]
+
+
+def test_a_protocol_row_without_its_test_point_is_an_error():
+    with pytest.raises(ValueError, match="no point for rsd@0.7"):
+        protocol_rows([{"policy": "rsd", "target": "t", "threshold": 0.7, "dev": {}}], _result()["points"])
+
+
+def test_the_script_rewrites_stale_blocks_and_check_reports_them(tmp_path, capsys):
+    (tmp_path / "r.json").write_text(json.dumps({k: v for k, v in _result().items()
+                                                  if k not in ("protocol", "calibration")}))
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- table: r.json -->\nold numbers\n<!-- /table -->\nend\n")
+    assert main([str(doc), "--root", str(tmp_path), "--check"]) == 1
+    assert "old numbers" in doc.read_text() and "stale" in capsys.readouterr().out
+    assert main([str(doc), "--root", str(tmp_path)]) == 0
+    assert "old numbers" not in doc.read_text() and "full threshold grid" in doc.read_text()
+    assert main([str(doc), "--root", str(tmp_path), "--check"]) == 0
