@@ -140,6 +140,10 @@ class RemoteEngine:
     def batch_sizes(self) -> dict[str, int]:
         return {}
 
+    def graph_buckets(self) -> dict[str, list[int]]:
+        """No local forwards, so no graphs: the servers decide how they batch."""
+        return {}
+
     # ------------------------------------------------------------------ the step loop
     def _steps(self, run: "RemoteRun", prompts: dict[str, str], problem: str, pol: Policy, sampling: SamplingParams):
         stats = dict(steps=0, escalations=0, draft_tokens=0, target_tokens=0, draft_requests=0, target_requests=0,
