@@ -132,6 +132,7 @@ class _LocalSource:
         judge = eng.target_judge
         step_ids = drafted.tokens if eng.shared_vocab else eng.encode_step(eng.text(drafted.tokens, D), T)
         committed = len(seq.tokens(T))
+        yield from share_prefix(eng.cache, seq.seq_id, T, seq.tokens(T))
         # Feed at least the last committed token, so its row (the escalation's start) is computed.
         seen = min(eng.cache.num_tokens(seq.seq_id, T), committed - 1)
         if eng.cache.num_tokens(seq.seq_id, T) > seen:

@@ -5,6 +5,13 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI replays the same examples every run (a red build names a real bug, not a new draw);
+# elsewhere every run explores new ones.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Must be decided before any module imports triton: the interpreter flag is read at import.
 if not torch.cuda.is_available():
@@ -28,6 +35,17 @@ def one_thread():
 def two_threads():
     """Kernels whose threading is under test (at::parallel_for splits) need more than one thread."""
     yield from _threads(2)
+
+
+@pytest.fixture(scope="session")
+def qwen_draft_gguf():
+    """The real Qwen2.5-Coder-0.5B-Instruct GGUF, joined from its part packages (skips without them)."""
+    from arbitrage_fast.models import gguf_assets
+
+    try:
+        return gguf_assets.assemble("qwen2.5-coder-0.5b-instruct")
+    except gguf_assets.MissingPartError as e:
+        pytest.skip(str(e))
 
 
 def pytest_configure(config):

@@ -7,16 +7,14 @@ generators between requests shows up as a different token.
 from __future__ import annotations
 
 import pytest
-import torch
 
-from arbitrage_fast import Engine, EngineConfig, SamplingParams
+from arbitrage_fast import SamplingParams
 from arbitrage_fast.kv import KVCacheExhausted
 from arbitrage_fast.policies import POLICY_NAMES
 from arbitrage_fast.request import RequestState
 from arbitrage_fast.roles import Role
-from arbitrage_fast.router.head import RouterConfig, RouterHead
 from arbitrage_fast.runtime.batch_graphs import BUCKETS, DecodeBuckets, is_decode_batch
-from helpers.length_prm import LengthPRM, build_policy_pair
+from helpers.length_prm import LengthPRM, build_policy_folders, policy_engine
 
 PROMPTS = [
     "We compute 12 + 30 = 42",
@@ -35,24 +33,14 @@ THRESHOLDS = {"rsd": [0.3, 0.6, 0.9], "oracle": [0.0, 0.1, -0.1], "arbitrage": [
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("batch")
-    draft, target = build_policy_pair(root)
-    torch.manual_seed(3)
-    head = RouterHead(RouterConfig(hidden_size=32, width=8))
-    head.save(root / "router")
-    return draft, target, root / "router"
+    return build_policy_folders(tmp_path_factory.mktemp("batch"), router_seed=3)
 
 
-def _engine(folders, prm=None, **extra) -> Engine:
-    draft, target, router = folders
-    extra.setdefault("kv_pages", 256)
-    return Engine(EngineConfig(draft=str(draft), target=str(target), router=str(router), prm=prm,
-                               min_block_size=4, **extra))
 
 
 @pytest.fixture(scope="module", params=["target_likelihood", "length_prm"])
 def engine(request, folders):
-    return _engine(folders, prm=LengthPRM() if request.param == "length_prm" else None)
+    return policy_engine(folders, prm=LengthPRM() if request.param == "length_prm" else None)
 
 
 def _threshold(policy: str, i: int):
@@ -89,9 +77,9 @@ def test_every_policy_batched_with_the_others_equals_each_prompt_alone(engine, p
 
 
 def test_a_tiny_token_budget_splits_prefills_and_changes_nothing(folders):
-    engine = _engine(folders, max_batch_tokens=5)
+    engine = policy_engine(folders, max_batch_tokens=5)
     prompts, policies, thresholds = _mixed_batch("rsd", 7)
-    reference = _alone(_engine(folders), prompts, policies, thresholds)
+    reference = _alone(policy_engine(folders), prompts, policies, thresholds)
     batched = engine.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=SP)
     for a, b in zip(reference, batched):
         _same(a, b)
@@ -100,7 +88,7 @@ def test_a_tiny_token_budget_splits_prefills_and_changes_nothing(folders):
 
 def test_each_forward_serves_the_whole_batch(folders, monkeypatch):
     """One forward per role per iteration, and decode rows of different requests share it."""
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     calls: list[tuple[Role, int]] = []
     for role, runner in engine.runners.items():
         original = runner.run
@@ -124,7 +112,7 @@ def test_decode_batches_padded_to_graph_buckets_equal_each_prompt_alone(folders,
     """The CUDA-graph bucket path (runtime/batch_graphs.py) run eagerly: every decode-only
     forward is padded to its bucket and described in the device form a graph replays. With
     buckets (1, 4), forwards of 5 or 6 decode rows stay eager and unpadded between padded ones."""
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     decode_forwards = []  # (rows, whether the padded path served it) of each decode-only forward
     for runner in engine.runners.values():
         runner.buckets = DecodeBuckets(runner, padded=True, buckets=buckets)
@@ -138,7 +126,7 @@ def test_decode_batches_padded_to_graph_buckets_equal_each_prompt_alone(folders,
 
         monkeypatch.setattr(runner.buckets, "run", spy)
     prompts, policies, thresholds = _mixed_batch(policy)
-    reference = _alone(_engine(folders), prompts, policies, thresholds)
+    reference = _alone(policy_engine(folders), prompts, policies, thresholds)
     batched = engine.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=SP)
     for a, b in zip(reference, batched):
         _same(a, b)
@@ -152,7 +140,7 @@ def test_decode_batches_padded_to_graph_buckets_equal_each_prompt_alone(folders,
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(folders):
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     samplings = [SamplingParams(max_new_tokens=20, max_step_tokens=6, temperature=1.0, top_k=40, seed=s,
                                 ignore_eos=True) for s in range(6)]
     policies = ["rsd", "draft_only", "target_only", "oracle", "spec_decode", "arbitrage"]
@@ -169,8 +157,8 @@ def test_preemption_under_a_tiny_pool_gives_the_uncontended_tokens(folders, temp
     prompts, policies, thresholds = _mixed_batch("rsd", 6)
     samplings = [SamplingParams(max_new_tokens=24, max_step_tokens=6, temperature=temperature, seed=i,
                                 ignore_eos=True) for i in range(6)]
-    reference = _alone(_engine(folders), prompts, policies, thresholds, samplings)
-    tight = _engine(folders, kv_pages=32)  # every request fits alone, not all at once
+    reference = _alone(policy_engine(folders), prompts, policies, thresholds, samplings)
+    tight = policy_engine(folders, kv_pages=32)  # every request fits alone, not all at once
     batched = tight.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=samplings)
     for a, b in zip(reference, batched):
         _same(a, b)
@@ -179,7 +167,7 @@ def test_preemption_under_a_tiny_pool_gives_the_uncontended_tokens(folders, temp
 
 
 def test_a_request_that_cannot_fit_alone_fails_and_the_others_finish(folders):
-    engine = _engine(folders, kv_pages=8)
+    engine = policy_engine(folders, kv_pages=8)
     short = SamplingParams(max_new_tokens=6, max_step_tokens=6, ignore_eos=True)
     long = SamplingParams(max_new_tokens=200, max_step_tokens=6, ignore_eos=True)
     ok = engine.add_request(PROMPTS[1], policy="draft_only", sampling=short)
@@ -197,14 +185,14 @@ def test_a_request_that_cannot_fit_alone_fails_and_the_others_finish(folders):
 
 
 def test_a_prompt_the_pool_can_never_hold_is_refused_up_front(folders):
-    engine = _engine(folders, kv_pages=2)
+    engine = policy_engine(folders, kv_pages=2)
     with pytest.raises(KVCacheExhausted, match="the prompt needs .* KV pages"):
         engine.add_request(PROMPTS[3], policy="rsd")
     assert engine.kv_stats()["used_pages"] == 0 and not engine.has_unfinished_requests()
 
 
 def test_step_api_streams_each_step_once_and_abort_frees_pages(folders):
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     prompts, policies, thresholds = _mixed_batch("oracle", 6)
     reference = _alone(engine, prompts, policies, thresholds)
     ids = [engine.add_request(p, policy=pol, threshold=t, sampling=SP)
@@ -232,7 +220,7 @@ def test_step_api_streams_each_step_once_and_abort_frees_pages(folders):
 
 
 def test_max_batch_caps_the_running_set(folders):
-    engine = _engine(folders, max_batch=2)
+    engine = policy_engine(folders, max_batch=2)
     prompts, policies, thresholds = _mixed_batch("arbitrage", 6)
     reference = _alone(engine, prompts, policies, thresholds)
     ids = [engine.add_request(p, policy=pol, threshold=t, sampling=SP)
@@ -249,7 +237,7 @@ def test_max_batch_caps_the_running_set(folders):
 
 
 def test_closing_a_stream_cancels_it_between_other_requests(folders):
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     other = engine.add_request(PROMPTS[0], policy="rsd", sampling=SP)
     stream = engine.stream(PROMPTS[1], policy="oracle", sampling=SP)
     next(stream)
@@ -261,7 +249,7 @@ def test_closing_a_stream_cancels_it_between_other_requests(folders):
 
 
 def test_per_prompt_arguments_must_match_the_prompts(folders):
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     with pytest.raises(ValueError, match="policy has 2 values for 3 prompts"):
         engine.generate_batch(PROMPTS[:3], policy=["rsd", "draft_only"])
     with pytest.raises(ValueError, match="unknown policy"):
@@ -270,7 +258,7 @@ def test_per_prompt_arguments_must_match_the_prompts(folders):
 
 
 def test_a_denormal_temperature_samples_greedily(folders):
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     greedy = engine.generate(PROMPTS[0], policy="draft_only", sampling=SP)
     tiny = SamplingParams(max_new_tokens=24, max_step_tokens=6, ignore_eos=True, temperature=1.2e-38)
     _same(greedy, engine.generate(PROMPTS[0], policy="draft_only", sampling=tiny))

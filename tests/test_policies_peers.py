@@ -9,14 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from arbitrage_fast import Engine, EngineConfig, SamplingParams
+from arbitrage_fast import EngineConfig, SamplingParams
 from arbitrage_fast.decision import decide_step, run_now
 from arbitrage_fast.policies import (DEFAULT_REFLECTION_CUES, POLICY_NAMES, StepEvidence, check_cues, make_policy,
                                      opens_with_cue)
 from arbitrage_fast.prm.target_judge import JUDGE_PROMPT, JudgeTokenError, TargetJudge
 from arbitrage_fast.roles import Role
-from arbitrage_fast.router.head import RouterConfig, RouterHead
-from helpers.length_prm import build_policy_pair
+from helpers.length_prm import build_policy_folders, policy_engine
 
 SP = SamplingParams(max_new_tokens=24, max_step_tokens=6, ignore_eos=True)
 CUE_PROMPT = "Let x be the number"  # the tiny draft's first step here is "rrrrrr"
@@ -130,11 +129,7 @@ def test_decide_step_asks_each_peer_policy_for_its_evidence_only():
 # ---------------------------------------------------------------- the judge's tokens
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("peers")
-    draft, target = build_policy_pair(root)
-    torch.manual_seed(5)
-    RouterHead(RouterConfig(hidden_size=32, width=8)).save(root / "router")
-    return draft, target, root / "router"
+    return build_policy_folders(tmp_path_factory.mktemp("peers"), router_seed=5)
 
 
 def test_judge_reads_ten_single_digit_tokens_and_refuses_a_tokenizer_that_splits_them(folders):
@@ -154,15 +149,11 @@ def test_judge_reads_ten_single_digit_tokens_and_refuses_a_tokenizer_that_splits
 
 
 # ---------------------------------------------------------------- in the engine
-def _engine(folders, **extra):
-    draft, target, router = folders
-    extra.setdefault("kv_pages", 256)
-    return Engine(EngineConfig(draft=str(draft), target=str(target), router=str(router), min_block_size=4, **extra))
 
 
 @pytest.fixture(scope="module")
 def engine(folders):
-    return _engine(folders, reflection_cues=("rrrrrr",))
+    return policy_engine(folders, reflection_cues=("rrrrrr",))
 
 
 @pytest.mark.parametrize("prompt", ["We compute 12 + 30 = 42", CUE_PROMPT])
@@ -204,7 +195,7 @@ def test_spec_thinking_gives_the_step_after_each_drafted_cue_to_the_target(engin
     assert res.stats["escalations"] == sum(s.source == "target" for s in steps) >= 1
     assert engine.kv_stats()["used_pages"] == 0
     # Cues that never open a step: every step is the draft's, token for token.
-    plain = _engine(folders_of(engine))
+    plain = policy_engine(folders_of(engine))
     assert (plain.generate(CUE_PROMPT, policy="spec_thinking", sampling=SP).token_ids
             == plain.generate(CUE_PROMPT, policy="draft_only", sampling=SP).token_ids)
 
@@ -230,7 +221,7 @@ def test_peer_policies_batched_with_the_others_equal_each_prompt_alone(engine):
 
 
 def test_a_target_whose_digits_split_is_refused_before_the_request_starts(folders, monkeypatch):
-    eng = _engine(folders)
+    eng = policy_engine(folders)
 
     def refuse(self):
         raise JudgeTokenError("splits '7'")
@@ -260,7 +251,7 @@ class _Spy(torch.nn.Module):
 
 @pytest.mark.parametrize("decode_chunk", [1, 2])
 def test_only_policies_that_read_the_router_compute_its_score(folders, decode_chunk):
-    eng = _engine(folders, decode_chunk=decode_chunk, reflection_cues=("rrrrrr",))
+    eng = policy_engine(folders, decode_chunk=decode_chunk, reflection_cues=("rrrrrr",))
     spy = _Spy(eng.router)
     eng.router = spy
     for name in POLICY_NAMES:

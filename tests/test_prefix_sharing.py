@@ -8,7 +8,6 @@ token, which every request feeds itself (its logits start the request's first st
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,34 +16,27 @@ from arbitrage_fast.policies import POLICY_NAMES
 from arbitrage_fast.prefix_sharing import common_prefix_len
 from arbitrage_fast.request import RequestState
 from arbitrage_fast.roles import Role
-from arbitrage_fast.router.head import RouterConfig, RouterHead
-from helpers.length_prm import LengthPRM, build_policy_pair
+from helpers.length_prm import LengthPRM, build_policy_folders, policy_engine
 
 PROMPT = "Ann has 7 apples and buys 5 more apples at the shop, then gives 3 to Bob"
 OTHERS = ["We compute 12 + 30 = 42", "Ann has 7 apples and buys 2 pears", "x"]
 SP = SamplingParams(max_new_tokens=24, max_step_tokens=6, ignore_eos=True)
-THRESHOLDS = {"rsd": 0.6, "oracle": 0.0, "arbitrage": 0.5, "every_step": 0.5}
+# Not oracle at 0.0: when draft and target write the same step their PRM scores tie, and a tie
+# decided by the last bit of a sum that another chunking of the prefill rounds differently is
+# not a sharing bug.
+THRESHOLDS = {"rsd": 0.6, "oracle": 0.05, "arbitrage": 0.5, "every_step": 0.5}
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prefix")
-    draft, target = build_policy_pair(root)
-    torch.manual_seed(3)
-    RouterHead(RouterConfig(hidden_size=32, width=8)).save(root / "router")
-    return draft, target, root / "router"
+    return build_policy_folders(tmp_path_factory.mktemp("prefix"), router_seed=3)
 
 
-def _engine(folders, prm=None, **extra) -> Engine:
-    draft, target, router = folders
-    extra.setdefault("kv_pages", 256)
-    return Engine(EngineConfig(draft=str(draft), target=str(target), router=str(router), prm=prm,
-                               min_block_size=4, **extra))
 
 
 @pytest.fixture(scope="module", params=["target_likelihood", "length_prm"])
 def engine(request, folders):
-    return _engine(folders, prm=LengthPRM() if request.param == "length_prm" else None)
+    return policy_engine(folders, prm=LengthPRM() if request.param == "length_prm" else None)
 
 
 def _same(a, b) -> None:
@@ -158,7 +150,7 @@ def test_shared_prompts_mixed_with_other_prompts(engine, monkeypatch):
 
 
 def test_generate_batch_of_repeated_prompts_reports_cached_tokens(folders, monkeypatch):
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     alone = engine.generate(PROMPT, policy="rsd", threshold=0.6, sampling=SP)
     counter = FedCounter(engine, monkeypatch)
     batched = engine.generate_batch([PROMPT] * 4, policy="rsd", threshold=0.6, sampling=SP)
@@ -177,7 +169,7 @@ def test_generate_batch_of_repeated_prompts_reports_cached_tokens(folders, monke
 
 
 def test_seeded_samples_of_one_prompt_equal_each_alone(folders, monkeypatch):
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     samplings = [SamplingParams(max_new_tokens=20, max_step_tokens=6, temperature=1.0, top_k=40, seed=s,
                                 ignore_eos=True) for s in range(5)]
     policies = ["rsd", "rsd", "spec_decode", "target_only", "arbitrage"]
@@ -215,7 +207,7 @@ def _record_leaving_while_shared(engine, monkeypatch, method: str) -> list:
 
 
 def test_aborting_the_request_whose_prompt_others_share(folders):
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     followers = [(PROMPT, "rsd", 0.6, SP), (PROMPT, "oracle", 0.0, SP), (PROMPT, "draft_only", None, SP)]
     alone = _alone(engine, followers)
     donor = engine.add_request(PROMPT, policy="every_step", threshold=0.5, sampling=SP)
@@ -238,7 +230,7 @@ def test_aborting_the_request_whose_prompt_others_share(folders):
 
 
 def test_the_request_whose_prompt_others_share_finishing_first(folders, monkeypatch):
-    engine = _engine(folders)
+    engine = policy_engine(folders)
     short = SamplingParams(max_new_tokens=4, max_step_tokens=6, ignore_eos=True)
     requests = [(PROMPT, "rsd", 0.6, short)] + [(PROMPT, pol, THRESHOLDS.get(pol), SP)
                                                  for pol in ("rsd", "oracle", "spec_decode", "target_only")]
@@ -256,8 +248,8 @@ def test_preempting_requests_that_share_pages_changes_nothing(folders, monkeypat
     requests = [(PROMPT, pol, THRESHOLDS.get(pol), SamplingParams(max_new_tokens=30, max_step_tokens=6,
                                                                   temperature=temperature, seed=i, ignore_eos=True))
                 for i, pol in enumerate(("rsd", "target_only", "rsd", "oracle", "draft_only", "spec_decode"))]
-    alone = _alone(_engine(folders), requests)
-    tight = _engine(folders, kv_pages=40)
+    alone = _alone(policy_engine(folders), requests)
+    tight = policy_engine(folders, kv_pages=40)
     preempted = _record_leaving_while_shared(tight, monkeypatch, "_preempt")
     batched, _ = _run(tight, requests)
     for a, b in zip(alone, batched):
@@ -316,8 +308,10 @@ def test_random_prompt_sets_and_pools_equal_each_alone_and_leak_nothing(folders,
     alone = _alone(reference, requests)
     bs = reference.cache.block_sizes
     longest = max(len(p) for p, *_ in requests) + sp["max_new_tokens"] + sp["max_step_tokens"] + 2
+    if any(pol == "specreason" for _, pol, *_ in requests):  # its judge prompt sits in the target's KV
+        longest += len(reference.target_judge.prompt_ids)
     fits_one = sum(-(-longest // b) for b in bs)
-    engine = _engine(folders, kv_pages=fits_one + 4 + room, max_batch_tokens=budget)
+    engine = policy_engine(folders, kv_pages=fits_one + 4 + room, max_batch_tokens=budget)
     batched, _ = _run(engine, requests)
     for a, b in zip(alone, batched):
         _same(a, b)
@@ -329,5 +323,5 @@ _REFERENCE: dict = {}
 
 def _reference_engine(folders) -> Engine:
     if "engine" not in _REFERENCE:
-        _REFERENCE["engine"] = _engine(folders)
+        _REFERENCE["engine"] = policy_engine(folders)
     return _REFERENCE["engine"]

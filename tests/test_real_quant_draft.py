@@ -10,7 +10,6 @@ and accelerate; skipped without them. Takes a few minutes on two cores.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +17,12 @@ from torch import nn
 
 from arbitrage_fast import Engine, EngineConfig, SamplingParams
 from arbitrage_fast.eval.datasets import load_dataset
-from arbitrage_fast.models import gguf_assets
 from arbitrage_fast.models.quantized_linear import QuantizedLinear
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("arbitrage_fast._C", reason="the native extension is not built")
 pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
 
-DRAFT = "qwen2.5-coder-0.5b-instruct"
 SP = SamplingParams(max_new_tokens=48)
 # A 4-bit copy of a model agrees with it on most greedy tokens; a broken quantizer or kernel
 # (wrong rows, scales or zero points) drafts noise that the target all but never accepts.
@@ -34,18 +31,10 @@ SP = SamplingParams(max_new_tokens=48)
 MIN_ACCEPTANCE = {"int4": 0.6, "int3": 0.3}
 
 
-@pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    try:
-        return gguf_assets.assemble(DRAFT)
-    except gguf_assets.MissingPartError as e:
-        pytest.skip(str(e))
-
-
 @pytest.mark.parametrize("quant", ["int4", "int3"])
-def test_a_quantized_copy_of_the_target_drafts_for_it(gguf_path, quant):
+def test_a_quantized_copy_of_the_target_drafts_for_it(qwen_draft_gguf, quant):
     torch.set_num_threads(2)
-    engine = Engine(EngineConfig(draft=str(gguf_path), target=str(gguf_path), dtype="float32", dequantize=True,
+    engine = Engine(EngineConfig(draft=str(qwen_draft_gguf), target=str(qwen_draft_gguf), dtype="float32", dequantize=True,
                                  draft_quant=quant, quant_group=64))
     projections = lambda lm: [m for n, m in lm.model.layers.named_modules() if n.endswith("_proj")]  # noqa: E731
     assert all(isinstance(m, QuantizedLinear) for m in projections(engine.draft_model))

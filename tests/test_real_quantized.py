@@ -8,14 +8,13 @@ cores; `gguf_cache` keeps it), later runs take about a minute.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import gguf
 import pytest
 import torch
 
 from arbitrage_fast.eval.datasets import load_dataset
-from arbitrage_fast.models import gguf_assets, gguf_ops, loader
+from arbitrage_fast.models import gguf_ops, loader
 from arbitrage_fast.models.gguf_directory import GGUFDirectory
 from helpers.gguf_files import dequantised_copy, greedy, teacher_forced
 from test_gguf_kernels import check
@@ -23,7 +22,6 @@ from test_gguf_kernels import check
 pytestmark = pytest.mark.slow
 pytest.importorskip("arbitrage_fast._C", reason="the native extension is not built")
 
-DRAFT = "qwen2.5-coder-0.5b-instruct"
 NEW_TOKENS = 32
 # Packed vs dequantised logits (fp32, absolute). Their only difference is the int8 rounding
 # of every packed layer's input (at most 1/254 of a group's largest value per input, ~0.5%
@@ -34,19 +32,11 @@ NEW_TOKENS = 32
 LOGIT_TOL = 1.0
 
 
-@pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    try:
-        return gguf_assets.assemble(DRAFT)
-    except gguf_assets.MissingPartError as e:
-        pytest.skip(str(e))
-
-
 @pytest.mark.parametrize("type_name", ["Q5_0", "Q8_0", "Q6_K", "Q4_K"])
-def test_kernels_on_real_blocks(gguf_path, type_name):
+def test_kernels_on_real_blocks(qwen_draft_gguf, type_name):
     torch.set_num_threads(2)
     qtype = int(gguf.GGMLQuantizationType[type_name])
-    directory = GGUFDirectory(gguf_path)
+    directory = GGUFDirectory(qwen_draft_gguf)
     tensor = next(t for t in directory.tensors.values() if int(t.qtype) == qtype)
     blocks = torch.from_numpy(directory.array(tensor)[:96])
     K = tensor.shape[1]
@@ -57,9 +47,9 @@ def test_kernels_on_real_blocks(gguf_path, type_name):
         check(x, blocks, qtype, path)
 
 
-def test_packed_model_follows_the_dequantised_model(gguf_path):
+def test_packed_model_follows_the_dequantised_model(qwen_draft_gguf):
     torch.set_num_threads(2)
-    packed = loader.load_model(gguf_path, "float32")
+    packed = loader.load_model(qwen_draft_gguf, "float32")
     reference = dequantised_copy(packed.model)
     tokenizer = packed.tokenizer
     messages = [{"role": "user", "content": load_dataset("gsm8k", n=None)[0].question}]

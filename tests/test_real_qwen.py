@@ -28,28 +28,19 @@ DRAFT_INDEX, TARGET_INDEX = Role.DRAFT, Role.TARGET
 
 pytestmark = pytest.mark.slow
 
-DRAFT = "qwen2.5-coder-0.5b-instruct"
 NEW_TOKENS = 32
 EOS = 151645  # <|im_end|>
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    try:
-        return gguf_assets.assemble(DRAFT)
-    except gguf_assets.MissingPartError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
-def hf_fp32(gguf_path):
+def hf_fp32(qwen_draft_gguf):
     pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+    model = AutoModelForCausalLM.from_pretrained(qwen_draft_gguf.parent, gguf_file=qwen_draft_gguf.name,
                                                  dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(qwen_draft_gguf.parent, gguf_file=qwen_draft_gguf.name)
     return model, tokenizer
 
 
@@ -82,9 +73,9 @@ def gsm8k_question() -> str:
     return load_dataset("gsm8k", n=None)[0].question
 
 
-def test_boundary_and_eos_ids(hf_models, gguf_path):
+def test_boundary_and_eos_ids(hf_models, qwen_draft_gguf):
     hf, tokenizer = hf_models("float32")
-    engine = engine_for(hf, tokenizer, "float32", gguf_path)
+    engine = engine_for(hf, tokenizer, "float32", qwen_draft_gguf)
     assert tokenizer.decode([271]) == "\n\n" and tokenizer.decode([382]) == ".\n\n"
     for model in (DRAFT_INDEX, TARGET_INDEX):  # each model stops on its own vocabulary's ids
         assert {271, 382} <= engine.boundary_ids[model]
@@ -93,9 +84,9 @@ def test_boundary_and_eos_ids(hf_models, gguf_path):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_chat_decode_matches_transformers(hf_models, gguf_path, dtype):
+def test_greedy_chat_decode_matches_transformers(hf_models, qwen_draft_gguf, dtype):
     hf, tokenizer = hf_models(dtype)
-    engine = engine_for(hf, tokenizer, dtype, gguf_path)
+    engine = engine_for(hf, tokenizer, dtype, qwen_draft_gguf)
     question = gsm8k_question()
     messages = [{"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -119,7 +110,7 @@ def test_greedy_chat_decode_matches_transformers(hf_models, gguf_path, dtype):
     assert engine.kv_stats()["used_pages"] == 0
 
 
-def test_dequantised_cache_serves_the_same_model_and_chat_template(hf_models, gguf_path, tmp_path, monkeypatch):
+def test_dequantised_cache_serves_the_same_model_and_chat_template(hf_models, qwen_draft_gguf, tmp_path, monkeypatch):
     """What the GGUF cache writes and `load_model` reads back is the parsed model: the same
     weights (compared unpacked) and a tokenizer with the same chat template and ids."""
     from arbitrage_fast.models import gguf_cache, loader
@@ -127,10 +118,10 @@ def test_dequantised_cache_serves_the_same_model_and_chat_template(hf_models, gg
     monkeypatch.setenv(gguf_assets.CACHE_ENV, str(tmp_path))
     monkeypatch.setenv("ARBITRAGE_FAST_PACK_LINEAR", "0")
     hf, tokenizer = hf_models("bfloat16")
-    gguf_cache.store(gguf_cache.folder_for(gguf_path, torch.bfloat16), hf.config, tokenizer, dict(hf.state_dict()))
+    gguf_cache.store(gguf_cache.folder_for(qwen_draft_gguf, torch.bfloat16), hf.config, tokenizer, dict(hf.state_dict()))
     monkeypatch.setattr(loader, "_read_gguf", lambda *a: pytest.fail("the cached folder was not used"))
-    cached = loader.load_model(gguf_path, "bfloat16", dequantize=True)
-    direct = _build(DecoderSpec.from_hf_config(hf.config), dict(hf.state_dict()), torch.bfloat16, "cpu", gguf_path)
+    cached = loader.load_model(qwen_draft_gguf, "bfloat16", dequantize=True)
+    direct = _build(DecoderSpec.from_hf_config(hf.config), dict(hf.state_dict()), torch.bfloat16, "cpu", qwen_draft_gguf)
     a, b = cached.model.state_dict(), direct.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     messages = [{"role": "user", "content": gsm8k_question()}]
@@ -141,11 +132,11 @@ def test_dequantised_cache_serves_the_same_model_and_chat_template(hf_models, gg
     assert cached.tokenizer.eos_token_id == tokenizer.eos_token_id == EOS
 
 
-def test_a_batch_of_six_equals_each_problem_alone_in_fp32(hf_models, gguf_path):
+def test_a_batch_of_six_equals_each_problem_alone_in_fp32(hf_models, qwen_draft_gguf):
     """Six GSM8K problems of different lengths under mixed policies and thresholds (draft =
     target, so every policy runs), batched and alone: the same tokens and steps in fp32."""
     hf, tokenizer = hf_models("float32")
-    engine = engine_for(hf, tokenizer, "float32", gguf_path, kv_pages=128)
+    engine = engine_for(hf, tokenizer, "float32", qwen_draft_gguf, kv_pages=128)
     questions = [item.question for item in load_dataset("gsm8k", n=None)[:6]]
     policies = ["draft_only", "rsd", "target_only", "rsd", "oracle", "spec_decode"]
     # oracle at 0.05: with draft = target both of its scores are the same number up to rounding,

@@ -4,7 +4,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
+from arbitrage_fast import Engine, EngineConfig
 from arbitrage_fast.prm.base import ProcessRewardModel
+from arbitrage_fast.router.head import RouterConfig, RouterHead
 
 from .tiny_models import build_tiny_lm
 
@@ -21,3 +25,19 @@ def build_policy_pair(root: Path) -> tuple[Path, Path]:
     draft = build_tiny_lm(root / "draft", "llama", hidden=32, layers=1, seed=1, boundary_bias=15.0)
     target = build_tiny_lm(root / "target", "llama", hidden=48, layers=2, seed=2, boundary_bias=5.0)
     return draft, target
+
+
+def build_policy_folders(root: Path, router_seed: int) -> tuple[Path, Path, Path]:
+    """The policy pair and a random router head on the draft's hidden states: (draft, target, router)."""
+    draft, target = build_policy_pair(root)
+    torch.manual_seed(router_seed)
+    RouterHead(RouterConfig(hidden_size=32, width=8)).save(root / "router")
+    return draft, target, root / "router"
+
+
+def policy_engine(folders: tuple[Path, Path, Path], prm=None, **extra) -> Engine:
+    """An engine over `build_policy_folders`' models, small pages so prompts span several."""
+    draft, target, router = folders
+    extra.setdefault("kv_pages", 256)
+    return Engine(EngineConfig(draft=str(draft), target=str(target), router=str(router), prm=prm,
+                               min_block_size=4, **extra))
