@@ -45,6 +45,11 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
              "proposes K tokens at a time and the target verifies them in one forward: the same tokens when "
              "greedy, the target's distribution when sampling. 0 = off. Needs a draft and target with one "
              "vocabulary. The spec_decode policy speculates with K (4 when 0).")
+    p.add_argument(
+        "--batch-invariant", action="store_true",
+        help="compute every token's row independently of the other rows of its forward, so greedy output "
+             "(bf16 included) is the same alone, in a batch or under speculation; costs per-query attention "
+             "and, where a layer's kernel is not row-invariant, one-row products. Implies --decode-chunk 1.")
 
 
 def _non_negative_int(text: str) -> int:

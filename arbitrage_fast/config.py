@@ -71,6 +71,11 @@ class EngineConfig:
     draft_quant: str | None = None
     target_quant: str | None = None
     quant_group: int = 64
+    # A token's output does not depend on the other rows of its forward (other requests, or its
+    # own sequence's prefill/verification chunk): greedy bf16 output is the same alone, batched
+    # or speculated. Costs per-query attention and, for layers whose kernel is not row-invariant,
+    # one-row products (models/batch_invariant.py). Needs decode_chunk=1.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if not self.draft or not self.target:
@@ -101,3 +106,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be None or one of {list(QUANT_FORMATS)}, got {value!r}")
         if isinstance(self.quant_group, bool) or self.quant_group not in QUANT_GROUPS:
             raise ValueError(f"quant_group must be one of {list(QUANT_GROUPS)}, got {self.quant_group!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
+        if self.batch_invariant and self.decode_chunk != 1:
+            raise ValueError(f"batch_invariant=True needs decode_chunk=1 (got {self.decode_chunk}): the chunked "
+                             "decoder attends from device-side lengths with a split chosen by the batch")

@@ -8,26 +8,28 @@ from pathlib import Path
 def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="inference", router: bool = True,
                  decode_chunk: int | None = None, spec_k: int = 0, dequantize: bool = False,
                  draft_quant: str | None = None, target_quant: str | None = None, quant_group: int = 64,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, batch_invariant: bool = False):
     """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
-    decode_chunk None picks by device (`default_decode_chunk`); max_batch None keeps the
-    engine's default."""
+    decode_chunk None picks by device (`default_decode_chunk`; 1 with batch_invariant, which
+    the chunked decoder cannot serve); max_batch None keeps the engine's default."""
     from arbitrage_fast import Engine, EngineConfig
 
     chosen = preset.prm if prm == "inference" else preset.label_prm
     if decode_chunk is None:
-        decode_chunk = default_decode_chunk(device)
+        decode_chunk = 1 if batch_invariant else default_decode_chunk(device)
     batching = {} if max_batch is None else {"max_batch": max_batch}
     return Engine(EngineConfig(draft=preset.draft, target=preset.target, device=device,
                                dtype=dtype or preset.dtype, prm=chosen, router=preset.router if router else None,
                                decode_chunk=decode_chunk, spec_k=spec_k, dequantize=dequantize,
                                draft_quant=draft_quant, target_quant=target_quant, quant_group=quant_group,
-                               **batching))
+                               batch_invariant=batch_invariant, **batching))
 
 
 def decoding_options(args) -> dict:
-    """The `--decode-chunk` / `--spec-k` flags and `load_options` as `build_engine` keywords."""
-    return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k, **load_options(args)}
+    """The `--decode-chunk` / `--spec-k` / `--batch-invariant` flags and `load_options` as
+    `build_engine` keywords."""
+    return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k, "batch_invariant": args.batch_invariant,
+            **load_options(args)}
 
 
 def load_options(args) -> dict:
