@@ -49,6 +49,11 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
         "--reflection-cues", type=_word_list, default=None, metavar="W1,W2,...",
         help="spec_thinking: a kept draft step whose first word is one of these (case-insensitive) hands the "
              "next step to the target. Default: Wait,But,Alternatively,Hmm.")
+    p.add_argument(
+        "--batch-invariant", action="store_true",
+        help="compute every token's row independently of the other rows of its forward, so greedy output "
+             "(bf16 included) is the same alone, in a batch or under speculation; costs per-query attention "
+             "and, where a layer's kernel is not row-invariant, one-row products. Implies --decode-chunk 1.")
 
 
 def _word_list(text: str) -> tuple[str, ...]:

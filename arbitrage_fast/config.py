@@ -75,6 +75,11 @@ class EngineConfig:
     quant_group: int = 64
     # spec_thinking: a kept draft step whose first word is one of these hands the next step to the target.
     reflection_cues: tuple[str, ...] = DEFAULT_REFLECTION_CUES
+    # A token's output does not depend on the other rows of its forward (other requests, or its
+    # own sequence's prefill/verification chunk): greedy bf16 output is the same alone, batched
+    # or speculated. Costs per-query attention and, for layers whose kernel is not row-invariant,
+    # one-row products (models/batch_invariant.py). Needs decode_chunk=1.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         self.reflection_cues = check_cues(self.reflection_cues)
@@ -106,3 +111,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be None or one of {list(QUANT_FORMATS)}, got {value!r}")
         if isinstance(self.quant_group, bool) or self.quant_group not in QUANT_GROUPS:
             raise ValueError(f"quant_group must be one of {list(QUANT_GROUPS)}, got {self.quant_group!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
+        if self.batch_invariant and self.decode_chunk != 1:
+            raise ValueError(f"batch_invariant=True needs decode_chunk=1 (got {self.decode_chunk}): the chunked "
+                             "decoder attends from device-side lengths with a split chosen by the batch")

@@ -23,6 +23,7 @@ from .config import EngineConfig, SamplingParams
 from .kv.paged_cache import KVSpec, PagedKVCache
 from .messages import checked_messages, is_conversation, problem_text
 from .models.group_quant import QuantScheme
+from .models.batch_invariant import InvariantLayers, make_batch_invariant
 from .models.loader import LoadedModel, load_model, resolve_dtype
 from .policies import make_policy
 from .prm.build import build_prm
@@ -59,6 +60,15 @@ class Engine:
                 f"token-level speculation (spec_k={config.spec_k}) needs draft and target to share a "
                 f"vocabulary; {draft.path} and {target.path} tokenize differently (set spec_k=0)")
         self.draft_model, self.target_model = draft, target
+        # Per role, which linear layers kept their kernel and which go row by row (empty unless
+        # config.batch_invariant); draft and target may be one model, probed once.
+        self.invariant_layers: dict[Role, InvariantLayers] = {}
+        if config.batch_invariant:
+            probed: dict[int, InvariantLayers] = {}
+            for role, lm in ((Role.DRAFT, draft), (Role.TARGET, target)):
+                if id(lm.model) not in probed:
+                    probed[id(lm.model)] = make_batch_invariant(lm.model, resolve_dtype(config.dtype))
+                self.invariant_layers[role] = probed[id(lm.model)]
         self.tokenizer = target.tokenizer
         loaded = {Role.DRAFT: draft, Role.TARGET: target}
         self.tokenizers = {m: lm.tokenizer for m, lm in loaded.items()}
@@ -67,7 +77,8 @@ class Engine:
         num_pages = config.kv_pages or PagedKVCache.num_pages_for_budget(
             specs, config.kv_memory_bytes, dtype, config.min_block_size)
         self.cache = PagedKVCache(specs, num_pages, dtype, self.device, config.min_block_size)
-        self.runners = {m: ModelRunner(lm.model, self.cache, m) for m, lm in loaded.items()}
+        self.runners = {m: ModelRunner(lm.model, self.cache, m, batch_invariant=config.batch_invariant)
+                        for m, lm in loaded.items()}
         self.draft, self.target = self.runners[Role.DRAFT], self.runners[Role.TARGET]
         self.max_len = min(draft.spec.max_position_embeddings, target.spec.max_position_embeddings)
         if config.max_model_len is not None:

@@ -132,3 +132,13 @@ def test_summary_reads_partial_and_failed_results(tmp_path):
     assert any("ERROR RuntimeError: capture failed" in line for line in lines)
     assert any("router  ERROR OutOfMemoryError: no" in line for line in lines)
     assert any("step_latency_x.json: unreadable" in line for line in lines)
+
+
+def test_bench_batch_invariant_smoke(run_smoke):
+    run, out = run_smoke
+    run("bench_batch_invariant")
+    (path,) = out.glob("batch_invariant_*.json")
+    (row,) = json.loads(path.read_text())
+    assert set(row["tokens_per_s"]) == {"off_alone", "off_batch", "on_alone", "on_batch"}
+    assert row["on_batch_equals_alone"] is True
+    assert row["linear_layers_kept"] + row["linear_layers_rowwise"] > 0

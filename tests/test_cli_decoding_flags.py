@@ -90,3 +90,30 @@ def test_generate_passes_dequantize_to_the_engine(captured, capsys, flag, expect
 def test_dequantize_must_be_a_bool():
     with pytest.raises(ValueError, match="dequantize must be True or False"):
         arbitrage_fast.EngineConfig(draft="d", target="t", dequantize="yes")
+
+
+@pytest.mark.parametrize("flag, expected", [(["--batch-invariant"], True), ([], False)])
+def test_generate_passes_batch_invariant_to_the_engine(captured, capsys, flag, expected):
+    assert cli.main(["generate", "--draft", "d", "--target", "t", "a prompt", *flag]) == 0
+    assert captured["config"].batch_invariant is expected
+
+
+def test_batch_invariant_picks_the_per_token_decoder_on_cuda(monkeypatch):
+    """The chunked decoder (CUDA's default) cannot serve the mode, so it is not chosen for it;
+    asking for both at once is refused by the config."""
+    built = []
+    monkeypatch.setattr(arbitrage_fast, "Engine", lambda config: built.append(config))
+    common.build_engine(PRESET, "cuda", batch_invariant=True)
+    assert (built[0].decode_chunk, built[0].batch_invariant) == (1, True)
+    with pytest.raises(ValueError, match="needs decode_chunk=1"):
+        common.build_engine(PRESET, "cuda", decode_chunk=0, batch_invariant=True)
+
+
+@pytest.mark.parametrize("command", [["demo"], ["sweep"], ["serve"]])
+def test_demo_sweep_and_serve_take_batch_invariant(monkeypatch, command):
+    seen = {}
+    monkeypatch.setattr(cli, "_preset", lambda args: PRESET)
+    for module in (demo, sweep, serve):
+        monkeypatch.setattr(module, "run", lambda preset, args: seen.update(common.decoding_options(args)) or 0)
+    assert cli.main(command + ["--batch-invariant"]) == 0
+    assert seen["batch_invariant"] is True

@@ -8,15 +8,16 @@ from pathlib import Path
 def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="inference", router: bool = True,
                  decode_chunk: int | None = None, spec_k: int = 0, dequantize: bool = False,
                  draft_quant: str | None = None, target_quant: str | None = None, quant_group: int = 64,
-                 max_batch: int | None = None, reflection_cues: tuple[str, ...] | None = None):
+                 max_batch: int | None = None, reflection_cues: tuple[str, ...] | None = None,
+                 batch_invariant: bool = False):
     """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
-    decode_chunk None picks by device (`default_decode_chunk`); max_batch None keeps the
-    engine's default."""
+    decode_chunk None picks by device (`default_decode_chunk`; 1 with batch_invariant, which
+    the chunked decoder cannot serve); max_batch None keeps the engine's default."""
     from arbitrage_fast import Engine, EngineConfig
 
     chosen = preset.prm if prm == "inference" else preset.label_prm
     if decode_chunk is None:
-        decode_chunk = default_decode_chunk(device)
+        decode_chunk = 1 if batch_invariant else default_decode_chunk(device)
     extra = {} if max_batch is None else {"max_batch": max_batch}
     if reflection_cues:
         extra["reflection_cues"] = reflection_cues
@@ -24,13 +25,15 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
                                dtype=dtype or preset.dtype, prm=chosen, router=preset.router if router else None,
                                decode_chunk=decode_chunk, spec_k=spec_k, dequantize=dequantize,
                                draft_quant=draft_quant, target_quant=target_quant, quant_group=quant_group,
-                               **extra))
+                               batch_invariant=batch_invariant, **extra))
 
 
 def decoding_options(args) -> dict:
-    """The `--decode-chunk` / `--spec-k` / `--reflection-cues` flags and `load_options` as `build_engine` keywords."""
+    """The `--decode-chunk` / `--spec-k` / `--reflection-cues` / `--batch-invariant` flags and
+    `load_options` as `build_engine` keywords."""
     return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k,
-            "reflection_cues": getattr(args, "reflection_cues", None), **load_options(args)}
+            "reflection_cues": getattr(args, "reflection_cues", None), "batch_invariant": args.batch_invariant,
+            **load_options(args)}
 
 
 def load_options(args) -> dict:

@@ -1,7 +1,7 @@
 """Attention over the shared paged KV arena.
 
 Each layer writes its new K/V into the pages named by the slot mapping, then attends over
-the sequence's pages. Two implementations:
+the sequence's pages. Three implementations:
 
 - the paged kernel ops (`paged_decode_attention`, `paged_prefill_attention`: Triton on CUDA,
   their torch references elsewhere, by the kernel modules' one dispatch rule) read K/V in
@@ -16,6 +16,9 @@ the sequence's pages. Two implementations:
   which greedy outputs equal to transformers' `generate` rely on; and for sliding-window layers
   (which the kernels do not model), with a masked gather over the whole block table in the
   device form.
+- In batch-invariant mode (`meta.batch_invariant`, any device), one SDPA call per query over
+  exactly its visible keys: a prefill or verification query is computed by the very call that
+  decodes that position alone (models/batch_invariant.py says why).
 """
 from __future__ import annotations
 
@@ -49,7 +52,9 @@ class PagedAttention(nn.Module):
                           meta.slot_mapping)
         k_cache = kv_cache[:, self.layer_idx, 0]
         v_cache = kv_cache[:, self.layer_idx, 1]
-        if self.sliding_window is None and (meta.on_device_only or x.is_cuda):
+        if meta.batch_invariant:
+            out = self._per_query_attention(q, k_cache, v_cache, meta)
+        elif self.sliding_window is None and (meta.on_device_only or x.is_cuda):
             out = self._paged_attention(q, k_cache, v_cache, meta)
         elif meta.on_device_only:
             out = self._windowed_decode(q, k_cache, v_cache, meta)
@@ -98,6 +103,28 @@ class PagedAttention(nn.Module):
                 attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
             )
             outs.append(o.squeeze(0).transpose(0, 1))
+            start += q_len
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def _per_query_attention(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """Each query over exactly its keys (its window's, on a sliding-window layer), in a call
+        of its own: no masked longer row, so a query's reduction is the same whether it arrives
+        alone, among other sequences' rows, or inside a prefill or verification chunk. For a
+        decode row of a full-attention layer this is `_torch_attention`'s very call."""
+        outs = []
+        start = 0
+        bs = meta.block_size
+        for b, (q_len, kv_len) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+            pages = meta.block_tables[b, : (kv_len + bs - 1) // bs].long()
+            k = k_cache[pages].reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len].transpose(0, 1).unsqueeze(0)
+            v = v_cache[pages].reshape(-1, self.num_kv_heads, self.head_dim)[:kv_len].transpose(0, 1).unsqueeze(0)
+            for i in range(q_len):
+                end = kv_len - q_len + i + 1  # keys 0..pos of the query at pos = end - 1
+                lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
+                qi = q[start + i : start + i + 1].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qi, k[:, :, lo:end], v[:, :, lo:end], scale=self.scale,
+                                                   enable_gqa=self.num_heads != self.num_kv_heads)
+                outs.append(o.squeeze(0).transpose(0, 1))
             start += q_len
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 

@@ -29,6 +29,10 @@ class AttentionMetadata:
     block_size: int
     # [B] int32 on the device; built from seq_lens when omitted (the host form).
     seq_lens_tensor: torch.Tensor | None = None
+    # Each query attends over exactly its own keys in a call of its own, so its bits do not
+    # depend on the other rows of the forward (models/batch_invariant.py). Host form only:
+    # the per-query key ranges come from the host lengths.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.query_lens is None or self.seq_lens is None:
@@ -45,6 +49,8 @@ class AttentionMetadata:
             raise ValueError("give both query_lens and seq_lens (host form) or neither (device decode form)")
         if self.seq_lens_tensor is None:
             raise ValueError("a device-form decode batch needs seq_lens_tensor")
+        if self.batch_invariant:
+            raise ValueError("batch-invariant attention needs the host form (query_lens and seq_lens)")
         B = self.block_tables.shape[0]
         for name in ("positions", "slot_mapping", "seq_lens_tensor"):
             if tuple(getattr(self, name).shape) != (B,):

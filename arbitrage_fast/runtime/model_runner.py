@@ -28,10 +28,14 @@ class ForwardOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaDecoder, cache: PagedKVCache, role: Role,
-                 padded_decode: bool | None = None) -> None:
+                 padded_decode: bool | None = None, *, batch_invariant: bool = False) -> None:
         """padded_decode: whether decode-only forwards take the padded bucket path (None: where
-        CUDA graphs are captured; see DecodeBuckets)."""
+        CUDA graphs are captured; see DecodeBuckets). batch_invariant: every forward's attention
+        is computed per query from host lengths (models/batch_invariant.py; the model's linear
+        layers are made invariant at load), so the padded bucket path, which attends from
+        device-side lengths, is off."""
         self.model = model
+        self.batch_invariant = batch_invariant
         self.cache = cache
         self.role = role
         self.index = int(role)  # the model's index in the pool
@@ -40,7 +44,7 @@ class ModelRunner:
         self.block_size = cache.block_size(role)
         self.kv_view = cache.view(role)
         self.max_len = model.spec.max_position_embeddings
-        self.buckets = DecodeBuckets(self, padded=padded_decode)
+        self.buckets = DecodeBuckets(self, padded=False if batch_invariant else padded_decode)
 
     def kv_len(self, seq_id: int) -> int:
         return self.cache.num_tokens(seq_id, self.index)
@@ -99,6 +103,7 @@ class ModelRunner:
             query_lens=query_lens,
             seq_lens=seq_lens,
             block_size=self.block_size,
+            batch_invariant=self.batch_invariant,
         )
         input_ids = torch.tensor([t for w in works for t in w.tokens], dtype=torch.long, device=dev)
         hidden = self.model(input_ids, meta, self.kv_view)
