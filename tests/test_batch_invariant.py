@@ -29,6 +29,7 @@ from arbitrage_fast.triton_kernels.activation import silu_and_mul
 from arbitrage_fast.triton_kernels.rms_norm import add_rms_norm
 from arbitrage_fast.triton_kernels.rotary_kv import apply_rotary
 from helpers.gguf_blocks import random_blocks
+from helpers.length_prm import MIXED_PROMPTS
 from helpers.tiny_models import build_tiny_lm
 
 BF16 = torch.bfloat16
@@ -232,16 +233,7 @@ def test_invariant_attention_needs_host_lengths():
 
 # --------------------------------------------------------------------------- tiny models
 
-PROMPTS = [
-    "We compute 12 + 30 = 42",
-    "Let x be the number",
-    "A",
-    "Ann has 7 apples and buys 5 more apples at the shop, then gives 3 to Bob",
-    "Q: 3 * 4 = ?",
-    "Start with 12. Add 30. What is the result? Think step by step about it",
-    "x",
-    "Tom reads 20 pages a day for a week and then 35 pages on Sunday",
-]
+PROMPTS = MIXED_PROMPTS
 SP = SamplingParams(max_new_tokens=40, max_step_tokens=8, ignore_eos=True)
 
 

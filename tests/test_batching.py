@@ -14,17 +14,9 @@ from arbitrage_fast.policies import POLICY_NAMES
 from arbitrage_fast.request import RequestState
 from arbitrage_fast.roles import Role
 from arbitrage_fast.runtime.batch_graphs import BUCKETS, DecodeBuckets, is_decode_batch
-from helpers.length_prm import LengthPRM, build_policy_folders, policy_engine
+from helpers.length_prm import MIXED_PROMPTS, LengthPRM, build_policy_folders, policy_engine
 
-PROMPTS = [
-    "We compute 12 + 30 = 42",
-    "Let x be the number",
-    "A",
-    "Ann has 7 apples and buys 5 more apples at the shop, then gives 3 to Bob",
-    "Q: 3 * 4 = ?",
-    "Start with 12. Add 30. What is the result? Think step by step about it",
-    "x",
-]
+PROMPTS = MIXED_PROMPTS[:7]
 SP = SamplingParams(max_new_tokens=24, max_step_tokens=6, ignore_eos=True)
 # Thresholds chosen per policy so that batches mix escalated and kept steps.
 THRESHOLDS = {"rsd": [0.3, 0.6, 0.9], "oracle": [0.0, 0.1, -0.1], "arbitrage": [0.3, 0.5, 0.7],

@@ -119,7 +119,9 @@ def _check_computed_once(counter: FedCounter, prompts: dict[int, list[int]]) -> 
 
 
 # ---------------------------------------------------------------------- the same prompt, many requests
-def test_one_prompt_under_every_policy_prefills_once_and_equals_each_alone(engine, monkeypatch):
+def _every_policy_on_one_prompt(engine, monkeypatch):
+    """PROMPT under every policy in one batch: each equals its run alone, and every shared page of
+    the prompt was computed once per model. Returns (alone, batched, prompt tokens by id)."""
     requests = [(PROMPT, pol, THRESHOLDS.get(pol), SP) for pol in POLICY_NAMES]
     alone = _alone(engine, requests)
     counter = FedCounter(engine, monkeypatch)
@@ -127,11 +129,16 @@ def test_one_prompt_under_every_policy_prefills_once_and_equals_each_alone(engin
     for a, b in zip(alone, batched):
         _same(a, b)
     _check_computed_once(counter, prompts)
+    return alone, batched, prompts
+
+
+def test_one_prompt_under_every_policy_prefills_once_and_equals_each_alone(engine, monkeypatch):
+    alone, batched, prompts = _every_policy_on_one_prompt(engine, monkeypatch)
     shared = _shared(engine, len(next(iter(prompts.values()))))
     # target_only and draft_only, admitted first, computed the prompt in the target and the
     # draft; every later request took over its whole pages but the last token's.
     assert POLICY_NAMES[:2] == ("target_only", "draft_only") and shared[Role.DRAFT] == shared[Role.TARGET] > 0
-    assert [r.stats["cached_prompt_tokens"] for r in batched] == [0, 0] + [shared[Role.DRAFT]] * (len(requests) - 2)
+    assert [r.stats["cached_prompt_tokens"] for r in batched] == [0, 0] + [shared[Role.DRAFT]] * (len(batched) - 2)
     assert all(a.stats["cached_prompt_tokens"] == 0 for a in alone)
     assert engine.kv_stats()["used_pages"] == 0
 
@@ -264,13 +271,7 @@ def test_on_the_gpu_with_graph_decoding_copies_equal_each_alone(folders, monkeyp
     draft, target, router = folders
     engine = Engine(EngineConfig(draft=str(draft), target=str(target), router=str(router), device="cuda",
                                  kv_pages=256, min_block_size=4, decode_chunk=0))
-    requests = [(PROMPT, pol, THRESHOLDS.get(pol), SP) for pol in POLICY_NAMES]
-    alone = _alone(engine, requests)
-    counter = FedCounter(engine, monkeypatch)
-    batched, prompts = _run(engine, requests)
-    for a, b in zip(alone, batched):
-        _same(a, b)
-    _check_computed_once(counter, prompts)
+    _every_policy_on_one_prompt(engine, monkeypatch)
     assert engine.kv_stats()["used_pages"] == 0
 
 

@@ -13,6 +13,19 @@ from arbitrage_fast.router.head import RouterConfig, RouterHead
 from .tiny_models import build_tiny_lm
 
 
+# Prompts of very different lengths (1 to 17 words), for batches whose rows differ.
+MIXED_PROMPTS = [
+    "We compute 12 + 30 = 42",
+    "Let x be the number",
+    "A",
+    "Ann has 7 apples and buys 5 more apples at the shop, then gives 3 to Bob",
+    "Q: 3 * 4 = ?",
+    "Start with 12. Add 30. What is the result? Think step by step about it",
+    "x",
+    "Tom reads 20 pages a day for a week and then 35 pages on Sunday",
+]
+
+
 class LengthPRM(ProcessRewardModel):
     """Prefers longer steps, deterministic: lets oracle tests know which step must win."""
 
