@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .policies import DEFAULT_REFLECTION_CUES, check_cues
 
@@ -57,6 +57,9 @@ class EngineConfig:
     # None = target-likelihood PRM; "exact" = testbed checker; a PRM folder; or a ProcessRewardModel.
     prm: object = None
     router: str | None = None  # folder or file of a trained router head
+    # Further router heads by name, for policies that ask for one ("arbitrage:exact"): rows that
+    # compare routers trained from different labels in one engine, on one clock.
+    routers: dict[str, str] = field(default_factory=dict)
     # Tokens decoded per host round-trip when writing a step (rolled back past a boundary):
     # 1 = the per-token decoder, N > 1 = chunks of N, 0 = adaptive (<= 2 host reads per step).
     decode_chunk: int = 1

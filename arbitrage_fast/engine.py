@@ -26,7 +26,7 @@ from .models.group_quant import QuantScheme
 from .models.batch_invariant import InvariantLayers, make_batch_invariant
 from .models.loader import LoadedModel, load_model, resolve_dtype
 from .policies import make_policy
-from .prm.build import build_prm
+from .prm.build import PolicyPRMs, build_prm
 from .prm.target_judge import TargetJudge
 from .request import Request, StepOutput
 from .roles import Role
@@ -87,8 +87,11 @@ class Engine:
         self.boundary_ids = {m: frozenset(boundary_token_ids(lm.tokenizer)) for m, lm in loaded.items()}
         self.eos_ids = {m: frozenset(eos_token_ids(lm.tokenizer, lm.hf_config)) for m, lm in loaded.items()}
         self.prm = build_prm(config.prm, self.device)
+        self.prms = PolicyPRMs(self.prm, self.device)
         self.router = (RouterHead.load(config.router, expected_hidden_size=draft.spec.hidden_size).to(self.device)
                        if config.router else None)
+        self.routers = {name: RouterHead.load(path, expected_hidden_size=draft.spec.hidden_size).to(self.device)
+                        for name, path in config.routers.items()}
         self.scheduler = Scheduler(self, config.max_batch, config.max_batch_tokens)
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
@@ -226,6 +229,9 @@ class Engine:
         if pol.needs_router and self.router is None:
             raise ValueError(f"policy {policy!r} needs a router head: set EngineConfig(router=PATH) "
                              "(train one with `arbitrage-fast train-router`)")
+        if pol.needs_router and pol.variant is not None and pol.variant not in self.routers:
+            raise ValueError(f"policy {policy!r} asks for the router head {pol.variant!r}, which this engine does not "
+                             f"hold (EngineConfig(routers=...) has {sorted(self.routers) or 'none'})")
         if pol.name == "spec_decode" and not self.shared_vocab:
             raise ModelMismatchError("spec_decode needs draft and target to share a vocabulary")
         prompt_ids, prompt_text = self._encode(prompt, chat)
@@ -247,6 +253,10 @@ class Engine:
                                 finish_reason=finish_reason)
 
     # ------------------------------------------------------------------ text
+    def router_for(self, policy) -> RouterHead:
+        """The router head `policy` reads: its named variant, or the engine's own."""
+        return self.router if policy.variant is None else self.routers[policy.variant]
+
     def text(self, tokens: list[int], model: Role) -> str:
         return self.tokenizers[model].decode(tokens, skip_special_tokens=True)
 

@@ -42,6 +42,20 @@ class Policy:
     needs_target_prm: bool = False
     needs_judge: bool = False  # the target scores the draft step (one forward, then rolled back)
     reads_previous_step: bool = False  # may hand a step to the target before the draft writes it
+    # What scores this policy's steps, when its name asks ("rsd:likelihood", "arbitrage:exact"):
+    # for a policy that reads a PRM, one of prm/build.py's PRM_VARIANTS; for one that reads the
+    # router, the name of one of the engine's extra router heads. None: the engine's own.
+    variant: str | None = None
+
+    @property
+    def base_name(self) -> str:
+        """The policy without its variant: "rsd" for "rsd:exact"."""
+        return self.name.partition(":")[0]
+
+    @property
+    def prm(self) -> str | None:
+        """The PRM variant this policy scores with (None: the engine's PRM)."""
+        return None if self.needs_router else self.variant
 
     def escalate(self, e: StepEvidence) -> bool:
         """True when the target's step should be committed instead of the draft's."""
@@ -54,9 +68,9 @@ class Policy:
     @property
     def roles(self) -> tuple[Role, ...]:
         """The models whose KV this policy fills (what admission has to find room for)."""
-        if self.name == "draft_only":
+        if self.base_name == "draft_only":
             return (Role.DRAFT,)
-        if self.name == "target_only":
+        if self.base_name == "target_only":
             return (Role.TARGET,)
         return (Role.DRAFT, Role.TARGET)
 
@@ -178,14 +192,32 @@ POLICY_NAMES = tuple(_POLICIES)
 
 def make_policy(name: str, threshold: float | None = None, *, have_router: bool = False,
                 reflection_cues=DEFAULT_REFLECTION_CUES) -> Policy:
-    if name not in _POLICIES:
+    """The policy `name`, optionally "POLICY:VARIANT": a policy that scores steps with a PRM (rsd,
+    oracle, every_step without a router) names the PRM (prm/build.py's PRM_VARIANTS); one that
+    reads the router (arbitrage, every_step with a router) names one of the engine's extra
+    router heads, which the engine checks."""
+    from .prm.build import PRM_VARIANTS
+
+    base, at, variant = name.partition(":")
+    if base not in _POLICIES:
         raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
-    cls, default, allowed, flags = _POLICIES[name]
+    cls, default, allowed, flags = _POLICIES[base]
     flags = dict(flags)
-    if name == "every_step":
+    if at:
+        reads_router = flags.get("needs_router") or (base == "every_step" and have_router)
+        reads_prm = flags.get("needs_draft_prm") or flags.get("needs_target_prm") or base == "every_step"
+        if not (reads_router or reads_prm):
+            raise ValueError(f"policy {base!r} reads neither a PRM nor a router, so {name!r} names a scorer it "
+                             "would not use")
+        if not variant:
+            raise ValueError(f"policy {name!r} names an empty variant after ':'")
+        if not reads_router and variant not in PRM_VARIANTS:
+            raise ValueError(f"unknown PRM {variant!r} in policy {name!r}; expected one of {', '.join(PRM_VARIANTS)}")
+        flags["variant"] = variant
+    if base == "every_step":
         flags["needs_router"] = have_router
         flags["needs_draft_prm"] = not have_router
-    if name == "spec_thinking":
+    if base == "spec_thinking":
         flags["cues"] = check_cues(reflection_cues)
     if allowed is None:
         return cls(name=name, threshold=None, **flags)

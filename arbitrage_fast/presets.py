@@ -1,7 +1,7 @@
 """Named draft/target/PRM/router bundles, so a command line needs one flag, not four."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -12,9 +12,8 @@ class Preset:
     target: str
     prm: str | None  # PRM used at inference (rsd, oracle); None = target likelihood
     router: str | None
-    # PRM that labels router training data and audits escalations offline. The testbed's exact
-    # checker is perfect and free, so it would make RSD unrealistically cheap at inference;
-    # there RSD pays for a model PRM (target likelihood), as in deployment.
+    # PRM that labels router training data: the inference PRM, so the router learns the
+    # advantage measured by the very PRM RSD decides with (the paper's setting, and the fair one).
     label_prm: str | None
     dataset: str
     chat: bool = False
@@ -22,12 +21,19 @@ class Preset:
     # Appended to each GSM8K/MATH500 question (after a blank line): real models commit to an
     # answer the grader can find only when asked to. The testbed's prompts need nothing.
     instruction: str | None = None
+    # The ground truth a sweep audits escalations with (wasted or not); the testbed's exact
+    # checker. It never decides anything, except in rows named as oracles ("rsd:exact").
+    audit_prm: str | None = None
+    # Further router heads by name, for rows such as "arbitrage:exact" (see EngineConfig.routers).
+    routers: dict[str, str] = field(default_factory=dict)
 
 
-def testbed_router_dir() -> Path:
+def testbed_router_dir(labels: str = "prm") -> Path:
+    """The testbed's router head trained on the shipped PRM's advantage labels, or with
+    labels="exact" the upper-bound head trained on the exact checker's (oracle labels)."""
     from arbitrage_fast.testbed import shipped_checkpoint
 
-    return shipped_checkpoint("draft").parent / "router"
+    return shipped_checkpoint("draft").parent / ("router" if labels == "prm" else f"router_{labels}")
 
 
 # The instruction Qwen2.5's own math evaluations use.
@@ -73,9 +79,13 @@ def resolve(name: str | None, *, draft=None, target=None, prm=None, router=None)
     elif name == "testbed":
         from arbitrage_fast.testbed import shipped_checkpoint
 
-        r = testbed_router_dir()
-        base = Preset("testbed", str(shipped_checkpoint("draft")), str(shipped_checkpoint("target")), None,
-                      str(r) if (r / "router_config.json").is_file() else None, "exact", dataset="testbed")
+        # The testbed's PRM is a small trained model (testbed/prm_train.py) that costs time and
+        # errs, as a deployed PRM does: RSD decides with it and the router learns from it.
+        r, prm_dir, exact = testbed_router_dir(), str(shipped_checkpoint("prm")), testbed_router_dir("exact")
+        base = Preset("testbed", str(shipped_checkpoint("draft")), str(shipped_checkpoint("target")), prm_dir,
+                      str(r) if (r / "router_config.json").is_file() else None, prm_dir, dataset="testbed",
+                      audit_prm="exact",
+                      routers={"exact": str(exact)} if (exact / "router_config.json").is_file() else {})
     elif name == "qwen2.5-coder":
         base = _qwen_coder(draft, target)
     else:

@@ -83,24 +83,25 @@ class _LocalSource:
         pol = self.req.policy
         track = pol.needs_router or self.req.record_features
         return (yield from self._write(D, track_features=track,
-                                       router=self.eng.router if pol.needs_router else None))
+                                       router=self.eng.router_for(pol) if pol.needs_router else None))
 
     def router_score(self, drafted: DecodedStep) -> float:
         if drafted.router_score is not None:  # the chunked decoder's read brought it back
             return drafted.router_score
         t = time.perf_counter()
         with torch.inference_mode(), nvtx.range("router"):
-            score = float(self.eng.router(drafted.features.features()))
+            score = float(self.eng.router_for(self.req.policy)(drafted.features.features()))
         self.stats.host_syncs += 1
         self.stats.router_s += time.perf_counter() - t
         return score
 
     def draft_prm(self, drafted: DecodedStep):
         eng, seq = self.eng, self.seq
-        if eng.prm is not None:
+        prm = eng.prms.for_policy(self.req.policy.prm)
+        if prm is not None:
             t = time.perf_counter()
             with nvtx.range("prm"):
-                score = eng.prm.score(seq.prompt_text, seq.step_texts(), eng.text(drafted.tokens, D))
+                score = prm.score(seq.prompt_text, seq.step_texts(), eng.text(drafted.tokens, D))
             self.stats.prm_s += time.perf_counter() - t
             return score
         # Target likelihood: one target prefill over the unseen context and the draft step.
@@ -177,11 +178,12 @@ class _LocalSource:
 
     def target_prm(self, candidate: DecodedStep) -> float:
         eng, seq = self.eng, self.seq
-        if eng.prm is None:
+        prm = eng.prms.for_policy(self.req.policy.prm)
+        if prm is None:
             return mean_probability(candidate.logprobs)
         t = time.perf_counter()
         with nvtx.range("prm"):
-            score = eng.prm.score(seq.prompt_text, seq.step_texts(), eng.text(candidate.tokens, T))
+            score = prm.score(seq.prompt_text, seq.step_texts(), eng.text(candidate.tokens, T))
         self.stats.prm_s += time.perf_counter() - t
         return score
 

@@ -18,23 +18,28 @@ BASE = ["--preset", "testbed", "--n", "4", "--max-new-tokens", "96"]
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
     out = tmp_path_factory.mktemp("calibrate") / "calibration.json"
-    assert main(["calibrate", *BASE, "--policies", "rsd", "--grid-points", "3", "--out", str(out)]) == 0
+    assert main(["calibrate", *BASE, "--policies", "rsd,rsd:likelihood,arbitrage,spec_thinking", "--grid-points", "3",
+                 "--out", str(out)]) == 0
     return out, json.loads(out.read_text())
 
 
 def test_calibrate_sweeps_an_even_grid_on_dev_and_records_why(calibration):
     _, cal = calibration
-    assert cal["split"] == "dev" and cal["n"] == 4 and cal["grid"] == {"rsd": [0.0, 0.5, 1.0]}
+    grid = [0.0, 0.5, 1.0]
+    assert cal["split"] == "dev" and cal["n"] == 4
+    assert cal["grid"] == {"rsd": grid, "rsd:likelihood": grid, "arbitrage": grid}
+    assert cal["untuned"] == ["spec_thinking"]
     assert [(p["policy"], p["threshold"]) for p in cal["points"]] == [
-        ("target_only", None), ("rsd", 0.0), ("rsd", 0.5), ("rsd", 1.0)]
-    assert len(cal["choices"]) == 6 and {c["policy"] for c in cal["choices"]} == {"rsd"}
+        ("target_only", None), *((p, t) for p in ("rsd", "rsd:likelihood", "arbitrage") for t in grid),
+        ("spec_thinking", None)]
+    assert len(cal["choices"]) == 18 and {c["policy"] for c in cal["choices"]} == {"rsd", "rsd:likelihood", "arbitrage"}
     for choice in cal["choices"]:
-        assert choice["threshold"] is None or choice["threshold"] in cal["grid"]["rsd"]
+        assert choice["threshold"] is None or choice["threshold"] in grid
         if choice["threshold"] is not None:
-            dev = next(p for p in cal["points"] if p["threshold"] == choice["threshold"])
+            dev = next(p for p in cal["points"] if (p["policy"], p["threshold"]) == (choice["policy"], choice["threshold"]))
             assert choice["dev"]["accuracy"] == dev["accuracy"]
     # rsd at 1.0 escalates every step the PRM scores below 1, so it matches target_only on dev.
-    zero = next(c for c in cal["choices"] if c["target"] == "accuracy -0 pt")
+    zero = next(c for c in cal["choices"] if c["target"] == "accuracy -0 pt" and c["policy"] == "rsd")
     assert zero["threshold"] is not None and zero["dev"]["accuracy"] >= cal["target_only"]["accuracy"]
 
 
@@ -44,13 +49,36 @@ def test_sweep_runs_exactly_the_calibrated_thresholds_on_test(calibration, tmp_p
     assert main(["sweep", *BASE, "--thresholds-from", str(path), "--json", str(report),
                  "--records", str(records)]) == 0
     result = json.loads(report.read_text())
-    chosen = sorted({c["threshold"] for c in cal["choices"] if c["threshold"] is not None})
+    chosen = {p: sorted({c["threshold"] for c in cal["choices"] if c["policy"] == p and c["threshold"] is not None})
+              for p in ("rsd", "rsd:likelihood", "arbitrage")}
     assert result["split"] == "test" and result["settings"]["split"] == "test"
     assert [(p["policy"], p["threshold"]) for p in result["points"]] == [
-        ("target_only", None), *(("rsd", t) for t in chosen)]
-    assert len(result["protocol"]) == len(cal["choices"])
-    assert all(r["test"]["threshold"] == r["threshold"] for r in result["protocol"] if r["threshold"] is not None)
-    assert render_protocol_table(result) in capsys.readouterr().out
+        ("target_only", None), ("spec_thinking", None), *((p, t) for p, ts in chosen.items() for t in ts)]
+    assert len(result["protocol"]) == len(cal["choices"]) + 1  # and spec_thinking's row, untuned
+    assert all(r["test"]["threshold"] == r["threshold"] for r in result["protocol"] if r["test"] is not None)
+    out = capsys.readouterr().out
+    assert render_protocol_table(result) in out
+
+    # Head to head: arbitrage against each rival at the threshold dev chose for the same target,
+    # its speed-up the rival's summed latency over arbitrage's, from the same test records.
+    records_by = {}
+    for line in records.read_text().splitlines()[1:]:
+        r = json.loads(line)
+        records_by.setdefault((r["policy"], r["threshold"]), []).append(r)
+    accuracy_targets = {c["target"] for c in cal["choices"] if c["target"].startswith("accuracy")
+                        and c["policy"] == "arbitrage" and c["threshold"] is not None}
+    rows = result["head_to_head"]
+    assert {(r["target"], r["versus"]) for r in rows} <= {(t, v) for t in accuracy_targets
+                                                          for v in ("rsd", "rsd:likelihood")}
+    for r in rows:
+        ours, theirs = records_by[("arbitrage", r["threshold"])], records_by[(r["versus"], r["versus_threshold"])]
+        expected = sum(x["latency_s"] for x in theirs) / sum(x["latency_s"] for x in ours)
+        assert r["speedup"] == pytest.approx(expected)
+        assert r["speedup_ci"][0] <= r["speedup"] <= r["speedup_ci"][1]
+        choice = next(c for c in cal["choices"] if (c["policy"], c["target"]) == (r["versus"], r["target"]))
+        assert choice["threshold"] == r["versus_threshold"]
+    if rows:
+        assert "Head to head" in out
 
     header = json.loads(records.read_text().splitlines()[0])["run"]
     assert header["split"] == "test" and header["plan"][0] == ["target_only", None] and "code" in header

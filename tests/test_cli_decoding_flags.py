@@ -11,7 +11,7 @@ import arbitrage_fast
 from arbitrage_fast import cli
 from arbitrage_fast.commands import common, demo, serve, sweep
 
-PRESET = SimpleNamespace(name="custom", draft="d", target="t", prm=None, label_prm=None, router=None,
+PRESET = SimpleNamespace(name="custom", draft="d", target="t", prm=None, label_prm=None, router=None, routers={},
                          dtype="float32", chat=False)
 
 

@@ -111,3 +111,72 @@ def test_label_generation_records_advantage_and_features(folders):
     assert set(data.problem.tolist()) == {0, 1}
     assert torch.isfinite(data.features).all()
     assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_a_policy_name_may_choose_its_prm():
+    p = make_policy("rsd:likelihood", 0.4)
+    assert (p.name, p.base_name, p.prm, p.threshold) == ("rsd:likelihood", "rsd", "likelihood", 0.4)
+    assert p.escalate(StepEvidence(draft_prm=0.3)) and not p.escalate(StepEvidence(draft_prm=0.4))
+    assert make_policy("oracle:exact").prm == "exact" and make_policy("rsd").prm is None
+    with pytest.raises(ValueError, match="empty variant"):
+        make_policy("arbitrage:")
+    assert make_policy("every_step:likelihood", 0.5, have_router=False).needs_draft_prm
+    with pytest.raises(ValueError, match="unknown PRM 'judge'"):
+        make_policy("rsd:judge")
+    with pytest.raises(ValueError, match="reads neither a PRM nor a router"):
+        make_policy("target_only:exact")
+    with pytest.raises(ValueError, match="reads neither a PRM nor a router"):
+        make_policy("target_only:likelihood")
+    # A router-reading policy's variant names a router head (the engine checks it holds one).
+    assert make_policy("arbitrage:exact").variant == "exact" and make_policy("arbitrage:exact").prm is None
+    assert make_policy("every_step:exact", 0.5, have_router=True).prm is None
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("rsdx:exact")
+
+
+def test_prm_variants_are_built_once_per_engine():
+    from arbitrage_fast.prm.build import PolicyPRMs
+    from arbitrage_fast.prm.exact import ExactCheckerPRM
+
+    default = LengthPRM()
+    prms = PolicyPRMs(default)
+    assert prms.for_policy(None) is default and prms.for_policy("likelihood") is None
+    exact = prms.for_policy("exact")
+    assert isinstance(exact, ExactCheckerPRM) and prms.for_policy("exact") is exact
+
+
+def test_rsd_variants_equal_an_engine_built_with_that_prm(folders):
+    # One engine, three RSD rows: its own PRM, the target's likelihood, and each the same as
+    # an engine whose only PRM is that one.
+    draft, target, _ = folders
+    cfg = dict(draft=str(draft), target=str(target), kv_pages=64, min_block_size=4)
+    with_prm = Engine(EngineConfig(**cfg, prm=LengthPRM()))
+    likelihood_only = Engine(EngineConfig(**cfg))
+    own = with_prm.generate(PROMPT, policy="rsd", threshold=0.6, sampling=SP)
+    alone = Engine(EngineConfig(**cfg, prm=LengthPRM())).generate(PROMPT, policy="rsd", threshold=0.6, sampling=SP)
+    assert own.token_ids == alone.token_ids
+    via_name = with_prm.generate(PROMPT, policy="rsd:likelihood", threshold=0.6, sampling=SP)
+    reference = likelihood_only.generate(PROMPT, policy="rsd", threshold=0.6, sampling=SP)
+    assert via_name.token_ids == reference.token_ids
+    assert [s.draft_prm for s in via_name.steps] == [s.draft_prm for s in reference.steps]
+    assert [s.draft_prm for s in own.steps] != [s.draft_prm for s in via_name.steps]
+    assert with_prm.kv_stats()["used_pages"] == 0
+
+
+def test_arbitrage_variants_read_their_own_router_head(folders, tmp_path):
+    # An engine holding a second head: "arbitrage:other" equals an engine whose only head it is.
+    draft, target, router_dir = folders
+    torch.manual_seed(11)
+    RouterHead(RouterConfig(hidden_size=32, width=8)).save(tmp_path / "other")
+    cfg = dict(draft=str(draft), target=str(target), kv_pages=64, min_block_size=4)
+    both = Engine(EngineConfig(**cfg, router=str(router_dir), routers={"other": str(tmp_path / "other")}))
+    only_other = Engine(EngineConfig(**cfg, router=str(tmp_path / "other")))
+    via_name = both.generate(PROMPT, policy="arbitrage:other", threshold=0.5, sampling=SP)
+    reference = only_other.generate(PROMPT, policy="arbitrage", threshold=0.5, sampling=SP)
+    own = both.generate(PROMPT, policy="arbitrage", threshold=0.5, sampling=SP)
+    assert via_name.token_ids == reference.token_ids
+    assert [s.router_score for s in via_name.steps] == [s.router_score for s in reference.steps]
+    assert [s.router_score for s in via_name.steps] != [s.router_score for s in own.steps]
+    with pytest.raises(ValueError, match="router head 'missing'"):
+        both.generate(PROMPT, policy="arbitrage:missing", threshold=0.5, sampling=SP)
+    assert both.kv_stats()["used_pages"] == 0

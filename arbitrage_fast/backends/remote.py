@@ -23,6 +23,7 @@ from arbitrage_fast.config import SamplingParams
 from arbitrage_fast.decision import decide_step, run_now
 from arbitrage_fast.messages import checked_messages, is_conversation, problem_text
 from arbitrage_fast.policies import DEFAULT_REFLECTION_CUES, Policy, check_cues, make_policy
+from arbitrage_fast.prm.build import PolicyPRMs
 from arbitrage_fast.prm.target_likelihood import mean_probability
 from arbitrage_fast.request import RequestState, StepOutput
 from arbitrage_fast.sequence import GenerationResult, Step
@@ -46,6 +47,7 @@ class RemoteEngine:
         self.draft = CompletionsClient(draft, "draft", transports.get("draft"))
         self.target = CompletionsClient(target, "target", transports.get("target"))
         self.prm = prm
+        self.prms = PolicyPRMs(prm)
         self._tokenizers: dict[str, object] = {}
         self._runs: dict[int, RemoteRun] = {}
         self._ids = itertools.count()
@@ -194,8 +196,6 @@ class RemoteEngine:
         stats[f"{client.role}_s"] += time.perf_counter() - t
         return written
 
-    def _prm_score(self, problem: str, steps: list[Step], text: str) -> float:
-        return self.prm.score(problem, [s.text for s in steps], text)
 
     # ------------------------------------------------------------------ prompts
     def _prompts(self, prompt, chat: bool) -> tuple[dict[str, str], str]:
@@ -252,8 +252,9 @@ class _RemoteSource:
 
     def draft_prm(self, drafted: WrittenStep) -> float:
         t = time.perf_counter()
-        if self.eng.prm is not None:
-            score = self.eng._prm_score(self.problem, self.steps, drafted.text)
+        prm = self.eng.prms.for_policy(self.pol.prm)
+        if prm is not None:
+            score = prm.score(self.problem, [s.text for s in self.steps], drafted.text)
         else:
             score = self.eng.target.mean_token_probability(self.prompts["target"] + self.committed, drafted.text)
         self.stats["prm_s"] += time.perf_counter() - t
@@ -261,13 +262,14 @@ class _RemoteSource:
 
     def target_step(self) -> WrittenStep:
         # The target's own log-probs are its likelihood PRM score when the policy compares the two.
-        logprobs = self.pol.needs_target_prm and self.eng.prm is None
+        logprobs = self.pol.needs_target_prm and self.eng.prms.for_policy(self.pol.prm) is None
         return self.eng._write(self.eng.target, self.prompts["target"] + self.committed, self.budget, self.sampling,
                                self.stats, logprobs=logprobs)
 
     def target_prm(self, candidate: WrittenStep) -> float:
-        if self.eng.prm is not None:
-            return self.eng._prm_score(self.problem, self.steps, candidate.text)
+        prm = self.eng.prms.for_policy(self.pol.prm)
+        if prm is not None:
+            return prm.score(self.problem, [s.text for s in self.steps], candidate.text)
         return mean_probability(candidate.logprobs)
 
     def reject_draft(self, drafted: WrittenStep) -> None:

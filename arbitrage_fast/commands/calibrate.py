@@ -7,13 +7,17 @@ from .sweep import sweep_points
 
 def run(preset, args) -> int:
     from arbitrage_fast.eval.calibration import choose_thresholds, threshold_grid
+    from arbitrage_fast.eval.sweep import THRESHOLDLESS_POLICIES
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if "target_only" not in policies:
         policies.insert(0, "target_only")  # every accuracy target is relative to it
-    thresholds = {p: threshold_grid(p, args.grid_points) for p in policies if p != "target_only"}
+    # Policies without a threshold have nothing to choose: they run on dev beside the others
+    # and go to test as they are, so every method gets its row in the reported table.
+    untuned = [p for p in policies if p in THRESHOLDLESS_POLICIES and p != "target_only"]
+    thresholds = {p: threshold_grid(p, args.grid_points) for p in policies if p not in THRESHOLDLESS_POLICIES}
     result = sweep_points(preset, args, "dev", policies, thresholds)
-    calibration = {"split": "dev", "n": result["n"], "grid": thresholds,
+    calibration = {"split": "dev", "n": result["n"], "grid": thresholds, "untuned": untuned,
                    "settings": {k: v for k, v in result["settings"].items() if k != "split"},
                    **choose_thresholds(result["points"]), "points": result["points"]}
     write_json(calibration, args.out)

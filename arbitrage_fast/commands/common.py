@@ -23,6 +23,7 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
         extra["reflection_cues"] = reflection_cues
     return Engine(EngineConfig(draft=preset.draft, target=preset.target, device=device,
                                dtype=dtype or preset.dtype, prm=chosen, router=preset.router if router else None,
+                               routers=dict(preset.routers) if router else {},
                                decode_chunk=decode_chunk, spec_k=spec_k, dequantize=dequantize,
                                draft_quant=draft_quant, target_quant=target_quant, quant_group=quant_group,
                                batch_invariant=batch_invariant, **extra))

@@ -19,7 +19,8 @@ DEFAULT_THRESHOLDS = {
 
 def parse_thresholds(spec: str | None, policies: list[str]) -> dict[str, list[float]]:
     """"rsd=0.5,0.7;arbitrage=0.3" -> {"rsd": [0.5, 0.7], "arbitrage": [0.3]}; defaults elsewhere."""
-    out = {p: DEFAULT_THRESHOLDS[p] for p in policies if p in DEFAULT_THRESHOLDS}
+    base = {p: p.partition(":")[0] for p in policies}  # "rsd:exact" sweeps rsd's grid
+    out = {p: DEFAULT_THRESHOLDS[base[p]] for p in policies if base[p] in DEFAULT_THRESHOLDS}
     for part in filter(None, (spec or "").split(";")):
         name, _, values = part.partition("=")
         try:
@@ -33,7 +34,7 @@ def sweep_settings(preset, args) -> dict:
     """Everything that changes an answer or a latency, bar the split and the plan: a records file,
     and a calibration carried from dev to test, must agree on all of it."""
     settings = {"preset": preset.name, "draft": preset.draft, "target": preset.target, "router": preset.router,
-                "inference_prm": str(preset.prm), "audit_prm": str(preset.label_prm),
+                "inference_prm": str(preset.prm), "audit_prm": str(preset.audit_prm),
                 "dataset": args.dataset or preset.dataset, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "dtype": args.dtype or preset.dtype,
                 "instruction": preset.instruction, **quant_info(args)}
@@ -43,7 +44,7 @@ def sweep_settings(preset, args) -> dict:
 
 
 def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict[str, list[float]],
-                 report_only: bool = False) -> dict:
+                 report_only: bool = False, runs_out: dict | None = None) -> dict:
     """Run (or, `report_only`, read back from --records) one sweep of `split`; returns its result dict."""
     from arbitrage_fast.eval.datasets import load_dataset
     from arbitrage_fast.eval.sweep import points_from_records, run_sweep
@@ -53,19 +54,20 @@ def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict
     items = load_dataset(args.dataset or preset.dataset, n=args.n, split=split, seed=args.seed,
                          instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
-    audit = build_prm(preset.label_prm)
+    audit = build_prm(preset.audit_prm)
     run_info = {**sweep_settings(preset, args), "split": split}
     planned = len(items)
     if report_only:
         points, items = points_from_records(items, policies, thresholds, args.records, run_info,
-                                            audited=audit is not None)
+                                            audited=audit is not None, runs_out=runs_out)
     else:
         engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
         points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
-                           generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info)
+                           generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info,
+                           runs_out=runs_out)
     result = {
         "preset": preset.name, "dataset": args.dataset or preset.dataset, "split": split, "n": len(items),
-        "inference_prm": preset.prm or "target-likelihood", "audit_prm": preset.label_prm, "spec_k": args.spec_k,
+        "inference_prm": preset.prm or "target-likelihood", "audit_prm": preset.audit_prm, "spec_k": args.spec_k,
         "settings": run_info, "points": points,
     }
     if len(items) < planned:  # a report of a sweep not yet finished
@@ -95,7 +97,8 @@ def _calibrated_plan(preset, args) -> tuple[list[str], dict[str, list[float]], d
 
 def run(preset, args) -> int:
     from arbitrage_fast.eval.pareto import plot_pareto
-    from arbitrage_fast.eval.report import protocol_rows, render_points_table, render_protocol_table
+    from arbitrage_fast.eval.report import (head_to_head, protocol_rows, render_head_to_head, render_points_table,
+                                            render_protocol_table)
 
     calibration = None
     if args.thresholds_from:
@@ -103,12 +106,14 @@ def run(preset, args) -> int:
     else:
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         thresholds = parse_thresholds(args.thresholds, policies)
-    result = sweep_points(preset, args, args.split, policies, thresholds, report_only=args.report_only)
+    runs: dict = {}
+    result = sweep_points(preset, args, args.split, policies, thresholds, report_only=args.report_only, runs_out=runs)
     points, n, planned = result["points"], result["n"], result.get("n_planned", result["n"])
     if calibration is not None:
         result["calibration"] = {"file": str(args.thresholds_from), "split": calibration["split"],
                                  "n": calibration["n"], "target_only": calibration["target_only"]}
-        result["protocol"] = protocol_rows(calibration["choices"], points)
+        result["protocol"] = protocol_rows(calibration["choices"], points, calibration.get("untuned", []))
+        result["head_to_head"] = head_to_head(calibration["choices"], runs)
     write_json(result, args.json)
     if args.plot:
         of = f" of {planned} so far" if n < planned else ""
@@ -121,4 +126,7 @@ def run(preset, args) -> int:
     if calibration is not None:
         print()
         print(render_protocol_table(result))
+        if result["head_to_head"]:
+            print()
+            print(render_head_to_head(result))
     return 0

@@ -18,7 +18,8 @@ from pathlib import Path
 
 # Every policy gets GRID_POINTS thresholds spread evenly over the range its score lives in,
 # so no policy's frontier looks better merely for being sampled more finely.
-SCORE_RANGES = {"rsd": (0.0, 1.0), "arbitrage": (0.0, 1.0), "every_step": (0.0, 1.0), "oracle": (-1.0, 1.0)}
+SCORE_RANGES = {"rsd": (0.0, 1.0), "arbitrage": (0.0, 1.0), "every_step": (0.0, 1.0), "oracle": (-1.0, 1.0),
+                "specreason": (0.0, 10.0)}
 GRID_POINTS = 21
 ACCURACY_TARGETS = (0, 1, 2)  # points (hundredths) below target_only's dev accuracy
 ESCALATION_TARGETS = (0.1, 0.2, 0.3)
@@ -26,13 +27,15 @@ _EPS = 1e-9  # accuracies are k/n floats; a floor met up to rounding is met
 
 
 def threshold_grid(policy: str, points: int = GRID_POINTS) -> list[float]:
-    """`points` evenly spaced thresholds over `policy`'s score range, ends included."""
-    if policy not in SCORE_RANGES:
+    """`points` evenly spaced thresholds over `policy`'s score range, ends included (a PRM
+    variant, "rsd:exact", scores on its policy's range)."""
+    base = policy.partition(":")[0]
+    if base not in SCORE_RANGES:
         raise ValueError(f"policy {policy!r} has no threshold to calibrate; thresholded policies: "
                          f"{sorted(SCORE_RANGES)}")
     if points < 2:
         raise ValueError(f"a threshold grid needs at least 2 points, got {points}")
-    lo, hi = SCORE_RANGES[policy]
+    lo, hi = SCORE_RANGES[base]
     return [round(lo + (hi - lo) * i / (points - 1), 6) for i in range(points)]
 
 
@@ -65,8 +68,8 @@ def choose_thresholds(points: list[dict]) -> dict:
 
 
 def thresholds_from(calibration: dict) -> tuple[list[str], dict[str, list[float]]]:
-    """The policies and thresholds a test sweep runs for `calibration`: target_only and every
-    chosen threshold, each once."""
+    """The policies and thresholds a test sweep runs for `calibration`: target_only, the policies
+    without a threshold, and every chosen threshold, each once."""
     thresholds: dict[str, list[float]] = {}
     for choice in calibration["choices"]:
         if choice["threshold"] is not None:
@@ -75,7 +78,8 @@ def thresholds_from(calibration: dict) -> tuple[list[str], dict[str, list[float]
                 values.append(choice["threshold"])
     if not thresholds:
         raise ValueError("the calibration chose no threshold for any policy (no grid point reached a target)")
-    return ["target_only", *thresholds], {policy: sorted(values) for policy, values in thresholds.items()}
+    untuned = calibration.get("untuned", [])
+    return ["target_only", *untuned, *thresholds], {policy: sorted(values) for policy, values in thresholds.items()}
 
 
 def load_calibration(path: str | Path) -> dict:

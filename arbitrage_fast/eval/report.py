@@ -19,11 +19,13 @@ from pathlib import Path
 BLOCK = re.compile(r"(<!-- table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
 
 
-def protocol_rows(choices: list[dict], points: list[dict]) -> list[dict]:
+def protocol_rows(choices: list[dict], points: list[dict], untuned: list[str] = ()) -> list[dict]:
     """One row per calibration choice: the dev figures that chose the threshold beside the
-    test point it names (test None when dev reached no threshold for the target)."""
+    test point it names (test None when dev reached no threshold for the target); then one row
+    per policy without a threshold, as it ran on test."""
     by_key = {(p["policy"], p["threshold"]): p for p in points}
-    rows = []
+    rows = [{"policy": policy, "target": "no threshold", "threshold": None, "dev": None,
+             "test": by_key[(policy, None)]} for policy in untuned]
     for choice in choices:
         row = {"policy": choice["policy"], "target": choice["target"], "threshold": choice["threshold"],
                "dev": choice["dev"], "test": None}
@@ -34,6 +36,43 @@ def protocol_rows(choices: list[dict], points: list[dict]) -> list[dict]:
             row["test"] = by_key[(choice["policy"], choice["threshold"])]
         rows.append(row)
     return rows
+
+
+def head_to_head(choices: list[dict], runs: dict, lead: str = "arbitrage") -> list[dict]:
+    """`lead` against every other policy at the same dev accuracy target, each at the threshold
+    dev chose for it: accuracy difference and speed-up (lead's latency over the rival's, so
+    > 1 means lead is faster), paired by problem, with bootstrap intervals. `runs` maps
+    (policy, threshold) to the test records in problem order."""
+    from .intervals import compare_to_baseline
+
+    chosen: dict[str, dict[str, float]] = {}
+    for c in choices:
+        if c["target"].startswith("accuracy") and c["threshold"] is not None:
+            chosen.setdefault(c["target"], {})[c["policy"]] = c["threshold"]
+    rows = []
+    for target, by_policy in chosen.items():
+        if lead not in by_policy:
+            continue
+        ours = runs[(lead, by_policy[lead])]
+        for rival, threshold in by_policy.items():
+            if rival != lead:
+                rows.append({"target": target, "policy": lead, "threshold": by_policy[lead], "versus": rival,
+                             "versus_threshold": threshold, **compare_to_baseline(ours, runs[(rival, threshold)])})
+    return rows
+
+
+def render_head_to_head(result: dict) -> str:
+    rows = [[r["target"], f"{policy_label(r['policy'])}@{r['threshold']:g}",
+             f"{policy_label(r['versus'])}@{r['versus_threshold']:g}",
+             f"{r['accuracy_diff'] * 100:+.1f} pt [{r['accuracy_diff_ci'][0] * 100:+.1f}, "
+             f"{r['accuracy_diff_ci'][1] * 100:+.1f}]",
+             _ratio(r["speedup"], r["speedup_ci"]), _ratio(r["cpu_speedup"], r["cpu_speedup_ci"])]
+            for r in result["head_to_head"]]
+    caption = (f"Head to head on the {result['split']} split (n = {result['n']}), each policy at the threshold dev "
+               "chose for the same accuracy target; speed-up = the rival's summed latency over the first's, "
+               "paired by problem, 95% bootstrap intervals.")
+    return caption + "\n\n" + _table(["dev target", "policy", "versus", "accuracy difference [95% CI]",
+                                        "speed-up, wall [95% CI]", "speed-up, CPU [95% CI]"], rows)
 
 
 def _acc(point: dict) -> str:
@@ -76,8 +115,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
+def policy_label(policy: str) -> str:
+    """A row's policy, marked when the exact checker decided it: an upper bound, not a method."""
+    return f"{policy} (oracle)" if policy.endswith(":exact") else policy
+
+
 def _label(point: dict) -> str:
-    return point["policy"] if point["threshold"] is None else f"{point['policy']}@{point['threshold']:g}"
+    name = policy_label(point["policy"])
+    return name if point["threshold"] is None else f"{name}@{point['threshold']:g}"
 
 
 def render_points_table(result: dict) -> str:
@@ -103,7 +148,7 @@ def render_protocol_table(result: dict) -> str:
                "of target_only's, or a dev escalation rate.")
     rows = []
     for row in result["protocol"]:
-        head = [row["policy"], row["target"], "—" if row["threshold"] is None else f"{row['threshold']:g}"]
+        head = [policy_label(row["policy"]), row["target"], "—" if row["threshold"] is None else f"{row['threshold']:g}"]
         if row["test"] is None:
             rows.append([*head, "no dev grid point reached the target", *["—"] * (len(_COLUMNS) - 1)])
         else:
@@ -113,7 +158,10 @@ def render_protocol_table(result: dict) -> str:
 
 def render(result: dict) -> str:
     """The block a doc shows for `result`: the protocol table where there is one, else the grid."""
-    return render_protocol_table(result) if "protocol" in result else render_points_table(result)
+    if "protocol" not in result:
+        return render_points_table(result)
+    table = render_protocol_table(result)
+    return table + "\n\n" + render_head_to_head(result) if result.get("head_to_head") else table
 
 
 def rewrite_blocks(text: str, root: Path) -> str:

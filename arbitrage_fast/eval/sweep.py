@@ -65,7 +65,8 @@ def sweep_plan(policies: Sequence[str], thresholds: dict[str, list[float]]) -> l
 def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresholds: dict[str, list[float]],
               sampling=None, grader: Callable[[str, str], bool] | None = None,
               progress: bool = True, audit_prm=None, generate_kwargs: dict | None = None,
-              records: str | Path | None = None, run_info: dict | None = None) -> list[dict]:
+              records: str | Path | None = None, run_info: dict | None = None,
+              runs_out: dict | None = None) -> list[dict]:
     """Run the sweep and return one point per (policy, threshold).
 
     Each point holds: policy, threshold, n, accuracy, latency_s (mean wall-clock
@@ -80,6 +81,8 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
     carries `vs_target_only` (`compare_with_baseline`). `records` is a JSONL file to append to and resume
     from; its header is `run_info` (what the caller swept: models, dataset, token cap...)
     with the plan and the code revision added, and a file written under a different header is refused.
+    `runs_out`, when given, receives each (policy, threshold)'s per-problem records, in problem
+    order, for comparisons between points (`report.head_to_head`).
     """
     if not items:
         raise ValueError("run_sweep needs at least one item")
@@ -95,11 +98,12 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
             log.append(_solve(engine, item, policy, threshold, sampling, grader, audit_prm, generate_kwargs or {},
                               log.sitting))
             bar.update(1)
-    return _points(log, items, plan, audit_prm is not None)
+    return _points(log, items, plan, audit_prm is not None, runs_out)
 
 
 def points_from_records(items: Sequence[EvalItem], policies: Sequence[str], thresholds: dict[str, list[float]],
-                        records: str | Path, run_info: dict, audited: bool = False) -> tuple[list[dict], list[EvalItem]]:
+                        records: str | Path, run_info: dict, audited: bool = False,
+                        runs_out: dict | None = None) -> tuple[list[dict], list[EvalItem]]:
     """The points of a sweep still running or stopped early, from its records file alone: over the
     problems solved under every (policy, threshold) so far, so each point compares the same
     problems. Nothing is run and the file is only read (a sweep may be appending to it).
@@ -109,7 +113,7 @@ def points_from_records(items: Sequence[EvalItem], policies: Sequence[str], thre
     complete = [item for item in items if all((item.id, policy, threshold) in log.done for policy, threshold in plan)]
     if not complete:
         raise ValueError(f"records file {records} holds no problem solved under every policy and threshold of this sweep")
-    return _points(log, complete, plan, audited), complete
+    return _points(log, complete, plan, audited, runs_out), complete
 
 
 def points_from_record_file(records: str | Path) -> tuple[dict, list[dict]]:
@@ -135,9 +139,11 @@ def records_header(run_info: dict, plan: list[tuple[str, float | None]]) -> dict
     return {**run_info, "plan": [[policy, threshold] for policy, threshold in plan], "code": code_revision()}
 
 
-def _points(log: "RecordLog", items: Sequence[EvalItem], plan, audited: bool) -> list[dict]:
-    return points_with_comparisons([[log.done[(item.id, policy, threshold)] for item in items]
-                                    for policy, threshold in plan], audited)
+def _points(log: "RecordLog", items: Sequence[EvalItem], plan, audited: bool, runs_out: dict | None) -> list[dict]:
+    runs = [[log.done[(item.id, policy, threshold)] for item in items] for policy, threshold in plan]
+    if runs_out is not None:
+        runs_out.update(zip(plan, runs))
+    return points_with_comparisons(runs, audited)
 
 
 def points_with_comparisons(runs: list[list[dict]], audited: bool = False) -> list[dict]:

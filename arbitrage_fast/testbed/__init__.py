@@ -15,18 +15,19 @@ from .checker import check_step, extract_answer, is_correct
 from .task import Operation, Problem, TaskConfig, generate_problems, parse_prompt
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-ROLES = ("draft", "target")
+ROLES = ("draft", "target", "prm")
 
 
 def shipped_checkpoint(role: str) -> Path:
-    """Folder of the shipped `draft` or `target` model (HF layout: config, safetensors, tokenizer)."""
+    """Folder of the shipped `draft`, `target` or `prm` model (HF layout: config, safetensors,
+    tokenizer; the PRM adds its value head)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     path = CHECKPOINTS / role
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no shipped {role} checkpoint at {path}; rebuild with "
-            f"`python -m arbitrage_fast.testbed.train --out {CHECKPOINTS}`"
+            f"`python -m arbitrage_fast.testbed.{'prm_train' if role == 'prm' else 'train'} --out {CHECKPOINTS}`"
         )
     return path
 
