@@ -20,7 +20,7 @@ PROMPTS = MIXED_PROMPTS[:7]
 SP = SamplingParams(max_new_tokens=24, max_step_tokens=6, ignore_eos=True)
 # Thresholds chosen per policy so that batches mix escalated and kept steps.
 THRESHOLDS = {"rsd": [0.3, 0.6, 0.9], "oracle": [0.0, 0.1, -0.1], "arbitrage": [0.3, 0.5, 0.7],
-              "every_step": [0.3, 0.5, 0.7], "specreason": [4.5, 5.0, 4.0]}
+              "every_step": [0.3, 0.5, 0.7], "specreason": [4.5, 5.0, 4.0], "lookahead": [0.003, 0.005, 0.01]}
 
 
 @pytest.fixture(scope="module")
