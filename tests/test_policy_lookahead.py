@@ -191,3 +191,21 @@ def test_the_budget_is_never_overdrafted(engine):
         mixed = engine.generate(MIXED_PROMPTS[1], policy="lookahead", threshold=0.005, sampling=sp)
         assert len(mixed.token_ids) == n and mixed.finish_reason == "length"
     assert engine.kv_stats()["used_pages"] == 0
+
+
+# ---------------------------------------------------------------- in the sweep
+def test_the_sweep_grid_and_records_know_lookahead():
+    from types import SimpleNamespace
+
+    from arbitrage_fast.commands.sweep import parse_thresholds, sweep_settings
+
+    assert parse_thresholds(None, ["lookahead"])["lookahead"] == parse_thresholds(None, ["rsd"])["rsd"]
+    preset = SimpleNamespace(name="p", draft="d", target="t", router=None, prm=None, label_prm=None, dataset="gsm8k",
+                             dtype="float32", instruction=None)
+    args = dict(dataset=None, seed=0, max_new_tokens=64, dtype=None, spec_k=0, dequantize=False, draft_quant=None,
+                target_quant=None, quant_group=64)
+    # k changes lookahead's answers, so a records file or calibration made at another k is refused;
+    # the default is left out, so files written before the flag existed still resume
+    assert sweep_settings(preset, SimpleNamespace(**args, lookahead_k=5))["lookahead_k"] == 5
+    for k in (None, DEFAULT_LOOKAHEAD_K):
+        assert "lookahead_k" not in sweep_settings(preset, SimpleNamespace(**args, lookahead_k=k))
