@@ -176,6 +176,22 @@ def test_any_k_gives_rsds_tokens(engine, engines_by_k, prompt, threshold):
         assert eng.kv_stats()["used_pages"] == 0
 
 
+@pytest.mark.parametrize("option", [{"decode_chunk": 2}, {"spec_k": 2}])
+def test_chunked_decoding_and_speculated_rewrites_give_the_same_tokens(engine, option):
+    """The draft's steps ahead through the chunked decoder; the target's step after kept draft
+    steps (not committed yet) speculated by the draft from that uncommitted context."""
+    other = policy_engine(_folders(engine), **option)
+    proposed = 0
+    for prompt in MIXED_PROMPTS[:4]:
+        want = engine.generate(prompt, policy="lookahead", threshold=0.005, sampling=SP)
+        got = other.generate(prompt, policy="lookahead", threshold=0.005, sampling=SP)
+        assert got.token_ids == want.token_ids
+        assert [(s.text, s.source) for s in got.steps] == [(s.text, s.source) for s in want.steps]
+        proposed += got.stats.get("spec_proposed", 0)
+    assert (proposed > 0) == ("spec_k" in option)
+    assert other.kv_stats()["used_pages"] == 0
+
+
 def _folders(engine):
     return engine.draft_model.path, engine.target_model.path, engine.config.router
 
