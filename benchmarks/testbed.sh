@@ -28,7 +28,7 @@ ROUTER=$(python -c "from arbitrage_fast.presets import testbed_router_dir as d; 
   --thresholds "rsd=0.75" --json "$OUT/testbed_sweep_exact_prm.json"
 "${CLI[@]}" sweep --preset testbed --spec-k "$SPEC_K" --n "$N" --policies target_only,rsd,arbitrage \
   --thresholds "rsd=0.7;arbitrage=0.7" --json "$OUT/testbed_sweep_spec_k.json"
-"${CLI[@]}" calibrate --preset testbed --n "$N" --policies rsd,arbitrage \
+"${CLI[@]}" calibrate --preset testbed --n "$N" --policies rsd,arbitrage,lookahead \
   --records "$OUT/testbed_calibration_records.jsonl" --out "$OUT/testbed_calibration.json"
 "${CLI[@]}" sweep --preset testbed --n "$N" --thresholds-from "$OUT/testbed_calibration.json" \
   --records "$OUT/testbed_protocol_records.jsonl" --json "$OUT/testbed_protocol.json"
