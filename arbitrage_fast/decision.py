@@ -1,7 +1,7 @@
 """The step decision, written once: draft a step, gather the policy's evidence, keep it or
 escalate (`decide_step`); or, for Lookahead Reasoning, a round of k draft steps judged
-together (`decide_ahead`). The native engine and the remote backend both run this function over a
-`StepSource`, so the two cannot drift.
+together (`decide_ahead`, native engine only). The native engine and the remote backend both
+run `decide_step` over a `StepSource`, so the two cannot drift.
 
 A source's methods either answer at once (the remote backend: each is an HTTP request) or
 are generators that yield model work and return the answer (the native engine: the
