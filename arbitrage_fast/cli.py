@@ -50,6 +50,10 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
         help="spec_thinking: a kept draft step whose first word is one of these (case-insensitive) hands the "
              "next step to the target. Default: Wait,But,Alternatively,Hmm.")
     p.add_argument(
+        "--lookahead-k", type=_positive_int, default=None, metavar="K",
+        help="lookahead: draft steps written ahead before the target judges them all in one pass (the "
+             "longest prefix it scores >= the threshold is kept). Default: 3.")
+    p.add_argument(
         "--batch-invariant", action="store_true",
         help="compute every token's row independently of the other rows of its forward, so greedy output "
              "(bf16 included) is the same alone, in a batch or under speculation; costs per-query attention "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .policies import DEFAULT_REFLECTION_CUES, check_cues
+from .policies import DEFAULT_LOOKAHEAD_K, DEFAULT_REFLECTION_CUES, check_cues, check_lookahead_k
 
 # Weight quantization at load (models/group_quant.py holds the formats; kept in step by a test).
 QUANT_FORMATS = ("int8", "int4", "int3")
@@ -78,6 +78,8 @@ class EngineConfig:
     quant_group: int = 64
     # spec_thinking: a kept draft step whose first word is one of these hands the next step to the target.
     reflection_cues: tuple[str, ...] = DEFAULT_REFLECTION_CUES
+    # lookahead: draft steps written ahead before the target judges them in one pass.
+    lookahead_k: int = DEFAULT_LOOKAHEAD_K
     # A token's output does not depend on the other rows of its forward (other requests, or its
     # own sequence's prefill/verification chunk): greedy bf16 output is the same alone, batched
     # or speculated. Costs per-query attention and, for layers whose kernel is not row-invariant,
@@ -86,6 +88,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.reflection_cues = check_cues(self.reflection_cues)
+        self.lookahead_k = check_lookahead_k(self.lookahead_k)
         if not self.draft or not self.target:
             raise ValueError("EngineConfig needs both a draft and a target checkpoint path")
         if self.dtype not in ("float32", "bfloat16", "float16"):

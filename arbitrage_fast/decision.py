@@ -1,6 +1,7 @@
 """The step decision, written once: draft a step, gather the policy's evidence, keep it or
-escalate. The native engine and the remote backend both run this function over a
-`StepSource`, so the two cannot drift.
+escalate (`decide_step`); or, for Lookahead Reasoning, a round of k draft steps judged
+together (`decide_ahead`, native engine only). The native engine and the remote backend both
+run `decide_step` over a `StepSource`, so the two cannot drift.
 
 A source's methods either answer at once (the remote backend: each is an HTTP request) or
 are generators that yield model work and return the answer (the native engine: the
@@ -28,6 +29,9 @@ class StepSource(Protocol[W]):
     def target_prm(self, candidate: W) -> float: ...
     def reject_draft(self, drafted: W) -> None: ...
     def discard_candidate(self, candidate: W) -> None: ...
+    def draft_ahead(self, k: int) -> list[W]: ...
+    def judge_ahead(self, drafted: list[W]) -> list[float]: ...
+    def keep_ahead(self, drafted: list[W], kept: int) -> None: ...
 
 
 @dataclass
@@ -66,6 +70,28 @@ def decide_step(policy: Policy, source: StepSource[W]):
     if candidate is not None:
         source.discard_candidate(candidate)
     return StepDecision(kept=drafted, escalated=False, drafted=drafted, evidence=evidence)
+
+
+def decide_ahead(policy: Policy, source: StepSource[W]):
+    """One round of Lookahead Reasoning: a generator of the source's model work returning the
+    round's StepDecisions, in commit order.
+
+    The draft writes up to k steps past the committed context (fewer when one ends the answer
+    or the budget); the target judges them all in one pass; the longest prefix the policy
+    accepts is kept. At the first rejected step both models are rolled back to the end of
+    that prefix and the target writes its own step there, so a round commits the kept draft
+    steps and at most one target step: escalation is still reported per step."""
+    drafted = yield from _answer(source.draft_ahead(policy.drafts_ahead))
+    scores = yield from _answer(source.judge_ahead(drafted))
+    kept = policy.accepted_steps(scores)
+    decisions = [StepDecision(kept=d, escalated=False, drafted=d, evidence=StepEvidence(judge_score=s))
+                 for d, s in zip(drafted[:kept], scores)]
+    source.keep_ahead(drafted, kept)
+    if kept < len(drafted):
+        written = yield from _answer(source.target_step())
+        decisions.append(StepDecision(kept=written, escalated=True, drafted=drafted[kept],
+                                      evidence=StepEvidence(judge_score=scores[kept])))
+    return decisions
 
 
 def run_now(flow):

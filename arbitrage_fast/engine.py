@@ -223,7 +223,7 @@ class Engine:
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         pol = make_policy(policy, threshold, have_router=self.router is not None,
-                          reflection_cues=self.config.reflection_cues)
+                          reflection_cues=self.config.reflection_cues, lookahead_k=self.config.lookahead_k)
         if pol.needs_judge:
             self.target_judge  # noqa: B018 - refuses a target whose digits are not single tokens, up front
         if pol.needs_router and self.router is None:

@@ -6,8 +6,10 @@ step) and the engine produces exactly that, so a policy can never cost more than
 
 Beside the paper's policies live the peer step-level methods, so all run in one engine on the
 same models and clock: SpecReason (`specreason`: the target scores the draft step 0-9 and
-keeps it at >= threshold) and Speculative Thinking (`spec_thinking`: a draft step that opens
-with a reflection cue hands the next step to the target).
+keeps it at >= threshold), Speculative Thinking (`spec_thinking`: a draft step that opens
+with a reflection cue hands the next step to the target) and Lookahead Reasoning
+(`lookahead`: the draft writes k steps ahead, the target judges them all in one pass and the
+longest prefix it accepts is kept).
 """
 from __future__ import annotations
 
@@ -22,13 +24,18 @@ class StepEvidence:
     draft_prm: float | None = None
     target_prm: float | None = None
     router_score: float | None = None
-    judge_score: float | None = None  # the target's 0-9 judgement of the draft step (expected digit)
+    # The target's judgement of the draft step: specreason's expected digit 0-9, lookahead's
+    # target likelihood (mean probability of the step's tokens).
+    judge_score: float | None = None
     previous_draft_step: str | None = None  # the last committed step's text, when the draft wrote it
 
 
 # Speculative Thinking's reflection words: a paragraph opening with one is where a small
 # reasoning model most often goes astray, so the target writes the paragraph after it.
 DEFAULT_REFLECTION_CUES = ("Wait", "But", "Alternatively", "Hmm")
+
+# Lookahead Reasoning's k: draft steps written ahead of the target's one judging pass.
+DEFAULT_LOOKAHEAD_K = 3
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ class Policy:
     needs_target_prm: bool = False
     needs_judge: bool = False  # the target scores the draft step (one forward, then rolled back)
     reads_previous_step: bool = False  # may hand a step to the target before the draft writes it
+    # > 0: the draft writes up to this many steps before the target judges them all in one
+    # forward, and the longest accepted prefix is kept (decision.decide_ahead)
+    drafts_ahead: int = 0
     # What scores this policy's steps, when its name asks ("rsd:likelihood", "arbitrage:exact"):
     # for a policy that reads a PRM, one of prm/build.py's PRM_VARIANTS; for one that reads the
     # router, the name of one of the engine's extra router heads. None: the engine's own.
@@ -135,6 +145,24 @@ class SpecReason(Policy):
         return e.judge_score < self.threshold
 
 
+class Lookahead(Policy):
+    """Lookahead Reasoning: the draft writes `drafts_ahead` steps ahead; the target reads them
+    in one catch-up prefill that scores each by its likelihood (as RSD's target-likelihood PRM
+    does), and the longest prefix of steps scoring >= the threshold is kept. At the first
+    step below it the target writes its own step instead, and the steps after it are dropped.
+    Threshold 0 keeps every draft step; above 1 (beyond any mean probability) none."""
+
+    def escalate(self, e: StepEvidence) -> bool:
+        return e.judge_score < self.threshold
+
+    def accepted_steps(self, scores: list[float]) -> int:
+        """How many leading draft steps are kept: the longest prefix whose scores all pass."""
+        for i, score in enumerate(scores):
+            if self.escalate(StepEvidence(judge_score=score)):
+                return i
+        return len(scores)
+
+
 @dataclass(frozen=True)
 class SpeculativeThinking(Policy):
     """Speculative Thinking: the draft's steps are kept; when a kept draft step opens with a
@@ -173,6 +201,14 @@ def check_cues(cues) -> tuple[str, ...]:
     return cues
 
 
+def check_lookahead_k(k) -> int:
+    """Lookahead's k as a positive integer (k = 1 is a step at a time, RSD's rhythm)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"lookahead_k (draft steps written ahead of the target's judgement) must be an "
+                         f"integer >= 1, got {k!r}")
+    return k
+
+
 # name -> (class, default threshold, allowed threshold range, flags)
 _POLICIES = {
     "target_only": (TargetOnly, None, None, dict(drafts=False)),
@@ -185,13 +221,14 @@ _POLICIES = {
     "every_step": (EveryStep, 0.5, (0.0, math.inf), dict(generates_target_candidate=True)),
     "specreason": (SpecReason, 7.0, (0.0, 10.0), dict(needs_judge=True)),
     "spec_thinking": (SpeculativeThinking, None, None, dict(reads_previous_step=True)),
+    "lookahead": (Lookahead, 0.7, (0.0, math.inf), {}),
 }
 
 POLICY_NAMES = tuple(_POLICIES)
 
 
 def make_policy(name: str, threshold: float | None = None, *, have_router: bool = False,
-                reflection_cues=DEFAULT_REFLECTION_CUES) -> Policy:
+                reflection_cues=DEFAULT_REFLECTION_CUES, lookahead_k: int = DEFAULT_LOOKAHEAD_K) -> Policy:
     """The policy `name`, optionally "POLICY:VARIANT": a policy that scores steps with a PRM (rsd,
     oracle, every_step without a router) names the PRM (prm/build.py's PRM_VARIANTS); one that
     reads the router (arbitrage, every_step with a router) names one of the engine's extra
@@ -219,6 +256,8 @@ def make_policy(name: str, threshold: float | None = None, *, have_router: bool 
         flags["needs_draft_prm"] = not have_router
     if base == "spec_thinking":
         flags["cues"] = check_cues(reflection_cues)
+    if base == "lookahead":
+        flags["drafts_ahead"] = check_lookahead_k(lookahead_k)
     if allowed is None:
         return cls(name=name, threshold=None, **flags)
     if threshold is None:

@@ -40,7 +40,8 @@ class RequestStats:
     from another request instead of computing (they are not in the *_prefill_tokens);
     cached_prompt_tokens: the most prompt tokens one of its models took over that way in one go
     (all but the last for a copy of a running request's prompt), reported as vLLM reports
-    `prompt_tokens_details.cached_tokens`."""
+    `prompt_tokens_details.cached_tokens`. wasted_draft_steps: draft steps written and not
+    committed (an escalated step's draft; under lookahead also the steps drafted past it)."""
 
     steps: int = 0
     escalations: int = 0
@@ -54,6 +55,7 @@ class RequestStats:
     host_syncs: int = 0
     decode_host_syncs: int = 0
     rolled_back_tokens: int = 0
+    wasted_draft_steps: int = 0
     spec_proposed: int = 0
     spec_accepted: int = 0
     preemptions: int = 0

@@ -6,6 +6,8 @@ forwards (sampling, stop rules, the policy's decision, commits, KV rollback) hap
 on the host, for this request alone; the scheduler batches the forwards of all requests.
 
     while budget left:  draft a step -> evidence -> keep or escalate (decision.py) -> commit
+    (lookahead:         draft k steps -> one target pass judges them -> keep the accepted
+                        prefix, the target writes the step at the first rejection -> commit)
 
 KV bookkeeping follows one invariant: after a commit each model has seen at most the
 committed context minus its last token, and catches up on the rest in ONE prefill when it
@@ -20,8 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import nvtx
-from .decision import decide_step
-from .prm.target_likelihood import mean_probability, mean_token_probability
+from .decision import decide_ahead, decide_step
+from .prm.target_likelihood import mean_probability, mean_token_probability, steps_mean_probabilities
 from .request import Request
 from .roles import Role
 from .runtime.chunked_decoder import decode_step_chunked
@@ -41,31 +43,45 @@ D, T = Role.DRAFT, Role.TARGET
 def request_flow(eng: "Engine", req: Request):
     """The request from its committed state to its end (also after a preemption: a resumed
     flow starts with empty KV and its first catch-up prefill recomputes it)."""
-    seq, pol, sampling = req.seq, req.policy, req.sampling
+    seq, pol = req.seq, req.policy
     while True:
-        room = eng.max_len - max(len(seq.tokens(D)), len(seq.tokens(T)))
-        budget = min(sampling.max_new_tokens - seq.num_generated, room)
+        budget = budget_left(eng, req)
         if budget <= 0:
             return "length"
         req.mark_step_start()
         source = _LocalSource(eng, req, budget)
-        decision = yield from decide_step(pol, source)
-        step = source.as_step(decision.kept, decision.escalated)
-        if decision.drafted is not None and decision.escalated:
-            step.rejected_draft = eng.text(decision.drafted.tokens, D)
-        ev = decision.evidence
-        step.draft_prm, step.target_prm, step.router_score = ev.draft_prm, ev.target_prm, ev.router_score
-        step.judge_score = ev.judge_score
-        if req.record_features and decision.drafted is not None:
-            step.features = decision.drafted.features.features()
-        writer = T if decision.escalated else D
-        other_ids = None if eng.shared_vocab else eng.encode_step(step.text, writer.other)
-        seq.commit(step, writer, other_ids)
-        req.stats.steps += 1
-        req.stats.escalations += decision.escalated and pol.drafts
-        yield step
-        if step.ended_by == "eos":
-            return "eos"
+        if pol.drafts_ahead:
+            # A lookahead round commits nothing until it is decided, so a preemption inside it
+            # redraws the whole round from the same random numbers.
+            decisions = yield from decide_ahead(pol, source)
+        else:
+            decisions = [(yield from decide_step(pol, source))]
+        for decision in decisions:
+            step = source.as_step(decision.kept, decision.escalated)
+            if decision.drafted is not None and decision.escalated:
+                step.rejected_draft = eng.text(decision.drafted.tokens, D)
+            ev = decision.evidence
+            step.draft_prm, step.target_prm, step.router_score = ev.draft_prm, ev.target_prm, ev.router_score
+            step.judge_score = ev.judge_score
+            if req.record_features and decision.drafted is not None:
+                step.features = decision.drafted.features.features()
+            writer = T if decision.escalated else D
+            other_ids = None if eng.shared_vocab else eng.encode_step(step.text, writer.other)
+            seq.commit(step, writer, other_ids)
+            req.stats.steps += 1
+            req.stats.escalations += decision.escalated and pol.drafts
+            yield step
+            if step.ended_by == "eos":
+                return "eos"
+
+
+def budget_left(eng: "Engine", req: Request, ahead: int = 0, ahead_target: int = 0) -> int:
+    """Tokens the request may still write: its max_new_tokens, and the room left in the longer
+    of its two contexts. `ahead` / `ahead_target`: tokens of draft steps written past the
+    committed context (in the draft's and the target's ids), counted as if committed."""
+    seq = req.seq
+    room = eng.max_len - max(len(seq.tokens(D)) + ahead, len(seq.tokens(T)) + ahead_target)
+    return min(req.sampling.max_new_tokens - seq.num_generated - ahead, room)
 
 
 class _LocalSource:
@@ -73,10 +89,19 @@ class _LocalSource:
 
     def __init__(self, eng: "Engine", req: Request, budget: int) -> None:
         self.eng, self.req, self.seq, self.stats = eng, req, req.seq, req.stats
-        s = req.sampling
-        self.stops = {m: StopRule(eng.boundary_ids[m], frozenset() if s.ignore_eos else eng.eos_ids[m],
-                                  s.max_step_tokens, budget) for m in Role}
+        self.stops = {m: self._stop(m, budget) for m in Role}
         self.target_first: ForwardOutput | None = None  # the target's logits to start its own step
+        # Lookahead: each drafted step in the target's ids, the judging forward's output and
+        # the KV length it started from, and the kept steps' target ids (not committed yet)
+        # that the target's own step follows.
+        self.ahead_ids: list[list[int]] = []
+        self.judged: tuple[ForwardOutput, int] | None = None
+        self.kept_ahead: list[int] = []
+
+    def _stop(self, role: Role, budget: int) -> StopRule:
+        s = self.req.sampling
+        return StopRule(self.eng.boundary_ids[role], frozenset() if s.ignore_eos else self.eng.eos_ids[role],
+                        s.max_step_tokens, budget)
 
     # ---------------------------------------------------------------- StepSource
     def draft_step(self):
@@ -107,7 +132,7 @@ class _LocalSource:
         # Target likelihood: one target prefill over the unseen context and the draft step.
         # Row j of the last n rows predicts the step's j-th token; the first of them is also
         # exactly what the target needs to start its own step if this one is rejected.
-        step_ids = drafted.tokens if eng.shared_vocab else eng.encode_step(eng.text(drafted.tokens, D), T)
+        step_ids = self._target_ids(drafted)
         if not step_ids:  # the draft step is empty text in the target's vocabulary
             return 0.0
         n = len(step_ids)
@@ -131,7 +156,7 @@ class _LocalSource:
         committed token starts the target's own step if this one is rejected."""
         eng, seq = self.eng, self.seq
         judge = eng.target_judge
-        step_ids = drafted.tokens if eng.shared_vocab else eng.encode_step(eng.text(drafted.tokens, D), T)
+        step_ids = self._target_ids(drafted)
         committed = len(seq.tokens(T))
         yield from share_prefix(eng.cache, seq.seq_id, T, seq.tokens(T))
         # Feed at least the last committed token, so its row (the escalation's start) is computed.
@@ -152,21 +177,89 @@ class _LocalSource:
             eng.cache.truncate(seq.seq_id, T, seen)
         return score
 
+    def draft_ahead(self, k: int):
+        """Lookahead: the draft writes up to k steps past the committed context, each after the
+        last (its unfed last token is the next step's one-token catch-up). Drafting stops early
+        at EOS or when the budget is spent, so no draft step is ever written past it."""
+        eng, seq = self.eng, self.seq
+        drafted: list[DecodedStep] = []
+        ahead = ahead_target = 0
+        while len(drafted) < k:
+            budget = budget_left(eng, self.req, ahead, ahead_target)
+            if budget <= 0 or (drafted and drafted[-1].ended_by == "eos"):
+                break
+            self.stops[D] = self._stop(D, budget)
+            first = None
+            if drafted:
+                self.stats.add_prefill(D, 1)  # the catch-up any next step starts with
+                first = yield ModelWork(D, seq.seq_id, drafted[-1].tokens[-1:])
+            step = yield from self._write(D, first=first, track_features=self.req.record_features)
+            drafted.append(step)
+            self.ahead_ids.append(self._target_ids(step))
+            ahead += len(step.tokens)
+            ahead_target += len(self.ahead_ids[-1])
+        return drafted
+
+    def judge_ahead(self, drafted: list[DecodedStep]):
+        """Lookahead's judgement: ONE target prefill over the unseen committed context and every
+        drafted step; the rows predicting a step's tokens give its target likelihood (RSD's
+        score), and the row before a step's first token starts the target's own step there.
+        The drafted steps' last token is fed too, so that row exists for every step
+        (`keep_ahead` then rolls the KV back)."""
+        eng, seq = self.eng, self.seq
+        yield from share_prefix(eng.cache, seq.seq_id, T, seq.tokens(T))
+        seen = eng.cache.num_tokens(seq.seq_id, T)
+        steps = [t for ids in self.ahead_ids for t in ids]
+        fed = seq.tokens(T)[seen:] + steps
+        self.stats.add_prefill(T, len(fed))
+        out = yield ModelWork(T, seq.seq_id, fed, rows="all")
+        first = len(seq.tokens(T)) - 1 - seen  # the row predicting the first drafted token
+        with torch.inference_mode():
+            scores = steps_mean_probabilities(out.logits[first:first + len(steps)], self.ahead_ids)
+        self.stats.host_syncs += 1  # the scores' read
+        self.judged = (out, seen)
+        return scores
+
+    def keep_ahead(self, drafted: list[DecodedStep], kept: int) -> None:
+        """Roll both models back to the end of the first `kept` drafted steps. All kept: each
+        model keeps all but the last token, as after any step. Otherwise the target writes its
+        own step there, from the judging forward's row (as an escalation after RSD's score)."""
+        eng, seq, sid = self.eng, self.seq, self.seq.seq_id
+        self.kept_ahead = [t for ids in self.ahead_ids[:kept] for t in ids]
+        if kept == len(drafted):  # the draft already stands at its last token, unfed
+            eng.cache.truncate(sid, T, len(seq.tokens(T)) + len(self.kept_ahead) - 1)
+            return
+        ahead = sum(len(d.tokens) for d in drafted[:kept])
+        eng.cache.truncate(sid, D, len(seq.tokens(D)) + ahead)
+        start = len(seq.tokens(T)) + len(self.kept_ahead)
+        eng.cache.truncate(sid, T, start)
+        out, seen = self.judged
+        row = start - 1 - seen
+        self.target_first = ForwardOutput(hidden=out.hidden[row:row + 1], logits=out.logits[row:row + 1])
+        self.stops[T] = self._stop(T, budget_left(eng, self.req, ahead, len(self.kept_ahead)))
+        self.stats.wasted_draft_steps += len(drafted) - kept
+
+    def _target_ids(self, drafted: DecodedStep) -> list[int]:
+        """A draft step in the target's token ids (the same ids when they share a vocabulary)."""
+        eng = self.eng
+        return drafted.tokens if eng.shared_vocab else eng.encode_step(eng.text(drafted.tokens, D), T)
+
     def previous_draft_step(self) -> str | None:
         steps = self.seq.steps
         return steps[-1].text if steps and steps[-1].source == D.label else None
 
     def target_step(self):
-        """The target writes the step from the committed context (its KV rolled back to it),
-        speculated by the draft when spec_k > 0 (always, under the spec_decode policy)."""
+        """The target writes the step from the committed context and any draft steps kept ahead
+        of it in this round (its KV rolled back to them), speculated by the draft when
+        spec_k > 0 (always, under the spec_decode policy)."""
         eng, seq = self.eng, self.seq
-        committed = len(seq.tokens(T))
-        if eng.cache.num_tokens(seq.seq_id, T) > committed:
-            eng.cache.truncate(seq.seq_id, T, committed)
+        context = len(seq.tokens(T)) + len(self.kept_ahead)
+        if eng.cache.num_tokens(seq.seq_id, T) > context:
+            eng.cache.truncate(seq.seq_id, T, context)
         if eng.config.spec_k > 0 or self.req.policy.name == "spec_decode":
             k = eng.config.spec_k or DEFAULT_SPEC_K
             written = yield from speculative_step(eng.cache, seq, k, self.req.sampling, self.req.generator,
-                                                  self.stops[T])
+                                                  self.stops[T], seq.tokens(T) + self.kept_ahead)
             self.stats.add_tokens(T, len(written.tokens))
             self.stats.spec_proposed += written.spec_proposed
             self.stats.spec_accepted += written.spec_accepted
@@ -189,6 +282,7 @@ class _LocalSource:
 
     def reject_draft(self, drafted: DecodedStep) -> None:
         self.eng.cache.truncate(self.seq.seq_id, D, len(self.seq.tokens(D)))
+        self.stats.wasted_draft_steps += 1
 
     def discard_candidate(self, candidate: DecodedStep) -> None:
         """The target's losing candidate goes; the context it read stays."""

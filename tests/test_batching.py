@@ -20,7 +20,7 @@ PROMPTS = MIXED_PROMPTS[:7]
 SP = SamplingParams(max_new_tokens=24, max_step_tokens=6, ignore_eos=True)
 # Thresholds chosen per policy so that batches mix escalated and kept steps.
 THRESHOLDS = {"rsd": [0.3, 0.6, 0.9], "oracle": [0.0, 0.1, -0.1], "arbitrage": [0.3, 0.5, 0.7],
-              "every_step": [0.3, 0.5, 0.7], "specreason": [4.5, 5.0, 4.0]}
+              "every_step": [0.3, 0.5, 0.7], "specreason": [4.5, 5.0, 4.0], "lookahead": [0.003, 0.005, 0.01]}
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,9 @@ def test_seeded_sampling_is_the_same_alone_and_batched(folders):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_preemption_under_a_tiny_pool_gives_the_uncontended_tokens(folders, temperature):
-    prompts, policies, thresholds = _mixed_batch("rsd", 6)
+@pytest.mark.parametrize("policy", ["rsd", "lookahead"])  # lookahead: a round preempted whole is redrawn
+def test_preemption_under_a_tiny_pool_gives_the_uncontended_tokens(folders, policy, temperature):
+    prompts, policies, thresholds = _mixed_batch(policy, 6)
     samplings = [SamplingParams(max_new_tokens=24, max_step_tokens=6, temperature=temperature, seed=i,
                                 ignore_eos=True) for i in range(6)]
     reference = _alone(policy_engine(folders), prompts, policies, thresholds, samplings)

@@ -117,3 +117,27 @@ def test_demo_sweep_and_serve_take_batch_invariant(monkeypatch, command):
         monkeypatch.setattr(module, "run", lambda preset, args: seen.update(common.decoding_options(args)) or 0)
     assert cli.main(command + ["--batch-invariant"]) == 0
     assert seen["batch_invariant"] is True
+
+
+@pytest.mark.parametrize("flag, expected", [(["--lookahead-k", "5"], 5), ([], 3)])
+def test_generate_passes_lookahead_k_to_the_engine(captured, capsys, flag, expected):
+    assert cli.main(["generate", "--draft", "d", "--target", "t", "a prompt", *flag]) == 0
+    assert captured["config"].lookahead_k == expected  # [] keeps the engine's default
+
+
+@pytest.mark.parametrize("bad", ["0", "-2"])
+def test_a_lookahead_k_below_one_is_refused_by_the_parser(captured, capsys, bad):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate", "--draft", "d", "--target", "t", "p", "--lookahead-k", bad])
+    assert exc.value.code == 2
+    assert "--lookahead-k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["sweep"], ["serve"]])
+def test_demo_sweep_and_serve_take_lookahead_k(monkeypatch, command):
+    seen = {}
+    monkeypatch.setattr(cli, "_preset", lambda args: PRESET)
+    for module in (demo, sweep, serve):
+        monkeypatch.setattr(module, "run", lambda preset, args: seen.update(common.decoding_options(args)) or 0)
+    assert cli.main(command + ["--lookahead-k", "2"]) == 0
+    assert seen["lookahead_k"] == 2

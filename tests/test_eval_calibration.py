@@ -12,10 +12,11 @@ def point(policy, threshold, accuracy, escalation, latency=1.0):
 
 
 def test_every_policy_gets_a_grid_of_the_same_density_over_its_range():
-    grids = {p: threshold_grid(p) for p in ("rsd", "arbitrage", "oracle", "every_step")}
+    grids = {p: threshold_grid(p) for p in ("rsd", "arbitrage", "oracle", "every_step", "lookahead")}
     assert {len(g) for g in grids.values()} == {GRID_POINTS}
     assert grids["rsd"][:3] == [0.0, 0.05, 0.1] and grids["rsd"][-1] == 1.0
     assert grids["oracle"][0] == -1.0 and grids["oracle"][-1] == 1.0
+    assert grids["lookahead"] == grids["rsd"]  # both threshold the target likelihood of a draft step
     with pytest.raises(ValueError, match="no threshold to calibrate"):
         threshold_grid("target_only")
     with pytest.raises(ValueError, match="at least 2"):

@@ -42,7 +42,7 @@ def test_evidence_each_policy_asks_for():
     a = make_policy("arbitrage")
     assert a.needs_router and not a.needs_draft_prm and not a.generates_target_candidate
     assert set(POLICY_NAMES) == {"target_only", "draft_only", "spec_decode", "rsd", "oracle", "arbitrage", "every_step",
-                                 "specreason", "spec_thinking"}
+                                 "specreason", "spec_thinking", "lookahead"}
 
 
 @pytest.fixture(scope="module")

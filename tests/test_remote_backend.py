@@ -262,7 +262,7 @@ def test_the_http_server_routes_steps_between_two_model_servers(monkeypatch, cap
         assert client.get("/health").json()["requests"]["finished"] >= 2
 
 
-def test_spec_thinking_runs_remotely_and_specreason_is_refused():
+def test_spec_thinking_runs_remotely_and_specreason_and_lookahead_are_refused():
     draft_steps = ["Ann starts with 2 apples.\n\n", "Wait, she buys 3 more.\n\n", "The answer is 6."]
     engine, draft, target = make_engine(draft_steps=draft_steps)
     res = engine.generate(PROBLEM, policy="spec_thinking")
@@ -271,3 +271,5 @@ def test_spec_thinking_runs_remotely_and_specreason_is_refused():
     assert res.stats["escalations"] == 1 and target.step_requests == 1 and target.echo_requests == 0
     with pytest.raises(ValueError, match="digit tokens"):
         engine.generate(PROBLEM, policy="specreason", threshold=7.0)
+    with pytest.raises(ValueError, match="'lookahead'.*ONE target forward"):
+        engine.generate(PROBLEM, policy="lookahead", threshold=0.5)

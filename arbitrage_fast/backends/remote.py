@@ -11,7 +11,9 @@ What the wire cannot carry: the draft's hidden states, which the router head rea
 `arbitrage` runs only in the native engine; token-level speculation, which belongs in the
 target server's own configuration; and `specreason`'s judgement, which reads ten digit logits
 of the target after a prompt in its own token ids (a server reports at most its top few
-log-probs, so the score would change with the server's cap). `spec_thinking` needs only the
+log-probs, so the score would change with the server's cap); nor `lookahead`, whose k drafted
+steps are judged in one target forward and rolled back in both models' KV, which two servers
+would turn into k separate drafting and scoring requests. `spec_thinking` needs only the
 steps' text and runs here as natively.
 """
 from __future__ import annotations
@@ -82,6 +84,11 @@ class RemoteEngine:
         if pol.needs_router:
             raise ValueError(f"policy {policy!r} reads the draft's hidden states, which OpenAI-compatible servers "
                              "do not return: run it with the native Engine, or use rsd or oracle remotely")
+        if pol.drafts_ahead:
+            raise ValueError(f"policy {policy!r} judges its k drafted steps in ONE target forward and rolls both "
+                             "models' KV back to the accepted prefix, which two OpenAI-compatible servers cannot "
+                             "do (each drafted step would be its own request and its own echo scoring): run it "
+                             "with the native Engine, or use rsd remotely")
         if pol.name == "spec_decode":
             raise ValueError("token-level speculation runs inside the target server (vLLM's --speculative-config, "
                              "SGLang's --speculative-algorithm); remotely, use target_only against such a server")
@@ -246,6 +253,15 @@ class _RemoteSource:
 
     def judge_score(self, drafted: WrittenStep) -> float:
         raise AssertionError("refused in RemoteEngine.stream: the judge needs the target's digit logits")
+
+    def draft_ahead(self, k: int) -> list[WrittenStep]:
+        raise AssertionError("refused in RemoteEngine.stream: lookahead judges its steps in one target forward")
+
+    def judge_ahead(self, drafted: list[WrittenStep]) -> list[float]:
+        raise AssertionError("refused in RemoteEngine.stream: lookahead judges its steps in one target forward")
+
+    def keep_ahead(self, drafted: list[WrittenStep], kept: int) -> None:
+        raise AssertionError("refused in RemoteEngine.stream: lookahead judges its steps in one target forward")
 
     def previous_draft_step(self) -> str | None:
         return self.steps[-1].text if self.steps and self.steps[-1].source == "draft" else None

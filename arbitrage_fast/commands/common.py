@@ -9,10 +9,11 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
                  decode_chunk: int | None = None, spec_k: int = 0, dequantize: bool = False,
                  draft_quant: str | None = None, target_quant: str | None = None, quant_group: int = 64,
                  max_batch: int | None = None, reflection_cues: tuple[str, ...] | None = None,
-                 batch_invariant: bool = False):
+                 lookahead_k: int | None = None, batch_invariant: bool = False):
     """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
     decode_chunk None picks by device (`default_decode_chunk`; 1 with batch_invariant, which
-    the chunked decoder cannot serve); max_batch None keeps the engine's default."""
+    the chunked decoder cannot serve); max_batch, reflection_cues and lookahead_k None keep the
+    engine's defaults."""
     from arbitrage_fast import Engine, EngineConfig
 
     chosen = preset.prm if prm == "inference" else preset.label_prm
@@ -21,6 +22,8 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
     extra = {} if max_batch is None else {"max_batch": max_batch}
     if reflection_cues:
         extra["reflection_cues"] = reflection_cues
+    if lookahead_k is not None:
+        extra["lookahead_k"] = lookahead_k
     return Engine(EngineConfig(draft=preset.draft, target=preset.target, device=device,
                                dtype=dtype or preset.dtype, prm=chosen, router=preset.router if router else None,
                                routers=dict(preset.routers) if router else {},
@@ -30,10 +33,11 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
 
 
 def decoding_options(args) -> dict:
-    """The `--decode-chunk` / `--spec-k` / `--reflection-cues` / `--batch-invariant` flags and
-    `load_options` as `build_engine` keywords."""
+    """The `--decode-chunk` / `--spec-k` / `--reflection-cues` / `--lookahead-k` /
+    `--batch-invariant` flags and `load_options` as `build_engine` keywords."""
     return {"decode_chunk": args.decode_chunk, "spec_k": args.spec_k,
-            "reflection_cues": getattr(args, "reflection_cues", None), "batch_invariant": args.batch_invariant,
+            "reflection_cues": getattr(args, "reflection_cues", None),
+            "lookahead_k": getattr(args, "lookahead_k", None), "batch_invariant": args.batch_invariant,
             **load_options(args)}
 
 

@@ -3,6 +3,7 @@ problems -> points with intervals, the matched-accuracy table of a calibration, 
 from __future__ import annotations
 
 from arbitrage_fast.config import SamplingParams
+from arbitrage_fast.policies import DEFAULT_LOOKAHEAD_K
 
 from arbitrage_fast.prm.build import build_prm
 
@@ -14,6 +15,7 @@ DEFAULT_THRESHOLDS = {
     "oracle": [0.0],
     "every_step": [0.5],
     "specreason": [3.0, 5.0, 6.0, 7.0, 8.0, 9.0],  # the judge's expected digit; SpecReason's default is 7
+    "lookahead": [0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.01],  # the target likelihood, RSD's score
 }
 
 
@@ -40,6 +42,9 @@ def sweep_settings(preset, args) -> dict:
                 "instruction": preset.instruction, **quant_info(args)}
     if args.spec_k:  # changes latency, not greedy answers; absent means 0, so older files still resume
         settings["spec_k"] = args.spec_k
+    lookahead_k = getattr(args, "lookahead_k", None)
+    if lookahead_k not in (None, DEFAULT_LOOKAHEAD_K):  # changes lookahead's answers; absent means the default
+        settings["lookahead_k"] = lookahead_k
     return settings
 
 

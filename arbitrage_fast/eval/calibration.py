@@ -19,7 +19,7 @@ from pathlib import Path
 # Every policy gets GRID_POINTS thresholds spread evenly over the range its score lives in,
 # so no policy's frontier looks better merely for being sampled more finely.
 SCORE_RANGES = {"rsd": (0.0, 1.0), "arbitrage": (0.0, 1.0), "every_step": (0.0, 1.0), "oracle": (-1.0, 1.0),
-                "specreason": (0.0, 10.0)}
+                "specreason": (0.0, 10.0), "lookahead": (0.0, 1.0)}
 GRID_POINTS = 21
 ACCURACY_TARGETS = (0, 1, 2)  # points (hundredths) below target_only's dev accuracy
 ESCALATION_TARGETS = (0.1, 0.2, 0.3)

@@ -47,9 +47,12 @@ def verify(p: torch.Tensor, q: torch.Tensor, proposals: list[int], greedy: bool,
 
 
 def speculative_step(cache: PagedKVCache, seq, k: int, sampling: SamplingParams,
-                     generator: torch.Generator | None, stop: StopRule) -> "WorkFlow[DecodedStep]":
+                     generator: torch.Generator | None, stop: StopRule,
+                     context: list[int] | None = None) -> "WorkFlow[DecodedStep]":
     """The target's step for `seq`, with the draft proposing up to k tokens per target forward
     (a work flow: each forward is yielded to the scheduler, batched with other requests').
+    `context` is what the step follows when that is more than the committed tokens (draft
+    steps kept in the same round and not committed yet).
 
     KV invariant on return (as for any step): each model has seen at most the context plus
     all step tokens but the last.
@@ -57,7 +60,7 @@ def speculative_step(cache: PagedKVCache, seq, k: int, sampling: SamplingParams,
     D, T = Role.DRAFT, Role.TARGET
     sid = seq.seq_id
     seen = lambda role: cache.num_tokens(sid, role)  # noqa: E731
-    context = list(seq.tokens(T))  # one vocabulary: the same ids for both models
+    context = list(seq.tokens(T) if context is None else context)  # one vocabulary: the same ids for both
     step: list[int] = []
     logprobs: list[float] = []
     proposed = accepted_total = syncs = 0
