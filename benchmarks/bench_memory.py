@@ -6,7 +6,8 @@ float dtype. Each load runs in a fresh process, so one load's freed memory canno
 another's peak, and the process reports:
 
   weight bytes    every tensor the model holds, each storage once (a tied LM head once)
-  RSS after load  resident set once the model is built and garbage collected
+  RSS after load  resident set once the model is built, every weight page read (a mapped
+                  weight is resident only once read) and garbage collected
   peak RSS        getrusage's ru_maxrss over the whole process, the load's transient copies
                   included (a first dequantised load parses the GGUF through transformers)
 
@@ -15,9 +16,10 @@ loader and loads nothing gives the baseline every RSS includes (mostly torch's l
 the peak less that baseline, over the file size, is about what the load itself took at most.
 A dequantised load reads the safetensors folder kept for the file (`gguf_cache`) when there is
 one; when there is not, the first load parses the GGUF and writes it, and the load is measured
-again from the folder, so both rows appear.
+again from the folder, so both rows appear. `--parse` adds a dequantised load with that cache
+off, the parse every first load pays (minutes for the 1.5B on two cores).
 
-    python benchmarks/bench_memory.py [GGUF ...] [--dtype bfloat16]   # default: the qwen2.5-coder pair
+    python benchmarks/bench_memory.py [GGUF ...] [--dtype bfloat16] [--parse]   # default: the qwen2.5-coder pair
     python benchmarks/bench_memory.py --report results/memory.json
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -38,24 +41,39 @@ sys.path.insert(0, str(ROOT))
 
 from _harness import RESULTS, cpu_run_record, write_json  # noqa: E402
 
+from arbitrage_fast.models import gguf_cache  # noqa: E402
+
 GOAL = 1.1  # packed weight bytes / file bytes
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every tensor `model` holds, each storage once. A oneDNN-packed weight is an
-    opaque tensor kept outside parameters and buffers (cpu_linear.PackedLinear): it is found
-    among the modules' attributes and counted by its elements."""
-    held: dict[object, int] = {}
+def _held(model: torch.nn.Module) -> dict[object, torch.Tensor | torch.UntypedStorage]:
+    """Every storage `model` holds, once each (a tied LM head once). A oneDNN-packed weight is
+    an opaque tensor without a storage, kept outside parameters and buffers
+    (cpu_linear.PackedLinear): it is found among the modules' attributes."""
+    held: dict[object, torch.Tensor | torch.UntypedStorage] = {}
     for module in model.modules():
         tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False),
                    *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
         for t in tensors:
             if t.is_mkldnn:
-                held[("mkldnn", id(t))] = t.numel() * t.element_size()
+                held[("mkldnn", id(t))] = t
             else:
-                storage = t.untyped_storage()
-                held[storage.data_ptr()] = storage.nbytes()
-    return sum(held.values())
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage()
+    return held
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(s.nbytes() if isinstance(s, torch.UntypedStorage) else s.numel() * s.element_size()
+               for s in _held(model).values())
+
+
+def read_every_page(model: torch.nn.Module) -> None:
+    """Read a byte of every 4 KiB page of every storage. A dequantised load maps its safetensors
+    folder, and a mapped page counts in RSS only once read, as the first forward reads it; so
+    both loads are measured as models ready to run."""
+    for s in _held(model).values():
+        if isinstance(s, torch.UntypedStorage):
+            int(torch.empty(0, dtype=torch.uint8).set_(s)[::4096].sum())
 
 
 def _rss_bytes() -> int:
@@ -80,24 +98,29 @@ def child(path: str | None, mode: str, dtype: str) -> dict:
     _import_what_a_load_imports()
     if path is None:
         return {"rss_after_load": _rss_bytes(), "peak_rss": _peak_rss_bytes()}
-    from arbitrage_fast.models import gguf_cache
     from arbitrage_fast.models.loader import load_model, resolve_dtype
 
     source = "packed blocks"
     if mode == "dequantised":
-        folder = gguf_cache.folder_for(Path(path), resolve_dtype(dtype))
-        source = "safetensors cache" if gguf_cache.enabled() and gguf_cache.is_complete(folder) else "GGUF parse"
+        if not gguf_cache.enabled():
+            source = "GGUF parse, cache off"
+        elif gguf_cache.is_complete(gguf_cache.folder_for(Path(path), resolve_dtype(dtype))):
+            source = "safetensors cache"
+        else:
+            source = "GGUF parse, folder written"
     start = time.perf_counter()
     model = load_model(path, dtype, dequantize=mode == "dequantised").model
     load_s = time.perf_counter() - start
+    read_every_page(model)
     gc.collect()
     return {"mode": mode, "source": source, "load_s": round(load_s, 1), "weight_bytes": weight_bytes(model),
             "rss_after_load": _rss_bytes(), "peak_rss": _peak_rss_bytes()}
 
 
-def in_fresh_process(path: Path | None, mode: str, dtype: str) -> dict:
+def in_fresh_process(path: Path | None, mode: str, dtype: str, cache: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--dtype", dtype] + ([str(path)] if path else [])
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, **({} if cache else {gguf_cache.ENV: "0"})}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -118,12 +141,17 @@ def run(args) -> dict:
     for path in args.models or default_models():
         entry = {"model": path.stem, "path": str(path), "file_bytes": path.stat().st_size, "loads": []}
         record["models"].append(entry)
-        for mode in ("packed", "dequantised"):
-            entry["loads"].append(in_fresh_process(path, mode, args.dtype))
+
+        def measure(mode: str, cache: bool = True) -> str:
+            entry["loads"].append(in_fresh_process(path, mode, args.dtype, cache))
             print(render_row(entry, entry["loads"][-1], base), flush=True)
-        if entry["loads"][-1]["source"] == "GGUF parse":  # the folder exists now: the load users see next
-            entry["loads"].append(in_fresh_process(path, "dequantised", args.dtype))
-            print(render_row(entry, entry["loads"][-1], base), flush=True)
+            return entry["loads"][-1]["source"]
+
+        measure("packed")
+        if measure("dequantised") == "GGUF parse, folder written":
+            measure("dequantised")  # the folder exists now: the load users see from then on
+        if args.parse:
+            measure("dequantised", cache=False)
     return record
 
 
@@ -160,6 +188,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="*", type=Path, help="GGUF files (default: the qwen2.5-coder pair)")
     ap.add_argument("--dtype", default="bfloat16", help="dtype of the float tensors and of a dequantised load")
+    ap.add_argument("--parse", action="store_true",
+                    help="also load dequantised with the safetensors cache off: the GGUF parse a first load does")
     ap.add_argument("--report", default=None, metavar="JSON", help="print a finished run's table and exit")
     ap.add_argument("--child", choices=("baseline", "packed", "dequantised"), help=argparse.SUPPRESS)
     args = ap.parse_args()
