@@ -40,19 +40,15 @@ def implementations(n: int, k: int, gen: torch.Generator) -> dict:
     """Each implementation as x -> x @ W.T over one [n, k] weight (GGUF blocks are random:
     the kernels' time does not depend on the values)."""
     from arbitrage_fast.models import gguf_ops
+    from arbitrage_fast.models.gguf_random import random_blocks
 
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     impls = {"torch_bf16": lambda x: F.linear(x, w), "kernel_bf16": lambda x: torch.ops.arbitrage_fast.bf16_linear(x, w)}
     for name in ("Q8_0", "Q4_K"):
         qtype = int(gguf_ops.QT[name])
-        elems, size = gguf_ops.block_shape(qtype)
-        if k % elems:
+        if k % gguf_ops.block_shape(qtype)[0]:
             continue
-        blocks = torch.randint(0, 256, (n, k // elems, size), dtype=torch.uint8, generator=gen)
-        for off in gguf_ops.SCALE_OFFSETS[qtype]:  # finite fp16 scales
-            blocks[:, :, off:off + 2] = torch.full((n, k // elems), 0.01, dtype=torch.float16).view(torch.uint8).reshape(
-                n, k // elems, 2)
-        blocks = blocks.reshape(n, -1)
+        blocks = random_blocks(qtype, n, k, gen)
         impls[f"gguf_{name}"] = lambda x, b=blocks, q=qtype: gguf_ops.gguf_linear(x, b, q)
     return impls
 

@@ -7,12 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define AF_X86 1
-#else
-#define AF_X86 0
-#endif
+#include "cpu_features.h"
 
 namespace arbitrage_fast {
 namespace bf16 {
@@ -45,15 +40,13 @@ float dot_scalar(const float* x, const uint16_t* w, int64_t k) {
 }
 
 #if AF_X86
-#define AF_AVX2 __attribute__((target("avx2,fma")))
-
-AF_AVX2 static inline __m256 load_bf16(const uint16_t* p) {
+AF_TARGET_AVX2 static inline __m256 load_bf16(const uint16_t* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-AF_AVX2 static inline float finish(__m256 acc, const float* x, const uint16_t* w, int64_t body,
-                                   int64_t k) {
+AF_TARGET_AVX2 static inline float finish(__m256 acc, const float* x, const uint16_t* w,
+                                          int64_t body, int64_t k) {
   // The same pairing as lanes_sum: (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then the two.
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -66,8 +59,8 @@ AF_AVX2 static inline float finish(__m256 acc, const float* x, const uint16_t* w
 // An R x C tile of outputs: R activation rows against C weight rows, one accumulator each,
 // so a loaded weight vector serves R rows and a loaded activation vector C weight rows.
 template <int R, int C>
-AF_AVX2 static void tile(const float* x, int64_t x_stride, const uint16_t* w, int64_t w_stride,
-                         int64_t k, float* out, int64_t out_stride) {
+AF_TARGET_AVX2 static void tile(const float* x, int64_t x_stride, const uint16_t* w,
+                                int64_t w_stride, int64_t k, float* out, int64_t out_stride) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
@@ -87,29 +80,33 @@ AF_AVX2 static void tile(const float* x, int64_t x_stride, const uint16_t* w, in
 
 // Row-tile heights and the weight rows each takes at once (at most 8 accumulators live).
 template <int R, int C>
-AF_AVX2 static void rows_against(const float* x, int64_t k, const uint16_t* w, int64_t j0,
-                                 int64_t j1, float* out, int64_t n) {
+AF_TARGET_AVX2 static void rows_against(const float* x, int64_t k, const uint16_t* w,
+                                        int64_t j0, int64_t j1, float* out, int64_t n) {
   int64_t j = j0;
   for (; j + C <= j1; j += C) tile<R, C>(x, k, w + j * k, k, k, out + j, n);
   for (; j < j1; ++j) tile<R, 1>(x, k, w + j * k, k, k, out + j, n);
 }
 
-AF_AVX2 static void linear_avx2(const float* x, int64_t m, int64_t k, const uint16_t* w,
-                                int64_t j0, int64_t j1, float* out, int64_t n) {
+AF_TARGET_AVX2 static void linear_avx2(const float* x, int64_t m, int64_t k, const uint16_t* w,
+                                       int64_t j0, int64_t j1, float* out, int64_t n) {
   int64_t r = 0;
   for (; r + 8 <= m; r += 8) rows_against<8, 1>(x + r * k, k, w, j0, j1, out + r * n, n);
   for (; r + 4 <= m; r += 4) rows_against<4, 2>(x + r * k, k, w, j0, j1, out + r * n, n);
   for (; r < m; ++r) rows_against<1, 8>(x + r * k, k, w, j0, j1, out + r * n, n);
 }
-
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 #else
-bool cpu_has_avx2() { return false; }
 static void linear_avx2(const float*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, float*,
                         int64_t) {}
 #endif
 
 }  // namespace bf16
+
+std::vector<std::string> bf16_cpu_paths() {
+  std::vector<std::string> paths;
+  if (cpu::has_avx2()) paths.emplace_back("avx2");
+  paths.emplace_back("scalar");
+  return paths;
+}
 
 namespace {
 void check_args(const at::Tensor& x, const at::Tensor& weight) {
@@ -134,9 +131,9 @@ at::Tensor bf16_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c10::s
               "bf16_linear: this implementation runs on CPU tensors only");
   bool vector = false;
   if (isa == "auto") {
-    vector = bf16::cpu_has_avx2();
+    vector = cpu::has_avx2();
   } else if (isa == "avx2") {
-    TORCH_CHECK(bf16::cpu_has_avx2(), "bf16_linear: this CPU lacks AVX2/FMA");
+    TORCH_CHECK(cpu::has_avx2(), "bf16_linear: this CPU lacks AVX2/FMA/F16C");
     vector = true;
   } else {
     TORCH_CHECK(isa == "scalar", "bf16_linear: unknown isa '", std::string(isa),

@@ -71,6 +71,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("gguf_cpu_paths", &arbitrage_fast::gguf_cpu_paths,
         "The gguf_linear code paths this CPU runs, best first.");
+  m.def("bf16_cpu_paths", &arbitrage_fast::bf16_cpu_paths,
+        "The bf16_linear code paths this CPU runs, best first.");
 
   py::class_<BlockPool>(m, "BlockPool",
                         "Ref-counted page allocator with one block table per sequence and model.")

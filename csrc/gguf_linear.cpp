@@ -7,13 +7,7 @@
 #include <algorithm>
 #include <cmath>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define AF_X86 1
-#else
-#define AF_X86 0
-#endif
-
+#include "cpu_features.h"
 #include "gguf_blocks.h"
 
 namespace arbitrage_fast {
@@ -135,7 +129,7 @@ float dot_reference(int64_t type, const uint8_t* w, const int8_t* xq, const floa
 
 #if AF_X86
 namespace avx2 {
-#define AF_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AF_TARGET AF_TARGET_AVX2
 #define AF_VNNI 0
 #include "gguf_linear_simd.h"
 #undef AF_VNNI
@@ -143,27 +137,14 @@ namespace avx2 {
 }  // namespace avx2
 
 namespace avx512_vnni {
-#define AF_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AF_TARGET AF_TARGET_AVX512_VNNI
 #define AF_VNNI 1
 #include "gguf_linear_simd.h"
 #undef AF_VNNI
 #undef AF_TARGET
 }  // namespace avx512_vnni
-
-bool cpu_has_avx2() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-}
-
-bool cpu_has_avx512_vnni() {
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512vnni");
-}
 #else
 // Other architectures run the portable path.
-bool cpu_has_avx2() { return false; }
-bool cpu_has_avx512_vnni() { return false; }
 namespace avx2 {
 inline Kernels kernels(int64_t) { return {nullptr, nullptr, nullptr}; }
 }  // namespace avx2
@@ -220,8 +201,8 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* x
 
 std::vector<std::string> gguf_cpu_paths() {
   std::vector<std::string> paths;
-  if (gguf::cpu_has_avx512_vnni()) paths.emplace_back("avx512_vnni");
-  if (gguf::cpu_has_avx2()) paths.emplace_back("avx2");
+  if (cpu::has_avx512_vnni()) paths.emplace_back("avx512_vnni");
+  if (cpu::has_avx2()) paths.emplace_back("avx2");
   paths.emplace_back("scalar");
   return paths;
 }
@@ -249,16 +230,16 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
 
   gguf::Kernels simd{nullptr, nullptr, nullptr};
   if (isa == "auto") {
-    if (gguf::cpu_has_avx512_vnni()) {
+    if (cpu::has_avx512_vnni()) {
       simd = gguf::avx512_vnni::kernels(type);
-    } else if (gguf::cpu_has_avx2()) {
+    } else if (cpu::has_avx2()) {
       simd = gguf::avx2::kernels(type);
     }
   } else if (isa == "avx512_vnni") {
-    TORCH_CHECK(gguf::cpu_has_avx512_vnni(), "gguf_linear: this CPU lacks AVX-512 VNNI");
+    TORCH_CHECK(cpu::has_avx512_vnni(), "gguf_linear: this CPU lacks AVX-512 VNNI");
     simd = gguf::avx512_vnni::kernels(type);
   } else if (isa == "avx2") {
-    TORCH_CHECK(gguf::cpu_has_avx2(), "gguf_linear: this CPU lacks AVX2/FMA/F16C");
+    TORCH_CHECK(cpu::has_avx2(), "gguf_linear: this CPU lacks AVX2/FMA/F16C");
     simd = gguf::avx2::kernels(type);
   } else {
     TORCH_CHECK(isa == "scalar", "gguf_linear: unknown isa '", std::string(isa),

@@ -2,7 +2,7 @@
 // row) with the contract of gguf_blocks.h. This header (deliberately without an include
 // guard) is included once per instruction set by gguf_linear.cpp, inside its own namespace,
 // with
-//   AF_TARGET  the function attribute naming the instruction set (target("...")), so the file
+//   AF_TARGET  the function attribute naming the instruction set (cpu_features.h), so the file
 //              compiles in a baseline build and runs only where the CPU has those features;
 //   AF_VNNI    1 where 8-bit products accumulate with AVX-512 VNNI (vpdpbusd, no saturation),
 //              0 where AVX2's vpmaddubsw + vpmaddwd do it.

@@ -20,6 +20,7 @@ from arbitrage_fast.kv.ops import native_available
 from arbitrage_fast.models import gguf_ops
 from arbitrage_fast.models.attention import PagedAttention
 from arbitrage_fast.models.batch_invariant import RowwiseLinear, make_batch_invariant, rows_invariant
+from arbitrage_fast.models.gguf_random import random_blocks
 from arbitrage_fast.models.layers import RotaryEmbedding
 from arbitrage_fast.models.loader import load_model
 from arbitrage_fast.models.quantized_linear import QuantizedLinear
@@ -28,7 +29,6 @@ from arbitrage_fast.runtime.attention_metadata import AttentionMetadata
 from arbitrage_fast.triton_kernels.activation import silu_and_mul
 from arbitrage_fast.triton_kernels.rms_norm import add_rms_norm
 from arbitrage_fast.triton_kernels.rotary_kv import apply_rotary
-from helpers.gguf_blocks import random_blocks
 from helpers.length_prm import MIXED_PROMPTS
 from helpers.tiny_models import build_tiny_lm
 

@@ -1,5 +1,6 @@
 """The GPU benchmarks run end to end on tiny shapes (--smoke, CPU), so CI executes every line
-that the GPU visit (benchmarks/gpu_check.sh) depends on, and their JSON keeps its schema."""
+that the GPU visit (benchmarks/gpu_check.sh) depends on, and their JSON keeps its schema; the
+memory benchmark's byte counting and table are checked on a made-up model and record."""
 from __future__ import annotations
 
 import importlib.util
@@ -142,3 +143,30 @@ def test_bench_batch_invariant_smoke(run_smoke):
     assert set(row["tokens_per_s"]) == {"off_alone", "off_batch", "on_alone", "on_batch"}
     assert row["on_batch_equals_alone"] is True
     assert row["linear_layers_kept"] + row["linear_layers_rowwise"] > 0
+
+
+def test_bench_memory_counts_each_storage_once_and_judges_packed_weights_against_the_file():
+    from torch import nn
+
+    bench = _load("bench_memory")
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied: one storage
+    model = nn.Sequential(emb, head, nn.Linear(4, 3))
+    model.register_buffer("blocks", torch.zeros(6, dtype=torch.uint8), persistent=False)
+    model[2].weight.data = model[2].weight.data[:, :2]  # a view keeps its whole storage resident
+    assert bench.weight_bytes(model) == 4 * (10 * 4 + 3 * 4 + 3) + 6
+
+    MB = 10**6
+
+    def entry(name, packed):
+        return {"model": name, "file_bytes": 100 * MB, "loads": [
+            {"mode": "packed", "source": "packed blocks", "weight_bytes": packed, "rss_after_load": 300 * MB,
+             "peak_rss": 350 * MB, "load_s": 1.0},
+            {"mode": "dequantised", "source": "GGUF parse", "weight_bytes": 400 * MB, "rss_after_load": 600 * MB,
+             "peak_rss": 900 * MB, "load_s": 2.0}]}
+    table = bench.render({"dtype": "bfloat16", "baseline": {"peak_rss": 200 * MB},
+                          "models": [entry("small", 99 * MB), entry("big", 120 * MB)]})
+    assert "| small | 100 MB | packed | 99 MB | 0.99x | 300 MB | 350 MB | 3.50x | 1.50x | 1.0 |" in table
+    assert "| big | 100 MB | dequantised (GGUF parse) | 400 MB | 4.00x | 600 MB | 900 MB | 9.00x | 7.00x | 2.0 |" in table
+    assert "small 0.99x (met); big 1.20x (not met)" in table

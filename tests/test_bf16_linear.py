@@ -14,8 +14,8 @@ from arbitrage_fast.models.cpu_linear import Bf16Linear, kernel_supported, pack_
 
 _C = pytest.importorskip("arbitrage_fast._C")
 op = torch.ops.arbitrage_fast.bf16_linear
-HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="the vector path needs AVX2/FMA")
+PATHS = cpu_linear.cpu_paths()
+needs_avx2 = pytest.mark.skipif("avx2" not in PATHS, reason="the vector path needs AVX2/FMA/F16C")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,6 +68,24 @@ def test_close_to_torch_and_errors_name_the_problem():
         op(x.half(), w)
     with pytest.raises(RuntimeError, match=r"unknown isa 'sse'"):
         op(x, w, "sse")
+
+
+def test_auto_runs_the_first_reported_path_and_kernel_supported_follows_the_paths():
+    assert PATHS[-1] == "scalar" and len(set(PATHS)) == len(PATHS)
+    x, w = _inputs(5, 40, 72, seed=2)
+    assert torch.equal(op(x, w), op(x, w, PATHS[0]))
+    for path in PATHS:
+        _within_fp32_rounding(op(x, w, path), x, w)
+    assert kernel_supported("cpu", torch.bfloat16) == (PATHS[0] != "scalar")
+
+
+@pytest.mark.parametrize("paths, expected", [(["avx2", "scalar"], True), (["scalar"], False), ([], False)])
+def test_kernel_supported_only_where_a_vector_path_runs(monkeypatch, paths, expected):
+    monkeypatch.setattr(cpu_linear, "cpu_paths", lambda: paths)
+    assert kernel_supported("cpu", torch.bfloat16) is expected
+    assert not kernel_supported("cpu", torch.float32) and not kernel_supported("meta", torch.bfloat16)
+    monkeypatch.setenv(cpu_linear.ENV, "0")
+    assert not kernel_supported("cpu", torch.bfloat16)
 
 
 def test_meta_shapes():

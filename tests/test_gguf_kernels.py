@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from arbitrage_fast.models import gguf_ops
-from helpers.gguf_blocks import random_blocks, valid_in_features
+from arbitrage_fast.models.gguf_random import random_blocks
 
 pytest.importorskip("arbitrage_fast._C", reason="the native extension is not built")
 
@@ -25,6 +25,10 @@ TYPES = sorted(gguf_ops.PACKED_TYPES)
 PATHS = gguf_ops.cpu_paths()
 ALL_PATHS = ["avx512_vnni", "avx2", "scalar"]  # every compiled path, reported as skipped where absent
 U = 2.0 ** -24
+
+
+def valid_in_features(qtype: int, blocks: int) -> int:
+    return gguf_ops.block_shape(qtype)[0] * blocks
 
 
 pytestmark = pytest.mark.usefixtures("two_threads")
@@ -124,6 +128,14 @@ def test_zero_activations_and_meta_shapes():
     assert torch.equal(gguf_ops.gguf_linear(torch.zeros(2, 512), blocks, qtype), torch.zeros(2, 8))
     meta = torch.ops.arbitrage_fast.gguf_linear(torch.empty(3, 512, device="meta"), blocks.to("meta"), qtype)
     assert meta.shape == (3, 8) and meta.device.type == "meta"
+
+
+def test_random_blocks_are_whole_blocks_with_finite_scales():
+    qtype = int(gguf_ops.QT.Q4_K)
+    blocks = random_blocks(qtype, 3, 512, torch.Generator().manual_seed(0))
+    assert blocks.shape == (3, gguf_ops.row_bytes(qtype, 512)) and gguf_ops.nonfinite_blocks(blocks, qtype) == 0
+    with pytest.raises(ValueError, match="in_features=500 is not a whole number of 256-input blocks"):
+        random_blocks(qtype, 3, 500, torch.Generator())
 
 
 def test_malformed_arguments_are_refused_with_the_reason():

@@ -32,8 +32,6 @@ def folders(tmp_path_factory):
     return build_policy_folders(tmp_path_factory.mktemp("prefix"), router_seed=3)
 
 
-
-
 @pytest.fixture(scope="module", params=["target_likelihood", "length_prm"])
 def engine(request, folders):
     return policy_engine(folders, prm=LengthPRM() if request.param == "length_prm" else None)
@@ -118,11 +116,10 @@ def _check_computed_once(counter: FedCounter, prompts: dict[int, list[int]]) -> 
         assert counter.prompt_tokens_computed(role, prompts) == expected, f"{role.label} recomputed a shared prefix"
 
 
-# ---------------------------------------------------------------------- the same prompt, many requests
-def _every_policy_on_one_prompt(engine, monkeypatch):
-    """PROMPT under every policy in one batch: each equals its run alone, and every shared page of
-    the prompt was computed once per model. Returns (alone, batched, prompt tokens by id)."""
-    requests = [(PROMPT, pol, THRESHOLDS.get(pol), SP) for pol in POLICY_NAMES]
+def _batch_equals_alone_computing_shared_pages_once(engine, monkeypatch, requests):
+    """`requests` in one batch: each equals its run alone, and every whole page of leading tokens
+    that running prompts share was computed once per model. Returns (alone, batched, prompt
+    tokens by sequence id)."""
     alone = _alone(engine, requests)
     counter = FedCounter(engine, monkeypatch)
     batched, prompts = _run(engine, requests)
@@ -130,6 +127,13 @@ def _every_policy_on_one_prompt(engine, monkeypatch):
         _same(a, b)
     _check_computed_once(counter, prompts)
     return alone, batched, prompts
+
+
+# ---------------------------------------------------------------------- the same prompt, many requests
+def _every_policy_on_one_prompt(engine, monkeypatch):
+    """PROMPT under every policy in one batch (see _batch_equals_alone_computing_shared_pages_once)."""
+    requests = [(PROMPT, pol, THRESHOLDS.get(pol), SP) for pol in POLICY_NAMES]
+    return _batch_equals_alone_computing_shared_pages_once(engine, monkeypatch, requests)
 
 
 def test_one_prompt_under_every_policy_prefills_once_and_equals_each_alone(engine, monkeypatch):
@@ -147,12 +151,7 @@ def test_shared_prompts_mixed_with_other_prompts(engine, monkeypatch):
     requests = [(PROMPT, pol, THRESHOLDS.get(pol), SP) for pol in ("rsd", "target_only", "arbitrage")]
     requests += [(p, pol, THRESHOLDS.get(pol), SP) for p, pol in zip(OTHERS, ("oracle", "rsd", "spec_decode"))]
     requests += [(OTHERS[0], "draft_only", None, SP), (PROMPT, "every_step", 0.5, SP)]
-    alone = _alone(engine, requests)
-    counter = FedCounter(engine, monkeypatch)
-    batched, prompts = _run(engine, requests)
-    for a, b in zip(alone, batched):
-        _same(a, b)
-    _check_computed_once(counter, prompts)
+    _batch_equals_alone_computing_shared_pages_once(engine, monkeypatch, requests)
     assert engine.kv_stats()["used_pages"] == 0
 
 
@@ -181,13 +180,8 @@ def test_seeded_samples_of_one_prompt_equal_each_alone(folders, monkeypatch):
                                 ignore_eos=True) for s in range(5)]
     policies = ["rsd", "rsd", "spec_decode", "target_only", "arbitrage"]
     requests = [(PROMPT, pol, THRESHOLDS.get(pol), s) for pol, s in zip(policies, samplings)]
-    alone = _alone(engine, requests)
-    counter = FedCounter(engine, monkeypatch)
-    batched, prompts = _run(engine, requests)
-    for a, b in zip(alone, batched):
-        _same(a, b)
+    _, batched, _ = _batch_equals_alone_computing_shared_pages_once(engine, monkeypatch, requests)
     assert len({tuple(r.token_ids) for r in batched}) > 1, "the seeds were meant to give different samples"
-    _check_computed_once(counter, prompts)
     assert engine.kv_stats()["used_pages"] == 0
 
 

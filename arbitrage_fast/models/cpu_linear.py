@@ -75,15 +75,20 @@ def _bf16_on_cpu(device: torch.device | str, dtype: torch.dtype) -> bool:
     return os.environ.get(ENV, "1") != "0" and torch.device(device).type == "cpu" and dtype == torch.bfloat16
 
 
-def kernel_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """The engine's bf16 kernel runs here, vectorised (AVX2 or better)."""
-    if not _bf16_on_cpu(device, dtype) or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
+def cpu_paths() -> list[str]:
+    """The compiled bf16 kernel's code paths this CPU runs, best first ([] without the extension)."""
     try:
-        from arbitrage_fast import _C  # noqa: F401  (registers the op)
+        from arbitrage_fast import _C  # also registers the op
     except ImportError:
-        return False
-    return hasattr(torch.ops.arbitrage_fast, "bf16_linear")
+        return []
+    return list(_C.bf16_cpu_paths())
+
+
+def kernel_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """The engine's bf16 kernel runs here vectorised: the extension was built with a vector path
+    and this CPU runs it, as the kernel itself decides (`auto` takes the first of `cpu_paths`).
+    The scalar path is the portable twin the vector one is tested against, not a fast path."""
+    return _bf16_on_cpu(device, dtype) and any(path != "scalar" for path in cpu_paths())
 
 
 def packing_supported(device: torch.device | str, dtype: torch.dtype) -> bool:

@@ -15,9 +15,8 @@ import torch
 
 from arbitrage_fast.models import gguf_ops, loader
 from arbitrage_fast.models.architecture import DecoderSpec
+from arbitrage_fast.models.gguf_random import random_blocks
 from arbitrage_fast.runtime.attention_metadata import AttentionMetadata
-
-from .gguf_blocks import random_blocks
 
 HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
