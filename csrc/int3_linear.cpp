@@ -98,12 +98,12 @@ AF_AVX2 static inline float hsum(__m256 v) {
 
 // 12 bytes of codes -> 32 bytes, byte i = q[i] in [0, 7].
 AF_AVX2 static inline __m256i unpack_codes(const uint8_t* p) {
-  // qs: the 8 bytes shifted by 0, 2, 4, 6 give inputs 0..7, 8..15, 16..23, 24..31 in the low
-  // two bits of each byte (a 16-bit shift lets the next byte's bits in only above them).
-  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  const __m128i lo = _mm_unpacklo_epi64(v, _mm_srli_epi16(v, 2));
-  const __m128i hi = _mm_unpacklo_epi64(_mm_srli_epi16(v, 4), _mm_srli_epi16(v, 6));
-  const __m256i two = _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(3));
+  // qs: the 8 bytes in every 64-bit lane, lane t shifted right by 2t, give inputs 8t..8t+7 in
+  // the low two bits of each byte (the shift lets the next byte's bits in only above them).
+  int64_t qs;
+  std::memcpy(&qs, p, 8);
+  const __m256i two = _mm256_and_si256(
+      _mm256_srlv_epi64(_mm256_set1_epi64x(qs), _mm256_set_epi64x(6, 4, 2, 0)), _mm256_set1_epi8(3));
   // qh: bit i of the word -> 0x04 in byte i (byte k of the word spread over bytes 8k..8k+7).
   uint32_t bits;
   std::memcpy(&bits, p + 8, 4);

@@ -58,11 +58,12 @@ def pack(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int) 
     q = q.to(torch.int64).reshape(N, parts, 4, 8)  # [.., t, j] = input 8t + j of a part
     qs = (q & 3) << (2 * torch.arange(4).reshape(1, 1, 4, 1))
     qs = qs.sum(2)  # byte j: inputs j, j + 8, j + 16, j + 24 at bits 0, 2, 4, 6
-    high = ((q >> 2) & 1).reshape(N, parts, 4, 8) << torch.arange(8)
+    high = ((q >> 2) & 1) << torch.arange(8)
     qh = high.sum(-1)  # byte b of the little-endian word: third bits of inputs 8b .. 8b + 7
     codes = torch.cat([qs, qh], -1).to(torch.uint8)  # [N, parts, 12]
     codes = torch.nn.functional.pad(codes, (0, 0, 0, G * per - parts)).reshape(N, G, per * CODE_BYTES)
-    head = torch.stack([scales.to(torch.float16), mins.to(torch.float16)], -1).view(torch.uint8).reshape(N, G, HEAD_BYTES)
+    head = torch.stack([scales.to(torch.float16), mins.to(torch.float16)], -1)
+    head = head.view(torch.uint8).reshape(N, G, HEAD_BYTES)
     # A partial last group's missing parts are padding at the very end of the row: cut off.
     return torch.cat([head, codes], -1).reshape(N, -1)[:, :row_bytes(K, group)].contiguous()
 
