@@ -8,6 +8,9 @@ shapes for B = 1, 4, 8, 16 rows with each CPU implementation the engine can run:
                converts and multiplies row by row)
   kernel_bf16  torch.ops.arbitrage_fast.bf16_linear (csrc/bf16_linear.cpp)
   gguf_<type>  torch.ops.arbitrage_fast.gguf_linear on the same shape in a GGUF block format
+  int3_g64     torch.ops.arbitrage_fast.int3_linear (csrc/int3_linear.cpp): quantize-on-load
+               int3's CPU blocks, which replaced Q4_1 blocks of the same values; its time is
+               also reported over gguf_Q4_1's (3.5 bits a weight read against 5)
 
 and reports, per implementation and shape, the time of B rows over the time of one row (the
 batching cost; 1.0 would be free) and each implementation's time over torch_bf16's. Repeats
@@ -15,6 +18,7 @@ are interleaved across implementations (benchmarks/_harness.py), so machine load
 alike. Shapes default to Qwen2.5-0.5B's (hidden 896, MLP 4864, vocabulary 151,936).
 
     python benchmarks/bench_batched_linear.py [--threads 2] [--rows 1,4,8,16]
+    python benchmarks/bench_batched_linear.py --threads 1 --shapes gate_up   # int3 vs Q4_1, quick
     python benchmarks/bench_batched_linear.py --report results/batched_linear.json
 """
 from __future__ import annotations
@@ -39,17 +43,22 @@ SHAPES = {"qkv": (1152, 896), "o": (896, 896), "gate_up": (9728, 896), "down": (
 def implementations(n: int, k: int, gen: torch.Generator) -> dict:
     """Each implementation as x -> x @ W.T over one [n, k] weight (GGUF blocks are random:
     the kernels' time does not depend on the values)."""
-    from arbitrage_fast.models import gguf_ops
+    from arbitrage_fast.models import gguf_ops, int3_blocks
     from arbitrage_fast.models.gguf_random import random_blocks
 
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     impls = {"torch_bf16": lambda x: F.linear(x, w), "kernel_bf16": lambda x: torch.ops.arbitrage_fast.bf16_linear(x, w)}
-    for name in ("Q8_0", "Q4_K"):
+    for name in ("Q8_0", "Q4_K", "Q4_1"):
         qtype = int(gguf_ops.QT[name])
         if k % gguf_ops.block_shape(qtype)[0]:
             continue
         blocks = random_blocks(qtype, n, k, gen)
         impls[f"gguf_{name}"] = lambda x, b=blocks, q=qtype: gguf_ops.gguf_linear(x, b, q)
+    if k % 32 == 0:
+        groups = -(-k // 64)
+        int3 = int3_blocks.pack(torch.randint(0, 8, (n, k), generator=gen), torch.full((n, groups), 0.01).half(),
+                                torch.full((n, groups), -0.03).half(), 64)
+        impls["int3_g64"] = lambda x, b=int3: int3_blocks.int3_linear(x, b, 64)
     return impls
 
 
@@ -60,7 +69,8 @@ def run(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     rows = [int(r) for r in args.rows.split(",")]
     record = {**cpu_run_record(), "rows": rows, "shapes": {}}
-    for shape, (n, k) in SHAPES.items():
+    for shape in args.shapes.split(","):
+        n, k = SHAPES[shape]
         impls = implementations(n, k, gen)
         xs = {b: torch.randn(b, k, generator=gen).to(torch.bfloat16) for b in rows}
         fns = {f"{name}@{b}": (lambda f=f, x=xs[b]: f(x)) for name, f in impls.items() for b in rows}
@@ -83,6 +93,9 @@ def render_shape(shape: str, entry: dict, rows: list[int]) -> str:
         first = med[f"{name}@{rows[0]}"] / med[f"torch_bf16@{rows[0]}"]
         last = med[f"{name}@{rows[-1]}"] / med[f"torch_bf16@{rows[-1]}"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {first:.2f} | {last:.2f} |")
+    if "int3_g64" in names and "gguf_Q4_1" in names:
+        lines.append("int3_g64 time / gguf_Q4_1 time: " + ", ".join(
+            f"B={b} {med[f'int3_g64@{b}'] / med[f'gguf_Q4_1@{b}']:.2f}" for b in rows))
     return "\n".join(lines)
 
 
@@ -90,6 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="1,4,8,16")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--report", default=None, metavar="JSON", help="print a finished run's tables and exit")

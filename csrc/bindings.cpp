@@ -1,6 +1,7 @@
-// The extension module arbitrage_fast._C: the BlockPool (pybind11), the KV ops and the GGUF
-// quantized linear ops (torch dispatcher, so they are called as torch.ops.arbitrage_fast.* and
-// work under torch.compile and CUDA graph capture). This is the one place where things are registered.
+// The extension module arbitrage_fast._C: the BlockPool (pybind11), the KV ops and the
+// quantized linear ops over GGUF blocks, int3 blocks and bf16 weights (torch dispatcher, so they
+// are called as torch.ops.arbitrage_fast.* and work under torch.compile and CUDA graph capture).
+// This is the one place where things are registered.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
@@ -8,6 +9,7 @@
 #include "bf16_linear.h"
 #include "block_pool.h"
 #include "gguf_linear.h"
+#include "int3_linear.h"
 #include "kv_ops.h"
 
 namespace py = pybind11;
@@ -19,6 +21,8 @@ TORCH_LIBRARY(arbitrage_fast, m) {
   m.def("gguf_linear(Tensor x, Tensor weight, int type, str isa='auto') -> Tensor");
   m.def("gguf_dequantize(Tensor weight, int type, int in_features) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, str isa='auto') -> Tensor");
+  m.def("int3_linear(Tensor x, Tensor weight, int group, str isa='auto') -> Tensor");
+  m.def("int3_dequantize(Tensor weight, int group, int in_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
@@ -27,6 +31,8 @@ TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
   m.impl("gguf_linear", &arbitrage_fast::gguf_linear_cpu);
   m.impl("gguf_dequantize", &arbitrage_fast::gguf_dequantize_cpu);
   m.impl("bf16_linear", &arbitrage_fast::bf16_linear_cpu);
+  m.impl("int3_linear", &arbitrage_fast::int3_linear_cpu);
+  m.impl("int3_dequantize", &arbitrage_fast::int3_dequantize_cpu);
 }
 
 // Shape-only tracing (torch.compile's fake tensors): both ops return nothing.
@@ -40,6 +46,8 @@ TORCH_LIBRARY_IMPL(arbitrage_fast, Meta, m) {
   m.impl("gguf_linear", &arbitrage_fast::gguf_linear_meta);
   m.impl("gguf_dequantize", &arbitrage_fast::gguf_dequantize_meta);
   m.impl("bf16_linear", &arbitrage_fast::bf16_linear_meta);
+  m.impl("int3_linear", &arbitrage_fast::int3_linear_meta);
+  m.impl("int3_dequantize", &arbitrage_fast::int3_dequantize_meta);
 }
 
 #ifdef ARBITRAGE_FAST_WITH_CUDA

@@ -171,8 +171,9 @@ int64_t checked_in_features(const at::Tensor& weight, const Format& f, const cha
   return weight.size(1) / f.block_bytes * f.block_elems;
 }
 
-// Activations quantized per group of 32 (gguf_blocks.h). Half-to-even rounding, so the
-// torch twin (torch.round) gives the same integers.
+}  // namespace
+
+// Half-to-even rounding, so the torch twin (torch.round) gives the same integers.
 void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* xd, float* xs) {
   const int64_t groups = k / 32;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -196,7 +197,6 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* x
   });
 }
 
-}  // namespace
 }  // namespace gguf
 
 std::vector<std::string> gguf_cpu_paths() {

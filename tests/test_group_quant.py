@@ -26,7 +26,7 @@ from hypothesis import given, settings, strategies as st
 from arbitrage_fast.config import QUANT_FORMATS, QUANT_GROUPS
 from arbitrage_fast.models import gguf_ops
 from arbitrage_fast.models.group_quant import (FORMATS, GROUPS, GroupQuantized, QuantizationError, QuantScheme,
-                                               quantize, to_gguf_blocks)
+                                               quantize, to_gguf_blocks, to_int3_blocks)
 from arbitrage_fast.models.quantize_on_load import GroupQuantLinear
 from helpers.triton_kernels import DEVICE, load_kernel, needs_triton
 
@@ -173,7 +173,8 @@ def test_resident_bytes_of_each_format():
     """Bytes at a real layer's shape ([4864, 896], the 0.5B's gate) and the ratio to bf16:
     int8 a byte a weight + an fp16 scale a row (0.50); int4 8 values and int3 10 to a 4-byte
     word + two fp16 values a group (int4/64 0.28, int3/64 0.23); the CPU's GGUF blocks: Q8_0
-    34 bytes and Q4_1 20 bytes per 32 weights (0.53, 0.31)."""
+    34 bytes and Q4_1 20 bytes per 32 weights (0.53, 0.31); the CPU's int3 blocks 12 bytes per
+    32 weights and 4 per group (int3/64 0.22, int3/32 0.25)."""
     N, K = 4864, 896
     w = _weight(N, K, 0)
     for scheme, row_bytes, ratio in [(QuantScheme("int8"), K + 2, 0.501), (QuantScheme("int4", 64), K // 2 + 4 * 14, 0.282),
@@ -185,6 +186,8 @@ def test_resident_bytes_of_each_format():
         assert qw.nbytes() / (N * K * 2) == pytest.approx(ratio, abs=1e-3)
         blocks, _ = to_gguf_blocks(qw)
         assert blocks.numel() / (N * K * 2) == (34 / 64 if scheme.bits == 8 else 20 / 64)
+        if scheme.bits == 3:
+            assert to_int3_blocks(qw).numel() == N * (K // 32 * 12 + 4 * K // scheme.group)
 
 
 def test_bad_weights_are_refused_naming_the_layer():

@@ -10,6 +10,7 @@ from torch import nn
 from arbitrage_fast import Engine, EngineConfig, SamplingParams
 from arbitrage_fast.models import loader
 from arbitrage_fast.models.group_quant import QuantScheme, quantize
+from arbitrage_fast.models.quantize_on_load import Int3Linear
 from arbitrage_fast.models.quantized_linear import QuantizedLinear
 from arbitrage_fast.policies import POLICY_NAMES
 from arbitrage_fast.router.head import RouterConfig, RouterHead
@@ -103,10 +104,16 @@ def test_an_int8_draft_chooses_the_fp32_drafts_tokens_where_the_margin_is_clear(
     assert err.max() < 0.01 * (expected.max() - expected.min())
 
 
-@pytest.mark.parametrize("name, ratio", [("int8", 34 / 64), ("int4", 20 / 64), ("int3", 20 / 64)])
-def test_resident_weights_shrink_by_the_formats_ratio(tmp_path, name, ratio):
-    """bf16 checkpoint: every quantized projection holds ratio x its bf16 bytes (the CPU's GGUF
-    blocks: Q8_0 for int8, Q4_1 for int4 and int3); embeddings, norms and the head stay bf16."""
+# Bytes per 64 weights against bf16's 128: Q8_0 2 x 34, Q4_1 2 x 20, int3 blocks 4 + 2 x 12.
+RESIDENT_RATIO = {"int8": 34 / 64, "int4": 20 / 64, "int3": 28 / 128}
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int3"])
+def test_resident_weights_shrink_by_the_formats_ratio(tmp_path, name):
+    """bf16 checkpoint: every quantized projection holds ratio x its bf16 bytes (the CPU's
+    blocks: GGUF Q8_0 for int8 and Q4_1 for int4, the engine's 3-bit blocks at group 64 for
+    int3); embeddings, norms and the head stay bf16."""
+    ratio = RESIDENT_RATIO[name]
     folder = build_tiny_lm(tmp_path / "m", "llama", hidden=64, layers=2, tie=False)
     dense = loader.load_model(folder, "bfloat16").model
     quant = loader.load_model(folder, "bfloat16", quant=QuantScheme(name, 64)).model
@@ -122,6 +129,18 @@ def test_resident_weights_shrink_by_the_formats_ratio(tmp_path, name, ratio):
     linear_quant = sum(b.numel() * b.element_size() for m in _linears(quant) for b in m.buffers())
     assert linear_quant == linear_bf16 * ratio
     assert nbytes(dense) - nbytes(quant) == linear_bf16 * (1 - ratio)
+
+
+def test_an_int3_model_holds_seven_tenths_of_int4s_weight_bytes(tmp_path):
+    """int3 at group 64 is 3.5 bits a weight on the CPU, int4 (Q4_1) 5: the quantized
+    projections' resident bytes are in that ratio, whatever else the model holds."""
+    folder = build_tiny_lm(tmp_path / "m", "llama", hidden=64, layers=2, tie=False)
+    held = {}
+    for name in ("int4", "int3"):
+        model = loader.load_model(folder, "bfloat16", quant=QuantScheme(name, 64)).model
+        assert all(isinstance(m, Int3Linear if name == "int3" else QuantizedLinear) for m in _linears(model))
+        held[name] = sum(b.numel() * b.element_size() for m in _linears(model) for b in m.buffers())
+    assert held["int3"] / held["int4"] == pytest.approx(3.5 / 5)
 
 
 def test_a_gguf_draft_is_dequantised_then_quantized(tmp_path, monkeypatch):
@@ -184,7 +203,7 @@ def test_the_cli_threads_the_quant_flags(folders, capsys, monkeypatch):
     assert rc == 0
     (eng,) = built
     assert (eng.config.draft_quant, eng.config.target_quant, eng.config.quant_group) == ("int3", None, 32)
-    assert all(isinstance(m, QuantizedLinear) for m in _linears(eng.draft_model.model))
+    assert all(isinstance(m, Int3Linear) and m.group == 32 for m in _linears(eng.draft_model.model))
     for bad in (["--draft-quant", "int5"], ["--quant-group", "48"]):
         with pytest.raises(SystemExit):
             main(["generate", "--draft", str(draft), "--target", str(target), *bad, PROMPT])

@@ -17,6 +17,7 @@ from torch import nn
 
 from arbitrage_fast import Engine, EngineConfig, SamplingParams
 from arbitrage_fast.eval.datasets import load_dataset
+from arbitrage_fast.models.quantize_on_load import Int3Linear
 from arbitrage_fast.models.quantized_linear import QuantizedLinear
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,8 @@ def test_a_quantized_copy_of_the_target_drafts_for_it(qwen_draft_gguf, quant):
     engine = Engine(EngineConfig(draft=str(qwen_draft_gguf), target=str(qwen_draft_gguf), dtype="float32", dequantize=True,
                                  draft_quant=quant, quant_group=64))
     projections = lambda lm: [m for n, m in lm.model.layers.named_modules() if n.endswith("_proj")]  # noqa: E731
-    assert all(isinstance(m, QuantizedLinear) for m in projections(engine.draft_model))
+    packed = Int3Linear if quant == "int3" else QuantizedLinear  # the CPU's 3-bit blocks, or Q4_1
+    assert all(isinstance(m, packed) for m in projections(engine.draft_model))
     assert all(type(m) is nn.Linear for m in projections(engine.target_model))
     question = load_dataset("gsm8k", n=None)[0].question
     target = engine.generate(question, policy="target_only", sampling=SP, chat=True)

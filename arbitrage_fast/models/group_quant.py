@@ -13,9 +13,10 @@ that bound; an integer zero point would add up to another half step at the clamp
 last group of a row may be partial (K need not be a multiple of the group).
 
 The packed layout and its dequantisation are defined beside the kernel that reads them
-(`triton_kernels/quant_matmul.py`). `to_gguf_blocks` rewrites a quantized weight as GGUF
-Q4_1 / Q8_0 blocks holding exactly the same dequantised values, which is how the CPU runs it
-(the GGUF kernels of `gguf_ops`).
+(`triton_kernels/quant_matmul.py`). For the CPU, `to_gguf_blocks` rewrites an int8 or int4
+weight as GGUF Q8_0 / Q4_1 blocks and `to_int3_blocks` an int3 weight as the engine's 3-bit
+blocks (`int3_blocks`), each holding exactly the same dequantised values, which is how the CPU
+runs them (the kernels of `gguf_ops` and `int3_blocks`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import gguf
 import torch
 
 from arbitrage_fast.triton_kernels.quant_matmul import dequantize_reference, pack_words, unpack_words
+
+from . import int3_blocks
 
 FORMATS: dict[str, int] = {"int8": 8, "int4": 4, "int3": 3}  # name -> bits
 GROUPS = (32, 64, 128)
@@ -119,15 +122,20 @@ def _check_range(v: torch.Tensor, name: str) -> None:
         raise QuantizationError(f"{name}: weights up to {v.max().item():.3g} need scales beyond float16's range")
 
 
+def _check_cpu_rows(K: int) -> None:
+    if K % 32:
+        raise QuantizationError(f"the CPU kernels take rows of a multiple of 32 inputs; this layer has {K}")
+
+
 def to_gguf_blocks(qw: GroupQuantized) -> tuple[torch.Tensor, int]:
     """(uint8 blocks [N, row_bytes], ggml type) with the same dequantised values: Q8_0 for
     int8 (every block of a row repeats its scale), Q4_1 for int4 and int3 (a 3-bit value is a
     4-bit value below 8; each block of 32 repeats its group's scale and minimum). K must be a
     multiple of 32, the blocks' width, and so the group (32, 64, 128) is a whole number of
-    blocks except for a partial last group, which still ends on a block boundary."""
+    blocks except for a partial last group, which still ends on a block boundary. The CPU
+    runs int3 as `to_int3_blocks` instead, at 3.5 bits a weight rather than Q4_1's 5."""
     N, K = qw.qweight.shape[0], qw.in_features
-    if K % 32:
-        raise QuantizationError(f"the CPU kernels take rows of a multiple of 32 inputs; this layer has {K}")
+    _check_cpu_rows(K)
     nb = K // 32
     block_group = torch.arange(nb) * 32 // qw.group
     if qw.bits == 8:
@@ -139,3 +147,13 @@ def to_gguf_blocks(qw: GroupQuantized) -> tuple[torch.Tensor, int]:
     d = qw.scales[:, block_group].contiguous().view(torch.uint8).reshape(N, nb, 2)
     m = qw.mins[:, block_group].contiguous().view(torch.uint8).reshape(N, nb, 2)
     return torch.cat([d, m, qs], -1).reshape(N, -1).contiguous(), Q4_1
+
+
+def to_int3_blocks(qw: GroupQuantized) -> torch.Tensor:
+    """An int3 weight as the CPU's 3-bit blocks (`int3_blocks`), uint8 [N, row_bytes]: the
+    same codes, scales and minima, so the same dequantised values. K must be a multiple of 32."""
+    if qw.bits != 3:
+        raise ValueError(f"int3 blocks hold 3-bit weights, this one is int{qw.bits}")
+    _check_cpu_rows(qw.in_features)
+    q = unpack_words(qw.qweight, 3, qw.in_features)
+    return int3_blocks.pack(q, qw.scales, qw.mins, qw.group)

@@ -6,14 +6,13 @@ most weight-only schemes leave them (the head's errors land directly on the logi
 embedding lookup reads only a few rows anyway). The layers keep their interface, so the runner,
 the arena and the policies see the same model:
 
-- on CPU a layer becomes a `QuantizedLinear` over GGUF Q8_0 / Q4_1 blocks with the same values
-  (`group_quant.to_gguf_blocks`), run by the GGUF kernels, which round their input to int8 per
-  32 values as every packed GGUF layer does;
+- on CPU an int8 or int4 layer becomes a `QuantizedLinear` over GGUF Q8_0 / Q4_1 blocks with
+  the same values (`group_quant.to_gguf_blocks`), run by the GGUF kernels, and an int3 layer an
+  `Int3Linear` over the engine's 3-bit blocks (`group_quant.to_int3_blocks`, 3.5 bits a weight
+  at group 64), run by its own kernel; both round their input to int8 per 32 values as every
+  packed GGUF layer does;
 - elsewhere it becomes a `GroupQuantLinear` over the engine's own layout, multiplied by the
   Triton kernel on CUDA (`triton_kernels/quant_matmul.py`).
-
-On CPU int3 therefore has int3's values in int4's blocks: its accuracy, but int4's memory and
-speed (there is no 3-bit CPU kernel).
 """
 from __future__ import annotations
 
@@ -22,7 +21,8 @@ from torch import nn
 
 from arbitrage_fast.triton_kernels.quant_matmul import quant_matmul
 
-from .group_quant import GroupQuantized, QuantScheme, quantize, to_gguf_blocks
+from . import int3_blocks
+from .group_quant import GroupQuantized, QuantScheme, quantize, to_gguf_blocks, to_int3_blocks
 from .quantized_linear import QuantizedLinear
 
 
@@ -51,6 +51,34 @@ class GroupQuantLinear(nn.Module):
                 f"int{self.bits}" + ("" if self.bits == 8 else f" group {self.group}"))
 
 
+class Int3Linear(nn.Module):
+    """A linear layer whose int3 weight stays in the CPU's 3-bit blocks (`int3_blocks`)."""
+
+    def __init__(self, blocks: torch.Tensor, group: int, in_features: int, bias: torch.Tensor | None,
+                 name: str = "weight") -> None:
+        """`name` names the layer in the error raised for corrupt or truncated blocks."""
+        super().__init__()
+        int3_blocks.check_blocks(blocks, group, in_features, name)
+        # A buffer, not a parameter: uint8 blocks have no gradient and no float dtype to cast.
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.group, self.in_features, self.out_features = group, in_features, blocks.shape[0]
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int3_blocks.int3_linear(x.reshape(-1, self.in_features), self.blocks, self.group)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The full weight in fp32 (for tests and inspection; the forward never builds it)."""
+        return int3_blocks.int3_dequantize(self.blocks, self.group, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int3 blocks, group {self.group}")
+
+
 @torch.no_grad()
 def quantize_linears(model: nn.Module, scheme: QuantScheme) -> int:
     """Replace every nn.Linear inside `model.layers` by its quantized form; returns how many."""
@@ -62,8 +90,10 @@ def quantize_linears(model: nn.Module, scheme: QuantScheme) -> int:
             name = f"layers.{prefix}.{child_name}" if prefix else f"layers.{child_name}"
             qw = quantize(child.weight, scheme, name)
             bias = None if child.bias is None else child.bias.detach()
-            if child.weight.device.type == "cpu":
-                layer: nn.Module = QuantizedLinear([to_gguf_blocks(qw)], qw.in_features, bias)
+            if child.weight.device.type == "cpu" and qw.bits == 3:
+                layer: nn.Module = Int3Linear(to_int3_blocks(qw), qw.group, qw.in_features, bias, name)
+            elif child.weight.device.type == "cpu":
+                layer = QuantizedLinear([to_gguf_blocks(qw)], qw.in_features, bias)
             else:
                 layer = GroupQuantLinear(qw, bias)
             setattr(module, child_name, layer)
