@@ -18,7 +18,7 @@
 # TRAIN_N, DEV_N, TEST_N, GRID and LABELS override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRAIN_N=${TRAIN_N:-1000}
+TRAIN_N=${TRAIN_N:-600}
 DEV_N=${DEV_N:-150}
 TEST_N=${TEST_N:-300}
 GRID=${GRID:-11}

@@ -76,3 +76,32 @@ def test_the_script_rewrites_stale_blocks_and_check_reports_them(tmp_path, capsy
     assert main([str(doc), "--root", str(tmp_path)]) == 0
     assert "old numbers" not in doc.read_text() and "full threshold grid" in doc.read_text()
     assert main([str(doc), "--root", str(tmp_path), "--check"]) == 0
+
+
+def test_head_to_head_pairs_each_rival_at_the_same_dev_target_and_marks_oracles():
+    from arbitrage_fast.eval.report import head_to_head, render_head_to_head
+
+    runs = {("target_only", None): _records("target_only", None, [True] * 40, 2.0),
+            ("arbitrage", 0.5): _records("arbitrage", 0.5, [True] * 40, 0.5),
+            ("arbitrage", 0.3): _records("arbitrage", 0.3, [True] * 40, 0.8),
+            ("rsd", 0.7): _records("rsd", 0.7, [True] * 40, 1.5),
+            ("rsd:exact", 0.2): _records("rsd:exact", 0.2, [i > 0 for i in range(40)], 0.25),
+            ("spec_thinking", None): _records("spec_thinking", None, [True] * 40, 1.0)}
+    choices = [{"policy": "arbitrage", "target": "accuracy -0 pt", "threshold": 0.5, "dev": {}},
+               {"policy": "arbitrage", "target": "accuracy -1 pt", "threshold": 0.3, "dev": {}},
+               {"policy": "rsd", "target": "accuracy -0 pt", "threshold": 0.7, "dev": {}},
+               {"policy": "rsd", "target": "accuracy -1 pt", "threshold": None, "dev": {}},  # dev reached nothing
+               {"policy": "rsd:exact", "target": "accuracy -0 pt", "threshold": 0.2, "dev": {}},
+               {"policy": "rsd", "target": "escalation 10%", "threshold": 0.7, "dev": {}}]  # not an accuracy target
+    rows = head_to_head(choices, runs)
+    assert [(r["target"], r["versus"]) for r in rows] == [("accuracy -0 pt", "rsd"), ("accuracy -0 pt", "rsd:exact")]
+    assert rows[0]["speedup"] == pytest.approx(3.0) and rows[0]["threshold"] == 0.5
+    assert rows[1]["speedup"] == pytest.approx(0.5) and rows[1]["accuracy_diff"] == pytest.approx(1 / 40)
+    points = points_with_comparisons(list(runs.values()))
+    result = {"split": "test", "n": 40, "head_to_head": rows}
+    table = render_head_to_head(result)
+    assert "| arbitrage@0.5 | rsd@0.7 |" in table and "rsd:exact (oracle)@0.2" in table
+    assert "3.00x [3.00, 3.00]" in table
+    # A threshold-free policy keeps its row in the protocol table, measured on test.
+    protocol = protocol_rows(choices[:3], points, untuned=["spec_thinking"])
+    assert protocol[0]["policy"] == "spec_thinking" and protocol[0]["test"]["latency_s"] == 1.0

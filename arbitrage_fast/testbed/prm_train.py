@@ -39,7 +39,7 @@ from .task import STEP_SEPARATOR, Problem, generate_problems
 from .train import IGNORE_INDEX, ModelSpec, SHIPPED_TASK, TrainConfig, folder_bytes, llama_config, load_model, lr_at
 
 PRM_SPEC = ModelSpec(3, 128, 384, 4, 2, tie_word_embeddings=True)
-PRM_TRAIN = TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup_steps=100)
+PRM_TRAIN = TrainConfig(steps=700, batch_size=64, lr=2e-3, warmup_steps=50)
 LM_WEIGHT = 0.5  # the auxiliary loss on correct steps' tokens, beside the value head's
 
 
@@ -99,7 +99,18 @@ def collect(draft: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, problem
     out += [score_steps(p, list(p.steps)) for p in rest[:len(rest) // 2]]
     out += [gold_with_slip(p, rng) for p in rest[len(rest) // 2:]]
     rng.shuffle(out)
-    return [s for s in out if s.steps]
+    return [s for s in out if s.steps and prefix_stable(tokenizer, s)]
+
+
+def prefix_stable(tokenizer: PreTrainedTokenizerFast, s: ScoredSolution) -> bool:
+    """Whether one forward can score every step of `s` (see `encode`). A sampled draft can
+    write a step of bare newlines, which the tokenizer merges with the separator before it;
+    such solutions are left out of training (the counts go to the manifest)."""
+    try:
+        encode(tokenizer, s)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()
