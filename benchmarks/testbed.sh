@@ -15,13 +15,16 @@
 #   4. sweep --thresholds-from: the chosen thresholds once on test, with a head-to-head table
 #
 # Labels are cached (LABELS), so a stopped run resumes; the sweeps resume from their records.
-# TRAIN_N, DEV_N, TEST_N, GRID and LABELS override the defaults.
+# TRAIN_N, DEV_N, TEST_N, GRID and LABELS override the defaults. The shipped PRM itself comes
+# from `python -m arbitrage_fast.testbed.prm_train --out "$CKPT"`. One thread per process
+# (OMP_NUM_THREADS=1): on a shared 2-core machine two OpenMP threads stall each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 TRAIN_N=${TRAIN_N:-600}
-DEV_N=${DEV_N:-150}
-TEST_N=${TEST_N:-300}
-GRID=${GRID:-11}
+DEV_N=${DEV_N:-100}
+TEST_N=${TEST_N:-200}
+GRID=${GRID:-9}
 LABELS=${LABELS:-$HOME/.cache/arbitrage_fast/labels}
 OUT=benchmarks/results
 CLI=(python -m arbitrage_fast.cli)
@@ -32,6 +35,8 @@ POLICIES=draft_only,rsd,rsd:likelihood,rsd:exact,arbitrage,arbitrage:exact,specr
   --out "$CKPT/router_exact" --json "$OUT/testbed_router_exact_train.json"
 "${CLI[@]}" train-router --preset testbed --n "$TRAIN_N" --batch 8 --label-cache "$LABELS/testbed_prm" \
   --out "$CKPT/router" --json "$OUT/testbed_router_train.json"
+# The heads ship in the package; their labels stay in the label cache.
+rm -f "$CKPT/router_exact/labels.safetensors" "$CKPT/router/labels.safetensors"
 "${CLI[@]}" eval-router --preset testbed --n 200 --batch 8 --label-cache "$LABELS/testbed_prm" \
   --json "$OUT/testbed_router_eval.json"
 "${CLI[@]}" calibrate --preset testbed --n "$DEV_N" --policies "$POLICIES" --grid-points "$GRID" \
