@@ -7,7 +7,8 @@
 //   AF_VNNI    1 where 8-bit products accumulate with AVX-512 VNNI (vpdpbusd, no saturation),
 //              0 where AVX2's vpmaddubsw + vpmaddwd do it.
 // Each group of 32 is one 256-bit integer dot; the group's float scale multiplies the eight
-// int32 partial sums into a float accumulator, and the row's sum is reduced once at the end.
+// int32 partial sums into a float accumulator, and the row's sum is reduced once at the end
+// (Q4_K first sums each group's lanes in int32 and scales eight groups at once: dot_q4_k).
 // A kernel takes R activation rows at once (Rows): a weight group is decoded once and dotted
 // with every row, which is what makes prefill cheaper per row than decode.
 // Unsigned formats (nibbles, 5-bit) go straight into the u8 x s8 product and pay their offset
