@@ -139,11 +139,11 @@ class _LocalSource:
         yield from share_prefix(eng.cache, seq.seq_id, T, seq.tokens(T))
         seen = eng.cache.num_tokens(seq.seq_id, T)
         self.stats.add_prefill(T, len(seq.tokens(T)) - seen + n - 1)
-        out = yield ModelWork(T, seq.seq_id, seq.tokens(T)[seen:] + step_ids[:-1], rows="all")
+        out = yield ModelWork(T, seq.seq_id, seq.tokens(T)[seen:] + step_ids[:-1], rows=n)
         with torch.inference_mode():
-            score = mean_token_probability(out.logits[-n:], step_ids)
+            score = mean_token_probability(out.logits, step_ids)
         self.stats.host_syncs += 1  # the score's read
-        self.target_first = ForwardOutput(hidden=out.hidden[-n:][:1], logits=out.logits[-n:][:1])
+        self.target_first = ForwardOutput(hidden=out.hidden[:1], logits=out.logits[:1])
         return score
 
     def judge_score(self, drafted: DecodedStep):
@@ -165,13 +165,13 @@ class _LocalSource:
             eng.cache.truncate(seq.seq_id, T, seen)
         fed = seq.tokens(T)[seen:] + step_ids + judge.prompt_ids
         self.stats.add_prefill(T, len(fed))
-        out = yield ModelWork(T, seq.seq_id, fed, rows="all")
+        start = committed - 1 - seen  # the last committed token's row in `fed`
+        out = yield ModelWork(T, seq.seq_id, fed, rows=len(fed) - start)  # rows from it to the judgement
         with torch.inference_mode():
             score = judge.score(out.logits[-1])
         self.stats.host_syncs += 1  # the score's read
         if step_ids:
-            start = committed - 1 - seen
-            self.target_first = ForwardOutput(hidden=out.hidden[start:start + 1], logits=out.logits[start:start + 1])
+            self.target_first = ForwardOutput(hidden=out.hidden[:1], logits=out.logits[:1])
             eng.cache.truncate(seq.seq_id, T, committed + len(step_ids) - 1)
         else:  # an empty step commits nothing: the KV goes back to where it started
             eng.cache.truncate(seq.seq_id, T, seen)

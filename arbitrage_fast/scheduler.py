@@ -137,8 +137,11 @@ class Scheduler:
                 break
             work, fed = req.pending, self._fed.get(req.request_id, 0)
             take = min(left(req), budget)
-            # An intermediate chunk of a "last"-row work returns a row nobody reads; the final one is kept.
-            picked.append((req, ModelWork(role, work.seq_id, work.tokens[fed:fed + take], work.rows)))
+            # A chunk returns the work's wanted rows that fall in it; one holding none returns its
+            # last row, which nobody reads.
+            wanted = work.rows_in(fed, fed + take)
+            rows = "all" if wanted == take else max(wanted, 1)
+            picked.append((req, ModelWork(role, work.seq_id, work.tokens[fed:fed + take], rows)))
             budget -= take
         return picked
 
@@ -164,10 +167,11 @@ class Scheduler:
     def _gather(self, req: Request, work: ModelWork, out: ForwardOutput) -> ForwardOutput | None:
         """The flow's whole output once the last chunk of its work ran, else None."""
         pending = req.pending
-        fed = self._fed.get(req.request_id, 0) + len(work.tokens)
+        start = self._fed.get(req.request_id, 0)
+        fed = start + len(work.tokens)
         if fed < len(pending.tokens):
             self._fed[req.request_id] = fed
-            if pending.rows == "all":
+            if pending.rows_in(start, fed):
                 self._parts.setdefault(req.request_id, []).append(out)
             return None
         self._fed.pop(req.request_id, None)

@@ -9,7 +9,9 @@ differ; in fp32 they match).
 
     python benchmarks/bench_labelling.py --preset qwen2.5-coder --n 8 --batch 8 [--max-new-tokens 128]
 
-Writes benchmarks/results/labelling_<preset>.json.
+Writes benchmarks/results/labelling_<preset>.json, with each run's forwards per model role: rows
+per forward and the time of forwards holding a prefill chunk against decode-only ones
+(_forward_log.py), which says whether prompts, kernels or the scheduler bound the ratio.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from _forward_log import ForwardLog  # noqa: E402
 from _harness import RESULTS, cpu_run_record, write_json  # noqa: E402
 
 
@@ -34,7 +37,10 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from arbitrage_fast.commands.common import build_engine
     from arbitrage_fast.config import SamplingParams
@@ -51,10 +57,11 @@ def main() -> int:
     runs = {}
     for batch in (1, args.batch):
         start, cpu = time.perf_counter(), time.process_time()
-        labels = label_problems(engine, prompts, sampling, progress=False, chat=preset.chat, batch=batch)
+        with ForwardLog(engine) as log:
+            labels = label_problems(engine, prompts, sampling, progress=False, chat=preset.chat, batch=batch)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         runs[batch] = {"wall_s": wall, "cpu_s": cpu, "problems_per_hour": 3600 * len(prompts) / wall,
-                       "steps": len(labels.data), "data": labels.data}
+                       "steps": len(labels.data), "forwards": log.summary(), "data": labels.data}
     one, many = runs[1], runs[args.batch]
     same = sum(torch.equal(one["data"].advantage[one["data"].problem == p], many["data"].advantage[many["data"].problem == p])
                for p in range(len(prompts)))

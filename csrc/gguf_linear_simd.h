@@ -7,7 +7,8 @@
 //   AF_VNNI    1 where 8-bit products accumulate with AVX-512 VNNI (vpdpbusd, no saturation),
 //              0 where AVX2's vpmaddubsw + vpmaddwd do it.
 // Each group of 32 is one 256-bit integer dot; the group's float scale multiplies the eight
-// int32 partial sums into a float accumulator, and the row's sum is reduced once at the end.
+// int32 partial sums into a float accumulator, and the row's sum is reduced once at the end
+// (Q4_K first sums each group's lanes in int32 and scales eight groups at once: dot_q4_k).
 // A kernel takes R activation rows at once (Rows): a weight group is decoded once and dotted
 // with every row, which is what makes prefill cheaper per row than decode.
 // Unsigned formats (nibbles, 5-bit) go straight into the u8 x s8 product and pay their offset
@@ -135,34 +136,48 @@ AF_TARGET static void dot_q5_1(const uint8_t* w, Rows x, float* out) {
   dot_unsigned<R, 0, true, 24>(w, x, out, FiveBitsAt8{});
 }
 
+// The eight int32 dots of a super-block's groups, each an [8 x int32] of partial sums, summed
+// into one vector whose lane g holds group g's whole dot (exact in int32: |dot| <= 32*15*127).
+AF_TARGET static inline __m256i group_sums8(const __m256i p[8]) {
+  // hadd works within 128-bit halves: after two levels the low half holds the low-half sums
+  // of groups 0..3 (then 4..7), the high half their high-half sums.
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// Q4_K: each group's dot is summed in int32 first and meets its float scale once, as one lane
+// of an eight-group vector, and the mins ride in the same accumulator: per row and super-block
+// that is one conversion and two fused multiply-adds instead of eight of each plus scalar work
+// for the mins, which made batched rows (a prefill, a decode batch) compute-bound.
 template <int R>
 AF_TARGET static void dot_q4_k(const uint8_t* w, Rows x, float* out) {
   const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
-  float mins[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = 0.0f;
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < x.groups; g += 8, w += 144) {
-    const float d = fp16(w), dmin = fp16(w + 2);
     int scale[8], min[8];
     for (int j = 0; j < 8; ++j) q4k_scale_min(j, w + 4, &scale[j], &min[j]);
+    const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(fp16(w)), _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)scale)));
+    const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(fp16(w + 2)), _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)min)));
+    __m256i u[8];
     for (int k = 0; k < 4; ++k) {
-      // 32 bytes hold sub-block 2k in their low nibbles and 2k + 1 in their high ones.
+      // 32 bytes hold group 2k in their low nibbles and 2k + 1 in their high ones.
       const __m256i v = load32(w + 16 + 32 * k);
-      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      const int64_t g0 = g + 2 * k, g1 = g0 + 1;
-      const float s0 = d * scale[2 * k], s1 = d * scale[2 * k + 1];
-      const float m0 = dmin * min[2 * k], m1 = dmin * min[2 * k + 1];
-      for (int r = 0; r < R; ++r) {
-        const int8_t* xr = x.xq + r * x.stride;
-        const float* xd = x.xd + r * x.groups;
-        const float* xs = x.xs + r * x.groups;
-        acc[r] = fma_group(dot_u8i8(lo, load32(xr + 32 * g0)), s0 * xd[g0], acc[r]);
-        acc[r] = fma_group(dot_u8i8(hi, load32(xr + 32 * g1)), s1 * xd[g1], acc[r]);
-        mins[r] += m0 * xs[g0] + m1 * xs[g1];
-      }
+      u[2 * k] = _mm256_and_si256(v, low);
+      u[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xr = x.xq + r * x.stride + 32 * g;
+      __m256i p[8];
+      for (int j = 0; j < 8; ++j) p[j] = dot_u8i8(u[j], load32(xr + 32 * j));
+      const __m256 xd = _mm256_loadu_ps(x.xd + r * x.groups + g);
+      const __m256 xs = _mm256_loadu_ps(x.xs + r * x.groups + g);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_sums8(p)), _mm256_mul_ps(sc, xd), acc[r]);
+      acc[r] = _mm256_fnmadd_ps(mn, xs, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - mins[r];
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
 template <int R>

@@ -68,9 +68,12 @@ def test_every_policy_batched_with_the_others_equals_each_prompt_alone(engine, p
     assert engine.kv_stats()["used_pages"] == 0
 
 
-def test_a_tiny_token_budget_splits_prefills_and_changes_nothing(folders):
+# Policies whose target forwards return only some rows (a score over the draft step, the
+# judgement, a verification), split over iterations here.
+@pytest.mark.parametrize("policy", ["rsd", "oracle", "specreason", "spec_decode"])
+def test_a_tiny_token_budget_splits_prefills_and_changes_nothing(folders, policy):
     engine = policy_engine(folders, max_batch_tokens=5)
-    prompts, policies, thresholds = _mixed_batch("rsd", 7)
+    prompts, policies, thresholds = _mixed_batch(policy, 7)
     reference = _alone(policy_engine(folders), prompts, policies, thresholds)
     batched = engine.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=SP)
     for a, b in zip(reference, batched):

@@ -97,6 +97,25 @@ def test_a_row_gets_the_same_bits_alone_or_in_any_batch(qtype, path):
         assert torch.equal(op(x[:rows], blocks, qtype, path), alone[:rows]), rows
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: gguf_ops.PACKED_TYPES[t])
+def test_a_prefill_walked_in_weight_panels_gets_each_rows_bits(qtype, path):
+    # Many rows against wide weight rows: the kernel walks panels of a few weight rows (about
+    # 64 KiB; here 7 rows of just over 8 KiB, so 37 outputs span several panels per thread)
+    # with every tile of activation rows. Each output must still be the one-row call's.
+    if path not in PATHS:
+        pytest.skip(f"this CPU does not run the {path} path")
+    gen = torch.Generator().manual_seed(4000 + qtype)
+    block_bytes = gguf_ops.block_shape(qtype)[1]
+    K = valid_in_features(qtype, 8192 // block_bytes + 1)
+    blocks = random_blocks(qtype, 37, K, gen)
+    x = torch.randn(21, K, generator=gen)  # tiles of 8, 8, 4 and 1 rows
+    op = torch.ops.arbitrage_fast.gguf_linear
+    alone = torch.cat([op(x[i:i + 1], blocks, qtype, path) for i in range(21)])
+    assert torch.equal(op(x, blocks, qtype, path), alone)
+    check(x, blocks, qtype, path)
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: gguf_ops.PACKED_TYPES[t])
 def test_kernel_approximates_the_unrounded_product(qtype):
     gen = torch.Generator().manual_seed(2000 + qtype)

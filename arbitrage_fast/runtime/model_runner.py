@@ -60,10 +60,11 @@ class ModelRunner:
         self.cache.extend(seq_id, self.index, start + num_tokens)
         return start
 
-    def forward(self, seq_ids: list[int], chunks: list[list[int]], rows: str = "last") -> ForwardOutput:
+    def forward(self, seq_ids: list[int], chunks: list[list[int]], rows: str | int = "last") -> ForwardOutput:
         """Append each chunk of tokens to its sequence's KV and run the model once over all of them.
 
-        rows="last" returns one row per sequence (its last token); rows="all" every token.
+        rows="last" returns one row per sequence (its last token); rows="all" every token; an
+        int n the last n tokens' rows.
         On KV exhaustion the failing sequence is unchanged (earlier ones keep their room).
         """
         works = [ModelWork(self.role, s, list(c), rows) for s, c in zip(seq_ids, chunks)]
@@ -72,7 +73,7 @@ class ModelRunner:
         return outs[0] if len(outs) == 1 else ForwardOutput(hidden=torch.cat([o.hidden for o in outs]),
                                                             logits=torch.cat([o.logits for o in outs]))
 
-    def forward_one(self, seq_id: int, tokens: list[int], rows: str = "last") -> ForwardOutput:
+    def forward_one(self, seq_id: int, tokens: list[int], rows: str | int = "last") -> ForwardOutput:
         return self.forward([seq_id], [tokens], rows)
 
     @torch.inference_mode()
@@ -93,7 +94,7 @@ class ModelRunner:
             slots.append(self.cache.slot_mapping(work.seq_id, self.index, start, end))
             query_lens.append(n)
             seq_lens.append(end)
-            picked.append(torch.arange(offset, offset + n) if work.rows == "all" else torch.tensor([offset + n - 1]))
+            picked.append(torch.arange(offset + n - work.wanted, offset + n))
             offset += n
         dev = self.device
         meta = AttentionMetadata(

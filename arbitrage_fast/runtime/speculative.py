@@ -88,9 +88,10 @@ def speculative_step(cache: PagedKVCache, seq, k: int, sampling: SamplingParams,
         if not step:
             yield from share_prefix(cache, sid, T, context)
         fed = (context + step)[seen(T):] + proposals
-        t_out = yield ModelWork(T, sid, fed, rows="all")
+        # Only the rows that verify are read: the last context token's and each proposal's.
+        t_out = yield ModelWork(T, sid, fed, rows=len(proposals) + 1)
         with torch.inference_mode():
-            t_logits = t_out.logits[-(len(proposals) + 1):]
+            t_logits = t_out.logits
             p = probabilities(t_logits, sampling)
             n_acc, nxt = verify(p, torch.stack(q_rows), proposals, sampling.greedy, generator)
             syncs += 1

@@ -24,11 +24,27 @@ class ModelWork:
     role: Role
     seq_id: int
     tokens: list[int]
-    rows: Literal["last", "all"] = "last"  # the output rows wanted: the last token's, or every token's
+    # The output rows wanted: the last token's, every token's, or those of the last n tokens
+    # (a score over a step fed after a long catch-up needs only the step's rows, and logits
+    # over a 150k vocabulary cost a large share of a prefill when computed for every row).
+    rows: Literal["last", "all"] | int = "last"
 
     def __post_init__(self) -> None:
         if not self.tokens:
             raise ValueError("a model work item needs at least one token to feed")
+        if isinstance(self.rows, bool) or not (self.rows in ("last", "all") or isinstance(self.rows, int)):
+            raise ValueError(f"rows must be 'last', 'all' or a row count, got {self.rows!r}")
+        if isinstance(self.rows, int) and not 1 <= self.rows <= len(self.tokens):
+            raise ValueError(f"rows={self.rows} asks for more rows than the {len(self.tokens)} tokens fed, or none")
+
+    @property
+    def wanted(self) -> int:
+        """How many trailing rows this work returns."""
+        return 1 if self.rows == "last" else len(self.tokens) if self.rows == "all" else self.rows
+
+    def rows_in(self, start: int, end: int) -> int:
+        """How many of the wanted rows belong to tokens[start:end] (a chunk of a split prefill)."""
+        return max(0, end - max(start, len(self.tokens) - self.wanted))
 
 
 @dataclass
