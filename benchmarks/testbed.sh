@@ -22,9 +22,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 TRAIN_N=${TRAIN_N:-600}
-DEV_N=${DEV_N:-100}
-TEST_N=${TEST_N:-200}
-GRID=${GRID:-9}
+DEV_N=${DEV_N:-80}
+TEST_N=${TEST_N:-150}
+GRID=${GRID:-6}
 LABELS=${LABELS:-$HOME/.cache/arbitrage_fast/labels}
 OUT=benchmarks/results
 CLI=(python -m arbitrage_fast.cli)
