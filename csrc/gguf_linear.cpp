@@ -197,6 +197,16 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* x
   });
 }
 
+QuantizedActivations quantize_activations(const at::Tensor& x) {
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t rows = xf.size(0), k = xf.size(1);
+  QuantizedActivations out{at::empty({rows, k}, xf.options().dtype(at::kChar)),
+                           at::empty({rows, k / 32}, xf.options()), at::empty({rows, k / 32}, xf.options())};
+  quantize_rows(xf.data_ptr<float>(), rows, k, out.q.data_ptr<int8_t>(), out.d.data_ptr<float>(),
+                out.s.data_ptr<float>());
+  return out;
+}
+
 }  // namespace gguf
 
 std::vector<std::string> gguf_cpu_paths() {
@@ -247,19 +257,14 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   }
 
   const int64_t rows = x.size(0), n = weight.size(0), groups = k / 32;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor w = weight.contiguous();
-  at::Tensor xq = at::empty({rows, k}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({rows, groups}, xf.options());
-  at::Tensor xs = at::empty({rows, groups}, xf.options());
-  gguf::quantize_rows(xf.data_ptr<float>(), rows, k, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
-                      xs.data_ptr<float>());
-  at::Tensor out = at::empty({rows, n}, xf.options());
+  const gguf::QuantizedActivations xa = gguf::quantize_activations(x);
+  at::Tensor out = at::empty({rows, n}, xa.q.options().dtype(at::kFloat));
 
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int8_t* xqp = xq.data_ptr<int8_t>();
-  const float* xdp = xd.data_ptr<float>();
-  const float* xsp = xs.data_ptr<float>();
+  const int8_t* xqp = xa.q.data_ptr<int8_t>();
+  const float* xdp = xa.d.data_ptr<float>();
+  const float* xsp = xa.s.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
   // Threads split the output rows, so each reads its own slice of the weight once. Batched

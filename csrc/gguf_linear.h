@@ -27,4 +27,16 @@ at::Tensor gguf_dequantize_cpu(const at::Tensor& weight, int64_t type, int64_t i
 at::Tensor gguf_dequantize_meta(const at::Tensor& weight, int64_t type, int64_t in_features);
 std::vector<std::string> gguf_cpu_paths();
 
+namespace gguf {
+
+// x [rows, K] (K a multiple of 32) quantized for the int8 products (gguf_blocks.h): q [rows, K]
+// int8, and per group of 32 the scale d and the scaled sum s, both [rows, K / 32] float32.
+// Every product over int8 activations (the GGUF formats, the engine's int3 blocks) starts here.
+struct QuantizedActivations {
+  at::Tensor q, d, s;
+};
+QuantizedActivations quantize_activations(const at::Tensor& x);
+
+}  // namespace gguf
+
 }  // namespace arbitrage_fast

@@ -9,13 +9,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define AF_X86 1
-#else
-#define AF_X86 0
-#endif
-
+#include "cpu_features.h"
 #include "gguf_blocks.h"
 #include "gguf_linear.h"
 
@@ -77,7 +71,7 @@ float dot_scalar(const uint8_t* w, int64_t per, const int8_t* xq, const float* x
 }
 
 #if AF_X86
-#define AF_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AF_AVX2 AF_TARGET_AVX2
 
 AF_AVX2 static inline __m256i load32(const void* p) {
   return _mm256_loadu_si256(static_cast<const __m256i*>(p));
@@ -146,15 +140,6 @@ Kernels avx2_kernels() { return {dot_avx2<1>, dot_avx2<4>, dot_avx2<8>}; }
 Kernels avx2_kernels() { return {nullptr, nullptr, nullptr}; }
 #endif
 
-bool cpu_has_avx2() {
-  // gguf_linear's probe (AVX2 with FMA and F16C), asked once.
-  static const bool has = [] {
-    const std::vector<std::string> paths = gguf_cpu_paths();
-    return std::find(paths.begin(), paths.end(), "avx2") != paths.end();
-  }();
-  return has;
-}
-
 // K from x (or given), checked against the weight's row bytes for that K and group.
 void check_shapes(const at::Tensor& weight, int64_t k, int64_t group, const char* op) {
   TORCH_CHECK(group == 32 || group == 64 || group == 128, op,
@@ -195,9 +180,9 @@ at::Tensor int3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
 
   int3::Kernels simd{nullptr, nullptr, nullptr};
   if (isa == "auto") {
-    if (int3::cpu_has_avx2()) simd = int3::avx2_kernels();
+    if (cpu::has_avx2()) simd = int3::avx2_kernels();
   } else if (isa == "avx2") {
-    TORCH_CHECK(int3::cpu_has_avx2(), "int3_linear: this CPU lacks AVX2/FMA/F16C");
+    TORCH_CHECK(cpu::has_avx2(), "int3_linear: this CPU lacks AVX2/FMA/F16C");
     simd = int3::avx2_kernels();
   } else {
     TORCH_CHECK(isa == "scalar", "int3_linear: unknown isa '", std::string(isa),
@@ -206,19 +191,14 @@ at::Tensor int3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
 
   const int64_t rows = x.size(0), n = weight.size(0), k = x.size(1), groups = k / 32;
   const int64_t per = group / 32;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor w = weight.contiguous();
-  at::Tensor xq = at::empty({rows, k}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({rows, groups}, xf.options());
-  at::Tensor xs = at::empty({rows, groups}, xf.options());
-  gguf::quantize_rows(xf.data_ptr<float>(), rows, k, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
-                      xs.data_ptr<float>());
-  at::Tensor out = at::empty({rows, n}, xf.options());
+  const gguf::QuantizedActivations xa = gguf::quantize_activations(x);
+  at::Tensor out = at::empty({rows, n}, xa.q.options().dtype(at::kFloat));
 
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int8_t* xqp = xq.data_ptr<int8_t>();
-  const float* xdp = xd.data_ptr<float>();
-  const float* xsp = xs.data_ptr<float>();
+  const int8_t* xqp = xa.q.data_ptr<int8_t>();
+  const float* xdp = xa.d.data_ptr<float>();
+  const float* xsp = xa.s.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
   // gguf_linear's tiling: threads split the output rows; activation rows go eight, then four,
