@@ -62,6 +62,8 @@ def test_eval_router_json_schema(trained_router, tmp_path):
     assert isinstance(result["spearman"], float) and -1.0 <= result["spearman"] <= 1.0
     assert result["auroc"] is None or 0.0 <= result["auroc"] <= 1.0
     assert isinstance(result["n_steps"], int) and result["n_steps"] >= 4
+    low, high = result["spearman_ci"]  # resampling the 4 problems
+    assert low <= high and -1.0 <= low and high <= 1.0
 
 
 def test_sweep_json_schema_and_plot(trained_router, tmp_path):

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from arbitrage_fast.eval.intervals import compare_to_baseline, paired_bootstrap, wilson_interval
+from arbitrage_fast.eval.intervals import cluster_bootstrap, compare_to_baseline, paired_bootstrap, wilson_interval
 
 
 def test_wilson_matches_the_hand_computed_interval():
@@ -86,3 +86,25 @@ def test_pairs_must_be_the_same_problems_and_bad_input_is_named():
     zero_cpu = [dict(r, cpu_s=0.0) for r in a]
     assert compare_to_baseline(zero_cpu, a)["cpu_speedup"] is None
     assert not math.isnan(compare_to_baseline(a, a)["speedup"])
+
+
+def test_cluster_bootstrap_resamples_whole_groups():
+    import numpy as np
+
+    # 30 problems of 5 steps: the value is the problem's, so steps inside a problem are copies.
+    # Resampling steps would pretend 150 independent values and give a far narrower interval.
+    values = np.repeat(np.arange(30, dtype=float), 5)
+    groups = np.repeat(np.arange(30), 5)
+    low, high = cluster_bootstrap(lambda i: values[i].mean(), groups)
+    assert low < 14.5 < high and high - low > 5  # the mean of 0..29 is 14.5, with 30 draws' spread
+    assert (low, high) == cluster_bootstrap(lambda i: values[i].mean(), groups)  # seeded
+    # A resample where the statistic is undefined is drawn again, not counted.
+    small = np.array([0, 0, 1, 1])
+
+    def needs_two_groups(i):
+        if len(set(small[i].tolist())) < 2:
+            raise ValueError("one group")
+        return float(small[i].mean())
+    assert cluster_bootstrap(needs_two_groups, small, resamples=50) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        cluster_bootstrap(lambda i: 0.0, [3, 3, 3])

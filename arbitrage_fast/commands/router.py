@@ -75,11 +75,18 @@ def evaluate(preset, args) -> dict:
     head = RouterHead.load(preset.router, expected_hidden_size=engine.draft_model.spec.hidden_size)
     with torch.no_grad():
         scores = head(data.features).numpy()
-    adv, labels = data.advantage.numpy(), data.labels.numpy()
+    from arbitrage_fast.eval.intervals import cluster_bootstrap
+
+    adv, labels, problems = data.advantage.numpy(), data.labels.numpy(), data.problem.numpy()
     has_both = 0 < labels.sum() < len(labels)
+    # 95% intervals resample whole problems (a problem's steps share a context).
+    several = len(set(problems.tolist())) > 1
     return {
         "spearman": spearman(adv, scores),
+        "spearman_ci": list(cluster_bootstrap(lambda i: spearman(adv[i], scores[i]), problems)) if several else None,
         "auroc": auroc(labels, scores) if has_both else None,
+        "auroc_ci": (list(cluster_bootstrap(lambda i: auroc(labels[i], scores[i]), problems))
+                     if has_both and several else None),
         "n_steps": len(data),
         "n_problems": args.n,
         "positive_rate": float(labels.mean()),

@@ -35,6 +35,34 @@ def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def cluster_bootstrap(statistic, groups: Sequence[int], resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% percentile interval of `statistic(index)` when whole groups are resampled: the
+    steps of one problem are not independent, so a step-level metric (a router's AUROC over
+    steps) resamples problems. `statistic` takes an array of row indices; a resample on which
+    it is undefined (ValueError, e.g. one class only) is drawn again."""
+    groups = np.asarray(groups)
+    ids = np.unique(groups)
+    if len(ids) < 2:
+        raise ValueError(f"a cluster bootstrap needs at least 2 groups, got {len(ids)}")
+    rows = {g: np.flatnonzero(groups == g) for g in ids}
+    rng = np.random.default_rng(seed)
+    samples: list[float] = []
+    attempts = 0
+    while len(samples) < resamples:
+        attempts += 1
+        if attempts > 10 * resamples:
+            raise ValueError("the statistic is undefined on almost every resample")
+        index = np.concatenate([rows[g] for g in rng.choice(ids, size=len(ids))])
+        try:
+            samples.append(float(statistic(index)))
+        except ValueError:
+            continue
+    tail = (1 - LEVEL) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def paired_bootstrap(ours: Sequence[float], baseline: Sequence[float], statistic: str,
                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
     """(estimate, low, high) of a paired statistic over problems, percentile bootstrap at 95%.
