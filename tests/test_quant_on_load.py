@@ -156,7 +156,7 @@ def test_a_gguf_draft_is_dequantised_then_quantized(tmp_path, monkeypatch):
 
     folder = build_tiny_lm(tmp_path / "hf", "llama", hidden=64, layers=1)
     config = AutoConfig.from_pretrained(folder)
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", config, "llama", {"attn_q": gguf.GGMLQuantizationType.Q4_K})
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", config, "llama", {"attn_q": gguf.GGMLQuantizationType.Q4_0})
     tensors = load_file(str(folder / "model.safetensors"))
     read = []
     monkeypatch.setattr(loader, "_read_gguf_cached",
