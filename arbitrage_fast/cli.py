@@ -107,6 +107,12 @@ def _labelling_args(p: argparse.ArgumentParser) -> None:
                         "labelling; any run labels only the problems the directory lacks)")
 
 
+def _router_datasets_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", type=_word_list, default=None, metavar="NAMES",
+                   help="comma-separated datasets whose problems are labelled, e.g. gsm8k,math500 (default: the "
+                        "preset's); with several, --label-cache needs '{dataset}' in its path")
+
+
 def _records_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", default=None, metavar="JSONL",
                    help="append each solved (problem, policy, threshold) here and, when rerun with the same "
@@ -254,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("train-router", help="label steps with the PRM advantage, train and save a router head")
     _model_args(t)
-    t.add_argument("--n", type=int, default=400, help="training problems")
+    t.add_argument("--n", type=int, default=400, help="training problems of each dataset")
+    _router_datasets_arg(t)
     t.add_argument("--out", required=True)
     t.add_argument("--epochs", type=int, default=300)
     t.add_argument("--patience", type=int, default=40,
@@ -268,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
 
     e = sub.add_parser("eval-router", help="Spearman/AUROC of a router vs the oracle advantage on held-out problems")
     _model_args(e)
-    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--n", type=int, default=200, help="held-out problems of each dataset")
+    _router_datasets_arg(e)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--json", default=None)

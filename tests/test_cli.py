@@ -174,3 +174,23 @@ def test_serve_given_models_starts_without_any_presets_router(monkeypatch, tmp_p
     with TestClient(app) as client:
         body = client.post("/v1/completions", json={"model": "", "prompt": "hello there"}).json()
     assert body["arbitrage"]["policy"] == "rsd" and body["usage"]["completion_tokens"] <= 8
+
+
+def test_train_router_labels_several_datasets_each_in_its_own_cache(tmp_path, capsys):
+    args = ["train-router", "--preset", "testbed", "--dataset", "testbed,gsm8k", "--n", "2", "--max-new-tokens", "32",
+            "--epochs", "3", "--width", "8", "--out", str(tmp_path / "r")]
+    assert main([*args, "--label-cache", str(tmp_path / "one")]) == 2
+    assert "'{dataset}'" in capsys.readouterr().err
+    report = tmp_path / "train.json"
+    assert main([*args, "--label-cache", str(tmp_path / "labels-{dataset}"), "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["datasets"] == ["testbed", "gsm8k"] and result["n_problems"] == 4
+    for name in ("testbed", "gsm8k"):
+        manifest = json.loads((tmp_path / f"labels-{name}" / "labels.json").read_text())
+        assert manifest["run"]["dataset"] == name
+        assert len(list((tmp_path / f"labels-{name}").glob(f"{name}-*.safetensors"))) == 2
+    from arbitrage_fast.router.data import RouterDataset
+
+    problems = RouterDataset.load(tmp_path / "r" / "labels.safetensors").problem
+    # the second dataset's problems are numbered on, so grouped splits never join two problems
+    assert problems.unique().tolist() == [0, 1, 2, 3] and bool((problems[1:] >= problems[:-1]).all())

@@ -11,28 +11,44 @@ from arbitrage_fast.config import SamplingParams
 from .common import build_engine, load_options, quant_info, write_json
 
 
-def _labels(preset, args, split: str, n: int, seed: int):
-    from arbitrage_fast.eval.datasets import load_dataset
-    from arbitrage_fast.router.data import label_problems
+def _datasets(preset, args) -> tuple[str, ...]:
+    names = tuple(getattr(args, "dataset", None) or (preset.dataset,))
+    if len(set(names)) != len(names):
+        raise ValueError(f"--dataset names a dataset twice: {','.join(names)}")
+    return names
 
+
+def _labels(preset, args, split: str, n: int, seed: int):
+    """Labels of `n` problems of `split` from each dataset, each dataset with its own cache."""
+    from arbitrage_fast.eval.datasets import load_dataset
+    from arbitrage_fast.router.data import LabelRun, label_problems
+
+    names = _datasets(preset, args)
     engine = build_engine(preset, args.device, args.dtype, prm="label", router=False, max_batch=args.batch,
                           **load_options(args))
-    items = load_dataset(preset.dataset, n=n, split=split, seed=seed, instruction=preset.instruction)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
-    cache = _label_cache(preset, args)
-    return engine, label_problems(engine, [i.prompt for i in items], sampling, chat=preset.chat,
-                                  ids=[i.id for i in items], cache=cache, batch=args.batch)
+    runs = []
+    for name in names:
+        items = load_dataset(name, n=n, split=split, seed=seed, instruction=preset.instruction)
+        runs.append(label_problems(engine, [i.prompt for i in items], sampling, chat=preset.chat,
+                                   ids=[i.id for i in items], cache=_label_cache(preset, args, name, len(names)),
+                                   batch=args.batch))
+    return engine, LabelRun.join(runs)
 
 
-def _label_cache(preset, args):
-    """The `--label-cache` directory, keyed by everything a step's labels depend on."""
+def _label_cache(preset, args, dataset: str, n_datasets: int):
+    """The `--label-cache` directory of `dataset`, keyed by everything a step's labels depend on.
+    Several datasets need `{dataset}` in the path: a cache holds one dataset's labels."""
     from arbitrage_fast.router.label_cache import LabelCache
 
     if not args.label_cache:
         return None
-    return LabelCache(args.label_cache, {
+    if n_datasets > 1 and "{dataset}" not in args.label_cache:
+        raise ValueError("--label-cache needs '{dataset}' in its path when labelling several datasets "
+                         f"(one cache each), got {args.label_cache!r}")
+    return LabelCache(args.label_cache.replace("{dataset}", dataset), {
         "draft": preset.draft, "target": preset.target, "label_prm": str(preset.label_prm or "target-likelihood"),
-        "dataset": preset.dataset, "instruction": preset.instruction, "chat": preset.chat,
+        "dataset": dataset, "instruction": preset.instruction, "chat": preset.chat,
         "max_new_tokens": args.max_new_tokens, "dtype": args.dtype or preset.dtype, "device": args.device,
         **quant_info(args)})
 
@@ -49,7 +65,7 @@ def train(preset, args) -> dict:
                                 patience=args.patience)
     out = Path(args.out)
     summary = {
-        "n_problems": args.n, "n_steps": len(data), "positive_rate": report.positive_rate,
+        "datasets": list(_datasets(preset, args)), "n_problems": labels.n_problems, "n_steps": len(data), "positive_rate": report.positive_rate,
         "val_auroc": report.val_auroc, "val_spearman": report.val_spearman, "best_epoch": report.best_epoch,
         "stopped_epoch": report.stopped_epoch, "n_train_steps": report.n_train, "n_val_steps": report.n_val,
         "val_positives": report.val_positives, "curves": report.curves(),
@@ -70,8 +86,8 @@ def evaluate(preset, args) -> dict:
 
     if not preset.router:
         raise ValueError("eval-router needs a router head: pass --router DIR (or a preset that ships one)")
-    engine, labels = _labels(preset, args, "test", args.n, args.seed)
-    data = labels.data
+    engine, run = _labels(preset, args, "test", args.n, args.seed)
+    data = run.data
     head = RouterHead.load(preset.router, expected_hidden_size=engine.draft_model.spec.hidden_size)
     with torch.no_grad():
         scores = head(data.features).numpy()
@@ -88,7 +104,8 @@ def evaluate(preset, args) -> dict:
         "auroc_ci": (list(cluster_bootstrap(lambda i: auroc(labels[i], scores[i]), problems))
                      if has_both and several else None),
         "n_steps": len(data),
-        "n_problems": args.n,
+        "datasets": list(_datasets(preset, args)),
+        "n_problems": run.n_problems,
         "positive_rate": float(labels.mean()),
         "deferral_curve": deferral_curve(adv, scores),
         "router": preset.router,

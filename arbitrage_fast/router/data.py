@@ -9,7 +9,7 @@ the same code paths the router later steers.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,6 +70,20 @@ class LabelRun:
     data: RouterDataset
     seconds: list[float]  # what labelling each problem took, when it was labelled
     labelled_now: int  # problems labelled in this run (the rest came from the cache)
+
+    @property
+    def n_problems(self) -> int:
+        return len(self.seconds)
+
+    @classmethod
+    def join(cls, runs: list["LabelRun"]) -> "LabelRun":
+        """Several runs' labels as one, problems numbered on after the previous run's."""
+        if len(runs) == 1:
+            return runs[0]
+        offsets = [sum(r.n_problems for r in runs[:i]) for i in range(len(runs))]
+        parts = [replace(r.data, problem=r.data.problem + o) for r, o in zip(runs, offsets)]
+        data = RouterDataset(**{k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSORS})
+        return cls(data, [s for r in runs for s in r.seconds], sum(r.labelled_now for r in runs))
 
 
 def _labels_of(engine, res) -> RouterDataset:
