@@ -94,3 +94,21 @@ def test_a_calibration_is_refused_on_its_own_split_with_other_settings_or_beside
     assert "max_new_tokens: calibration has 96, this sweep has 64" in capsys.readouterr().err
     assert main(["sweep", *BASE, "--thresholds-from", str(path), "--thresholds", "rsd=0.5"]) == 2
     assert "pass one" in capsys.readouterr().err
+
+
+def test_a_router_head_retrained_in_place_after_calibration_is_refused(tmp_path, capsys):
+    import shutil
+
+    from arbitrage_fast.presets import resolve
+
+    preset = resolve("testbed")
+    head = tmp_path / "head"
+    shutil.copytree(preset.router, head)
+    cal = tmp_path / "cal.json"
+    small = ["--preset", "testbed", "--n", "2", "--max-new-tokens", "48", "--router", str(head)]
+    assert main(["calibrate", *small, "--policies", "arbitrage", "--grid-points", "2", "--out", str(cal)]) == 0
+    assert set(json.loads(cal.read_text())["settings"]["router_heads"]) == {"arbitrage", "arbitrage:exact"}
+    # the same folder, other weights: the path alone would not tell
+    shutil.copy(preset.routers["exact"] + "/router.safetensors", head / "router.safetensors")
+    assert main(["sweep", *small, "--thresholds-from", str(cal), "--json", str(tmp_path / "t.json")]) == 2
+    assert "router_heads" in capsys.readouterr().err

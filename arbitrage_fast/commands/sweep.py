@@ -40,6 +40,11 @@ def sweep_settings(preset, args) -> dict:
                 "dataset": args.dataset or preset.dataset, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "dtype": args.dtype or preset.dtype,
                 "instruction": preset.instruction, **quant_info(args)}
+    heads = {"arbitrage": preset.router, **{f"arbitrage:{k}": v for k, v in preset.routers.items()}}
+    if any(heads.values()):  # the heads' weights, so a head retrained in place between dev and test is caught
+        from arbitrage_fast.router.head import RouterHead
+
+        settings["router_heads"] = {name: RouterHead.digest(path) for name, path in heads.items() if path}
     if args.spec_k:  # changes latency, not greedy answers; absent means 0, so older files still resume
         settings["spec_k"] = args.spec_k
     lookahead_k = getattr(args, "lookahead_k", None)

@@ -6,6 +6,7 @@ needs only two [F, H] matrices and never sees the statistics.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,6 +87,16 @@ class RouterHead(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
         (directory / CONFIG_NAME).write_text(json.dumps({**asdict(self.config), **(extra or {})}, indent=2))
         return directory
+
+    @staticmethod
+    def digest(directory: str | Path) -> str:
+        """SHA-256 of a saved head's weights: names the head whatever folder it sits in, and tells
+        a retrained head in the same folder from the one before. The config's training notes are
+        left out, as they change no score."""
+        w_path = Path(directory) / WEIGHTS_NAME
+        if not w_path.is_file():
+            raise RouterLoadError(f"{directory} is not a router head folder (needs {WEIGHTS_NAME})")
+        return hashlib.sha256(w_path.read_bytes()).hexdigest()
 
     @classmethod
     def load(cls, directory: str | Path, expected_hidden_size: int | None = None) -> "RouterHead":
