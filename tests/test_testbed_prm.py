@@ -19,6 +19,7 @@ from arbitrage_fast.testbed.prm_train import (
     ScoredSolution,
     corrupt_step,
     encode,
+    encode_all,
     gold_with_slip,
     save_prm,
     score_steps,
@@ -55,12 +56,12 @@ def test_one_forward_scores_each_step_as_the_prm_scores_it_alone(tokenizer, tmp_
     # (ValueHeadPRM) scores each step on its own prefix. A tiny PRM trained two steps must give
     # the same numbers both ways, or the PRM would learn positions it is never read at.
     problems = generate_problems(4, seed=2, split="train", config=SHIPPED_TASK)
-    data = [score_steps(p, list(p.steps)) for p in problems]
+    data = encode_all(tokenizer, [score_steps(p, list(p.steps)) for p in problems])
+    assert len(data) == len(problems)  # gold solutions always encode
     model, losses = train_prm(data, tokenizer, TrainConfig(steps=2, batch_size=4, warmup_steps=1), progress=False)
     assert len(losses) == 2 and all(l > 0 for l in losses)
     prm = load_prm(save_prm(model, tokenizer, tmp_path / "prm"))
-    s = data[0]
-    ids, ends, labels = encode(tokenizer, s)
+    s, ids, ends = data[0].solution, data[0].ids, data[0].ends
     assert len(ends) == len(s.steps) and ends[-1] == len(ids) - 1
     with torch.no_grad():
         h = model.lm.model(input_ids=torch.tensor([ids])).last_hidden_state[0]

@@ -85,8 +85,33 @@ def gold_with_slip(problem: Problem, rng: random.Random) -> ScoredSolution:
     return score_steps(problem, steps[: i + 1 + rng.randrange(len(steps) - i)])
 
 
+@dataclass(frozen=True)
+class EncodedSolution:
+    """A scored solution and its token ids as training reads them (see `encode`)."""
+
+    solution: ScoredSolution
+    ids: list[int]
+    ends: list[int]  # each step's last token
+    labels: list[int]  # LM labels: the correct steps' tokens, IGNORE_INDEX elsewhere
+
+
+def encode_all(tokenizer: PreTrainedTokenizerFast, solutions: list[ScoredSolution]) -> list[EncodedSolution]:
+    """The solutions one forward can score every step of (see `encode`). A sampled draft can
+    write a step of bare newlines, which the tokenizer merges with the separator before it;
+    such solutions are left out of training (the counts go to the manifest)."""
+    out = []
+    for s in solutions:
+        if not s.steps:
+            continue
+        try:
+            out.append(EncodedSolution(s, *encode(tokenizer, s)))
+        except ValueError:
+            continue
+    return out
+
+
 def collect(draft: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: list[Problem],
-            draft_share: float, seed: int) -> list[ScoredSolution]:
+            draft_share: float, seed: int) -> list[EncodedSolution]:
     """`draft_share` of the problems solved by the draft (half greedy, half sampled), the rest
     half gold, half gold with a slip. Gold costs nothing to make, the draft's solutions a
     generation each, hence the share."""
@@ -99,18 +124,7 @@ def collect(draft: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, problem
     out += [score_steps(p, list(p.steps)) for p in rest[:len(rest) // 2]]
     out += [gold_with_slip(p, rng) for p in rest[len(rest) // 2:]]
     rng.shuffle(out)
-    return [s for s in out if s.steps and prefix_stable(tokenizer, s)]
-
-
-def prefix_stable(tokenizer: PreTrainedTokenizerFast, s: ScoredSolution) -> bool:
-    """Whether one forward can score every step of `s` (see `encode`). A sampled draft can
-    write a step of bare newlines, which the tokenizer merges with the separator before it;
-    such solutions are left out of training (the counts go to the manifest)."""
-    try:
-        encode(tokenizer, s)
-    except ValueError:
-        return False
-    return True
+    return encode_all(tokenizer, out)
 
 
 @torch.no_grad()
@@ -171,30 +185,28 @@ class PRMTrainer(torch.nn.Module):
         return value_loss, lm_loss
 
 
-def collate(encoded: list[tuple[list[int], list[int], list[int]]], scores: list[tuple[float, ...]],
-            pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _, _ in encoded)
+def collate(encoded: list[EncodedSolution], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.ids) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     rows, cols, targets = [], [], []
-    for r, ((x, ends, y), sc) in enumerate(zip(encoded, scores)):
-        ids[r, :len(x)] = torch.tensor(x)
-        labels[r, :len(y)] = torch.tensor(y)
-        mask[r, :len(x)] = 1
-        rows += [r] * len(ends)
-        cols += ends
-        targets += sc
+    for r, e in enumerate(encoded):
+        ids[r, :len(e.ids)] = torch.tensor(e.ids)
+        labels[r, :len(e.labels)] = torch.tensor(e.labels)
+        mask[r, :len(e.ids)] = 1
+        rows += [r] * len(e.ends)
+        cols += e.ends
+        targets += e.solution.scores
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "rows": torch.tensor(rows),
             "cols": torch.tensor(cols), "targets": torch.tensor(targets, dtype=torch.float32)}
 
 
-def train_prm(data: list[ScoredSolution], tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig = PRM_TRAIN,
+def train_prm(data: list[EncodedSolution], tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig = PRM_TRAIN,
               progress: bool = True) -> tuple[PRMTrainer, list[float]]:
     torch.manual_seed(cfg.seed)
     model = PRMTrainer(LlamaForCausalLM(llama_config(PRM_SPEC, tokenizer)))
     model.train()
-    encoded = [encode(tokenizer, s) for s in data]
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     order = list(range(len(data)))
     rng = random.Random(cfg.seed)
@@ -207,7 +219,7 @@ def train_prm(data: list[ScoredSolution], tokenizer: PreTrainedTokenizerFast, cf
             cursor = 0
         pick = order[cursor:cursor + cfg.batch_size]
         cursor += cfg.batch_size
-        batch = collate([encoded[i] for i in pick], [data[i].scores for i in pick], tokenizer.pad_token_id)
+        batch = collate([data[i] for i in pick], tokenizer.pad_token_id)
         for group in optim.param_groups:
             group["lr"] = lr_at(step, cfg)
         value_loss, lm_loss = model.losses(batch)
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     held_out = generate_problems(args.eval_problems, seed=args.seed, split="test", config=SHIPPED_TASK)
     manifest_path = args.out / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    steps = [v for s in data for v in s.scores]
+    steps = [v for s in data for v in s.solution.scores]
     manifest["prm"] = {
         "path": "prm", "spec": asdict(PRM_SPEC), "train": asdict(cfg), "lm_weight": LM_WEIGHT,
         "problems": args.problems, "draft_share": args.draft_share, "solutions": len(data), "steps": len(steps), "correct_share": round(sum(v == CORRECT for v in steps) / len(steps), 4),
