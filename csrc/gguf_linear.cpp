@@ -9,6 +9,7 @@
 
 #include "cpu_features.h"
 #include "gguf_blocks.h"
+#include "row_tiles.h"
 
 namespace arbitrage_fast {
 namespace gguf {
@@ -267,48 +268,17 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   const float* xsp = xa.s.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
-  // Threads split the output rows, so each reads its own slice of the weight once. Batched
-  // rows go eight, then four, at a time through each weight row (each group decoded once for
-  // all of them) while the weight row stays in L1: a batch of decode rows then costs little
-  // more decoding than one row. Every tile size does the same arithmetic per row, so a row's
-  // result does not depend on how many rows share the call.
-  // A prefill has far more rows than a tile: walking every tile against one weight row at a
-  // time streamed all the quantized activations (over a megabyte for a wide down projection,
-  // more than L2) once per weight row. Weight rows go in panels of about 64 KiB instead, and
-  // each tile runs over a whole panel, so the tile and the panel both stay in cache; each
-  // output is still one call of the same kernel, so the results are bit for bit the same.
-  const int64_t panel = std::max<int64_t>(1, std::min<int64_t>(64, (64 << 10) / row_bytes));
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    float dots[8];
-    for (int64_t j0 = begin; j0 < end; j0 += panel) {
-      const int64_t j1 = std::min(end, j0 + panel);
-      int64_t r = 0;
-      for (; simd.eight && r + 8 <= rows; r += 8) {
-        for (int64_t j = j0; j < j1; ++j) {
-          simd.eight(wp + j * row_bytes, {xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups}, dots);
-          for (int i = 0; i < 8; ++i) op[(r + i) * n + j] = dots[i];
-        }
-      }
-      for (; simd.four && r + 4 <= rows; r += 4) {
-        for (int64_t j = j0; j < j1; ++j) {
-          simd.four(wp + j * row_bytes, {xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups}, dots);
-          for (int i = 0; i < 4; ++i) op[(r + i) * n + j] = dots[i];
-        }
-      }
-      for (; r < rows; ++r) {
-        const int8_t* q = xqp + r * k;
-        const float* d = xdp + r * groups;
-        const float* s = xsp + r * groups;
-        for (int64_t j = j0; j < j1; ++j) {
-          const uint8_t* wr = wp + j * row_bytes;
-          if (simd.one) {
-            simd.one(wr, {q, d, s, k, groups}, dots);
-            op[r * n + j] = dots[0];
-          } else {
-            op[r * n + j] = gguf::dot_reference(type, wr, q, d, s, groups);
-          }
-        }
-      }
+  row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, op, [&](int64_t j, int64_t r, int tile, float* dots) {
+    const uint8_t* wr = wp + j * row_bytes;
+    const gguf::Rows xr{xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups};
+    if (tile == 8) {
+      simd.eight(wr, xr, dots);
+    } else if (tile == 4) {
+      simd.four(wr, xr, dots);
+    } else if (simd.one) {
+      simd.one(wr, xr, dots);
+    } else {
+      dots[0] = gguf::dot_reference(type, wr, xr.xq, xr.xd, xr.xs, groups);
     }
   });
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());

@@ -11,6 +11,7 @@
 
 #include "cpu_features.h"
 #include "gguf_blocks.h"
+#include "row_tiles.h"
 #include "gguf_linear.h"
 
 namespace arbitrage_fast {
@@ -201,33 +202,17 @@ at::Tensor int3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   const float* xsp = xa.s.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
-  // gguf_linear's tiling: threads split the output rows; activation rows go eight, then four,
-  // then one at a time through a weight row, each tile doing the same arithmetic per row, so a
-  // row's result does not depend on how many rows share the call.
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    float dots[8];
-    for (int64_t j = begin; j < end; ++j) {
-      const uint8_t* wr = wp + j * row_bytes;
-      int64_t r = 0;
-      for (; simd.eight && r + 8 <= rows; r += 8) {
-        simd.eight(wr, per, {xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups}, dots);
-        for (int i = 0; i < 8; ++i) op[(r + i) * n + j] = dots[i];
-      }
-      for (; simd.four && r + 4 <= rows; r += 4) {
-        simd.four(wr, per, {xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups}, dots);
-        for (int i = 0; i < 4; ++i) op[(r + i) * n + j] = dots[i];
-      }
-      for (; r < rows; ++r) {
-        const int8_t* q = xqp + r * k;
-        const float* d = xdp + r * groups;
-        const float* s = xsp + r * groups;
-        if (simd.one) {
-          simd.one(wr, per, {q, d, s, k, groups}, dots);
-          op[r * n + j] = dots[0];
-        } else {
-          op[r * n + j] = int3::dot_scalar(wr, per, q, d, s, groups);
-        }
-      }
+  row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, op, [&](int64_t j, int64_t r, int tile, float* dots) {
+    const uint8_t* wr = wp + j * row_bytes;
+    const int3::Rows xr{xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups};
+    if (tile == 8) {
+      simd.eight(wr, per, xr, dots);
+    } else if (tile == 4) {
+      simd.four(wr, per, xr, dots);
+    } else if (simd.one) {
+      simd.one(wr, per, xr, dots);
+    } else {
+      dots[0] = int3::dot_scalar(wr, per, xr.xq, xr.xd, xr.xs, groups);
     }
   });
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
