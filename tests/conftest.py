@@ -48,6 +48,17 @@ def qwen_draft_gguf():
         pytest.skip(str(e))
 
 
+@pytest.fixture(scope="session")
+def qwen_target_gguf():
+    """The real Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (the `qwen-coder` extra; skips without it)."""
+    from arbitrage_fast.models import gguf_assets
+
+    try:
+        return gguf_assets.assemble("qwen2.5-coder-1.5b-instruct-q4_k_m")
+    except gguf_assets.MissingPartError as e:
+        pytest.skip(str(e))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")

@@ -367,3 +367,28 @@ def test_real_greedy_bf16_alone_batched_and_speculated_agree(qwen_draft_gguf):
         assert spec.stats["spec_proposed"] > 0
         assert spec.stats["spec_accepted"] == spec.stats["spec_proposed"]
     assert engine.kv_stats()["used_pages"] == 0
+
+
+@pytest.mark.slow
+def test_real_pair_bf16_greedy_alone_batched_and_speculated_agree(qwen_draft_gguf, qwen_target_gguf):
+    """The deployed pair, 0.5B drafting for 1.5B, both bf16 (dequantised) in the mode: the 1.5B's
+    greedy tokens are the same alone, in a batch of eight, under spec_decode with the 0.5B
+    proposing, and rsd's the same alone and batched (its decisions read both models' rows)."""
+    from arbitrage_fast.eval.datasets import load_dataset
+
+    torch.set_num_threads(2)
+    draft = load_model(qwen_draft_gguf, "bfloat16", dequantize=True)
+    target = load_model(qwen_target_gguf, "bfloat16", dequantize=True)
+    engine = Engine(EngineConfig(draft=str(qwen_draft_gguf), target=str(qwen_target_gguf), dtype="bfloat16",
+                                 kv_pages=160, batch_invariant=True), draft=draft, target=target)
+    prompts = [item.question for item in load_dataset("gsm8k", n=None)[700:708]]
+    compared = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    samplings = [compared] + [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (8, 20, 4, 12, 16, 6, 10)]
+    policies = ["target_only", "rsd", *["target_only"] * 6]
+    batched = engine.generate_batch(prompts, policy=policies, threshold=[None, 0.5, *[None] * 6], sampling=samplings)
+    alone = engine.generate(prompts[0], policy="target_only", sampling=compared)
+    assert batched[0].token_ids == alone.token_ids
+    assert batched[1].token_ids == engine.generate(prompts[1], policy="rsd", threshold=0.5, sampling=samplings[1]).token_ids
+    spec = engine.generate(prompts[0], policy="spec_decode", sampling=compared)
+    assert spec.token_ids == alone.token_ids and spec.stats["spec_proposed"] > 0
+    assert engine.kv_stats()["used_pages"] == 0
