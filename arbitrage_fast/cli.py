@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-new-tokens", type=int, default=256)
     t.add_argument("--json", default=None)
+    t.add_argument("--cached-only", action="store_true",
+                   help="train on those of the --n problems the label cache already holds, labelling none (an "
+                        "interim router while a long labelling run goes on)")
     _labelling_args(t)
     t.set_defaults(func=_with_preset(cmd_train_router))
 

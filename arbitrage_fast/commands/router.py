@@ -30,9 +30,17 @@ def _labels(preset, args, split: str, n: int, seed: int):
     runs = []
     for name in names:
         items = load_dataset(name, n=n, split=split, seed=seed, instruction=preset.instruction)
+        cache = _label_cache(preset, args, name, len(names))
+        if getattr(args, "cached_only", False):
+            if cache is None:
+                raise ValueError("--cached-only reads a label cache: pass --label-cache DIR")
+            items = [i for i in items if cache.path(i.id).is_file()]
+            if not items:
+                continue
         runs.append(label_problems(engine, [i.prompt for i in items], sampling, chat=preset.chat,
-                                   ids=[i.id for i in items], cache=_label_cache(preset, args, name, len(names)),
-                                   batch=args.batch))
+                                   ids=[i.id for i in items], cache=cache, batch=args.batch))
+    if not runs:
+        raise ValueError(f"the label cache holds none of these {split} problems of {','.join(names)}")
     return engine, LabelRun.join(runs)
 
 
