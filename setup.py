@@ -102,6 +102,7 @@ setup(
     package_data={
         "arbitrage_fast.testbed": ["checkpoints/**/*.safetensors", "checkpoints/**/*.json"],
         "arbitrage_fast.eval": ["data/*.jsonl"],
+        "arbitrage_fast.router": ["heads/*/*.json", "heads/*/*.safetensors"],
     },
     ext_modules=[CMakeExtension("arbitrage_fast._C")],
     cmdclass={"build_ext": CMakeBuild},

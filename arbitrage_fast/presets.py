@@ -42,11 +42,19 @@ QWEN_CODER_DRAFT = "qwen2.5-coder-0.5b-instruct"
 QWEN_CODER_TARGET = "qwen2.5-coder-1.5b-instruct-q4_k_m"
 
 
+# The pair's router head, shipped in the package (a few hundred KB): trained by
+# benchmarks/real_router.sh on the pair's own advantage labels (its config.json says on how many
+# problems, and its held-out figures are in benchmarks/RESULTS.md).
+QWEN_CODER_SHIPPED_ROUTER = Path(__file__).parent / "router" / "heads" / "qwen2.5-coder"
+
+
 def qwen_coder_router_dir() -> Path:
-    """Where `--preset qwen2.5-coder` looks for a trained router head (none ships)."""
+    """The router head `--preset qwen2.5-coder` uses: one trained into the user's cache folder
+    (`train-router --out <this folder>`) takes precedence over the shipped one."""
     from arbitrage_fast.models.gguf_assets import cache_dir
 
-    return cache_dir() / "routers" / "qwen2.5-coder"
+    own = cache_dir() / "routers" / "qwen2.5-coder"
+    return own if (own / "router_config.json").is_file() else QWEN_CODER_SHIPPED_ROUTER
 
 
 def _qwen_coder(draft, target) -> Preset:
