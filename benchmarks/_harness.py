@@ -210,3 +210,10 @@ def free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def timed_generate(engine, prompt, policy, threshold, sampling):
+    """One chat-templated request: (result, wall seconds, process CPU seconds)."""
+    t, c = time.perf_counter(), time.process_time()
+    res = engine.generate(prompt, policy=policy, threshold=threshold, sampling=sampling, chat=True)
+    return res, time.perf_counter() - t, time.process_time() - c

@@ -29,16 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from _harness import RESULTS, cpu_run_record, write_json  # noqa: E402
+from _harness import RESULTS, cpu_run_record, timed_generate, write_json  # noqa: E402
 
 STEP_WORDS = 8
 ESCALATE_ALL = 2.0  # above any target-likelihood score (they lie in [0, 1])
-
-
-def timed(engine, prompt, policy, threshold, sampling):
-    t, c = time.perf_counter(), time.process_time()
-    res = engine.generate(prompt, policy=policy, threshold=threshold, sampling=sampling, chat=True)
-    return res, time.perf_counter() - t, time.process_time() - c
 
 
 def agreement(steps) -> tuple[int, int, int]:
@@ -85,12 +79,12 @@ def main() -> int:
     per_problem = []
     for item in items:
         row = {"id": item.id}
-        res, wall, cpu = timed(next(iter(engines.values())), item.prompt, "target_only", None, sampling)
+        res, wall, cpu = timed_generate(next(iter(engines.values())), item.prompt, "target_only", None, sampling)
         row["target_only"] = {"wall_s": wall, "cpu_s": cpu, "tokens": len(res.token_ids),
                               "correct": bool(grade(res.text, item.answer))}
         for name, eng in engines.items():
-            res, wall, cpu = timed(eng, item.prompt, "draft_only", None, sampling)
-            esc, _, _ = timed(eng, item.prompt, "rsd", ESCALATE_ALL, sampling)
+            res, wall, cpu = timed_generate(eng, item.prompt, "draft_only", None, sampling)
+            esc, _, _ = timed_generate(eng, item.prompt, "rsd", ESCALATE_ALL, sampling)
             compared, exact, head = agreement(esc.steps)
             row[name] = {"wall_s": wall, "cpu_s": cpu, "tokens": len(res.token_ids),
                          "correct": bool(grade(res.text, item.answer)), "steps_compared": compared,

@@ -25,13 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from _harness import RESULTS, cpu_run_record, write_json  # noqa: E402
-
-
-def timed(engine, prompt, policy, threshold, sampling):
-    t, c = time.perf_counter(), time.process_time()
-    res = engine.generate(prompt, policy=policy, threshold=threshold, sampling=sampling, chat=True)
-    return res, time.perf_counter() - t, time.process_time() - c
+from _harness import RESULTS, cpu_run_record, timed_generate, write_json  # noqa: E402
 
 
 def main() -> int:
@@ -80,7 +74,7 @@ def main() -> int:
     for item in items:
         row, tokens = {"id": item.id}, {}
         for name, eng, policy, threshold, must_equal in runs:
-            res, wall, cpu = timed(eng, item.prompt, policy, threshold, sampling)
+            res, wall, cpu = timed_generate(eng, item.prompt, policy, threshold, sampling)
             tokens[name] = res.token_ids
             s = res.stats
             row[name] = {"wall_s": wall, "cpu_s": cpu, "tokens": len(res.token_ids), "steps": s["steps"],

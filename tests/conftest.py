@@ -37,26 +37,26 @@ def two_threads():
     yield from _threads(2)
 
 
-@pytest.fixture(scope="session")
-def qwen_draft_gguf():
-    """The real Qwen2.5-Coder-0.5B-Instruct GGUF, joined from its part packages (skips without them)."""
+def _real_gguf(name: str):
+    """A real GGUF joined from its PyPI part packages; skips the test without them."""
     from arbitrage_fast.models import gguf_assets
 
     try:
-        return gguf_assets.assemble("qwen2.5-coder-0.5b-instruct")
+        return gguf_assets.assemble(name)
     except gguf_assets.MissingPartError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def qwen_draft_gguf():
+    """The real Qwen2.5-Coder-0.5B-Instruct GGUF (the `qwen-coder-draft` extra)."""
+    return _real_gguf("qwen2.5-coder-0.5b-instruct")
 
 
 @pytest.fixture(scope="session")
 def qwen_target_gguf():
-    """The real Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (the `qwen-coder` extra; skips without it)."""
-    from arbitrage_fast.models import gguf_assets
-
-    try:
-        return gguf_assets.assemble("qwen2.5-coder-1.5b-instruct-q4_k_m")
-    except gguf_assets.MissingPartError as e:
-        pytest.skip(str(e))
+    """The real Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (the `qwen-coder` extra)."""
+    return _real_gguf("qwen2.5-coder-1.5b-instruct-q4_k_m")
 
 
 def pytest_configure(config):
