@@ -15,6 +15,7 @@ process CPU seconds are both kept.
 
     python benchmarks/bench_quant_draft.py [--n 3] [--max-new-tokens 128] [--formats int4,int3]
         [--group 64] [--threads 1] [--target-load dequantized|packed]
+    python benchmarks/bench_quant_draft.py --render benchmarks/results/quant_draft_t1.json
 """
 from __future__ import annotations
 
@@ -43,6 +44,23 @@ def agreement(steps) -> tuple[int, int, int]:
     return len(pairs), exact, head
 
 
+def markdown_table(result: dict) -> str:
+    """RESULTS.md's table of a run, from its JSON (`--render`)."""
+    rows = ["| draft | s/token (CPU) | cost vs target | steps compared | exact agreement | first "
+            f"{result['step_words']} words agree | draft_only correct |", "|---|---|---|---|---|---|---|"]
+    target = result["summary"]["target_only"]
+    rows.append(f"| (target_only, the 1.5B {result['target_load']}) | {target['cpu_s_per_token']:.3f} | 1.00x | | | | "
+                f"{target['correct']} of {result['n']} |")
+    for name, s in result["summary"].items():
+        if name == "target_only":
+            continue
+        share = (lambda v: "n/a" if v is None else f"{v:.0%}")
+        rows.append(f"| {name} | {s['cpu_s_per_token']:.3f} | {s['cost_ratio_cpu']:.2f}x | {s['steps_compared']} | "
+                    f"{share(s['step_agreement'])} | {share(s['step_head_agreement'])} | "
+                    f"{s['draft_only_correct']} of {result['n']} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=3, help="GSM8K problems (test split)")
@@ -54,7 +72,12 @@ def main() -> int:
     ap.add_argument("--target-load", default="dequantized", choices=["dequantized", "packed"],
                     help="the 1.5B target in bf16 from its GGUF (dequantized) or run on its Q4_K blocks")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
+                    help="print the markdown table of a finished run and exit")
     args = ap.parse_args()
+    if args.render:
+        print(markdown_table(json.loads(args.render.read_text())))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     from arbitrage_fast import Engine, EngineConfig, SamplingParams
@@ -115,7 +138,7 @@ def main() -> int:
     result = {**cpu_run_record(), "target": preset.target, "target_load": args.target_load,
               "group": args.group, "n": len(items), "max_new_tokens": args.max_new_tokens, "load_s": load_s,
               "step_words": STEP_WORDS, "summary": summary, "problems": per_problem}
-    print(json.dumps(summary, indent=2))
+    print(markdown_table(result))
     write_json(result, args.out.parent if args.out else RESULTS,
                args.out.name if args.out else f"quant_draft_t{result['threads']}.json")
     return 0
