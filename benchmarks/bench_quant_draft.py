@@ -46,6 +46,8 @@ def agreement(steps) -> tuple[int, int, int]:
 
 def markdown_table(result: dict) -> str:
     """RESULTS.md's table of a run, from its JSON (`--render`)."""
+    from arbitrage_fast.eval.intervals import wilson_interval
+
     rows = ["| draft | s/token (CPU) | cost vs target | steps compared | exact agreement | first "
             f"{result['step_words']} words agree | draft_only correct |", "|---|---|---|---|---|---|---|"]
     target = result["summary"]["target_only"]
@@ -54,7 +56,11 @@ def markdown_table(result: dict) -> str:
     for name, s in result["summary"].items():
         if name == "target_only":
             continue
-        share = (lambda v: "n/a" if v is None else f"{v:.0%}")
+        def share(v):  # with a Wilson 95 % interval over the steps compared
+            if v is None:
+                return "n/a"
+            low, high = wilson_interval(round(v * s["steps_compared"]), s["steps_compared"])
+            return f"{v:.0%} [{low:.0%}, {high:.0%}]"
         rows.append(f"| {name} | {s['cpu_s_per_token']:.3f} | {s['cost_ratio_cpu']:.2f}x | {s['steps_compared']} | "
                     f"{share(s['step_agreement'])} | {share(s['step_head_agreement'])} | "
                     f"{s['draft_only_correct']} of {result['n']} |")
