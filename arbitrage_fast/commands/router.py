@@ -24,24 +24,26 @@ def _labels(preset, args, split: str, n: int, seed: int):
     from arbitrage_fast.router.data import LabelRun, label_problems
 
     names = _datasets(preset, args)
-    engine = build_engine(preset, args.device, args.dtype, prm="label", router=False, max_batch=args.batch,
-                          **load_options(args))
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
-    runs = []
+    cached_only = getattr(args, "cached_only", False)
+    if cached_only and not args.label_cache:
+        raise ValueError("--cached-only reads a label cache: pass --label-cache DIR")
+    work = []  # (problems, cache) of each dataset
     for name in names:
         items = load_dataset(name, n=n, split=split, seed=seed, instruction=preset.instruction)
         cache = _label_cache(preset, args, name, len(names))
-        if getattr(args, "cached_only", False):
-            if cache is None:
-                raise ValueError("--cached-only reads a label cache: pass --label-cache DIR")
+        if cached_only:
             items = [i for i in items if cache.path(i.id).is_file()]
-            if not items:
-                continue
-        runs.append(label_problems(engine, [i.prompt for i in items], sampling, chat=preset.chat,
-                                   ids=[i.id for i in items], cache=cache, batch=args.batch))
-    if not runs:
-        raise ValueError(f"the label cache holds none of these {split} problems of {','.join(names)}")
-    return engine, LabelRun.join(runs)
+        if items:
+            work.append((items, cache))
+    if not work:
+        held = " that the label cache holds" if cached_only else ""
+        raise ValueError(f"no {split} problems of {','.join(names)}{held} to label (n={n})")
+    engine = build_engine(preset, args.device, args.dtype, prm="label", router=False, max_batch=args.batch,
+                          **load_options(args))
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
+    return engine, LabelRun.join([
+        label_problems(engine, [i.prompt for i in items], sampling, chat=preset.chat, ids=[i.id for i in items],
+                       cache=cache, batch=args.batch) for items, cache in work])
 
 
 def _label_cache(preset, args, dataset: str, n_datasets: int):
@@ -73,7 +75,8 @@ def train(preset, args) -> dict:
                                 patience=args.patience)
     out = Path(args.out)
     summary = {
-        "datasets": list(_datasets(preset, args)), "n_problems": labels.n_problems, "n_steps": len(data), "positive_rate": report.positive_rate,
+        "datasets": list(_datasets(preset, args)), "n_problems": labels.n_problems, "n_steps": len(data),
+        "positive_rate": report.positive_rate,
         "val_auroc": report.val_auroc, "val_spearman": report.val_spearman, "best_epoch": report.best_epoch,
         "stopped_epoch": report.stopped_epoch, "n_train_steps": report.n_train, "n_val_steps": report.n_val,
         "val_positives": report.val_positives, "curves": report.curves(),
