@@ -42,9 +42,9 @@ QWEN_CODER_DRAFT = "qwen2.5-coder-0.5b-instruct"
 QWEN_CODER_TARGET = "qwen2.5-coder-1.5b-instruct-q4_k_m"
 
 
-# The pair's router head, shipped in the package (a few hundred KB): trained by
-# benchmarks/real_router.sh on the pair's own advantage labels (its config.json says on how many
-# problems, and its held-out figures are in benchmarks/RESULTS.md).
+# Where the package ships the pair's router head (a few hundred KB), trained by
+# benchmarks/real_router.sh on the pair's own advantage labels; none ships until a head trained
+# on the whole train split shows held-out signal (benchmarks/RESULTS.md).
 QWEN_CODER_SHIPPED_ROUTER = Path(__file__).parent / "router" / "heads" / "qwen2.5-coder"
 
 

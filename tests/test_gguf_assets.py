@@ -203,15 +203,16 @@ def test_a_file_inside_a_package_is_found_without_importing_it(cache, tmp_path, 
         assemble("missing")
 
 
-def test_qwen_coder_preset_uses_the_shipped_router_unless_the_user_trained_one(cache, monkeypatch):
-    from arbitrage_fast.presets import QWEN_CODER_SHIPPED_ROUTER, resolve
-    from arbitrage_fast.router.head import RouterHead, RouterLoadError
+def test_qwen_coder_preset_uses_the_shipped_router_unless_the_user_trained_one(cache, monkeypatch, tmp_path):
+    from arbitrage_fast import presets
+    from arbitrage_fast.router.head import RouterConfig, RouterHead
 
     monkeypatch.setattr(gguf_assets, "assemble", lambda name: Path(f"/cache/{name}.gguf"))
-    assert resolve("qwen2.5-coder").router == str(QWEN_CODER_SHIPPED_ROUTER)
-    head = RouterHead.load(QWEN_CODER_SHIPPED_ROUTER, expected_hidden_size=896)  # the 0.5B draft's
-    with pytest.raises(RouterLoadError, match="hidden size"):
-        RouterHead.load(QWEN_CODER_SHIPPED_ROUTER, expected_hidden_size=1536)
-    own = head.save(cache / "routers" / "qwen2.5-coder")
-    assert resolve("qwen2.5-coder").router == str(own)
-    assert resolve("qwen2.5-coder", router="/elsewhere").router == "/elsewhere"
+    shipped = tmp_path / "package" / "heads" / "qwen2.5-coder"
+    monkeypatch.setattr(presets, "QWEN_CODER_SHIPPED_ROUTER", shipped)
+    assert presets.resolve("qwen2.5-coder").router is None  # neither the package nor the user has one
+    RouterHead(RouterConfig(hidden_size=896, width=8)).save(shipped)
+    assert presets.resolve("qwen2.5-coder").router == str(shipped)
+    own = RouterHead(RouterConfig(hidden_size=896, width=8)).save(cache / "routers" / "qwen2.5-coder")
+    assert presets.resolve("qwen2.5-coder").router == str(own)
+    assert presets.resolve("qwen2.5-coder", router="/elsewhere").router == "/elsewhere"
