@@ -205,11 +205,17 @@ def bench_shape(name: str, args, device, peak, results: H.ResultFile) -> None:
         results.append(H.error_row(e, **base, graphs=False, path="ModelRunner.forward"))
 
     if args.graphs and device.type == "cuda":
-        runner.truncate(SEQ, C)
-        try:
-            results.append(_graph_row(name, model, cache, runner, token, args, device, row))
-        except Exception as e:
-            results.append(H.error_row(e, **base, graphs=True, path="StaticDecode"))
+        variants = [("StaticDecode", model)]
+        if args.compile:
+            # Inductor's fusions over the same layers, captured into the same graph: the
+            # alternative to the hand-fused kernels, timed beside them.
+            variants.append(("StaticDecode + torch.compile", torch.compile(model, dynamic=False)))
+        for path, decoder in variants:
+            runner.truncate(SEQ, C)
+            try:
+                results.append(_graph_row(name, decoder, cache, runner, token, args, device, row, path))
+            except Exception as e:
+                results.append(H.error_row(e, **base, graphs=True, path=path))
     runner.truncate(SEQ, C)
     try:
         results.append(_engine_loop_row(name, runner, token, args, device, row))
@@ -219,7 +225,7 @@ def bench_shape(name: str, args, device, peak, results: H.ResultFile) -> None:
     H.free_device_memory(device)
 
 
-def _graph_row(name, model, cache, runner, token, args, device, row) -> dict:
+def _graph_row(name, model, cache, runner, token, args, device, row, path: str) -> dict:
     C, N = args.context, args.tokens
     # The reference logits for the same input at the same position, through the runner.
     reference = runner.forward_one(SEQ, [token]).logits.float()
@@ -238,7 +244,7 @@ def _graph_row(name, model, cache, runner, token, args, device, row) -> dict:
                 static.replay()
 
     t = H.time_variants({"graph": replay}, device, args.repeats, args.warmup, reset=lambda: static.reset(token))["graph"]
-    out = row(True, t, path="StaticDecode (torch.cuda.CUDAGraph, benchmark-local)",
+    out = row(True, t, path=f"{path} (torch.cuda.CUDAGraph, benchmark-local)",
               graph_vs_runner_max_abs_logit_diff=diff, graph_vs_runner_same_argmax=same_argmax)
     del static
     return out
@@ -278,13 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the CUDA-graph rows")
     ap.add_argument("--peak-bw", type=float, default=None, help="peak memory bandwidth, bytes/s (overrides the table)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also a graph row with the model under torch.compile (CUDA; results/decode_compile_*.json)")
     args = ap.parse_args(argv)
     device = H.resolve_device(args.device, args.smoke, args.threads)
     names = args.shapes.split(",") if args.shapes else list(shapes.SMOKE_SHAPES if args.smoke else shapes.REAL_SHAPES)
     args.context = args.context or (32 if args.smoke else 1024)
     args.tokens = args.tokens or (8 if args.smoke else 128)
     peak = H.peak_bandwidth(device, args.peak_bw)
-    results = H.ResultFile([], args.out_dir, f"decode_{H.device_slug(device)}.json")
+    prefix = "decode_compile" if args.compile else "decode"
+    results = H.ResultFile([], args.out_dir, f"{prefix}_{H.device_slug(device)}.json")
     with torch.inference_mode():
         for name in names:
             try:
@@ -307,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
 def _variant(row: dict) -> str:
     engine = "engine" if str(row.get("path", "")).startswith("engine") else ""
     graph = "graph" if row.get("graphs") else ""
-    tags = ",".join(t for t in (engine, graph) if t)
+    compiled = "compile" if "torch.compile" in str(row.get("path", "")) else ""
+    tags = ",".join(t for t in (engine, graph, compiled) if t)
     return f"[{tags}]" if tags else ""
 
 

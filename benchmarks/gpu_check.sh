@@ -146,6 +146,10 @@ if [[ "${GPU_CHECK_SMOKE:-0}" == 1 ]]; then
   part bench_steps 60 4 "$PY" benchmarks/bench_step_latency.py --smoke
 else
   part bench_decode 100 6 "$PY" benchmarks/bench_decode.py --context 1024 --tokens 64 --repeats 3 --warmup 1
+  # The hand-fused layers against torch.compile's fusions of the same model, both graph-captured,
+  # on the 1B shape (compiling takes most of the slot).
+  part bench_compile 75 4 "$PY" benchmarks/bench_decode.py --compile --shapes llama-3.2-1b --context 1024 \
+    --tokens 64 --repeats 3 --warmup 1
   part bench_router 45 4 "$PY" benchmarks/bench_router_overhead.py --context 512 --tokens 32 --repeats 5 --warmup 1
   part bench_steps 75 4 "$PY" benchmarks/bench_step_latency.py --steps 6 --step-tokens 24 --prompt-tokens 128 \
     --rates 0.25 --repeats 2 --warmup 1 --decode-chunk 0

@@ -17,8 +17,9 @@ from pathlib import Path
 def decode_lines(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
-        kind = "engine" if str(r.get("path", "")).startswith("engine") else "model"
-        head = f"decode  {r.get('shape', '?'):<14} {kind:<6} graphs={str(r.get('graphs')):<5} "
+        path = str(r.get("path", ""))
+        kind = "engine" if path.startswith("engine") else "compiled" if "torch.compile" in path else "model"
+        head = f"decode  {r.get('shape', '?'):<14} {kind:<8} graphs={str(r.get('graphs')):<5} "
         if "error" in r:
             out.append(head + f"ERROR {r['error']}")
             continue

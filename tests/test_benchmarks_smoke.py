@@ -125,12 +125,15 @@ def test_summary_reads_partial_and_failed_results(tmp_path):
     summarize = _load("summarize_results").summarize
     (tmp_path / "decode_x.json").write_text(json.dumps([
         {"shape": "a", "graphs": False, "path": "ModelRunner.forward", "tok_s": 10.0, "roofline_fraction": 0.5},
-        {"shape": "a", "graphs": True, "path": "StaticDecode", "error": "RuntimeError: capture failed"}]))
+        {"shape": "a", "graphs": True, "path": "StaticDecode", "error": "RuntimeError: capture failed"},
+        {"shape": "a", "graphs": True, "path": "StaticDecode + torch.compile (torch.cuda.CUDAGraph, benchmark-local)",
+         "tok_s": 12.5}]))
     (tmp_path / "router_overhead_x.json").write_text(json.dumps({"error": "OutOfMemoryError: no"}))
     (tmp_path / "step_latency_x.json").write_text("{ cut short")
     lines = summarize(tmp_path)
     assert any("10.0 tok/s  roofline 50.0%" in line for line in lines)
     assert any("ERROR RuntimeError: capture failed" in line for line in lines)
+    assert any("compiled" in line and "12.5 tok/s" in line for line in lines)
     assert any("router  ERROR OutOfMemoryError: no" in line for line in lines)
     assert any("step_latency_x.json: unreadable" in line for line in lines)
 
