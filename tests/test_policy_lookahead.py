@@ -216,7 +216,7 @@ def test_the_sweep_grid_and_records_know_lookahead():
     from arbitrage_fast.commands.sweep import parse_thresholds, sweep_settings
 
     assert parse_thresholds(None, ["lookahead"])["lookahead"] == parse_thresholds(None, ["rsd"])["rsd"]
-    preset = SimpleNamespace(name="p", draft="d", target="t", router=None, prm=None, label_prm=None, audit_prm=None, dataset="gsm8k",
+    preset = SimpleNamespace(name="p", draft="d", target="t", router=None, routers={}, prm=None, label_prm=None, audit_prm=None, dataset="gsm8k",
                              dtype="float32", instruction=None)
     args = dict(dataset=None, seed=0, max_new_tokens=64, dtype=None, spec_k=0, dequantize=False, draft_quant=None,
                 target_quant=None, quant_group=64)
