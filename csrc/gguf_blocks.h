@@ -8,9 +8,12 @@
 // `min`, so that weight[i] = scale[i / 16] * q[i] + min. Q6_K is the one format whose two
 // halves of a group have different scales.
 //
-// Activations are quantized per group of 32 as llama.cpp's Q8_1 does: xd = amax / 127,
-// xq = round_half_even(x / xd) in [-127, 127], and xs = xd * sum(xq), the group sum that a
-// format with a `min` (or an unsigned offset) needs. Then one group's contribution is
+// Activations are quantized per scale group of S inputs: xd = amax / 127 over the group,
+// xq = round_half_even(x / xd) in [-127, 127], and per group of 32 xs = xd * sum(xq), the sum
+// that a format with a `min` (or an unsigned offset) needs. S is the weight's block size
+// (activation_group): 32 for the 32-input formats, as llama.cpp's Q8_1; 256 for the K-quants,
+// as its Q8_K, so that a super-block's eight group dots meet their integer scales in int32 and
+// a float only once per super-block. Then one group's contribution is
 //   xd * (scale_lo * dot(q[0:16], xq[0:16]) + scale_hi * dot(q[16:32], xq[16:32])) + min * xs.
 #pragma once
 
@@ -51,6 +54,9 @@ inline Format format_of(int64_t type) {
   }
 }
 
+// Inputs per activation scale for a weight of this format (see the header comment).
+inline int64_t activation_group(const Format& f) { return f.block_elems; }
+
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
@@ -77,9 +83,10 @@ struct Group {
 // Decodes group g (0-based, counted in 32s from the row start) of a row of `type` blocks.
 void decode_group(int64_t type, const uint8_t* row, int64_t g, Group* out);
 
-// Quantizes `rows` activation rows of k inputs (k a multiple of 32) as the header comment says:
-// xq [rows, k] int8, and per group of 32 the scale xd and the sum xs [rows, k / 32]. Every
-// product over int8 activations (the GGUF formats, the engine's int3 blocks) starts here.
-void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* xd, float* xs);
+// Quantizes `rows` activation rows of k inputs (k a multiple of `group`, itself a multiple of
+// 32) as the header comment says: xq [rows, k] int8, the scale xd [rows, k / group] and per
+// group of 32 the sum xs [rows, k / 32]. Every product over int8 activations (the GGUF formats,
+// the engine's int3 blocks) starts here.
+void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group, int8_t* xq, float* xd, float* xs);
 
 }  // namespace arbitrage_fast::gguf

@@ -94,13 +94,13 @@ void decode_group(int64_t type, const uint8_t* row, int64_t g, Group* out) {
   }
 }
 
-// R activation rows, `stride` int8 values apart (their scales `groups` apart), against one
-// weight row; out[r] receives row r's dot.
+// R activation rows, `stride` int8 values apart (their sums `groups` apart, their scales
+// `scales` apart), against one weight row; out[r] receives row r's dot.
 struct Rows {
   const int8_t* xq;
   const float* xd;
   const float* xs;
-  int64_t stride, groups;
+  int64_t stride, groups, scales;
 };
 
 // A vectorised kernel of one format, for one activation row and for four at once.
@@ -114,7 +114,7 @@ namespace {
 
 // The portable path: what every vectorised path must reproduce up to float summation order.
 float dot_reference(int64_t type, const uint8_t* w, const int8_t* xq, const float* xd,
-                    const float* xs, int64_t groups) {
+                    const float* xs, int64_t groups, int64_t per_scale) {
   float acc = 0.0f;
   Group grp;
   for (int64_t g = 0; g < groups; ++g) {
@@ -123,7 +123,7 @@ float dot_reference(int64_t type, const uint8_t* w, const int8_t* xq, const floa
     int32_t lo = 0, hi = 0;
     for (int i = 0; i < 16; ++i) lo += grp.q[i] * x[i];
     for (int i = 16; i < 32; ++i) hi += grp.q[i] * x[i];
-    acc += xd[g] * (grp.scale_lo * lo + grp.scale_hi * hi) + grp.min * xs[g];
+    acc += xd[g / per_scale] * (grp.scale_lo * lo + grp.scale_hi * hi) + grp.min * xs[g];
   }
   return acc;
 }
@@ -175,35 +175,39 @@ int64_t checked_in_features(const at::Tensor& weight, const Format& f, const cha
 }  // namespace
 
 // Half-to-even rounding, so the torch twin (torch.round) gives the same integers.
-void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* xq, float* xd, float* xs) {
-  const int64_t groups = k / 32;
+void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group, int8_t* xq, float* xd, float* xs) {
+  const int64_t scales = k / group, groups = k / 32;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t g = 0; g < groups; ++g) {
-        const float* v = x + r * k + 32 * g;
+      for (int64_t s = 0; s < scales; ++s) {
+        const float* v = x + r * k + group * s;
         float amax = 0.0f;
-        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+        for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(v[i]));
         const float d = amax / 127.0f;
         const float id = d > 0.0f ? 1.0f / d : 0.0f;
-        int8_t* q = xq + r * k + 32 * g;
-        int32_t sum = 0;
-        for (int i = 0; i < 32; ++i) {
-          q[i] = static_cast<int8_t>(std::nearbyint(v[i] * id));
-          sum += q[i];
+        xd[r * scales + s] = d;
+        for (int64_t g = s * group / 32; g < (s + 1) * group / 32; ++g) {
+          int8_t* q = xq + r * k + 32 * g;
+          int32_t sum = 0;
+          for (int i = 0; i < 32; ++i) {
+            q[i] = static_cast<int8_t>(std::nearbyint(x[r * k + 32 * g + i] * id));
+            sum += q[i];
+          }
+          xs[r * groups + g] = d * static_cast<float>(sum);
         }
-        xd[r * groups + g] = d;
-        xs[r * groups + g] = d * static_cast<float>(sum);
       }
     }
   });
 }
 
-QuantizedActivations quantize_activations(const at::Tensor& x) {
+QuantizedActivations quantize_activations(const at::Tensor& x, int64_t group) {
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t rows = xf.size(0), k = xf.size(1);
+  TORCH_CHECK(group % 32 == 0 && k % group == 0, "quantize_activations: ", k,
+              " inputs do not split into scale groups of ", group);
   QuantizedActivations out{at::empty({rows, k}, xf.options().dtype(at::kChar)),
-                           at::empty({rows, k / 32}, xf.options()), at::empty({rows, k / 32}, xf.options())};
-  quantize_rows(xf.data_ptr<float>(), rows, k, out.q.data_ptr<int8_t>(), out.d.data_ptr<float>(),
+                           at::empty({rows, k / group}, xf.options()), at::empty({rows, k / 32}, xf.options())};
+  quantize_rows(xf.data_ptr<float>(), rows, k, group, out.q.data_ptr<int8_t>(), out.d.data_ptr<float>(),
                 out.s.data_ptr<float>());
   return out;
 }
@@ -258,8 +262,9 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   }
 
   const int64_t rows = x.size(0), n = weight.size(0), groups = k / 32;
+  const int64_t group = gguf::activation_group(f), scales = k / group;
   const at::Tensor w = weight.contiguous();
-  const gguf::QuantizedActivations xa = gguf::quantize_activations(x);
+  const gguf::QuantizedActivations xa = gguf::quantize_activations(x, group);
   at::Tensor out = at::empty({rows, n}, xa.q.options().dtype(at::kFloat));
 
   const uint8_t* wp = w.data_ptr<uint8_t>();
@@ -270,7 +275,7 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   const int64_t row_bytes = w.size(1);
   row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, op, [&](int64_t j, int64_t r, int tile, float* dots) {
     const uint8_t* wr = wp + j * row_bytes;
-    const gguf::Rows xr{xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups};
+    const gguf::Rows xr{xqp + r * k, xdp + r * scales, xsp + r * groups, k, groups, scales};
     if (tile == 8) {
       simd.eight(wr, xr, dots);
     } else if (tile == 4) {
@@ -278,7 +283,7 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
     } else if (simd.one) {
       simd.one(wr, xr, dots);
     } else {
-      dots[0] = gguf::dot_reference(type, wr, xr.xq, xr.xd, xr.xs, groups);
+      dots[0] = gguf::dot_reference(type, wr, xr.xq, xr.xd, xr.xs, groups, group / 32);
     }
   });
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());

@@ -6,9 +6,10 @@
 //              compiles in a baseline build and runs only where the CPU has those features;
 //   AF_VNNI    1 where 8-bit products accumulate with AVX-512 VNNI (vpdpbusd, no saturation),
 //              0 where AVX2's vpmaddubsw + vpmaddwd do it.
-// Each group of 32 is one 256-bit integer dot; the group's float scale multiplies the eight
-// int32 partial sums into a float accumulator, and the row's sum is reduced once at the end
-// (Q4_K first sums each group's lanes in int32 and scales eight groups at once: dot_q4_k).
+// Each group of 32 is one 256-bit integer dot. In the 32-input formats the group's float scale
+// multiplies its eight int32 partial sums into a float accumulator; in the K-quants a
+// super-block's groups meet their integer scales and add up in int32, and meet a float once
+// (their activations share one scale per super-block). The row's sum is reduced once at the end.
 // A kernel takes R activation rows at once (Rows): a weight group is decoded once and dotted
 // with every row, which is what makes prefill cheaper per row than decode.
 // Unsigned formats (nibbles, 5-bit) go straight into the u8 x s8 product and pay their offset
@@ -60,6 +61,13 @@ AF_TARGET static inline __m256i fifth_bits(const uint8_t* p) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
+// Asks for the weight bytes kPrefetch ahead of a block of `bytes` at w: one row dot streams
+// its weights once, and without this the kernel waits on the load of each block.
+constexpr int kPrefetch = 1024;
+AF_TARGET static inline void prefetch_block(const uint8_t* w, int bytes) {
+  for (int o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + o), _MM_HINT_T0);
+}
+
 AF_TARGET static inline __m256 fma_group(__m256i p, float scale, __m256 acc) {
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc);
 }
@@ -69,11 +77,12 @@ AF_TARGET static void dot_q8_0(const uint8_t* w, Rows x, float* out) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < x.groups; ++g, w += 34) {
+    if (g % 2 == 0) prefetch_block(w, 68);
     const __m256i q = load32(w + 2), aq = _mm256_abs_epi8(q);
     const float d = fp16(w);
     for (int r = 0; r < R; ++r) {
       const __m256i xs = _mm256_sign_epi8(load32(x.xq + r * x.stride + 32 * g), q);
-      acc[r] = fma_group(dot_u8i8(aq, xs), d * x.xd[r * x.groups + g], acc[r]);
+      acc[r] = fma_group(dot_u8i8(aq, xs), d * x.xd[r * x.scales + g], acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
@@ -87,11 +96,12 @@ AF_TARGET static inline void dot_unsigned(const uint8_t* w, Rows x, float* out, 
   float extra[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), extra[r] = 0.0f;
   for (int64_t g = 0; g < x.groups; ++g, w += kBytes) {
+    if (g % 2 == 0) prefetch_block(w, 2 * kBytes);
     const __m256i u = decode(w);
     const float d = fp16(w);
     const float e = (kMin ? fp16(w + 2) : 0.0f) - kOffset * d;
     for (int r = 0; r < R; ++r) {
-      acc[r] = fma_group(dot_u8i8(u, load32(x.xq + r * x.stride + 32 * g)), d * x.xd[r * x.groups + g], acc[r]);
+      acc[r] = fma_group(dot_u8i8(u, load32(x.xq + r * x.stride + 32 * g)), d * x.xd[r * x.scales + g], acc[r]);
       extra[r] += e * x.xs[r * x.groups + g];
     }
   }
@@ -136,58 +146,98 @@ AF_TARGET static void dot_q5_1(const uint8_t* w, Rows x, float* out) {
   dot_unsigned<R, 0, true, 24>(w, x, out, FiveBitsAt8{});
 }
 
-// The eight int32 dots of a super-block's groups, each an [8 x int32] of partial sums, summed
-// into one vector whose lane g holds group g's whole dot (exact in int32: |dot| <= 32*15*127).
-AF_TARGET static inline __m256i group_sums8(const __m256i p[8]) {
-  // hadd works within 128-bit halves: after two levels the low half holds the low-half sums
-  // of groups 0..3 (then 4..7), the high half their high-half sums.
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+// Lanes 2k and 2k + 1 of sixteen int16 scales (one int32 lane) broadcast to both 128-bit
+// halves: the low half takes scale 2k, the high half scale 2k + 1 (`pair_lo_hi`), or both halves
+// take scale 2k (`pair_lo`) or 2k + 1 (`pair_hi`).
+AF_TARGET static inline __m256i scale_pair(__m256i scales16, int k, __m256i shuffle) {
+  return _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(scales16, _mm256_set1_epi32(k)), shuffle);
+}
+AF_TARGET static inline __m256i pair_lo() { return _mm256_set1_epi16(0x0100); }
+AF_TARGET static inline __m256i pair_hi() { return _mm256_set1_epi16(0x0302); }
+AF_TARGET static inline __m256i pair_lo_hi() {
+  return _mm256_set_m128i(_mm_set1_epi16(0x0302), _mm_set1_epi16(0x0100));
 }
 
-// Q4_K: each group's dot is summed in int32 first and meets its float scale once, as one lane
-// of an eight-group vector, and the mins ride in the same accumulator: per row and super-block
-// that is one conversion and two fused multiply-adds instead of eight of each plus scalar work
-// for the mins, which made batched rows (a prefill, a decode batch) compute-bound.
+// The products of one 32-input group with its int16 scales, summed in int32: u8 x s8 pairs in
+// int16 (no saturation: |u| <= 63 and |s| <= 127 here), then multiplied by the scale and
+// summed in pairs. The K-quants' activations share one float scale per super-block, so a
+// super-block's eight groups add up in int32 and meet a float once.
+AF_TARGET static inline __m256i scaled_dot(__m256i u, __m256i s, __m256i scale16) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), scale16);
+}
+
+// A Q4_K super-block's eight 6-bit scales (bytes 0..7) and eight mins (bytes 8..15), decoded
+// from their 12 bytes with word-wide masks and shifts (q4k_scale_min's layout, four pairs per
+// 32-bit word).
+AF_TARGET static inline __m128i q4k_scales_mins(const uint8_t* s) {
+  uint32_t a, b, c;
+  std::memcpy(&a, s, 4);
+  std::memcpy(&b, s + 4, 4);
+  std::memcpy(&c, s + 8, 4);
+  const uint32_t scales_lo = a & 0x3F3F3F3F, mins_lo = b & 0x3F3F3F3F;
+  const uint32_t scales_hi = (c & 0x0F0F0F0F) | ((a >> 2) & 0x30303030);
+  const uint32_t mins_hi = ((c >> 4) & 0x0F0F0F0F) | ((b >> 2) & 0x30303030);
+  return _mm_set_epi32(static_cast<int>(mins_hi), static_cast<int>(mins_lo), static_cast<int>(scales_hi),
+                       static_cast<int>(scales_lo));
+}
+
+// Q4_K: group j's dot is scaled by its 6-bit scale in int32 (a lane sums four inputs of each
+// group: |lane| <= 8 * 4 * 15 * 127 * 63 < 2**24, so it is also exact as a float), the super-block's sum meets d * xd once, and the
+// mins ride in the same accumulator against the activation group sums.
 template <int R>
 AF_TARGET static void dot_q4_k(const uint8_t* w, Rows x, float* out) {
   const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < x.groups; g += 8, w += 144) {
-    int scale[8], min[8];
-    for (int j = 0; j < 8; ++j) q4k_scale_min(j, w + 4, &scale[j], &min[j]);
-    const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(fp16(w)), _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)scale)));
-    const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(fp16(w + 2)), _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)min)));
-    __m256i u[8];
+    prefetch_block(w, 144);
+    const __m128i packed = q4k_scales_mins(w + 4);
+    const __m256i scales16 = _mm256_cvtepu8_epi16(packed);  // scales in lanes 0..7
+    const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(fp16(w + 2)),
+                                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8))));
+    const float d = fp16(w);
+    // Group by group, every row at once: the rows' sums and one group's weights and scales
+    // are all that is live, which fits the sixteen vector registers even at eight rows.
+    const int8_t* xg = x.xq + 32 * g;
+    __m256i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
     for (int k = 0; k < 4; ++k) {
       // 32 bytes hold group 2k in their low nibbles and 2k + 1 in their high ones.
       const __m256i v = load32(w + 16 + 32 * k);
-      u[2 * k] = _mm256_and_si256(v, low);
-      u[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      for (int half = 0; half < 2; ++half) {
+        const __m256i u = half ? _mm256_and_si256(_mm256_srli_epi16(v, 4), low) : _mm256_and_si256(v, low);
+        const __m256i sc = scale_pair(scales16, k, half ? pair_hi() : pair_lo());
+        const int j = 2 * k + half;
+        for (int r = 0; r < R; ++r) {
+          sum[r] = _mm256_add_epi32(sum[r], scaled_dot(u, load32(xg + r * x.stride + 32 * j), sc));
+        }
+      }
     }
+    const int64_t sb = g / 8;
     for (int r = 0; r < R; ++r) {
-      const int8_t* xr = x.xq + r * x.stride + 32 * g;
-      __m256i p[8];
-      for (int j = 0; j < 8; ++j) p[j] = dot_u8i8(u[j], load32(xr + 32 * j));
-      const __m256 xd = _mm256_loadu_ps(x.xd + r * x.groups + g);
-      const __m256 xs = _mm256_loadu_ps(x.xs + r * x.groups + g);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_sums8(p)), _mm256_mul_ps(sc, xd), acc[r]);
-      acc[r] = _mm256_fnmadd_ps(mn, xs, acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * x.xd[r * x.scales + sb]), acc[r]);
+      acc[r] = _mm256_fnmadd_ps(mn, _mm256_loadu_ps(x.xs + r * x.groups + g), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
+// Q6_K: signed 6-bit weights (sign moved onto the activations) with an int8 scale per 16; the
+// super-block's products add up in int32 (|lane| <= 8 * 4 * 32 * 127 * 128 < 2**24)
+// and meet d * xd once.
 template <int R>
 AF_TARGET static void dot_q6_k(const uint8_t* w, Rows x, float* out) {
   const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < x.groups; g += 8, w += 210) {
-    const int8_t* scales = reinterpret_cast<const int8_t*>(w + 192);
+    prefetch_block(w, 210);
+    const __m256i scales16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192)));
     const float d = fp16(w + 208);
+    // Group by group, every row at once (as in dot_q4_k).
+    const int8_t* xg = x.xq + 32 * g;
+    __m256i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
     for (int h = 0; h < 2; ++h) {
       const __m256i high = load32(w + 128 + 32 * h);
       for (int k = 0; k < 4; ++k) {
@@ -198,15 +248,17 @@ AF_TARGET static void dot_q6_k(const uint8_t* w, Rows x, float* out) {
         const __m256i top = _mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * k)), two);
         const __m256i q = _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_slli_epi16(top, 4)), bias);
         const __m256i aq = _mm256_abs_epi8(q);
-        // Lanes 0..3 of a product hold inputs 0..15, lanes 4..7 inputs 16..31.
-        const __m256 halves = _mm256_mul_ps(
-            _mm256_set_m128(_mm_set1_ps(scales[2 * gg + 1]), _mm_set1_ps(scales[2 * gg])), _mm256_set1_ps(d));
+        // int16 lanes 0..7 of a product hold inputs 0..15 (scale 2gg), lanes 8..15 the rest.
+        const __m256i sc = scale_pair(scales16, gg, pair_lo_hi());
         for (int r = 0; r < R; ++r) {
-          const __m256i xs = _mm256_sign_epi8(load32(x.xq + r * x.stride + 32 * (g + gg)), q);
-          const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_u8i8(aq, xs)), halves);
-          acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(x.xd[r * x.groups + g + gg]), acc[r]);
+          const __m256i xs = _mm256_sign_epi8(load32(xg + r * x.stride + 32 * gg), q);
+          sum[r] = _mm256_add_epi32(sum[r], scaled_dot(aq, xs, sc));
         }
       }
+    }
+    const int64_t sb = g / 8;
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * x.xd[r * x.scales + sb]), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);

@@ -4,11 +4,13 @@ Tolerances, all derived rather than tuned:
 - Dequantisation is exact: a weight is scale * q + min with the same fp32 products the `gguf`
   package computes, so the compiled decoder must equal `gguf.quants.dequantize` bit for bit.
 - The product with the kernel's own int8 activations: integer dots are exact, and each group
-  of 32 adds a float term carrying <= 3 roundings to a running fp32 sum, so the error is below
+  of 32 adds at most one float term carrying <= 3 roundings to a running fp32 sum (a K-quant
+  super-block adds fewer: its groups add up in int32), so the error is below
   (K/32 + 4) * 2**-24 * sum|w||x^| (the recursive-summation bound, u = 2**-24 per rounding),
   with x^ the rounded activations. The same bound holds for every format and code path.
 - Against the unrounded activations the kernel also carries the int8 rounding of x, at most
-  half a step (amax/127/2 per group of 32) per input: sum_i |w_i| * step_i / 2 on top.
+  half a step (amax/127/2 per activation group: 32 inputs, 256 for the K-quants) per input:
+  sum_i |w_i| * step_i / 2 on top.
 """
 from __future__ import annotations
 
@@ -37,16 +39,18 @@ pytestmark = pytest.mark.usefixtures("two_threads")
 def rounding_bound(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     K = x.shape[1]
     w = gguf_ops.dequantize_reference(blocks, qtype, K).double().abs()
-    q, d = gguf_ops.quantize_activations(x)
-    xr = (q.double().reshape(x.shape[0], -1, 32) * d.double()[..., None]).reshape(x.shape)
+    group = gguf_ops.activation_group(qtype)
+    q, d = gguf_ops.quantize_activations(x, group)
+    xr = (q.double().reshape(x.shape[0], -1, group) * d.double()[..., None]).reshape(x.shape)
     return (K / 32 + 4) * U * (xr.abs() @ w.T) + 1e-30
 
 
 def activation_bound(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     K = x.shape[1]
     w = gguf_ops.dequantize_reference(blocks, qtype, K).double().abs()
-    _, d = gguf_ops.quantize_activations(x)
-    half_step = (d.double() / 2).repeat_interleave(32, dim=1)
+    group = gguf_ops.activation_group(qtype)
+    _, d = gguf_ops.quantize_activations(x, group)
+    half_step = (d.double() / 2).repeat_interleave(group, dim=1)
     return half_step @ w.T
 
 

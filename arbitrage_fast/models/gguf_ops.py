@@ -3,8 +3,9 @@ and the one entry point that picks between them.
 
     gguf_linear(x[M, K], blocks[N, row_bytes] uint8, qtype) -> [M, N] in x's dtype
         x @ W.T, W being the GGUF tensor the blocks hold, computed from the blocks as stored.
-        As in llama.cpp, x is first quantized to int8 per group of 32 inputs
-        (`quantize_activations`): products are integer dots, summed in fp32.
+        As in llama.cpp, x is first quantized to int8 with one scale per block of the weight
+        (`activation_group`: 32 inputs, or 256 for the K-quants, as its Q8_1 and Q8_K):
+        products are integer dots, summed in fp32.
     gguf_dequantize(blocks, qtype, K) -> [N, K] float32
 
 The compiled ops (`torch.ops.arbitrage_fast.gguf_*`, csrc/gguf_linear.cpp) serve CPU
@@ -27,7 +28,7 @@ QT = gguf.GGMLQuantizationType
 PACKED_TYPES: dict[int, str] = {
     int(t): t.name for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q6_K)
 }
-GROUP = 32  # inputs per activation scale
+GROUP = 32  # inputs per activation scale, except against a K-quant (activation_group)
 # Byte offsets of each block's fp16 scale fields (d, and dmin or m where the format has one).
 SCALE_OFFSETS: dict[int, tuple[int, ...]] = {
     int(QT.Q4_0): (0,), int(QT.Q4_1): (0, 2), int(QT.Q5_0): (0,), int(QT.Q5_1): (0, 2),
@@ -56,10 +57,15 @@ def nonfinite_blocks(blocks: torch.Tensor, qtype: int) -> int:
     return int(bad.sum())
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [M, K], scale float32 [M, K/32]): q * scale is x rounded as the kernels round it
-    (scale = amax / 127 per group, round half to even), so the twin sees the kernels' inputs."""
-    xf = x.float().reshape(x.shape[0], -1, GROUP)
+def activation_group(qtype: int) -> int:
+    """Inputs per activation scale in the product with a weight of this type: its block size."""
+    return block_shape(qtype)[0]
+
+
+def quantize_activations(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [M, K], scale float32 [M, K/group]): q * scale is x rounded as the kernels round
+    it (scale = amax / 127 per group, round half to even), so the twin sees the kernels' inputs."""
+    xf = x.float().reshape(x.shape[0], -1, group)
     d = xf.abs().amax(-1, keepdim=True) / 127.0
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round(xf * inv)
@@ -78,8 +84,9 @@ def linear_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: int, *, quant
     K = x.shape[-1]
     w = dequantize_reference(blocks, qtype, K).double()
     if quantize_x:
-        q, d = quantize_activations(x)
-        xr = (q.double().reshape(x.shape[0], -1, GROUP) * d.double()[..., None]).reshape(x.shape)
+        group = activation_group(qtype)
+        q, d = quantize_activations(x, group)
+        xr = (q.double().reshape(x.shape[0], -1, group) * d.double()[..., None]).reshape(x.shape)
     else:
         xr = x.double()
     return (xr @ w.T).to(x.dtype)
