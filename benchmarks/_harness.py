@@ -113,9 +113,14 @@ def cpu_run_record() -> dict:
     import sys
     from datetime import date
 
+    try:
+        from arbitrage_fast import _C
+        kernel_threads = _C.kernel_threads()  # what the native kernels' loops actually run on
+    except ImportError:
+        kernel_threads = None
     return {"date": date.today().isoformat(), "command": "python " + " ".join(sys.argv),
             "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "threads": torch.get_num_threads(),
-            "load_avg_1m": os.getloadavg()[0]}
+            "kernel_threads": kernel_threads, "load_avg_1m": os.getloadavg()[0]}
 
 
 def time_variants(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,

@@ -2,9 +2,13 @@
 // quantized linear ops over GGUF blocks, int3 blocks and bf16 weights (torch dispatcher, so they
 // are called as torch.ops.arbitrage_fast.* and work under torch.compile and CUDA graph capture).
 // This is the one place where things are registered.
+#include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <set>
 
 #include "bf16_linear.h"
 #include "block_pool.h"
@@ -77,6 +81,17 @@ PYBIND11_MODULE(_C, m) {
     }
   });
 
+  // How many threads a CPU kernel's at::parallel_for runs on in this build (1 where the module
+  // was compiled without OpenMP, whatever torch.get_num_threads() says).
+  m.def("kernel_threads", [] {
+    std::mutex mu;
+    std::set<int> seen;
+    at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+      std::lock_guard<std::mutex> lock(mu);
+      seen.insert(at::get_thread_num());
+    });
+    return static_cast<int64_t>(seen.size());
+  }, "threads a CPU kernel's parallel loop runs on here");
   m.def("gguf_cpu_paths", &arbitrage_fast::gguf_cpu_paths,
         "The gguf_linear code paths this CPU runs, best first.");
   m.def("bf16_cpu_paths", &arbitrage_fast::bf16_cpu_paths,

@@ -185,3 +185,12 @@ def test_fuzz_kernel_against_twin(qtype, rows, out_features, blocks_per_row, see
     x = torch.randn(rows, K, generator=gen) * scale
     x[:, : K // 4] = 0.0  # whole zero groups: a zero activation scale
     check(x, blocks, qtype, path)
+
+
+def test_kernels_run_on_the_threads_torch_is_given():
+    """The kernels' parallel loops (at::parallel_for) are compiled into the extension: built
+    without OpenMP they would run on one thread whatever torch.set_num_threads says."""
+    from arbitrage_fast import _C
+
+    assert torch.get_num_threads() == 2
+    assert _C.kernel_threads() == 2
