@@ -14,9 +14,12 @@ load hits both alike; the engine's tokens must equal transformers'.
 `--quant` (a .gguf model) times the engine three ways on the same file, prompt, token count and
 threads, in one run: weights packed as stored (the default load), dequantised to bf16 (the
 `dequantize=True` reference path), and llama.cpp through llama-cpp-python (the `bench` extra;
-skipped when absent). Results go to results/cpu_decode_quant.json, one record per model:
+skipped when absent). Each path is timed on whole requests and on 1-token ones, which split the
+prompt's prefill from the later tokens as llama-bench's pp and tg do. Results go to
+results/cpu_decode_quant.json, one record per model and thread count; `--render` prints its table:
 
     python benchmarks/bench_cpu_decode.py --preset qwen2.5-coder --role draft --quant --threads 2
+    python benchmarks/bench_cpu_decode.py --render benchmarks/results/cpu_decode_quant.json
 """
 from __future__ import annotations
 
@@ -107,18 +110,27 @@ def run_quant(args, path: Path, label: str) -> int:
     if path.suffix != ".gguf":
         raise SystemExit(f"--quant needs a .gguf model, got {path}")
     n = args.tokens
-    sp = SamplingParams(max_new_tokens=n, ignore_eos=True, max_step_tokens=n)
     record = {"model": label, "format": _file_type(path), "threads": torch.get_num_threads(), "tokens": n,
               "kernel_path": (gguf_ops.cpu_paths() or ["torch reference"])[0]}
     seconds, tokens = {}, {}
+
+    def phases(name: str, generate) -> None:
+        """Whole n-token requests, and 1-token ones (the prompt's prefill and one step), as
+        llama-bench splits prompt processing from generation: both medians of the repeats."""
+        first, _ = _timed(lambda: generate(1), args.repeats)
+        seconds[name], tokens[name] = _timed(lambda: generate(n), args.repeats)
+        record[f"{name}_prefill_s"] = first
+        record[f"{name}_decode_ms"] = 1e3 * (seconds[name] - first) / (n - 1)
+
     for name, dtype, dequantize in (("engine", "float32", False), ("bf16", "bfloat16", True)):
         loaded = load_model(path, dtype, dequantize=dequantize)
         engine = Engine(EngineConfig(draft=str(path), target=str(path), dtype=dtype, kv_pages=64,
                                      decode_chunk=args.decode_chunk), draft=loaded, target=loaded)
         ids = prompt_ids(loaded.tokenizer, args.prompt)
-        seconds[name], tokens[name] = _timed(
-            lambda: engine.generate(ids, policy="target_only", sampling=sp).token_ids, args.repeats)
+        phases(name, lambda k: engine.generate(ids, policy="target_only", sampling=SamplingParams(
+            max_new_tokens=k, ignore_eos=True, max_step_tokens=k)).token_ids)
         del engine, loaded
+    record["prompt_tokens"] = len(ids)
     record["engine_tok_s"], record["bf16_tok_s"] = n / seconds["engine"], n / seconds["bf16"]
     record["llamacpp_tok_s"], record["llamacpp_version"] = None, None
     try:
@@ -129,16 +141,16 @@ def run_quant(args, path: Path, label: str) -> int:
         llm = llama_cpp.Llama(model_path=str(path), n_threads=record["threads"], n_ctx=len(ids) + n + 16,
                               verbose=False)
 
-        def run_llamacpp():
+        def run_llamacpp(k: int) -> list[int]:
             llm.reset()
             out = []
             for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
                 out.append(t)
-                if len(out) == n:
+                if len(out) == k:
                     return out
             return out
 
-        seconds["llamacpp"], tokens["llamacpp"] = _timed(run_llamacpp, args.repeats)
+        phases("llamacpp", run_llamacpp)
         record["llamacpp_tok_s"], record["llamacpp_version"] = n / seconds["llamacpp"], llama_cpp.__version__
     record["engine_vs_bf16"] = record["engine_tok_s"] / record["bf16_tok_s"]
     if record["llamacpp_tok_s"]:
@@ -154,6 +166,28 @@ def run_quant(args, path: Path, label: str) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
+
+
+def quant_table(rows: list[dict]) -> str:
+    """RESULTS.md's table of results/cpu_decode_quant.json (`--render`): whole requests, then the
+    prompt's prefill and each later token, the packed path over llama.cpp's time as a ratio."""
+    def x(v):
+        return f"**{v:.2f}x**" if v is not None else "not measured"
+
+    def per(r, key, scale=1.0):
+        return f"{r[f'engine_{key}'] * scale:.0f} / {r[f'llamacpp_{key}'] * scale:.0f}" if r.get(f"llamacpp_{key}") else "-"
+
+    head = ["model", "file types (by bytes)", "threads (kernel)", "packed tok/s", "bf16 tok/s", "llama.cpp tok/s",
+            "packed / bf16", "packed / llama.cpp", "prefill ms, packed / llama.cpp", "ms per later token, packed / llama.cpp",
+            "greedy tokens equal to bf16's"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        llama = f"{r['llamacpp_tok_s']:.2f}" if r.get("llamacpp_tok_s") else "not measured"
+        lines.append("| " + " | ".join([
+            r["model"], r["format"], f"{r['threads']} ({r.get('kernel_threads', '?')})", f"{r['engine_tok_s']:.2f}",
+            f"{r['bf16_tok_s']:.2f}", llama, x(r["engine_vs_bf16"]), x(r.get("engine_vs_llamacpp")),
+            per(r, "prefill_s", 1e3), per(r, "decode_ms"), f"{r['tokens_agree_with_bf16']} of {r['tokens']}"]) + " |")
+    return "\n".join(lines)
 
 
 def _file_type(path: Path) -> str:
@@ -181,7 +215,12 @@ def main() -> int:
     ap.add_argument("--prompt", default=None, help="plain-text prompt (default: a chat-templated GSM8K problem)")
     ap.add_argument("--quant", action="store_true",
                     help="GGUF: packed weights vs dequantised bf16 vs llama.cpp (results/cpu_decode_quant.json)")
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
+                    help="print the Markdown table of a --quant results file and exit")
     args = ap.parse_args()
+    if args.render:
+        print(quant_table(json.loads(args.render.read_text())))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     from arbitrage_fast import Engine, EngineConfig, SamplingParams
