@@ -36,7 +36,9 @@ def test_train_router_saves_a_loadable_head(trained_router):
     assert report["target"] == str(shipped_checkpoint("target"))  # which target wrote the target steps
 
 
-def test_train_router_label_cache_is_reused_by_a_rerun_and_by_eval(tmp_path, capsys):
+def test_train_router_label_cache_is_reused_by_a_rerun_and_by_eval(tmp_path, capsys, monkeypatch):
+    from arbitrage_fast.commands import router as router_command
+
     cache, runs = tmp_path / "labels", []
     for attempt in range(2):
         report = tmp_path / f"train{attempt}.json"
@@ -47,13 +49,20 @@ def test_train_router_label_cache_is_reused_by_a_rerun_and_by_eval(tmp_path, cap
     assert runs[0]["n_steps"] == runs[1]["n_steps"] and runs[0]["label_seconds"] == runs[1]["label_seconds"] > 0
     shards = sorted(cache.glob("*.safetensors"))
     assert len(shards) == 3
-    # an interim router from what the cache holds: of 6 problems asked, the 3 labelled, none labelled now
+    # an interim router from what the cache holds: of 6 problems asked, the 3 labelled, none
+    # labelled now, and no model loaded for it
+    def no_models(*args, **kwargs):
+        raise AssertionError("models loaded although the label cache holds every problem")
+
+    build_engine = router_command.build_engine
+    monkeypatch.setattr(router_command, "build_engine", no_models)
     interim = tmp_path / "interim.json"
     assert main(["train-router", *SMALL, "--n", "6", "--epochs", "5", "--width", "8", "--out", str(tmp_path / "r2"),
                  "--label-cache", str(cache), "--cached-only", "--json", str(interim)]) == 0
     got = json.loads(interim.read_text())
     assert (got["n_problems"], got["problems_labelled_this_run"], got["n_steps"]) == (3, 0, runs[0]["n_steps"])
     assert len(list(cache.glob("*.safetensors"))) == 3
+    monkeypatch.setattr(router_command, "build_engine", build_engine)
     assert main(["eval-router", *SMALL, "--n", "2", "--router", str(tmp_path / "r"), "--label-cache", str(cache)]) == 0
     assert len(list(cache.glob("*.safetensors"))) == 5  # held-out problems join the same cache
     assert main(["train-router", "--preset", "testbed", "--n", "3", "--max-new-tokens", "64", "--out", str(tmp_path / "r"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from arbitrage_fast.config import SamplingParams
+from arbitrage_fast.router.features import hidden_size_of
 
 from .common import build_engine, load_options, quant_info, write_json
 
@@ -38,10 +39,12 @@ def _labels(preset, args, split: str, n: int, seed: int):
     if not work:
         held = " that the label cache holds" if cached_only else ""
         raise ValueError(f"no {split} problems of {','.join(names)}{held} to label (n={n})")
+    # The models load only when some problem still has to be labelled.
+    missing = any(cache is None or not cache.path(i.id).is_file() for items, cache in work for i in items)
     engine = build_engine(preset, args.device, args.dtype, prm="label", router=False, max_batch=args.batch,
-                          **load_options(args))
+                          **load_options(args)) if missing else None
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
-    return engine, LabelRun.join([
+    return LabelRun.join([
         label_problems(engine, [i.prompt for i in items], sampling, chat=preset.chat, ids=[i.id for i in items],
                        cache=cache, batch=args.batch) for items, cache in work])
 
@@ -67,10 +70,10 @@ def train(preset, args) -> dict:
     from arbitrage_fast.router.train import train_router
 
     start = time.perf_counter()
-    engine, labels = _labels(preset, args, "train", args.n, args.seed)
+    labels = _labels(preset, args, "train", args.n, args.seed)
     label_s = time.perf_counter() - start
     data = labels.data
-    hidden = engine.draft_model.spec.hidden_size
+    hidden = hidden_size_of(data.features.shape[1])
     head, report = train_router(data, hidden_size=hidden, width=args.width, epochs=args.epochs, seed=args.seed,
                                 patience=args.patience)
     out = Path(args.out)
@@ -97,9 +100,9 @@ def evaluate(preset, args) -> dict:
 
     if not preset.router:
         raise ValueError("eval-router needs a router head: pass --router DIR (or a preset that ships one)")
-    engine, run = _labels(preset, args, "test", args.n, args.seed)
+    run = _labels(preset, args, "test", args.n, args.seed)
     data = run.data
-    head = RouterHead.load(preset.router, expected_hidden_size=engine.draft_model.spec.hidden_size)
+    head = RouterHead.load(preset.router, expected_hidden_size=hidden_size_of(data.features.shape[1]))
     with torch.no_grad():
         scores = head(data.features).numpy()
     from arbitrage_fast.eval.intervals import cluster_bootstrap

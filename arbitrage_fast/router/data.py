@@ -9,7 +9,7 @@ the same code paths the router later steers.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,12 +44,16 @@ class RouterDataset:
         save_file({k: v.detach().clone().contiguous() for k, v in self.__dict__.items()}, str(path), metadata)
 
     @classmethod
-    def concat(cls, parts: list["RouterDataset"]) -> "RouterDataset":
-        """One dataset of several problems' labels, the i-th part numbered problem i."""
+    def concat(cls, parts: list["RouterDataset"], sizes: list[int] | None = None) -> "RouterDataset":
+        """Several parts' labels as one dataset, each part's problems numbered on after those of
+        the parts before it; sizes[i] is part i's number of problems (default: one each, a
+        part's steps all problem 0, so part i becomes problem i even where it has no steps)."""
         if not parts:
             raise ValueError("no problems to join")
+        sizes = sizes or [1] * len(parts)
+        offsets = [sum(sizes[:i]) for i in range(len(parts))]
         joined = {k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSORS}
-        joined["problem"] = torch.cat([torch.full_like(p.problem, i) for i, p in enumerate(parts)])
+        joined["problem"] = torch.cat([p.problem + o for p, o in zip(parts, offsets)])
         return cls(**joined)
 
     @classmethod
@@ -80,9 +84,7 @@ class LabelRun:
         """Several runs' labels as one, problems numbered on after the previous run's."""
         if len(runs) == 1:
             return runs[0]
-        offsets = [sum(r.n_problems for r in runs[:i]) for i in range(len(runs))]
-        parts = [replace(r.data, problem=r.data.problem + o) for r, o in zip(runs, offsets)]
-        data = RouterDataset(**{k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSORS})
+        data = RouterDataset.concat([r.data for r in runs], sizes=[r.n_problems for r in runs])
         return cls(data, [s for r in runs for s in r.seconds], sum(r.labelled_now for r in runs))
 
 

@@ -22,6 +22,14 @@ def feature_dim(hidden_size: int) -> int:
     return 2 * hidden_size + NUM_SCALAR_FEATURES
 
 
+def hidden_size_of(dim: int) -> int:
+    """The draft's hidden size behind features of `dim` values (feature_dim's inverse)."""
+    hidden, odd = divmod(dim - NUM_SCALAR_FEATURES, 2)
+    if odd or hidden < 1:
+        raise ValueError(f"{dim} values are not router features (2 * hidden + {NUM_SCALAR_FEATURES})")
+    return hidden
+
+
 class StepFeatureAccumulator:
     def __init__(self, hidden_size: int, device) -> None:
         self.h_sum = torch.zeros(hidden_size, dtype=torch.float32, device=device)
