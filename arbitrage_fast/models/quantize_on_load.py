@@ -9,8 +9,8 @@ the arena and the policies see the same model:
 - on CPU an int8 or int4 layer becomes a `QuantizedLinear` over GGUF Q8_0 / Q4_1 blocks with
   the same values (`group_quant.to_gguf_blocks`), run by the GGUF kernels, and an int3 layer an
   `Int3Linear` over the engine's 3-bit blocks (`group_quant.to_int3_blocks`, 3.5 bits a weight
-  at group 64), run by its own kernel; both round their input to int8 per 32 values as every
-  packed GGUF layer does;
+  at group 64), run by its own kernel; both round their input to int8 per 32 values as the
+  32-input GGUF formats do;
 - elsewhere it becomes a `GroupQuantLinear` over the engine's own layout, multiplied by the
   Triton kernel on CUDA (`triton_kernels/quant_matmul.py`).
 """
