@@ -183,8 +183,9 @@ AF_TARGET static inline __m128i q4k_scales_mins(const uint8_t* s) {
 }
 
 // Q4_K: group j's dot is scaled by its 6-bit scale in int32 (a lane sums four inputs of each
-// group: |lane| <= 8 * 4 * 15 * 127 * 63 < 2**24, so it is also exact as a float), the super-block's sum meets d * xd once, and the
-// mins ride in the same accumulator against the activation group sums.
+// group: |lane| <= 8 * 4 * 15 * 127 * 63 < 2**24, so it is also exact as a float), the
+// super-block's sum meets d * xd once, and the mins ride in the same accumulator against the
+// activation group sums.
 template <int R>
 AF_TARGET static void dot_q4_k(const uint8_t* w, Rows x, float* out) {
   const __m256i low = _mm256_set1_epi8(0x0F);
