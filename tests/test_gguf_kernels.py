@@ -39,9 +39,7 @@ pytestmark = pytest.mark.usefixtures("two_threads")
 def rounding_bound(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     K = x.shape[1]
     w = gguf_ops.dequantize_reference(blocks, qtype, K).double().abs()
-    group = gguf_ops.activation_group(qtype)
-    q, d = gguf_ops.quantize_activations(x, group)
-    xr = (q.double().reshape(x.shape[0], -1, group) * d.double()[..., None]).reshape(x.shape)
+    xr = gguf_ops.rounded_activations(x, gguf_ops.activation_group(qtype))
     return (K / 32 + 4) * U * (xr.abs() @ w.T) + 1e-30
 
 

@@ -50,8 +50,7 @@ def random_blocks(rows: int, K: int, group: int, gen: torch.Generator, scale: fl
 def rounding_bound(x: torch.Tensor, blocks: torch.Tensor, group: int) -> torch.Tensor:
     K = x.shape[1]
     w = int3_blocks.dequantize_reference(blocks, group, K).double().abs()
-    q, d = gguf_ops.quantize_activations(x)
-    xr = (q.double().reshape(x.shape[0], -1, 32) * d.double()[..., None]).reshape(x.shape)
+    xr = gguf_ops.rounded_activations(x)
     return (K / 32 + 4) * U * (xr.abs() @ w.T) + 1e-30
 
 

@@ -72,6 +72,13 @@ def quantize_activations(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Ten
     return q.to(torch.int8).reshape(x.shape), d.squeeze(-1)
 
 
+def rounded_activations(x: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """x in float64 after the kernels' int8 round trip (`quantize_activations`): what the
+    integer products actually multiply."""
+    q, d = quantize_activations(x, group)
+    return (q.double().reshape(x.shape[0], -1, group) * d.double()[..., None]).reshape(x.shape)
+
+
 def dequantize_reference(blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
     out = gguf.quants.dequantize(blocks.cpu().numpy(), QT(qtype))
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(blocks.shape[0], in_features)
@@ -83,12 +90,7 @@ def linear_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: int, *, quant
     the unrounded activations, the quantity the kernel approximates."""
     K = x.shape[-1]
     w = dequantize_reference(blocks, qtype, K).double()
-    if quantize_x:
-        group = activation_group(qtype)
-        q, d = quantize_activations(x, group)
-        xr = (q.double().reshape(x.shape[0], -1, group) * d.double()[..., None]).reshape(x.shape)
-    else:
-        xr = x.double()
+    xr = rounded_activations(x, activation_group(qtype)) if quantize_x else x.double()
     return (xr @ w.T).to(x.dtype)
 
 

@@ -95,11 +95,7 @@ def linear_reference(x: torch.Tensor, blocks: torch.Tensor, group: int, *, quant
     does not count against the kernel); `quantize_x=False` multiplies the unrounded x."""
     K = x.shape[-1]
     w = dequantize_reference(blocks, group, K).double()
-    if quantize_x:
-        q, d = gguf_ops.quantize_activations(x)
-        xr = (q.double().reshape(x.shape[0], -1, PART) * d.double()[..., None]).reshape(x.shape)
-    else:
-        xr = x.double()
+    xr = gguf_ops.rounded_activations(x, PART) if quantize_x else x.double()
     return (xr @ w.T).to(x.dtype)
 
 
