@@ -1,5 +1,5 @@
-// The extension module arbitrage_fast._C: the BlockPool (pybind11), the KV ops and the
-// quantized linear ops over GGUF blocks, int3 blocks and bf16 weights (torch dispatcher, so they
+// The extension module arbitrage_fast._C: the BlockPool (pybind11), the KV ops, a decoder layer's
+// CPU ops (norm, RoPE, activation, paged attention) and the quantized linear ops over GGUF blocks, int3 blocks and bf16 weights (torch dispatcher, so they
 // are called as torch.ops.arbitrage_fast.* and work under torch.compile and CUDA graph capture).
 // This is the one place where things are registered.
 #include <ATen/Parallel.h>
@@ -12,9 +12,11 @@
 
 #include "bf16_linear.h"
 #include "block_pool.h"
+#include "decoder_ops.h"
 #include "gguf_linear.h"
 #include "int3_linear.h"
 #include "kv_ops.h"
+#include "paged_attention_cpu.h"
 
 namespace py = pybind11;
 using arbitrage_fast::BlockPool;
@@ -27,6 +29,12 @@ TORCH_LIBRARY(arbitrage_fast, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, str isa='auto') -> Tensor");
   m.def("int3_linear(Tensor x, Tensor weight, int group, str isa='auto') -> Tensor");
   m.def("int3_dequantize(Tensor weight, int group, int in_features) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rope_write_kv(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) cache, int layer, "
+        "Tensor slots) -> Tensor");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_query_lens, "
+        "Tensor seq_lens, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
@@ -37,6 +45,10 @@ TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
   m.impl("bf16_linear", &arbitrage_fast::bf16_linear_cpu);
   m.impl("int3_linear", &arbitrage_fast::int3_linear_cpu);
   m.impl("int3_dequantize", &arbitrage_fast::int3_dequantize_cpu);
+  m.impl("add_rms_norm", &arbitrage_fast::add_rms_norm_cpu);
+  m.impl("rope_write_kv", &arbitrage_fast::rope_write_kv_cpu);
+  m.impl("silu_and_mul", &arbitrage_fast::silu_and_mul_cpu);
+  m.impl("paged_attention", &arbitrage_fast::paged_attention_cpu);
 }
 
 // Shape-only tracing (torch.compile's fake tensors): both ops return nothing.
@@ -52,6 +64,10 @@ TORCH_LIBRARY_IMPL(arbitrage_fast, Meta, m) {
   m.impl("bf16_linear", &arbitrage_fast::bf16_linear_meta);
   m.impl("int3_linear", &arbitrage_fast::int3_linear_meta);
   m.impl("int3_dequantize", &arbitrage_fast::int3_dequantize_meta);
+  m.impl("add_rms_norm", &arbitrage_fast::add_rms_norm_meta);
+  m.impl("rope_write_kv", &arbitrage_fast::rope_write_kv_meta);
+  m.impl("silu_and_mul", &arbitrage_fast::silu_and_mul_meta);
+  m.impl("paged_attention", &arbitrage_fast::paged_attention_meta);
 }
 
 #ifdef ARBITRAGE_FAST_WITH_CUDA

@@ -1,13 +1,15 @@
 """The attention layer's two paths agree: the paged kernel ops (what CUDA runs for every layer
 without a sliding window, prefill included) against SDPA over gathered pages (what the CPU runs
 for host-form batches), on one mixed batch of a verification run, a full prefill and a decode
-row. The ops are called through their torch twins and, where Triton can run, through the
-Triton launchers themselves, so the layer's arguments to the kernels are checked too."""
+row. The ops are called through their torch twins, through the compiled CPU kernel (a layer
+with exact arithmetic off) and, where Triton can run, through the Triton launchers themselves,
+so the layer's arguments to the kernels are checked too."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from arbitrage_fast.kv.ops import native_available
 from arbitrage_fast.models import attention
 from arbitrage_fast.runtime.attention_metadata import AttentionMetadata
 from helpers.triton_kernels import load_kernel
@@ -40,14 +42,21 @@ CASES = {"mixed prefill": ([3, 9, 1], [10, 9, 6]), "decode": ([1, 1], [7, 13])}
 
 
 @pytest.mark.parametrize("q_lens, seq_lens", CASES.values(), ids=CASES.keys())
-@pytest.mark.parametrize("impl", ["torch twin", "triton"])
+@pytest.mark.parametrize("impl", ["torch twin", "triton", "compiled cpu kernel"])
 def test_paged_path_matches_sdpa_path(q_lens, seq_lens, impl, monkeypatch):
     if impl == "triton":
         if not pa.triton_usable(torch.empty(0)):
             pytest.skip("Triton cannot run here (not installed, or imported without TRITON_INTERPRET=1)")
-        monkeypatch.setattr(attention, "paged_decode_attention", pa.paged_decode_attention_triton)
-        monkeypatch.setattr(attention, "paged_prefill_attention", pa.paged_prefill_attention_triton)
+        # The launchers as the ops (`exact` only chooses among CPU paths).
+        monkeypatch.setattr(attention, "paged_decode_attention",
+                            lambda *a, exact=True, **k: pa.paged_decode_attention_triton(*a, **k))
+        monkeypatch.setattr(attention, "paged_prefill_attention",
+                            lambda *a, exact=True, **k: pa.paged_prefill_attention_triton(*a, **k))
     layer, q, k_cache, v_cache, meta = _batch(q_lens, seq_lens)
+    if impl == "compiled cpu kernel":
+        if not native_available("cpu"):
+            pytest.skip("native extension not built")
+        layer.exact = False
     want = layer._torch_attention(q, k_cache, v_cache, meta)
     got = layer._paged_attention(q, k_cache, v_cache, meta)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

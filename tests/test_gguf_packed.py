@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from arbitrage_fast.models import loader
+from arbitrage_fast.models.layers import GatedMLP, RMSNorm
 from arbitrage_fast.models.quantized_linear import QuantizedEmbedding, QuantizedLinear
 from helpers.gguf_files import dequantised_reference, greedy, teacher_forced, write_tiny_gguf
 from helpers.tiny_models import build_tiny_lm
@@ -67,6 +68,8 @@ def test_packed_model_is_the_dequantised_model(tiny_gguf, arch, tie, caplog):
     assert model.layers[0].self_attn.qkv_proj.qtypes == [int(QT.Q4_K), int(QT.Q6_K)]  # q+k share one call
     assert type(model.layers[1].self_attn.o_proj) is torch.nn.Linear  # the F16 tensor, dense
     assert [r.message for r in caplog.records if "Q5_K" in r.message]  # the fallback is announced
+    # Packed weights give up transformers' exact arithmetic: the compiled CPU norm and activation run.
+    assert not any(m.exact for m in model.modules() if isinstance(m, (RMSNorm, GatedMLP)))
 
     for i in range(config.num_hidden_layers):
         for ours, ref in ((model.layers[i].self_attn.qkv_proj, reference.layers[i].self_attn.qkv_proj),

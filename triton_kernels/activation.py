@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, next_pow2, require_triton, tl, triton, use_triton
+from ._utils import HAS_TRITON, native_cpu, next_pow2, require_triton, tl, triton, use_triton
 
 __all__ = ["HAS_TRITON", "silu_and_mul", "silu_and_mul_reference", "silu_and_mul_triton"]
 
@@ -61,8 +61,11 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up: Triton on CUDA, the torch twin elsewhere."""
+def silu_and_mul(gate_up: torch.Tensor, *, exact: bool = True) -> torch.Tensor:
+    """silu(gate) * up: Triton on CUDA; on the CPU the compiled kernel where `exact=False`
+    allows its vectorised exp (within 2 ulp of torch's), else the torch twin."""
     if use_triton(gate_up):
         return silu_and_mul_triton(gate_up)
+    if not exact and gate_up.dim() == 2 and native_cpu(gate_up):
+        return torch.ops.arbitrage_fast.silu_and_mul(gate_up)
     return silu_and_mul_reference(gate_up)

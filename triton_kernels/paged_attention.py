@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, cdiv, next_pow2, num_sms, require_triton, tl, triton, triton_usable, use_triton
+from ._utils import (HAS_TRITON, cdiv, native_cpu, next_pow2, num_sms, require_triton, tl, triton, triton_usable,
+                     use_triton)
 
 __all__ = ["HAS_TRITON", "choose_num_splits", "paged_decode_attention", "paged_decode_attention_reference",
            "paged_decode_attention_triton", "paged_prefill_attention", "paged_prefill_attention_reference",
@@ -363,19 +364,34 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_query_l
     return out
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:
-    """Decode attention: Triton on CUDA, the torch reference elsewhere."""
+def _native_ok(q, k_cache, exact: bool) -> bool:
+    """The compiled CPU kernel (csrc/paged_attention_cpu.cpp) where the caller accepts its
+    summation order (`exact=False`) and the tensors are the CPU's."""
+    return not exact and q.dtype == k_cache.dtype and native_cpu(q, k_cache)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *,
+                           exact: bool = True) -> torch.Tensor:
+    """Decode attention: Triton on CUDA; on the CPU the compiled kernel where `exact=False`
+    allows it, else the torch reference."""
     if use_triton(q):
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    if _native_ok(q, k_cache, exact):
+        cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+        return torch.ops.arbitrage_fast.paged_attention(q, k_cache, v_cache, block_tables, cu, seq_lens, scale)
     return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens, scale: float,
-                            max_query_len: int | None = None) -> torch.Tensor:
-    """Varlen causal attention: Triton on CUDA, the torch reference elsewhere."""
+                            max_query_len: int | None = None, *, exact: bool = True) -> torch.Tensor:
+    """Varlen causal attention: Triton on CUDA; on the CPU the compiled kernel where
+    `exact=False` allows it, else the torch reference."""
     if use_triton(q):
         return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens,
                                               scale, max_query_len)
+    if _native_ok(q, k_cache, exact):
+        return torch.ops.arbitrage_fast.paged_attention(q, k_cache, v_cache, block_tables, cu_query_lens,
+                                                        seq_lens, scale)
     return paged_prefill_attention_reference(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens,
                                              scale)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, next_pow2, require_triton, tl, triton, use_triton
+from ._utils import HAS_TRITON, native_cpu, next_pow2, require_triton, tl, triton, use_triton
 
 __all__ = ["HAS_TRITON", "add_rms_norm", "add_rms_norm_reference", "add_rms_norm_triton"]
 
@@ -103,8 +103,13 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normed, new residual stream): Triton on CUDA, the torch twin elsewhere."""
+                 eps: float, *, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, new residual stream): Triton on CUDA; on the CPU the compiled kernel where
+    `exact=False` allows its sum of squares (double, so the last bit may differ from torch's
+    fp32 mean), else the torch twin."""
     if use_triton(x):
         return add_rms_norm_triton(x, residual, weight, eps)
+    if not exact and x.dim() == 2 and weight.dtype == x.dtype and native_cpu(x, weight):
+        normed, stream = torch.ops.arbitrage_fast.add_rms_norm(x, residual, weight, eps)
+        return normed, (x if residual is None else stream)
     return add_rms_norm_reference(x, residual, weight, eps)

@@ -21,7 +21,7 @@ import torch
 
 from arbitrage_fast.kv.ops import write_kv
 
-from ._utils import HAS_TRITON, next_pow2, require_triton, tl, triton, use_triton
+from ._utils import HAS_TRITON, native_cpu, next_pow2, require_triton, tl, triton, use_triton
 
 __all__ = ["HAS_TRITON", "apply_rotary", "rope_write_kv", "rope_write_kv_reference", "rope_write_kv_triton"]
 
@@ -132,7 +132,10 @@ def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   kv_cache: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:
-    """Rotated q, with rotated k and v written to the pages: Triton on CUDA, the torch twin elsewhere."""
+    """Rotated q, with rotated k and v written to the pages: Triton on CUDA, the compiled kernel
+    on the CPU (the twin's rounding, bit for bit), the torch twin elsewhere."""
     if use_triton(q):
         return rope_write_kv_triton(q, k, v, cos, sin, kv_cache, layer, slots)
+    if native_cpu(q, kv_cache) and len({q.dtype, k.dtype, v.dtype, cos.dtype, sin.dtype, kv_cache.dtype}) == 1:
+        return torch.ops.arbitrage_fast.rope_write_kv(q, k, v, cos, sin, kv_cache, layer, slots)
     return rope_write_kv_reference(q, k, v, cos, sin, kv_cache, layer, slots)

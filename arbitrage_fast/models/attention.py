@@ -7,7 +7,9 @@ the sequence's pages. Three implementations:
   their torch references elsewhere, by the kernel modules' one dispatch rule) read K/V in
   place through the block table, one launch for the whole batch. They serve every layer
   without a sliding window on CUDA, and device-form decode batches everywhere (no host
-  lengths, see AttentionMetadata.for_device_decode, so a CUDA graph can capture them).
+  lengths, see AttentionMetadata.for_device_decode, so a CUDA graph can capture them). A
+  layer whose `exact` is False (LlamaDecoder.set_exact_arithmetic) also takes them on the
+  CPU, where they then run the compiled kernel: its sums in another order than SDPA's.
   Prefill goes through the kernel on CUDA because the other path gathers every page of every
   sequence into a contiguous copy per layer and loops over sequences on the host: the catch-up
   prefill of an escalation is a few dozen query tokens over a context of thousands, where that
@@ -42,6 +44,7 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window
         self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
+        self.exact = True  # False: the compiled CPU kernel for full-attention layers (see the module doc)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,7 @@ class PagedAttention(nn.Module):
         v_cache = kv_cache[:, self.layer_idx, 1]
         if meta.batch_invariant:
             out = self._per_query_attention(q, k_cache, v_cache, meta)
-        elif self.sliding_window is None and (meta.on_device_only or x.is_cuda):
+        elif self.sliding_window is None and (meta.on_device_only or x.is_cuda or not self.exact):
             out = self._paged_attention(q, k_cache, v_cache, meta)
         elif meta.on_device_only:
             out = self._windowed_decode(q, k_cache, v_cache, meta)
@@ -64,9 +67,11 @@ class PagedAttention(nn.Module):
 
     def _paged_attention(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         if meta.is_decode:
-            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, self.scale)
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens_tensor, self.scale,
+                                          exact=self.exact)
         return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_query_lens,
-                                       meta.seq_lens_tensor, self.scale, max_query_len=max(meta.query_lens))
+                                       meta.seq_lens_tensor, self.scale, max_query_len=max(meta.query_lens),
+                                       exact=self.exact)
 
     def _windowed_decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         """Sliding-window decode from device lengths: gather every page the table names and

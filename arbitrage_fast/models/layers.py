@@ -2,7 +2,8 @@
 
 The arithmetic lives in the kernel modules' ops (Triton on CUDA, their torch twins, which are
 transformers' arithmetic, elsewhere): one launch per norm with its residual add, one for the
-MLP's activation.
+MLP's activation. A norm or MLP whose `exact` is False (LlamaDecoder.set_exact_arithmetic) lets
+those ops run the compiled CPU kernels, which round within an ulp of transformers, not to it.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.exact = True
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); given the residual stream, (norm(residual + x), residual + x) in one pass."""
-        normed, stream = add_rms_norm(x, residual, self.weight, self.eps)
+        normed, stream = add_rms_norm(x, residual, self.weight, self.eps, exact=self.exact)
         return normed if residual is None else (normed, stream)
 
 
@@ -51,6 +53,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.exact = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), exact=self.exact))

@@ -57,6 +57,16 @@ class LlamaDecoder(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def set_exact_arithmetic(self, exact: bool) -> None:
+        """Whether the norms, the MLP activation and the attention keep transformers' arithmetic
+        (True, the default: greedy tokens equal transformers' in fp32) or may run the compiled
+        CPU kernels, which sum in another order (within ulps) and cost several times less per
+        token. Packed quantized weights already depart from transformers' outputs by their
+        rounding, so their loaders turn it off."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, GatedMLP, PagedAttention)):
+                m.exact = exact
+
     def _layers(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(last MLP output, residual stream before it): their sum is the last layer's output."""

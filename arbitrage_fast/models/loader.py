@@ -5,7 +5,9 @@ safetensors (never unpickling), or a GGUF file. On CPU a GGUF's quantized weight
 their stored blocks (`gguf_packed`, the default); `dequantize=True`, or another device,
 dequantises every tensor through transformers' GGUF support instead (the reference path).
 `quant` quantizes the decoder's linear layers at load (`quantize_on_load`); a GGUF file is
-then dequantised first, so its blocks are requantized from their float values.
+then dequantised first, so its blocks are requantized from their float values. A model with
+packed or quantized linears runs its norms and activation through the compiled CPU kernels
+(`LlamaDecoder.set_exact_arithmetic`); a float checkpoint keeps transformers' arithmetic.
 Tokenizer and chat template always come from transformers.
 """
 from __future__ import annotations
@@ -124,6 +126,7 @@ def _load_gguf_packed(path: Path, torch_dtype: torch.dtype) -> LoadedModel:
     except gguf_packed.CorruptTensorError as e:
         raise CheckpointError(str(e)) from None
     pack_linears(model)  # float layers of the file, if any (bf16 on CPU)
+    model.set_exact_arithmetic(False)  # packed weights: the compiled CPU norm and activation
     return LoadedModel(model=model, spec=spec, tokenizer=tokenizer, hf_config=hf_config, path=str(path))
 
 
@@ -239,5 +242,6 @@ def _build(spec: DecoderSpec, tensors, torch_dtype, device, path: Path,
             quantize_linears(model, quant)  # before packing: it replaces the plain nn.Linear layers
         except QuantizationError as e:
             raise CheckpointError(f"{path}: cannot quantize to {quant.name}: {e}") from None
+        model.set_exact_arithmetic(False)  # as for packed GGUF weights
     pack_linears(model)  # bf16 on CPU: weights pre-packed for oneDNN, bit-identical output
     return model
