@@ -13,8 +13,8 @@
 // A kernel takes R activation rows at once (Rows): a weight group is decoded once and dotted
 // with every row, which is what makes prefill cheaper per row than decode.
 // Unsigned formats (nibbles, 5-bit) go straight into the u8 x s8 product and pay their offset
-// or min through the activation group sums; signed ones (Q8_0, Q6_K) move their sign onto the
-// activations first, as llama.cpp does.
+// or min through the activation group sums; signed ones (Q8_0, Q6_K, and Q5_0 made signed on
+// decode) move their sign onto the activations first, as llama.cpp does.
 
 AF_TARGET static inline __m256i dot_u8i8(__m256i u, __m256i s) {
 #if AF_VNNI
@@ -116,11 +116,6 @@ struct NibblesAt2 {
 struct NibblesAt4 {
   AF_TARGET __m256i operator()(const uint8_t* b) const { return nibbles16(b + 4); }
 };
-struct FiveBitsAt6 {
-  AF_TARGET __m256i operator()(const uint8_t* b) const {
-    return _mm256_or_si256(nibbles16(b + 6), fifth_bits(b + 2));
-  }
-};
 struct FiveBitsAt8 {
   AF_TARGET __m256i operator()(const uint8_t* b) const {
     return _mm256_or_si256(nibbles16(b + 8), fifth_bits(b + 4));
@@ -137,9 +132,41 @@ AF_TARGET static void dot_q4_1(const uint8_t* w, Rows x, float* out) {
   dot_unsigned<R, 0, true, 20>(w, x, out, NibblesAt4{});
 }
 
+// Q5_0 (no min) takes the signed route instead: nibbles | 0xF0 where the fifth bit is clear
+// is q = u - 16 as an int8, and the sign moves onto the activations as in Q8_0. That drops the
+// offset's per-group scalar term (a float chain the vector work waited on).
+AF_TARGET static inline __m256i q5_0_signed(const uint8_t* b) {
+  uint32_t bits;
+  std::memcpy(&bits, b + 2, 4);
+  const __m256i bytes = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  // Every bit but bit i of byte i set: the byte is all ones exactly where weight i's bit is.
+  const __m256i others = _mm256_set1_epi64x(static_cast<int64_t>(0x7fbfdfeff7fbfdfeULL));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1));
+  return _mm256_or_si256(nibbles16(b + 6), _mm256_andnot_si256(set, _mm256_set1_epi8(static_cast<char>(0xF0))));
+}
+
+// One Q5_0 group against R rows, into acc[0 .. R).
+template <int R>
+AF_TARGET static inline void q5_0_group(const uint8_t* w, Rows x, int64_t g, __m256* acc) {
+  const __m256i q = q5_0_signed(w), aq = _mm256_abs_epi8(q);
+  const float d = fp16(w);
+  for (int r = 0; r < R; ++r) {
+    const __m256i xs = _mm256_sign_epi8(load32(x.xq + r * x.stride + 32 * g), q);
+    acc[r] = fma_group(dot_u8i8(aq, xs), d * x.xd[r * x.scales + g], acc[r]);
+  }
+}
+
 template <int R>
 AF_TARGET static void dot_q5_0(const uint8_t* w, Rows x, float* out) {
-  dot_unsigned<R, 16, false, 22>(w, x, out, FiveBitsAt6{});
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < x.groups; ++g, w += 22) {
+    if (g % 2 == 0) prefetch_block(w, 44);
+    q5_0_group<R>(w, x, g, acc);
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 
 template <int R>
