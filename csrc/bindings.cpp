@@ -1,5 +1,5 @@
 // The extension module arbitrage_fast._C: the BlockPool (pybind11), the KV ops, a decoder layer's
-// CPU ops (norm, RoPE, activation, paged attention) and the quantized linear ops over GGUF blocks, int3 blocks and bf16 weights (torch dispatcher, so they
+// CPU ops (norm, RoPE, activation, paged attention, the whole packed layer) and the quantized linear ops over GGUF blocks, int3 blocks and bf16 weights (torch dispatcher, so they
 // are called as torch.ops.arbitrage_fast.* and work under torch.compile and CUDA graph capture).
 // This is the one place where things are registered.
 #include <ATen/Parallel.h>
@@ -12,6 +12,7 @@
 
 #include "bf16_linear.h"
 #include "block_pool.h"
+#include "decoder_layer_cpu.h"
 #include "decoder_ops.h"
 #include "gguf_linear.h"
 #include "int3_linear.h"
@@ -35,6 +36,12 @@ TORCH_LIBRARY(arbitrage_fast, m) {
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_query_lens, "
         "Tensor seq_lens, float scale) -> Tensor");
+  m.def("decoder_layer(Tensor h, Tensor? residual, Tensor input_norm, Tensor post_norm, float eps, "
+        "Tensor[] qkv, int[] qkv_types, Tensor? qkv_bias, Tensor[] o, int[] o_types, Tensor? o_bias, "
+        "Tensor[] gate_up, int[] gate_up_types, Tensor? gate_up_bias, Tensor[] down, int[] down_types, "
+        "Tensor? down_bias, Tensor cos, Tensor sin, Tensor(a!) kv_cache, int layer, Tensor slots, "
+        "Tensor block_tables, Tensor cu_query_lens, Tensor seq_lens, int num_heads, int num_kv_heads, "
+        "float scale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
@@ -49,6 +56,7 @@ TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
   m.impl("rope_write_kv", &arbitrage_fast::rope_write_kv_cpu);
   m.impl("silu_and_mul", &arbitrage_fast::silu_and_mul_cpu);
   m.impl("paged_attention", &arbitrage_fast::paged_attention_cpu);
+  m.impl("decoder_layer", &arbitrage_fast::decoder_layer_cpu);
 }
 
 // Shape-only tracing (torch.compile's fake tensors): both ops return nothing.

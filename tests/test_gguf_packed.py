@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from arbitrage_fast.models import loader
 from arbitrage_fast.models.layers import GatedMLP, RMSNorm
+from arbitrage_fast.models.packed_layer import PackedLayer
 from arbitrage_fast.models.quantized_linear import QuantizedEmbedding, QuantizedLinear
 from helpers.gguf_files import dequantised_reference, greedy, teacher_forced, write_tiny_gguf
 from helpers.tiny_models import build_tiny_lm
@@ -141,3 +142,21 @@ def test_a_tensor_of_the_wrong_shape_is_refused_naming_it(tiny_gguf):
     config.intermediate_size *= 2  # the config now disagrees with the file's ffn tensors
     with pytest.raises(loader.CheckpointError, match=r"blk\.0\.ffn_gate/up is \(1024, 256\) in the file, the config implies \(2048, 256\)"):
         loader.load_model(path, "float32")
+
+
+def test_a_packed_layer_runs_as_one_op_bit_for_bit_the_modules(tiny_gguf, monkeypatch):
+    """Layer 0 (every projection packed) runs as one compiled op; layer 1, whose o_proj is a
+    dense F16 tensor, keeps the modules. The one-op layer calls the modules' kernels in their
+    order, so the logits over a prefill and decode steps are the same bits either way."""
+    path, config, tokenizer = tiny_gguf("qwen2", True)
+    loaded = loader.load_model(path, "float32")
+    model = loaded.model
+    assert model.layers[0].packed is not None and model.layers[1].packed is None
+    calls = []
+    real = PackedLayer.__call__
+    monkeypatch.setattr(PackedLayer, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    prompt = tokenizer("We compute 12 + 30 = 42.\n\nThen")["input_ids"]
+    tokens, fused = greedy(model, loaded.spec, prompt, 6, torch.float32)
+    assert len(calls) == 6  # the prefill and five decode steps
+    model.layers[0].packed = None
+    assert torch.equal(teacher_forced(model, loaded.spec, prompt, tokens, torch.float32), fused)

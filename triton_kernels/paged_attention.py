@@ -22,6 +22,8 @@ Empty sequences (seq_len 0, e.g. padded slots of a captured batch) produce zeros
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._utils import (HAS_TRITON, cdiv, native_cpu, next_pow2, num_sms, require_triton, tl, triton, triton_usable,
@@ -370,6 +372,13 @@ def _native_ok(q, k_cache, exact: bool) -> bool:
     return not exact and q.dtype == k_cache.dtype and native_cpu(q, k_cache)
 
 
+@functools.lru_cache(maxsize=64)
+def _decode_starts(batch: int) -> torch.Tensor:
+    """0..batch as int32 on the CPU: where each row of a decode batch starts (one query each),
+    built once per batch size rather than once per layer and token; never written to."""
+    return torch.arange(batch + 1, dtype=torch.int32)
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, *,
                            exact: bool = True) -> torch.Tensor:
     """Decode attention: Triton on CUDA; on the CPU the compiled kernel where `exact=False`
@@ -377,8 +386,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     if use_triton(q):
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
     if _native_ok(q, k_cache, exact):
-        cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
-        return torch.ops.arbitrage_fast.paged_attention(q, k_cache, v_cache, block_tables, cu, seq_lens, scale)
+        return torch.ops.arbitrage_fast.paged_attention(q, k_cache, v_cache, block_tables, _decode_starts(q.shape[0]),
+                                                        seq_lens, scale)
     return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 

@@ -60,4 +60,6 @@ def copy_pages(arena: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> Non
 
 def native_available(device: torch.device | str) -> bool:
     """Whether the compiled ops serve tensors on `device`."""
+    if isinstance(device, str) and ":" not in device:  # the per-call form ("cpu"): no torch.device to build
+        return device in _NATIVE_DEVICES
     return torch.device(device).type in _NATIVE_DEVICES

@@ -53,8 +53,7 @@ class PagedAttention(nn.Module):
         q = rope_write_kv(q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim),
                           v.view(T, self.num_kv_heads, self.head_dim), cos, sin, kv_cache, self.layer_idx,
                           meta.slot_mapping)
-        k_cache = kv_cache[:, self.layer_idx, 0]
-        v_cache = kv_cache[:, self.layer_idx, 1]
+        k_cache, v_cache = kv_cache.select(1, self.layer_idx).unbind(1)
         if meta.batch_invariant:
             out = self._per_query_attention(q, k_cache, v_cache, meta)
         elif self.sliding_window is None and (meta.on_device_only or x.is_cuda or not self.exact):
