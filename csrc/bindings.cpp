@@ -41,7 +41,7 @@ TORCH_LIBRARY(arbitrage_fast, m) {
         "Tensor[] gate_up, int[] gate_up_types, Tensor? gate_up_bias, Tensor[] down, int[] down_types, "
         "Tensor? down_bias, Tensor cos, Tensor sin, Tensor(a!) kv_cache, int layer, Tensor slots, "
         "Tensor block_tables, Tensor cu_query_lens, Tensor seq_lens, int num_heads, int num_kv_heads, "
-        "float scale) -> (Tensor, Tensor)");
+        "float scale, int int3_group) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {

@@ -9,20 +9,26 @@
 
 #include "decoder_ops.h"
 #include "gguf_linear.h"
+#include "int3_linear.h"
 #include "paged_attention_cpu.h"
 
 namespace arbitrage_fast {
 namespace {
 
-// x @ W.T + bias over a projection's parts (QuantizedLinear.forward's arithmetic).
+constexpr int64_t kDense = -1, kInt3 = -2;  // part tags besides the ggml types (decoder_layer_cpu.h)
+
+// x @ W.T + bias over a projection's parts (QuantizedLinear.forward's, or Int3Linear's, arithmetic).
 at::Tensor project(const at::Tensor& x, at::TensorList parts, at::IntArrayRef types,
-                   const std::optional<at::Tensor>& bias, const char* what) {
+                   const std::optional<at::Tensor>& bias, int64_t int3_group, const char* what) {
   TORCH_CHECK(!parts.empty() && parts.size() == types.size(), "decoder_layer: ", what, " has ", parts.size(),
               " parts and ", types.size(), " types");
   std::vector<at::Tensor> outs;
   outs.reserve(parts.size());
   for (size_t i = 0; i < parts.size(); ++i) {
-    outs.push_back(types[i] < 0 ? at::linear(x, parts[i]) : gguf_linear_cpu(x, parts[i], types[i], "auto"));
+    TORCH_CHECK(types[i] >= kInt3, "decoder_layer: ", what, " part ", i, " has unknown type ", types[i]);
+    outs.push_back(types[i] == kDense  ? at::linear(x, parts[i])
+                   : types[i] == kInt3 ? int3_linear_cpu(x, parts[i], int3_group, "auto")
+                                       : gguf_linear_cpu(x, parts[i], types[i], "auto"));
   }
   at::Tensor y = outs.size() == 1 ? outs[0] : at::cat(outs, -1);
   return bias ? at::add(y, *bias) : y;
@@ -39,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(
     const std::optional<at::Tensor>& down_bias, const at::Tensor& cos, const at::Tensor& sin,
     const at::Tensor& kv_cache, int64_t layer, const at::Tensor& slots, const at::Tensor& block_tables,
     const at::Tensor& cu_query_lens, const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
-    double scale) {
+    double scale, int64_t int3_group) {
   TORCH_CHECK(h.dim() == 2, "decoder_layer: h must be [tokens, hidden], got ", h.sizes());
   TORCH_CHECK(kv_cache.dim() == 6 && kv_cache.size(4) == num_kv_heads,
               "decoder_layer: kv_cache must be [pages, layers, 2, block_size, ", num_kv_heads, ", head_dim], got ",
@@ -54,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(
     stream = h;
   }
   // Attention: fused QKV, RoPE with the KV write, paged attention over this layer's pages.
-  const at::Tensor qkv_out = project(normed, qkv, qkv_types, qkv_bias, "qkv");
+  const at::Tensor qkv_out = project(normed, qkv, qkv_types, qkv_bias, int3_group, "qkv");
   TORCH_CHECK(qkv_out.size(1) == q_size + 2 * kv_size, "decoder_layer: qkv gives ", qkv_out.size(1),
               " outputs, the heads need ", q_size + 2 * kv_size);
   const std::vector<at::Tensor> qkv_parts = qkv_out.split_with_sizes({q_size, kv_size, kv_size}, -1);
@@ -62,11 +68,11 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(
                                          qkv_parts[2].view({T, num_kv_heads, D}), cos, sin, kv_cache, layer, slots);
   const std::vector<at::Tensor> kv = kv_cache.select(1, layer).unbind(1);
   const at::Tensor attn = paged_attention_cpu(q, kv[0], kv[1], block_tables, cu_query_lens, seq_lens, scale);
-  const at::Tensor attn_out = project(attn.reshape({T, q_size}), o, o_types, o_bias, "o");
+  const at::Tensor attn_out = project(attn.reshape({T, q_size}), o, o_types, o_bias, int3_group, "o");
   // The post-attention norm closes the attention's residual add; then the MLP.
   auto [mlp_in, mlp_stream] = add_rms_norm_cpu(attn_out, stream, post_norm, eps);
-  const at::Tensor act = silu_and_mul_cpu(project(mlp_in, gate_up, gate_up_types, gate_up_bias, "gate_up"));
-  return {project(act, down, down_types, down_bias, "down"), mlp_stream};
+  const at::Tensor act = silu_and_mul_cpu(project(mlp_in, gate_up, gate_up_types, gate_up_bias, int3_group, "gate_up"));
+  return {project(act, down, down_types, down_bias, int3_group, "down"), mlp_stream};
 }
 
 }  // namespace arbitrage_fast

@@ -1,17 +1,18 @@
-// One whole decoder layer over GGUF-packed weights on the CPU, as one op: what the Python
-// modules (DecoderLayer -> RMSNorm, PagedAttention, GatedMLP, QuantizedLinear) do with exact
+// One whole decoder layer over packed weights on the CPU, as one op: what the Python modules
+// (DecoderLayer -> RMSNorm, PagedAttention, GatedMLP, QuantizedLinear/Int3Linear) do with exact
 // arithmetic off, calling the same kernels in the same order, so its outputs are theirs bit
-// for bit; only the per-op Python and dispatch between them is gone (about a tenth of a
+// for bit; only the per-op Python and dispatch between them is gone (about a sixth of a
 // decode token of a 0.5B model on two cores, where llama.cpp runs its graph in C++).
 //
 //   decoder_layer(h[T, H], residual[T, H]?, input_norm[H], post_norm[H], eps,
 //                 qkv[], qkv_types[], qkv_bias?, o[], o_types[], o_bias?,
 //                 gate_up[], gate_up_types[], gate_up_bias?, down[], down_types[], down_bias?,
 //                 cos[T, D], sin[T, D], kv_cache[P, L, 2, bs, Hkv, D], layer, slots[T],
-//                 block_tables, cu_query_lens, seq_lens, num_heads, num_kv_heads, scale)
+//                 block_tables, cu_query_lens, seq_lens, num_heads, num_kv_heads, scale, int3_group)
 //     -> (this layer's MLP output, the residual stream before it)  (DecoderLayer.forward)
 //   A projection is its parts in output order (QuantizedLinear): uint8 GGUF blocks with their
-//   ggml type, or a dense [rows, K] weight with type -1.
+//   ggml type, a dense [rows, K] weight with type -1, or the engine's int3 blocks
+//   (Int3Linear, int3_linear.h) with type -2 and groups of `int3_group` inputs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,6 +30,6 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_cpu(
     const std::optional<at::Tensor>& down_bias, const at::Tensor& cos, const at::Tensor& sin,
     const at::Tensor& kv_cache, int64_t layer, const at::Tensor& slots, const at::Tensor& block_tables,
     const at::Tensor& cu_query_lens, const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
-    double scale);
+    double scale, int64_t int3_group);
 
 }  // namespace arbitrage_fast

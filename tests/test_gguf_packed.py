@@ -151,12 +151,12 @@ def test_a_packed_layer_runs_as_one_op_bit_for_bit_the_modules(tiny_gguf, monkey
     path, config, tokenizer = tiny_gguf("qwen2", True)
     loaded = loader.load_model(path, "float32")
     model = loaded.model
-    assert model.layers[0].packed is not None and model.layers[1].packed is None
+    assert model.layers[0].one_op is not None and model.layers[1].one_op is None
     calls = []
     real = PackedLayer.__call__
     monkeypatch.setattr(PackedLayer, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     prompt = tokenizer("We compute 12 + 30 = 42.\n\nThen")["input_ids"]
     tokens, fused = greedy(model, loaded.spec, prompt, 6, torch.float32)
     assert len(calls) == 6  # the prefill and five decode steps
-    model.layers[0].packed = None
+    model.layers[0].one_op = None
     assert torch.equal(teacher_forced(model, loaded.spec, prompt, tokens, torch.float32), fused)

@@ -208,3 +208,19 @@ def test_the_cli_threads_the_quant_flags(folders, capsys, monkeypatch):
         with pytest.raises(SystemExit):
             main(["generate", "--draft", str(draft), "--target", str(target), *bad, PROMPT])
         assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["int4", "int3"])
+def test_a_quantized_layer_runs_as_one_op_bit_for_bit_the_modules(tmp_path, name):
+    """Quantized on load (Q4_1 blocks for int4, the engine's int3 blocks), every layer runs as one
+    compiled op, whose logits over a prefill and decode steps are the modules' bits."""
+    folder = build_tiny_lm(tmp_path / "m", "qwen2", hidden=64, layers=2)
+    loaded = loader.load_model(folder, "float32", quant=QuantScheme(name, 64))
+    model = loaded.model
+    assert all(layer.one_op is not None for layer in model.layers)
+    assert all(layer.one_op.int3_group == (64 if name == "int3" else 0) for layer in model.layers)
+    prompt = _prompt_ids(folder, PROMPT)
+    tokens, fused = greedy(model, loaded.spec, prompt, 6, torch.float32)
+    for layer in model.layers:
+        layer.one_op = None
+    assert torch.equal(teacher_forced(model, loaded.spec, prompt, tokens, torch.float32), fused)

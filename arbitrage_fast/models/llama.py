@@ -27,13 +27,13 @@ class DecoderLayer(nn.Module):
         )
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
-        self.packed: PackedLayer | None = None  # the one-op CPU path (set_exact_arithmetic)
+        self.one_op: PackedLayer | None = None  # the whole layer as one CPU op (set_exact_arithmetic)
 
     def forward(self, h, residual, cos, sin, meta, kv_cache):
         """(this layer's MLP output, the residual stream before it): the add that closes the
         layer happens in the next norm's kernel, so each norm costs one launch."""
-        if self.packed is not None and self.packed.serves(h, meta, kv_cache):
-            return self.packed(h, residual, cos, sin, meta, kv_cache)
+        if self.one_op is not None and self.one_op.serves(h, meta, kv_cache):
+            return self.one_op(h, residual, cos, sin, meta, kv_cache)
         if residual is None:  # the first layer: the embedding is the stream
             normed, residual = self.input_layernorm(h), h
         else:
@@ -71,7 +71,7 @@ class LlamaDecoder(nn.Module):
             if isinstance(m, (RMSNorm, GatedMLP, PagedAttention)):
                 m.exact = exact
         for layer in self.layers:  # packed layers then run as one op each (packed_layer.py)
-            layer.packed = PackedLayer(layer) if not exact and PackedLayer.eligible(layer) else None
+            layer.one_op = PackedLayer(layer) if not exact and PackedLayer.eligible(layer) else None
 
     def _layers(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,11 @@
-"""A whole decoder layer over GGUF-packed weights as one compiled CPU op.
+"""A whole decoder layer over packed weights as one compiled CPU op.
 
 With exact arithmetic off (LlamaDecoder.set_exact_arithmetic), a packed layer's modules run
 nothing but compiled kernels, yet a decode token still pays ten module calls, their Python and
-a dozen dispatches per layer: on two cores about a fifth of a 0.5B model's token, time that
+a dozen dispatches per layer: on two cores about a sixth of a 0.5B model's token, time that
 llama.cpp, running its graph in C++, does not spend. `PackedLayer` hands the layer's weights
-to `torch.ops.arbitrage_fast.decoder_layer` (csrc/decoder_layer_cpu.cpp), which calls the same
+(GGUF blocks, or the int3 blocks of a quantized-on-load model) to
+`torch.ops.arbitrage_fast.decoder_layer` (csrc/decoder_layer_cpu.cpp), which calls the same
 kernels in the same order, so the outputs are the modules' bit for bit.
 
 It serves host-form batches on the CPU outside batch-invariant mode, in the model's dtype; any
@@ -19,30 +20,42 @@ from torch import nn
 from arbitrage_fast.kv.ops import native_available
 from arbitrage_fast.runtime.attention_metadata import AttentionMetadata
 
+from .quantize_on_load import Int3Linear
 from .quantized_linear import QuantizedLinear
 
+INT3 = -2  # the op's tag of an int3 part (a ggml type, or DENSE, otherwise)
 
-def _parts(linear: QuantizedLinear) -> tuple[list[torch.Tensor], list[int], torch.Tensor | None]:
+
+def _parts(linear: nn.Module) -> tuple[list[torch.Tensor], list[int], torch.Tensor | None]:
+    if isinstance(linear, Int3Linear):
+        return [linear.blocks], [INT3], linear.bias
     weights = linear.weights()
     return [w for w, _ in weights], [q for _, q in weights], linear.bias
 
 
+def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
+    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+
+
 class PackedLayer:
     def __init__(self, layer: nn.Module) -> None:
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         self.norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         self.eps = layer.input_layernorm.eps
         self.layer_idx, self.heads, self.kv_heads, self.scale = (attn.layer_idx, attn.num_heads, attn.num_kv_heads,
                                                                  attn.scale)
-        self.projections = (*_parts(attn.qkv_proj), *_parts(attn.o_proj), *_parts(mlp.gate_up_proj),
-                            *_parts(mlp.down_proj))
+        self.projections = tuple(part for p in _projections(layer) for part in _parts(p))
+        groups = {p.group for p in _projections(layer) if isinstance(p, Int3Linear)}
+        self.int3_group = groups.pop() if groups else 0
         self.dtype = self.norms[0].dtype
 
     @staticmethod
     def eligible(layer: nn.Module) -> bool:
-        """Every projection packed, full attention, the extension built."""
-        projections = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-        return (all(isinstance(p, QuantizedLinear) for p in projections) and layer.self_attn.sliding_window is None
+        """Every projection packed (int3 ones in one group size), full attention, the extension built."""
+        projections = _projections(layer)
+        return (all(isinstance(p, (QuantizedLinear, Int3Linear)) for p in projections)
+                and len({p.group for p in projections if isinstance(p, Int3Linear)}) <= 1
+                and layer.self_attn.sliding_window is None
                 and layer.input_layernorm.weight.dtype == layer.post_attention_layernorm.weight.dtype
                 and native_available("cpu"))
 
@@ -54,4 +67,4 @@ class PackedLayer:
         return torch.ops.arbitrage_fast.decoder_layer(
             h, residual, *self.norms, self.eps, *self.projections, cos, sin, kv_cache, self.layer_idx,
             meta.slot_mapping, meta.block_tables, meta.cu_query_lens, meta.seq_lens_tensor, self.heads,
-            self.kv_heads, self.scale)
+            self.kv_heads, self.scale, self.int3_group)
