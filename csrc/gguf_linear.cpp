@@ -10,6 +10,7 @@
 #include "cpu_features.h"
 #include "gguf_blocks.h"
 #include "row_tiles.h"
+#include "vec_math.h"
 
 namespace arbitrage_fast {
 namespace gguf {

@@ -25,13 +25,6 @@ AF_TARGET static inline __m256i dot_u8i8(__m256i u, __m256i s) {
 #endif
 }
 
-AF_TARGET static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 AF_TARGET static inline float fp16(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
@@ -49,16 +42,16 @@ AF_TARGET static inline __m256i nibbles16(const uint8_t* p) {
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
 }
 
-// Bit i of the 32-bit word at p -> 0x10 in byte i (the fifth bit of a 5-bit weight).
-AF_TARGET static inline __m256i fifth_bits(const uint8_t* p) {
+// The 32-bit word at p as bytes: all ones where its bit is set (vec::bit_bytes).
+AF_TARGET static inline __m256i word_bits(const uint8_t* p) {
   uint32_t bits;
   std::memcpy(&bits, p, 4);
-  const __m256i bytes = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(static_cast<int>(bits)),
-      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
-  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
-  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+  return vec::bit_bytes(bits);
+}
+
+// Bit i of the 32-bit word at p -> 0x10 in byte i (the fifth bit of a 5-bit weight).
+AF_TARGET static inline __m256i fifth_bits(const uint8_t* p) {
+  return _mm256_and_si256(word_bits(p), _mm256_set1_epi8(0x10));
 }
 
 // Asks for the weight bytes kPrefetch ahead of a block of `bytes` at w. A row dot streams its
@@ -86,7 +79,7 @@ AF_TARGET static void dot_q8_0(const uint8_t* w, Rows x, float* out) {
       acc[r] = fma_group(dot_u8i8(aq, xs), d * x.xd[r * x.scales + g], acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = vec::hsum8(acc[r]);
 }
 
 // Formats whose group decodes to unsigned integers u (q = u - offset, w = d * q + m): the
@@ -106,7 +99,7 @@ AF_TARGET static inline void dot_unsigned(const uint8_t* w, Rows x, float* out, 
       extra[r] += e * x.xs[r * x.groups + g];
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + extra[r];
+  for (int r = 0; r < R; ++r) out[r] = vec::hsum8(acc[r]) + extra[r];
 }
 
 // Group decoders of the unsigned formats (byte offsets of qs, and of qh where there is one).
@@ -136,15 +129,8 @@ AF_TARGET static void dot_q4_1(const uint8_t* w, Rows x, float* out) {
 // is q = u - 16 as an int8, and the sign moves onto the activations as in Q8_0. That drops the
 // offset's per-group scalar term (a float chain the vector work waited on).
 AF_TARGET static inline __m256i q5_0_signed(const uint8_t* b) {
-  uint32_t bits;
-  std::memcpy(&bits, b + 2, 4);
-  const __m256i bytes = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(static_cast<int>(bits)),
-      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
-  // Every bit but bit i of byte i set: the byte is all ones exactly where weight i's bit is.
-  const __m256i others = _mm256_set1_epi64x(static_cast<int64_t>(0x7fbfdfeff7fbfdfeULL));
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1));
-  return _mm256_or_si256(nibbles16(b + 6), _mm256_andnot_si256(set, _mm256_set1_epi8(static_cast<char>(0xF0))));
+  return _mm256_or_si256(nibbles16(b + 6),
+                         _mm256_andnot_si256(word_bits(b + 2), _mm256_set1_epi8(static_cast<char>(0xF0))));
 }
 
 // One Q5_0 group against R rows, into acc[0 .. R).
@@ -166,7 +152,7 @@ AF_TARGET static void dot_q5_0(const uint8_t* w, Rows x, float* out) {
     if (g % 2 == 0) prefetch_block(w, 44);
     q5_0_group<R>(w, x, g, acc);
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = vec::hsum8(acc[r]);
 }
 
 template <int R>
@@ -248,7 +234,7 @@ AF_TARGET static void dot_q4_k(const uint8_t* w, Rows x, float* out) {
       acc[r] = _mm256_fnmadd_ps(mn, _mm256_loadu_ps(x.xs + r * x.groups + g), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = vec::hsum8(acc[r]);
 }
 
 // Q6_K: signed 6-bit weights (sign moved onto the activations) with an int8 scale per 16; the
@@ -290,7 +276,7 @@ AF_TARGET static void dot_q6_k(const uint8_t* w, Rows x, float* out) {
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(d * x.xd[r * x.scales + sb]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = vec::hsum8(acc[r]);
 }
 
 AF_TARGET static Kernels kernels(int64_t type) {

@@ -11,6 +11,7 @@
 
 #include "cpu_features.h"
 #include "gguf_blocks.h"
+#include "vec_math.h"
 #include "row_tiles.h"
 #include "gguf_linear.h"
 
@@ -84,13 +85,6 @@ AF_AVX2 static inline float fp16(const uint8_t* p) {
   return _cvtsh_ss(bits);
 }
 
-AF_AVX2 static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // 12 bytes of codes -> 32 bytes, byte i = q[i] in [0, 7].
 AF_AVX2 static inline __m256i unpack_codes(const uint8_t* p) {
   // qs: the 8 bytes in every 64-bit lane, lane t shifted right by 2t, give inputs 8t..8t+7 in
@@ -102,12 +96,7 @@ AF_AVX2 static inline __m256i unpack_codes(const uint8_t* p) {
   // qh: bit i of the word -> 0x04 in byte i (byte k of the word spread over bytes 8k..8k+7).
   uint32_t bits;
   std::memcpy(&bits, p + 8, 4);
-  const __m256i bytes = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(static_cast<int>(bits)),
-      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
-  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
-  return _mm256_or_si256(two, _mm256_and_si256(set, _mm256_set1_epi8(4)));
+  return _mm256_or_si256(two, _mm256_and_si256(vec::bit_bytes(bits), _mm256_set1_epi8(4)));
 }
 
 // As gguf_linear_simd.h's unsigned formats: the codes (<= 7) and int8 activations go through
@@ -133,7 +122,7 @@ AF_AVX2 static void dot_avx2(const uint8_t* w, int64_t per, Rows x, float* out) 
       }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + extra[r];
+  for (int r = 0; r < R; ++r) out[r] = vec::hsum8(acc[r]) + extra[r];
 }
 
 Kernels avx2_kernels() { return {dot_avx2<1>, dot_avx2<4>, dot_avx2<8>}; }

@@ -1,6 +1,8 @@
-// Vector math shared by the CPU kernels (AVX2 builds of x86 only; callers check
-// cpu::has_avx2() before calling).
+// Vector helpers shared by the CPU kernels (AVX2 builds of x86 only; callers check
+// cpu::has_avx2() before calling, and AVX-512 paths may call them too).
 #pragma once
+
+#include <cstdint>
 
 #include "cpu_features.h"
 
@@ -28,6 +30,16 @@ AF_TARGET_AVX2 inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Bit i of `bits` -> byte i all ones, else zero: a word of one-bit fields (the fifth bits of
+// Q5_0/Q5_1, the third bits of the int3 blocks) spread over 32 bytes.
+AF_TARGET_AVX2 inline __m256i bit_bytes(uint32_t bits) {
+  const __m256i bytes = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
 }
 
 // The sum of eight floats.
