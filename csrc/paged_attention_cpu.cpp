@@ -3,11 +3,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_features.h"
@@ -42,6 +45,16 @@ void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
 }
 
 #if AF_X86
+// Eight cache values as fp32: 16-bit caches widen on load, so every dtype shares the fp32 path.
+AF_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AF_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+AF_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 constexpr int64_t kKeyBlock = 64;  // keys per block: a block's K (or V) rows stay in L1 across the group
 
 // The `group` query heads that share one kv head, over its keys, in fp32 with head_dim
@@ -64,16 +77,16 @@ AF_TARGET_AVX2 void attend_group_avx2(const float* q, int64_t group, int64_t key
       float block_max = -std::numeric_limits<float>::infinity();
       int64_t j = 0;
       for (; j + 4 <= n; j += 4) {  // four keys at once: four independent FMA chains
-        const float* k[4] = {k_row(j0 + j), k_row(j0 + j + 1), k_row(j0 + j + 2), k_row(j0 + j + 3)};
+        const decltype(k_row(0)) k[4] = {k_row(j0 + j), k_row(j0 + j + 1), k_row(j0 + j + 2), k_row(j0 + j + 3)};
         __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int i = 0; i < ND; ++i) {
-          for (int r = 0; r < 4; ++r) s[r] = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k[r] + 8 * i), s[r]);
+          for (int r = 0; r < 4; ++r) s[r] = _mm256_fmadd_ps(qv[i], load8(k[r] + 8 * i), s[r]);
         }
         for (int r = 0; r < 4; ++r) block_max = std::max(block_max, p[j + r] = vec::hsum8(s[r]) * scale);
       }
       for (; j < n; ++j) {
         __m256 s = _mm256_setzero_ps();
-        for (int i = 0; i < ND; ++i) s = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k_row(j0 + j) + 8 * i), s);
+        for (int i = 0; i < ND; ++i) s = _mm256_fmadd_ps(qv[i], load8(k_row(j0 + j) + 8 * i), s);
         block_max = std::max(block_max, p[j] = vec::hsum8(s) * scale);
       }
       const float new_max = std::max(m[g], block_max);
@@ -93,8 +106,8 @@ AF_TARGET_AVX2 void attend_group_avx2(const float* q, int64_t group, int64_t key
       for (int i = 0; i < ND; ++i) o[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + 8 * i), _mm256_set1_ps(rescale));
       for (j = 0; j < n; ++j) {
         const __m256 w = _mm256_set1_ps(p[j]);
-        const float* v = v_row(j0 + j);
-        for (int i = 0; i < ND; ++i) o[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), o[i]);
+        const auto* v = v_row(j0 + j);
+        for (int i = 0; i < ND; ++i) o[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), o[i]);
       }
       for (int i = 0; i < ND; ++i) _mm256_storeu_ps(acc + g * D + 8 * i, o[i]);
     }
@@ -139,26 +152,20 @@ void gather_rows(const T* base, const int32_t* pages, int64_t keys, int64_t bs, 
   }
 }
 
-// One token's `group` query heads (q, out: [group, D] fp32) over one kv head's rows.
+// One token's `group` query heads (q, out: [group, D] fp32) over one kv head's rows: the AVX2
+// path for the common head sizes, the portable one otherwise.
 template <typename T>
 void attend(const std::vector<const T*>& k, const std::vector<const T*>& v, const float* q, int64_t group,
-            int64_t D, int64_t keys, float scale, bool, float* scores, float* out) {
-  for (int64_t g = 0; g < group; ++g) {
-    attend_scalar<T>(q + g * D, D, keys, scale, [&](int64_t j) { return k[j]; }, [&](int64_t j) { return v[j]; },
-                     scores, out + g * D);
-  }
-}
-
-// fp32 caches take the AVX2 path for the common head sizes.
-void attend(const std::vector<const float*>& k, const std::vector<const float*>& v, const float* q, int64_t group,
             int64_t D, int64_t keys, float scale, bool avx2, float* scores, float* out) {
   auto k_row = [&](int64_t j) { return k[j]; };
   auto v_row = [&](int64_t j) { return v[j]; };
 #if AF_X86
-  if (avx2 && D == 64) return attend_group_avx2<8>(q, group, keys, scale, k_row, v_row, scores, out);
-  if (avx2 && D == 128) return attend_group_avx2<16>(q, group, keys, scale, k_row, v_row, scores, out);
+  if constexpr (!std::is_same_v<T, double>) {  // the dispatch instantiates double; the checks refuse it
+    if (avx2 && D == 64) return attend_group_avx2<8>(q, group, keys, scale, k_row, v_row, scores, out);
+    if (avx2 && D == 128) return attend_group_avx2<16>(q, group, keys, scale, k_row, v_row, scores, out);
+  }
 #endif
-  for (int64_t g = 0; g < group; ++g) attend_scalar<float>(q + g * D, D, keys, scale, k_row, v_row, scores, out + g * D);
+  for (int64_t g = 0; g < group; ++g) attend_scalar<T>(q + g * D, D, keys, scale, k_row, v_row, scores, out + g * D);
 }
 
 }  // namespace

@@ -84,7 +84,7 @@ def test_silu_and_mul_kernel_within_ulps_of_the_twin(dtype):
        bs=st.sampled_from([1, 3, 16]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 10 ** 6))
 def test_paged_attention_kernel_matches_the_twin(data, hkv, group, D, bs, dtype, seed):
     """Prefill chunks, verification rows and decode rows mixed, over shuffled pages of a strided
-    layer view: the compiled kernel (AVX2 for fp32 at head_dim 64/128, portable otherwise)
+    layer view: the compiled kernel (AVX2 at head_dim 64/128, 16-bit caches widened to fp32; portable otherwise)
     against the fp32 twin."""
     g = torch.Generator().manual_seed(seed)
     seq_lens = data.draw(st.lists(st.integers(1, 90), min_size=1, max_size=4))
