@@ -7,10 +7,11 @@ references keep working either way.
 The dispatch rule, the same for every kernel module: each exports one public op (say
 `first_step_end`) beside its Triton launcher (`*_triton`) and its torch twin (`*_reference`).
 The op runs the Triton kernel on CUDA tensors and the twin on anything else, so callers never
-choose. The decoder's small ops (norm, RoPE with the KV write, SiLU-mul) also have compiled CPU
-kernels (csrc/decoder_ops.cpp), which the op runs on CPU tensors where the extension is built
-(`native_cpu`): RoPE's always, being the twin's bit for bit; the norm's and the activation's only
-when the caller passes `exact=False`, as they round within an ulp of the twin, not to it. CPU tensors never go through the Triton interpreter from the op, even with
+choose. The decoder's ops (norm, RoPE with the KV write, SiLU-mul, paged attention) also have
+compiled CPU kernels (csrc/decoder_ops.cpp, csrc/paged_attention_cpu.cpp), which the op runs on
+CPU tensors where the extension is built (`native_cpu`): RoPE's always, being the twin's bit for
+bit; the others only when the caller passes `exact=False`, as they sum or round within ulps of
+the twin, not to it. CPU tensors never go through the Triton interpreter from the op, even with
 TRITON_INTERPRET=1 (the test suite sets it): the interpreter is for testing a kernel, which the
 tests do by calling the launcher directly.
 """
@@ -51,7 +52,7 @@ def _native_cpu_built() -> bool:
 
 def native_cpu(*tensors: torch.Tensor) -> bool:
     """Whether the compiled CPU kernels serve these tensors (all on the CPU, extension built)."""
-    return all(not t.is_cuda and t.device.type == "cpu" for t in tensors) and _native_cpu_built()
+    return all(t.device.type == "cpu" for t in tensors) and _native_cpu_built()
 
 
 def triton_usable(*tensors: torch.Tensor) -> bool:

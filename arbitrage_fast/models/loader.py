@@ -6,8 +6,9 @@ their stored blocks (`gguf_packed`, the default); `dequantize=True`, or another 
 dequantises every tensor through transformers' GGUF support instead (the reference path).
 `quant` quantizes the decoder's linear layers at load (`quantize_on_load`); a GGUF file is
 then dequantised first, so its blocks are requantized from their float values. A model with
-packed or quantized linears runs its norms and activation through the compiled CPU kernels
-(`LlamaDecoder.set_exact_arithmetic`); a float checkpoint keeps transformers' arithmetic.
+packed or quantized linears runs its norms, activation and attention through the compiled CPU
+kernels, each packed layer as one op (`LlamaDecoder.set_exact_arithmetic`); a float checkpoint
+keeps transformers' arithmetic.
 Tokenizer and chat template always come from transformers.
 """
 from __future__ import annotations
@@ -126,7 +127,7 @@ def _load_gguf_packed(path: Path, torch_dtype: torch.dtype) -> LoadedModel:
     except gguf_packed.CorruptTensorError as e:
         raise CheckpointError(str(e)) from None
     pack_linears(model)  # float layers of the file, if any (bf16 on CPU)
-    model.set_exact_arithmetic(False)  # packed weights: the compiled CPU norm and activation
+    model.set_exact_arithmetic(False)  # packed weights: compiled CPU norm, activation, attention, layer
     return LoadedModel(model=model, spec=spec, tokenizer=tokenizer, hf_config=hf_config, path=str(path))
 
 
