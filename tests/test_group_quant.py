@@ -25,8 +25,8 @@ from hypothesis import given, settings, strategies as st
 
 from arbitrage_fast.config import QUANT_FORMATS, QUANT_GROUPS
 from arbitrage_fast.models import gguf_ops
-from arbitrage_fast.models.group_quant import (FORMATS, GROUPS, GroupQuantized, QuantizationError, QuantScheme,
-                                               quantize, to_gguf_blocks, to_int3_blocks)
+from arbitrage_fast.models.group_quant import (FORMATS, GROUPS, Q8_0, GroupQuantized, QuantizationError,
+                                               QuantScheme, quantize, to_gguf_blocks, to_int3_blocks, to_q8_0)
 from arbitrage_fast.models.quantize_on_load import GroupQuantLinear
 from helpers.triton_kernels import DEVICE, load_kernel, needs_triton
 
@@ -87,6 +87,19 @@ def test_cpu_blocks_hold_the_same_weights(scheme, K):
     blocks, qtype = to_gguf_blocks(qw)
     assert blocks.shape == (7, gguf_ops.row_bytes(qtype, K))
     assert torch.equal(gguf_ops.dequantize_reference(blocks, qtype, K), qw.dequantize())
+
+
+def test_q8_0_blocks_in_chunks_are_whole_blocks_of_32():
+    """`to_q8_0` (the CPU's quantized LM head): each 32 inputs get their own scale, which is
+    int8 quantization of every block as a row; chunking the rows changes nothing."""
+    w = _weight(7, 96, 2)
+    blocks = to_q8_0(w)
+    assert blocks.shape == (7, gguf_ops.row_bytes(Q8_0, 96))
+    per_block = quantize(w.reshape(-1, 32), QuantScheme("int8"))
+    assert torch.equal(gguf_ops.dequantize_reference(blocks, Q8_0, 96), per_block.dequantize().reshape(7, 96))
+    assert torch.equal(to_q8_0(w, rows_per_chunk=3), blocks)
+    with pytest.raises(QuantizationError, match="multiple of 32.*40"):
+        to_q8_0(_weight(3, 40, 0))
 
 
 def test_cpu_blocks_need_rows_of_32():

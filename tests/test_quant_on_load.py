@@ -112,7 +112,7 @@ RESIDENT_RATIO = {"int8": 34 / 64, "int4": 20 / 64, "int3": 28 / 128}
 def test_resident_weights_shrink_by_the_formats_ratio(tmp_path, name):
     """bf16 checkpoint: every quantized projection holds ratio x its bf16 bytes (the CPU's
     blocks: GGUF Q8_0 for int8 and Q4_1 for int4, the engine's 3-bit blocks at group 64 for
-    int3); embeddings, norms and the head stay bf16."""
+    int3), the (untied) head Q8_0's 34/64, and the embeddings and norms stay bf16."""
     ratio = RESIDENT_RATIO[name]
     folder = build_tiny_lm(tmp_path / "m", "llama", hidden=64, layers=2, tie=False)
     dense = loader.load_model(folder, "bfloat16").model
@@ -128,7 +128,43 @@ def test_resident_weights_shrink_by_the_formats_ratio(tmp_path, name):
     linear_bf16 = sum(m.in_features * m.out_features * 2 for m in _linears(dense))
     linear_quant = sum(b.numel() * b.element_size() for m in _linears(quant) for b in m.buffers())
     assert linear_quant == linear_bf16 * ratio
-    assert nbytes(dense) - nbytes(quant) == linear_bf16 * (1 - ratio)
+    head_bf16 = dense.lm_head.in_features * dense.lm_head.out_features * 2
+    assert isinstance(quant.lm_head, QuantizedLinear) and type(quant.embed_tokens) is nn.Embedding
+    assert nbytes(dense) - nbytes(quant) == linear_bf16 * (1 - ratio) + head_bf16 * (1 - 34 / 64)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_head_is_q8_0_and_a_tied_table_shares_its_blocks(tmp_path, tie):
+    """On CPU the head becomes Q8_0 whatever the layers' format: its logits are the dequantised
+    head's (within the GGUF kernel's rounding bound, test_gguf_kernels), every weight is within half
+    a step of the checkpoint's, and a tied embedding table looks its rows up from the same
+    blocks (the bf16 table is gone), so an input embedding is the head's dequantised row."""
+    from test_gguf_kernels import rounding_bound
+
+    from arbitrage_fast.models import gguf_ops
+    from arbitrage_fast.models.quantized_linear import QuantizedEmbedding
+
+    folder = build_tiny_lm(tmp_path / "m", "qwen2", hidden=64, layers=2, tie=tie, seed=3, init_std=0.02)
+    dense = loader.load_model(folder, "float32").model
+    quant = loader.load_model(folder, "float32", quant=QuantScheme("int4", 32)).model
+    head = quant.lm_head
+    assert isinstance(head, QuantizedLinear) and head.extra_repr().endswith("Q8_0")
+    (blocks, qtype), = head.weights()
+    w = dense.lm_head.weight
+    back = gguf_ops.dequantize_reference(blocks, qtype, w.shape[1])
+    step = blocks.reshape(w.shape[0], -1, 34)[..., :2].contiguous().view(torch.float16).float()
+    assert (step * 127 >= w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True)).all()
+    assert ((back - w).abs() <= step.repeat_interleave(32, 1).reshape(w.shape) / 2 + 1e-7).all()
+    x = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(0))
+    err = (head(x).double() - gguf_ops.linear_reference(x, blocks, qtype).double()).abs()
+    assert (err <= rounding_bound(x, blocks, qtype)).all()
+    if tie:
+        assert isinstance(quant.embed_tokens, QuantizedEmbedding)
+        assert quant.embed_tokens.blocks.data_ptr() == blocks.data_ptr()
+        ids = torch.tensor([0, 7, w.shape[0] - 1])
+        assert torch.equal(quant.embed_tokens(ids), back[ids])
+    else:
+        assert torch.equal(quant.embed_tokens.weight, dense.embed_tokens.weight)
 
 
 def test_an_int3_model_holds_seven_tenths_of_int4s_weight_bytes(tmp_path):

@@ -16,7 +16,8 @@ The packed layout and its dequantisation are defined beside the kernel that read
 (`triton_kernels/quant_matmul.py`). For the CPU, `to_gguf_blocks` rewrites an int8 or int4
 weight as GGUF Q8_0 / Q4_1 blocks and `to_int3_blocks` an int3 weight as the engine's 3-bit
 blocks (`int3_blocks`), each holding exactly the same dequantised values, which is how the CPU
-runs them (the kernels of `gguf_ops` and `int3_blocks`).
+runs them (the kernels of `gguf_ops` and `int3_blocks`). `to_q8_0` writes any weight as
+Q8_0 blocks of 32 (the CPU's form of a quantized LM head).
 """
 from __future__ import annotations
 
@@ -147,6 +148,20 @@ def to_gguf_blocks(qw: GroupQuantized) -> tuple[torch.Tensor, int]:
     d = qw.scales[:, block_group].contiguous().view(torch.uint8).reshape(N, nb, 2)
     m = qw.mins[:, block_group].contiguous().view(torch.uint8).reshape(N, nb, 2)
     return torch.cat([d, m, qs], -1).reshape(N, -1).contiguous(), Q4_1
+
+
+def to_q8_0(weight: torch.Tensor, name: str = "weight", rows_per_chunk: int = 8192) -> torch.Tensor:
+    """A [N, K] weight as GGUF Q8_0 blocks (uint8 [N, K / 32 * 34]): int8 with one float16
+    scale per 32 inputs, rounded as `quantize` rounds int8 (each block a row of its own). Rows
+    go in chunks, so a vocabulary-sized head needs only a chunk's fp32 copy at a time."""
+    N, K = weight.shape
+    _check_cpu_rows(K)
+    chunks = []
+    for start in range(0, N, rows_per_chunk):
+        rows = weight[start:start + rows_per_chunk]
+        blocks, _ = to_gguf_blocks(quantize(rows.reshape(-1, 32), QuantScheme("int8"), name))
+        chunks.append(blocks.reshape(rows.shape[0], -1))
+    return torch.cat(chunks)
 
 
 def to_int3_blocks(qw: GroupQuantized) -> torch.Tensor:

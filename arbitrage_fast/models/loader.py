@@ -24,7 +24,7 @@ from .architecture import DecoderSpec, UnsupportedArchitectureError
 from .cpu_linear import pack_linears
 from .group_quant import QuantizationError, QuantScheme
 from .llama import LlamaDecoder
-from .quantize_on_load import quantize_linears
+from .quantize_on_load import quantize_head, quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,7 @@ def _build(spec: DecoderSpec, tensors, torch_dtype, device, path: Path,
     if quant is not None:
         try:
             quantize_linears(model, quant)  # before packing: it replaces the plain nn.Linear layers
+            quantize_head(model)
         except QuantizationError as e:
             raise CheckpointError(f"{path}: cannot quantize to {quant.name}: {e}") from None
         model.set_exact_arithmetic(False)  # as for packed GGUF weights
