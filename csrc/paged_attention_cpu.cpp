@@ -44,6 +44,15 @@ void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
               cu_query_lens.sizes());
 }
 
+constexpr int64_t kKeyBlock = 64;  // keys per block: a block's K (or V) rows stay in L1 across the group
+
+// Floats of work room one (token, kv head) item needs: the portable path's scores over the
+// whole sequence, or the AVX2 path's accumulators, one key block of weights and each head's
+// running max and sum.
+int64_t work_floats(int64_t max_len, int64_t group, int64_t D) {
+  return std::max<int64_t>(max_len, group * D + kKeyBlock + 2 * group);
+}
+
 #if AF_X86
 // Eight cache values as fp32: 16-bit caches widen on load, so every dtype shares the fp32 path.
 AF_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -55,20 +64,21 @@ AF_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-constexpr int64_t kKeyBlock = 64;  // keys per block: a block's K (or V) rows stay in L1 across the group
-
 // The `group` query heads that share one kv head, over its keys, in fp32 with head_dim
 // 8 * ND: flash-attention style, key block by key block with a running max and sum per head,
 // so each block of K and V rows is read from memory once for the whole group rather than
-// once per query head. q and out are [group, D]; work holds group * D + kKeyBlock floats.
+// once per query head. q and out are [group, D]; work holds work_floats(.., group, D) floats.
 template <int ND, typename KRow, typename VRow>
 AF_TARGET_AVX2 void attend_group_avx2(const float* q, int64_t group, int64_t keys, float scale, const KRow& k_row,
                                       const VRow& v_row, float* work, float* out) {
   constexpr int64_t D = 8 * ND;
   float* acc = work;                   // [group, D]
   float* p = work + group * D;         // [kKeyBlock]: one head's block of scores, then weights
-  std::vector<float> m(group, -std::numeric_limits<float>::infinity()), l(group, 0.0f);
+  float* m = p + kKeyBlock;            // [group]: running max of each head's scores
+  float* l = m + group;                // [group]: running sum of its weights
   std::fill(acc, acc + group * D, 0.0f);
+  std::fill(m, m + group, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + group, 0.0f);
   for (int64_t j0 = 0; j0 < keys; j0 += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, keys - j0);
     for (int64_t g = 0; g < group; ++g) {
@@ -214,9 +224,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache
     const int64_t k0 = k_cache.stride(0), k1 = k_cache.stride(1), k2 = k_cache.stride(2);
     const int64_t v0 = v_cache.stride(0), v1 = v_cache.stride(1), v2 = v_cache.stride(2);
     at::parallel_for(0, T * Hkv, grain, [&](int64_t begin, int64_t end) {
-      // Scores of a whole sequence for the portable path; the AVX2 path's accumulators and one
-      // key block of weights for the group fit in the same room.
-      std::vector<float> scores(std::max<int64_t>(max_len, group * D + 64)), qf(group * D), of(group * D);
+      std::vector<float> scores(work_floats(max_len, group, D)), qf(group * D), of(group * D);
       std::vector<const scalar_t*> k_rows, v_rows;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / Hkv, kvh = item % Hkv, b = seq_of[t];
