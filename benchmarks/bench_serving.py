@@ -14,6 +14,12 @@ a token for vLLM), and ratios against the batch-1 server and vLLM measured in th
     python benchmarks/bench_serving.py --draft M.gguf --target M.gguf --policy draft_only \
         [--vllm-python /opt/vllm/bin/python --vllm-model DIR] [--clients 1,4,8,16]
 
+With `--paired-single K`, the two engine servers first run side by side and take K single
+requests in turn (one in flight at a time, the order swapped every round, each round's prompt
+sent to both), so drift in the machine's load hits both alike: the batched server's latency
+over the batch-1 server's at one client, with a paired bootstrap interval. `--servers ""` then
+skips the concurrent-client rows.
+
 The JSON is rewritten after every row (benchmarks/results/serving_<name>.json).
 """
 from __future__ import annotations
@@ -149,10 +155,44 @@ def ratios(rows: list[dict]) -> None:
             r[f"p99_latency_vs_{ref}"] = r["p99_latency_s"] / other["p99_latency_s"]
 
 
+def paired_single(servers: dict[str, "Server"], bodies: list[dict], rounds: int) -> dict:
+    """`rounds` single requests to each server in turn (batched first in even rounds), same prompt."""
+    lat: dict[str, list[float]] = {name: [] for name in servers}
+    first: dict[str, list[float]] = {name: [] for name in servers}
+    clients = {name: httpx.Client(base_url=srv.url, timeout=3600) for name, srv in servers.items()}
+    try:
+        for k in range(rounds):
+            order = list(servers) if k % 2 == 0 else list(reversed(servers))
+            for name in order:
+                rec = one_request(clients[name], bodies[k % len(bodies)])
+                lat[name].append(rec["latency_s"])
+                first[name].append(rec["first_event_s"])
+    finally:
+        for c in clients.values():
+            c.close()
+    from arbitrage_fast.eval.intervals import paired_bootstrap
+
+    speedup, low, high = paired_bootstrap(lat["batched"], lat["batch1"], "speedup")
+    # The latency ratio is the speed-up's inverse: its interval's ends swap.
+    return {"rounds": rounds, "latency_s": lat, "first_event_s": first,
+            "latency_vs_batch1": 1 / speedup, "latency_vs_batch1_interval": [1 / high, 1 / low]}
+
+
 def render(out: dict) -> str:
     """The run as a markdown table (what RESULTS.md shows), from its JSON."""
-    lines = ["| server | clients | tok/s | p50 latency s | p99 latency s | p50 first event s | tok/s vs batch 1 "
-             "| p99 vs batch 1 | tok/s vs vLLM |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = []
+    paired = out.get("paired_single")
+    if paired:
+        med = {k: statistics.median(v) for k, v in paired["latency_s"].items()}
+        low, high = paired["latency_vs_batch1_interval"]
+        lines += ["| one client, requests in turn | rounds | p50 latency s, batched | p50 latency s, batch 1 "
+                  "| latency batched / batch 1 [95% CI] |", "|---|---|---|---|---|",
+                  f"| paired | {paired['rounds']} | {med['batched']:.2f} | {med['batch1']:.2f} "
+                  f"| {paired['latency_vs_batch1']:.3f}x [{low:.3f}, {high:.3f}] |", ""]
+    if not out["rows"]:
+        return "\n".join(lines)
+    lines += ["| server | clients | tok/s | p50 latency s | p99 latency s | p50 first event s | tok/s vs batch 1 "
+              "| p99 vs batch 1 | tok/s vs vLLM |", "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)  # noqa: E731
     ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
     for r in out["rows"]:
@@ -185,6 +225,8 @@ def main() -> int:
     # which a machine already holding this project's models cannot give.
     ap.add_argument("--vllm-args", default="--gpu-memory-utilization 0.3 --max-model-len 4096")
     ap.add_argument("--servers", default="batched,batch1,vllm", help="which servers to run, in order")
+    ap.add_argument("--paired-single", type=int, default=0, metavar="K",
+                    help="first, K rounds of one request to the batched and the batch-1 server in turn")
     ap.add_argument("--startup-s", type=float, default=900)
     ap.add_argument("--name", default="serving")
     ap.add_argument("--report", default=None, metavar="JSON", help="print a finished run's table and exit")
@@ -211,12 +253,25 @@ def main() -> int:
            "per_client": args.per_client, "max_batch": args.max_batch, "models": models, "rows": []}
     logs = RESULTS / "serving_logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for name in args.servers.split(","):
+    engine_servers = {"batched": args.max_batch, "batch1": 1}
+    if args.paired_single:
+        pair = {}
+        try:
+            for name, batch in engine_servers.items():
+                port = free_port()
+                pair[name] = Server(serve + ["--max-batch", str(batch), "--port", str(port)], port, name,
+                                    logs / f"{args.name}_{name}_paired.log", args.startup_s)
+                drive(pair[name].url, bodies[:1], 1, 1)  # warm-up
+            out["paired_single"] = paired_single(pair, bodies, args.paired_single)
+        finally:
+            for server in pair.values():
+                server.close()
+        write_json(out, RESULTS, f"serving_{args.name}.json")
+        print(render(out), flush=True)
+    for name in filter(None, args.servers.split(",")):
         port = free_port()
-        if name == "batched":
-            argv = serve + ["--max-batch", str(args.max_batch), "--port", str(port)]
-        elif name == "batch1":
-            argv = serve + ["--max-batch", "1", "--port", str(port)]
+        if name in engine_servers:
+            argv = serve + ["--max-batch", str(engine_servers[name]), "--port", str(port)]
         elif name == "vllm":
             if not (args.vllm_python and args.vllm_model):
                 print("vllm: skipped (give --vllm-python and --vllm-model)")
