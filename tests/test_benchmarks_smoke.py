@@ -173,3 +173,35 @@ def test_bench_memory_counts_each_storage_once_and_judges_packed_weights_against
     assert "| small | 100 MB | packed | 99 MB | 0.99x | 300 MB | 350 MB | 3.50x | 1.50x | 1.0 |" in table
     assert "| big | 100 MB | dequantised (GGUF parse) | 400 MB | 4.00x | 600 MB | 900 MB | 9.00x | 7.00x | 2.0 |" in table
     assert "small 0.99x (met); big 1.20x (not met)" in table
+
+
+def test_serving_paired_single_alternates_and_pairs_rounds(monkeypatch):
+    """bench_serving --paired-single: each round sends one prompt to both servers, the order
+    swaps every round, and the latency ratio (batched over batch 1) and its interval come from
+    the paired rounds (here the batched server is made exactly 1.1x slower)."""
+    bench = _load("bench_serving")
+    sent = []
+
+    class Client:
+        def __init__(self, base_url, timeout):
+            self.url = base_url
+
+        def close(self):
+            pass
+
+    def one_request(client, body):
+        sent.append((client.url, body["prompt"]))
+        base = 1.0 + len(body["prompt"])
+        return {"latency_s": base * (1.1 if client.url == "B" else 1.0), "first_event_s": 0.1, "tokens": 1}
+
+    monkeypatch.setattr(bench.httpx, "Client", Client)
+    monkeypatch.setattr(bench, "one_request", one_request)
+    servers = {"batched": type("S", (), {"url": "B"})(), "batch1": type("S", (), {"url": "1"})()}
+    bodies = [{"prompt": "x" * k} for k in range(1, 4)]
+    out = bench.paired_single(servers, bodies, 4)
+    assert [u for u, _ in sent] == ["B", "1", "1", "B", "B", "1", "1", "B"]
+    assert [p for _, p in sent] == ["x", "x", "xx", "xx", "xxx", "xxx", "x", "x"]
+    assert out["latency_vs_batch1"] == pytest.approx(1.1)
+    low, high = out["latency_vs_batch1_interval"]
+    assert low == pytest.approx(1.1) and high == pytest.approx(1.1)
+    assert "1.100x [1.100, 1.100]" in bench.render({"paired_single": out, "rows": []})
