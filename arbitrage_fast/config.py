@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .policies import DEFAULT_LOOKAHEAD_K, DEFAULT_REFLECTION_CUES, check_cues, check_lookahead_k
 
@@ -41,6 +41,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """The settings of the `index`-th of n samples of one prompt. A seeded request gives its
+        i-th sample seed + i (as vLLM does), so the samples differ and each can be drawn again
+        alone; an unseeded one draws every sample from the global generator."""
+        if index == 0 or self.seed is None:
+            return self
+        return replace(self, seed=self.seed + index)
 
 
 @dataclass

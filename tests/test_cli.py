@@ -149,8 +149,9 @@ def test_serve_builds_the_preset_app_with_its_router_policy(monkeypatch, capsys)
                                                     "prompt": "Q: Start with 12. Add 30. What is the result?\nA: "}).json()
     assert body["arbitrage"]["policy"] == "arbitrage"  # the testbed ships a router head
     assert body["usage"]["completion_tokens"] <= 64
-    assert all(s["router_score"] is not None for s in body["arbitrage"]["steps"])
-    assert body["choices"][0]["text"] == "".join(s["text"] for s in body["arbitrage"]["steps"])
+    steps = body["choices"][0]["arbitrage"]["steps"]
+    assert all(s["router_score"] is not None for s in steps)
+    assert body["choices"][0]["text"] == "".join(s["text"] for s in steps)
 
 
 def test_generate_spec_k_speculates_escalations_without_changing_greedy_tokens(capsys):

@@ -248,7 +248,7 @@ def test_the_http_server_routes_steps_between_two_model_servers(monkeypatch, cap
         body = client.post("/v1/completions", json={"prompt": PROBLEM}).json()
         assert body["choices"][0]["text"] == "".join(TARGET_STEPS)
         assert body["arbitrage"]["policy"] == "rsd"
-        assert [s["source"] for s in body["arbitrage"]["steps"]] == ["draft", "target", "draft"]
+        assert [s["source"] for s in body["choices"][0]["arbitrage"]["steps"]] == ["draft", "target", "draft"]
         assert body["usage"]["completion_tokens"] == sum(len(tokens_of(s)) for s in TARGET_STEPS)
         assert body["usage"]["prompt_tokens"] == len(tokens_of(PROBLEM))
         with client.stream("POST", "/v1/completions", json={"prompt": PROBLEM, "stream": True}) as r:

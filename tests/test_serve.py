@@ -56,7 +56,7 @@ def test_completion_equals_the_engine_and_reports_steps(client, engine):
     assert body["usage"]["completion_tokens"] == len(ref.token_ids)
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + len(ref.token_ids)
     assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # nothing else ran beside it
-    steps = body["arbitrage"]["steps"]
+    steps = choice["arbitrage"]["steps"]
     assert [s["text"] for s in steps] == [s.text for s in ref.steps] and len(steps) == 5
     assert [s["source"] for s in steps] == [s.source for s in ref.steps]
     assert body["arbitrage"]["policy"] == "rsd" and body["arbitrage"]["threshold"] == 0.7
@@ -79,7 +79,8 @@ def test_stream_sends_one_event_per_step_and_the_same_text(client, engine):
     assert events[-1] == "[DONE]"
     steps, final = events[:-2], events[-2]
     assert "".join(e["choices"][0]["text"] for e in steps) == whole["choices"][0]["text"]
-    assert [e["arbitrage"]["step"]["source"] for e in steps] == [s["source"] for s in whole["arbitrage"]["steps"]]
+    assert [e["choices"][0]["arbitrage"]["step"]["source"] for e in steps] == [
+        s["source"] for s in whole["choices"][0]["arbitrage"]["steps"]]
     assert all(e["choices"][0]["finish_reason"] is None for e in steps)
     assert final["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
     assert final["usage"] == whole["usage"]
@@ -106,6 +107,54 @@ def test_chat_uses_the_chat_template_and_streams_deltas(client, engine):
     assert events[-2]["object"] == "chat.completion.chunk"
 
 
+def test_n_choices_are_the_seeded_samples_alone_and_share_the_prompt(client, engine):
+    """n = 3 seeded samples: choice i is what the engine draws alone with seed + i, the choices
+    differ, the prompt is counted once in usage and prefilled once (the others share it)."""
+    request = {"prompt": PROMPT, "max_tokens": 20, "policy": "rsd", "threshold": 0.7, "temperature": 1.0,
+               "seed": 7, "n": 3}
+    body = client.post("/v1/completions", json=request).json()
+    refs = [engine.generate(PROMPT, policy="rsd", threshold=0.7,
+                            sampling=SamplingParams(max_new_tokens=20, temperature=1.0, seed=7 + i)) for i in range(3)]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in body["choices"]] == [r.text for r in refs]
+    assert len({r.text for r in refs}) > 1  # the seeds differ, so do the samples
+    for choice, ref in zip(body["choices"], refs):
+        assert [s["source"] for s in choice["arbitrage"]["steps"]] == [s.source for s in ref.steps]
+    assert body["usage"]["prompt_tokens"] == len(engine.tokenizer(PROMPT)["input_ids"])
+    assert body["usage"]["completion_tokens"] == sum(len(r.token_ids) for r in refs)
+    shared = [c["arbitrage"]["stats"]["cached_prompt_tokens"] for c in body["choices"]]
+    assert sorted(shared)[0] == 0 and all(x > 0 for x in sorted(shared)[1:])  # one computed it
+    assert body["arbitrage"] == {"policy": "rsd", "threshold": 0.7}
+    assert used_pages(engine) == 0
+
+
+@pytest.mark.parametrize("path, extra", [("/v1/completions", {"prompt": PROMPT}),
+                                         ("/v1/chat/completions", {"messages": MESSAGES})])
+def test_n_choices_stream_interleaved_each_by_its_index(client, engine, path, extra):
+    request = {**extra, "max_tokens": 16, "policy": "rsd", "threshold": 0.7, "max_step_tokens": 4,
+               "temperature": 1.0, "seed": 3, "n": 3}
+    whole = client.post(path, json=request).json()
+    with client.stream("POST", path, json={**request, "stream": True}) as r:
+        events = sse(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = [e["choices"][0] for e in events[:-1]]
+    chat = path.endswith("chat/completions")
+    for i, choice in enumerate(whole["choices"]):
+        mine = [c for c in chunks if c["index"] == i]
+        # Step by step (a random tiny model splits UTF-8 characters between steps, so the whole
+        # answer's decode can differ from its steps' texts joined).
+        text = [c["delta"].get("content") if chat else c["text"] for c in mine[:-1]]
+        assert text == [s["text"] for s in choice["arbitrage"]["steps"]]
+        assert [c["finish_reason"] for c in mine[:-1]] == [None] * (len(mine) - 1)
+        assert mine[-1]["finish_reason"] == choice["finish_reason"]
+        assert mine[-1]["arbitrage"]["stats"]["target_tokens"] == choice["arbitrage"]["stats"]["target_tokens"]
+        if chat:
+            assert mine[0]["delta"]["role"] == "assistant" and all("role" not in c["delta"] for c in mine[1:])
+    assert [("usage" in e) for e in events[:-1]] == [False] * (len(events) - 2) + [True]
+    assert events[-2]["usage"] == whole["usage"] and events[-2]["arbitrage"] == whole["arbitrage"]
+    assert used_pages(engine) == 0
+
+
 @pytest.mark.parametrize("path, body, status, match", [
     ("/v1/completions", {"prompt": ""}, 400, "prompt.constrained-str: String should have at least 1 character"),
     ("/v1/completions", {"prompt": "  "}, 400, "String should match pattern"),
@@ -117,7 +166,8 @@ def test_chat_uses_the_chat_template_and_streams_deltas(client, engine):
     ("/v1/completions", {"prompt": PROMPT, "policy": "arbitrage"}, 400, "router"),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": PROMPT, "temperature": -1}, 400, "temperature"),
-    ("/v1/completions", {"prompt": PROMPT, "n": 2}, 400, "n:"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "n: Input should be greater than or equal to 1"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 129}, 400, "n: Input should be less than or equal to 128"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt: Field required"),
     ("/v1/completions", {"prompt": PROMPT, "model": "gpt-4"}, 404, "'gpt-4' is not served here"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
@@ -163,13 +213,26 @@ def test_a_client_that_disconnects_mid_answer_returns_its_pages(server, engine):
         before = http.get("/health").json()["requests"]
         with http.stream("POST", "/v1/completions", json=request) as r:
             first = next(line for line in r.iter_lines() if line.startswith("data: "))
-            assert json.loads(first[len("data: "):])["arbitrage"]["step"]["text"]
+            assert json.loads(first[len("data: "):])["choices"][0]["arbitrage"]["step"]["text"]
         # Gone after one step of a long answer: the server must cancel it and free its KV.
         wait_for(lambda: http.get("/health").json()["requests"]["cancelled"] == before["cancelled"] + 1)
         assert http.get("/health").json()["kv"]["used_pages"] == 0
         assert http.get("/health").json()["requests"]["finished"] == before["finished"]
         after = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8})
         assert after.status_code == 200
+
+
+def test_a_client_that_leaves_an_n_choice_stream_cancels_every_choice(server, engine):
+    request = {"prompt": PROMPT, "max_tokens": 100, "policy": "every_step", "max_step_tokens": 2, "stream": True,
+               "n": 3, "temperature": 1.0}
+    with httpx.Client(base_url=server, timeout=60) as http:
+        before = http.get("/health").json()["requests"]
+        with http.stream("POST", "/v1/completions", json=request) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[len("data: "):])["choices"][0]["arbitrage"]["step"]["text"]
+        wait_for(lambda: http.get("/health").json()["requests"]["cancelled"] == before["cancelled"] + 3)
+        assert http.get("/health").json()["kv"]["used_pages"] == 0
+        assert http.get("/health").json()["requests"]["finished"] == before["finished"]
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, engine):
@@ -199,9 +262,13 @@ def test_usage_reports_the_prompt_tokens_shared_with_another_request(engine):
     n = len(engine.tokenizer(PROMPT)["input_ids"])
     # Whole pages of the prompt, short of its last token (which every request feeds itself).
     cached = max((n - 1) - (n - 1) % engine.cache.block_size(m) for m in (0, 1))
-    assert usage(n, first)["prompt_tokens_details"] == {"cached_tokens": 0}
-    assert usage(n, copy)["prompt_tokens_details"] == {"cached_tokens": cached} and cached > 0
-    assert usage(n, copy)["total_tokens"] == n + copy.completion_tokens
+    assert usage(n, [first])["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage(n, [copy])["prompt_tokens_details"] == {"cached_tokens": cached} and cached > 0
+    assert usage(n, [copy])["total_tokens"] == n + copy.completion_tokens
+    # Two choices of one request: the prompt counted once, only what both found computed is cached.
+    both = usage(n, [first, copy])
+    assert both["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert both["total_tokens"] == n + first.completion_tokens + copy.completion_tokens
     assert used_pages(engine) == 0
 
 
@@ -287,8 +354,8 @@ def test_concurrent_streaming_clients_each_receive_exactly_their_own_answer(serv
         with httpx.Client(base_url=server, timeout=120) as http:
             with http.stream("POST", "/v1/completions", json={**asks[i], "stream": True}) as r:
                 events = sse(r.iter_lines())
-        steps = [(e["arbitrage"]["step"]["text"], e["arbitrage"]["step"]["source"]) for e in events
-                 if isinstance(e, dict) and "step" in e.get("arbitrage", {})]
+        marks = [e["choices"][0]["arbitrage"] for e in events if isinstance(e, dict)]
+        steps = [(m["step"]["text"], m["step"]["source"]) for m in marks if "step" in m]
         got[i] = (steps, events[-2]["choices"][0]["finish_reason"])
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]

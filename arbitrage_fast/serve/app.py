@@ -8,8 +8,9 @@ client that goes away mid-answer cancels its request and its KV pages return to 
 """
 from __future__ import annotations
 
+import asyncio
 import json
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -88,53 +89,106 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
                                                f"{model_name!r}", "not_found_error", "model"), status_code=404)
         chosen = {"policy": body.policy or policy,
                   "threshold": body.threshold if body.threshold is not None or body.policy else threshold}
+        handles = []
         try:
             step_cap = {"max_step_tokens": body.max_step_tokens} if body.max_step_tokens else {}
             sampling = SamplingParams(max_new_tokens=body.token_cap(max_tokens), temperature=body.temperature,
                                       top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos, **step_cap)
-            handle = await worker.start(prompt, chosen["policy"], chosen["threshold"], sampling, chat)
+            # n choices are n requests of the engine, admitted together: the first prefills the
+            # prompt and the others share its pages.
+            for index in range(body.n):
+                handles.append(await worker.start(prompt, chosen["policy"], chosen["threshold"],
+                                                  sampling.for_choice(index), chat))
         except ServerBusy as e:
+            _close(handles)
             return JSONResponse(protocol.error(str(e), "server_busy"), status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
         except (ValueError, KVCacheExhausted) as e:  # KV: a prompt the pool can never hold
+            _close(handles)
             metrics.requests.labels("invalid").inc()
             return JSONResponse(protocol.error(str(e)), status_code=400)
+        except BaseException:  # the client left while its choices were being queued
+            _close(handles)
+            raise
         request_id = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl")
         if body.stream:
-            return StreamingResponse(_events(kind, request_id, handle, chosen), media_type="text/event-stream")
+            return StreamingResponse(_events(kind, request_id, handles, chosen), media_type="text/event-stream")
         try:
-            while await handle.next_step() is not None:
-                pass
+            await asyncio.gather(*(_drain(h) for h in handles))
         except KVCacheExhausted as e:  # the request outgrew the pool even alone
             return JSONResponse(protocol.error(f"KV cache exhausted: {e}"), status_code=400)
         except RemoteBackendError as e:  # a model server behind this one failed
             return JSONResponse(protocol.error(str(e), "upstream_error"), status_code=502)
         finally:
-            handle.close()
-        return protocol.completion(kind, request_id, model_name, handle.result, handle.prompt_tokens, chosen)
+            _close(handles)
+        return protocol.completion(kind, request_id, model_name, [h.result for h in handles],
+                                   handles[0].prompt_tokens, chosen)
 
-    async def _events(kind, request_id, handle, chosen):
+    async def _events(kind, request_id, handles, chosen):
         def event(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
         try:
-            first = True
-            while (step := await handle.next_step()) is not None:
-                yield event(protocol.chunk(kind, request_id, model_name, text=step.text, step=step, first=first))
-                first = False
-            result = handle.result
-            yield event(protocol.chunk(kind, request_id, model_name, finish_reason=protocol.FINISH_REASONS[
-                result.finish_reason], first=first, extra={
-                "usage": protocol.usage(handle.prompt_tokens, result),
-                "arbitrage": {**chosen, "stats": result.stats}}))
+            first = [True] * len(handles)
+            unfinished = len(handles)
+            async with aclosing(_merged(handles)) as steps:
+                async for index, step in steps:
+                    if step is not None:
+                        yield event(protocol.chunk(kind, request_id, model_name, index, step=step, first=first[index]))
+                        first[index] = False
+                        continue
+                    unfinished -= 1
+                    # The last choice to finish carries the request's usage and its policy.
+                    extra = None if unfinished else {"usage": protocol.usage(handles[0].prompt_tokens,
+                                                                             [h.result for h in handles]),
+                                                     "arbitrage": chosen}
+                    yield event(protocol.chunk(kind, request_id, model_name, index, result=handles[index].result,
+                                               first=first[index], extra=extra))
         except KVCacheExhausted as e:
             yield event(protocol.error(f"KV cache exhausted: {e}"))
         except RemoteBackendError as e:
             yield event(protocol.error(str(e), "upstream_error"))
         finally:
-            handle.close()
+            _close(handles)
         yield "data: [DONE]\n\n"
 
     app.state.worker = worker
     app.state.metrics = metrics
     return app
+
+
+async def _drain(handle) -> None:
+    while await handle.next_step() is not None:
+        pass
+
+
+async def _merged(handles):
+    """Each choice's steps as they are committed, tagged by its index, and (index, None) when that
+    choice has finished; a choice's error is raised here."""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index, handle):
+        try:
+            while (step := await handle.next_step()) is not None:
+                events.put_nowait((index, step, None))
+            events.put_nowait((index, None, None))
+        except Exception as e:  # noqa: BLE001 - raised in the consumer
+            events.put_nowait((index, None, e))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        unfinished = len(handles)
+        while unfinished:
+            index, step, error = await events.get()
+            if error is not None:
+                raise error
+            unfinished -= step is None
+            yield index, step
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _close(handles) -> None:
+    for handle in handles:
+        handle.close()

@@ -2,9 +2,10 @@
 
 Requests may carry fields OpenAI's API lacks: `policy` and `threshold` choose the step-level
 policy per request, `max_step_tokens` caps a step for models that seldom write a blank line,
-`ignore_eos` (as in vLLM) generates to max_tokens. Responses carry an `arbitrage` object beside the usual fields:
-the committed steps, each marked draft or target, and the engine's accounting. Clients that
-ignore unknown fields see a plain completion.
+`ignore_eos` (as in vLLM) generates to max_tokens. Responses carry `arbitrage` objects beside the
+usual fields: at the top the policy that decided, and in each choice its committed steps, each
+marked draft or target, and the engine's accounting (in a stream, each step's chunk carries that
+step). Clients that ignore unknown fields see a plain completion.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FINISH_REASONS = {"eos": "stop", "length": "length"}
+MAX_CHOICES = 128  # OpenAI's own cap on n
 
 
 class _Request(BaseModel):
@@ -26,7 +28,8 @@ class _Request(BaseModel):
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2 ** 63)
-    n: int = Field(1, ge=1, le=1, description="one completion per request")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions of the one prompt; each is its own "
+                   "request in the batch, and the prompt is prefilled once for all of them")
     stream: bool = False
     policy: str | None = None
     threshold: float | None = None
@@ -60,46 +63,58 @@ def step_json(step) -> dict:
             "target_prm": step.target_prm, "router_score": step.router_score}
 
 
-def usage(prompt_tokens: int, result) -> dict:
-    """OpenAI usage; `prompt_tokens_details.cached_tokens` (as vLLM reports it) where the engine
-    counted the prompt tokens it shared from another request (remote backends do not)."""
-    out = {"prompt_tokens": prompt_tokens, "completion_tokens": result.completion_tokens,
-           "total_tokens": prompt_tokens + result.completion_tokens}
-    cached = result.stats.get("cached_prompt_tokens")
-    if cached is not None:
-        out["prompt_tokens_details"] = {"cached_tokens": min(cached, prompt_tokens)}
+def usage(prompt_tokens: int, results: list) -> dict:
+    """OpenAI usage over a request's choices: the prompt counted once, the completions summed.
+    `prompt_tokens_details.cached_tokens` (as vLLM reports it) where the engine counted the
+    prompt tokens it shared from another request (remote backends do not): the tokens every
+    choice found computed, so n samples of a prompt nothing else had computed report 0 (the
+    first computes it; the others share it, and their own stats say so)."""
+    completion_tokens = sum(r.completion_tokens for r in results)
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    cached = [r.stats.get("cached_prompt_tokens") for r in results]
+    if None not in cached:
+        out["prompt_tokens_details"] = {"cached_tokens": min(min(cached), prompt_tokens)}
     return out
 
 
-def completion(kind: str, request_id: str, model: str, result, prompt_tokens: int, policy: dict) -> dict:
-    """The whole answer as a `text_completion` or `chat.completion` object."""
-    finish = FINISH_REASONS[result.finish_reason]
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish}
-    else:
-        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+def completion(kind: str, request_id: str, model: str, results: list, prompt_tokens: int, policy: dict) -> dict:
+    """The whole answer as a `text_completion` or `chat.completion` object, one choice per result."""
+    choices = []
+    for index, result in enumerate(results):
+        finish = FINISH_REASONS[result.finish_reason]
+        if kind == "chat":
+            choice = {"index": index, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": result.text, "logprobs": None, "finish_reason": finish}
+        choice["arbitrage"] = {"steps": [step_json(s) for s in result.steps], "stats": result.stats}
+        choices.append(choice)
     return {
         "id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": int(time.time()), "model": model, "choices": [choice],
-        "usage": usage(prompt_tokens, result),
-        "arbitrage": {**policy, "steps": [step_json(s) for s in result.steps], "stats": result.stats},
+        "created": int(time.time()), "model": model, "choices": choices,
+        "usage": usage(prompt_tokens, results), "arbitrage": policy,
     }
 
 
-def chunk(kind: str, request_id: str, model: str, *, text: str | None = None, step=None,
-          finish_reason: str | None = None, first: bool = False, extra: dict | None = None) -> dict:
-    """One server-sent event: a committed step (its text is the delta), or the closing chunk."""
+def chunk(kind: str, request_id: str, model: str, index: int, *, step=None, result=None, first: bool = False,
+          extra: dict | None = None) -> dict:
+    """One server-sent event of choice `index`: a committed step (its text is the delta), or,
+    given the choice's result, its closing chunk (finish reason and accounting)."""
+    text = step.text if step is not None else None
+    finish_reason = FINISH_REASONS[result.finish_reason] if result is not None else None
     if kind == "chat":
         delta = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    if step is not None:
+        choice["arbitrage"] = {"step": step_json(step)}
+    elif result is not None:
+        choice["arbitrage"] = {"stats": result.stats}
     out = {"id": request_id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
            "created": int(time.time()), "model": model, "choices": [choice]}
-    if step is not None:
-        out["arbitrage"] = {"step": step_json(step)}
     if extra:
         out.update(extra)
     return out
