@@ -191,6 +191,9 @@ def cmd_serve(args):
 
     remote = _remote_engine(args)
     if remote is not None:  # a step router in front of two model servers
+        if args.enable_prefix_caching:
+            raise ValueError("--enable-prefix-caching applies to this engine's own KV pool; with --draft-url/"
+                             "--target-url, enable it on the model servers instead")
         return serve.run_remote(remote, args)
     return serve.run(_preset(args), args)
 
@@ -317,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests that may wait for admission; beyond it the server answers 503 with Retry-After")
     v.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="request body size limit (413)")
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    v.add_argument("--enable-prefix-caching", action="store_true",
+                   help="keep ended requests' KV for later requests that start with the same tokens "
+                        "(multi-turn chat, shared system prompts); evicted least recently used")
     _decoding_args(v)
     _remote_args(v)
     v.set_defaults(func=cmd_serve)

@@ -76,6 +76,9 @@ class EngineConfig:
     # first, then prefill chunks cut to what is left).
     max_batch: int = 32
     max_batch_tokens: int = 1024
+    # Keep ended requests' KV pages for later requests that start with the same tokens, evicted
+    # least recently used under memory pressure (prefix_cache.py).
+    prefix_cache: bool = False
     # GGUF weights: False = kept in their quantized blocks (CPU); True = dequantised at load.
     dequantize: bool = False
     # Quantize a model's decoder linear layers at load: None (as stored), "int8" (per output
@@ -117,6 +120,8 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {self.prefix_cache!r}")
         if not isinstance(self.dequantize, bool):
             raise ValueError(f"dequantize must be True or False, got {self.dequantize!r}")
         for name in ("draft_quant", "target_quant"):

@@ -92,7 +92,7 @@ class Engine:
                        if config.router else None)
         self.routers = {name: RouterHead.load(path, expected_hidden_size=draft.spec.hidden_size).to(self.device)
                         for name, path in config.routers.items()}
-        self.scheduler = Scheduler(self, config.max_batch, config.max_batch_tokens)
+        self.scheduler = Scheduler(self, config.max_batch, config.max_batch_tokens, config.prefix_cache)
         self._requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
@@ -209,7 +209,17 @@ class Engine:
         return {role.label: list(runner.buckets.captured) for role, runner in self.runners.items()}
 
     def kv_stats(self) -> dict:
-        return self.cache.stats()
+        """The pool's pages (kept prefixes count as used) and, with the prefix cache on, its entries."""
+        stats = self.cache.stats()
+        if self.scheduler.prefix_cache is not None:
+            stats["prefix_cache"] = self.scheduler.prefix_cache.stats()
+        return stats
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every kept prefix (their pages return to the pool unless a running request shares them)."""
+        with self._lock:
+            if self.scheduler.prefix_cache is not None:
+                self.scheduler.prefix_cache.clear()
 
     @functools.cached_property
     def target_judge(self) -> TargetJudge:

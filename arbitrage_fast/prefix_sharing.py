@@ -18,6 +18,9 @@ up on; this module answers from the running requests:
   that is queued to run, and is re-decided every iteration (the other request may be
   preempted or end meanwhile), so no request waits on a waiting one and no wait lasts forever.
 
+With the prefix cache on (prefix_cache.py), finished requests' kept prefixes are offered too,
+like running requests that compute nothing more.
+
 The pages themselves are shared by the pool (`PagedKVCache.share_prefix`): copy-on-write on
 the next write of either request, reference counted, so the other request's rollback,
 preemption or end never touches what the asker took.
@@ -25,28 +28,37 @@ preemption or end never touches what the asker took.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .kv.paged_cache import PagedKVCache
 from .request import Request
 from .runtime.work import ModelWork, SharePrefix
 
+if TYPE_CHECKING:
+    from .prefix_cache import CachedPrefix
+
 
 @dataclass(frozen=True)
 class SharePlan:
-    donor: Request | None  # the request whose pages to take now (None: nobody holds more than the asker)
+    donor: int | None  # the sequence whose pages to take now (None: nobody holds more than the asker)
     length: int  # how many leading tokens to take from it
     wait: bool  # another request is computing a longer shared prefix: ask again next iteration
+    from_cache: bool = False  # the donor is a prefix cache entry
 
 
 def plan_share(ask: SharePrefix, asker: Request, running: Iterable[Request], cache: PagedKVCache,
-               fed: Mapping[int, int]) -> SharePlan:
+               fed: Mapping[int, int], cached: Iterable["CachedPrefix"] = ()) -> SharePlan:
     """The best prefix of `ask.context` to take over now, or a wait. `fed` holds the tokens each
-    request's current work has fed so far in earlier iterations (chunked prefill)."""
+    request's current work has fed so far in earlier iterations (chunked prefill); `cached` are
+    the prefix cache's entries."""
     own = cache.num_tokens(ask.seq_id, ask.role)
     page = cache.block_size(ask.role)
     whole = lambda n: n - n % page  # noqa: E731
-    best_now, donor, best_soon = own, None, own
+    best_now, donor, best_soon, from_cache = own, None, own, False
+    for entry in cached:  # whole pages already, all computed
+        shared = whole(common_prefix_len(ask.context, entry.tokens.get(ask.role, [])))
+        if shared > best_now:
+            best_now, donor, from_cache = shared, entry.seq_id, True
     for other in running:
         if other is asker:
             continue
@@ -55,14 +67,14 @@ def plan_share(ask: SharePrefix, asker: Request, running: Iterable[Request], cac
             continue
         kv = cache.num_tokens(other.seq.seq_id, ask.role)
         if whole(min(shared, kv)) > best_now:
-            best_now, donor = whole(min(shared, kv)), other
+            best_now, donor, from_cache = whole(min(shared, kv)), other.seq.seq_id, False
         work = other.pending
         if isinstance(work, ModelWork) and work.role == ask.role:
             start = kv - fed.get(other.request_id, 0)  # where its work's first token lands
             best_soon = max(best_soon, whole(min(shared, start + len(work.tokens))))
     if best_soon > best_now:
         return SharePlan(None, 0, wait=True)
-    return SharePlan(donor, best_now, wait=False)
+    return SharePlan(donor, best_now, wait=False, from_cache=from_cache)
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:

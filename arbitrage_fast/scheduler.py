@@ -30,7 +30,9 @@ at the moment of catch-up rather than at admission, because a policy prefills th
 lazily (RSD: after the first draft step), long after both requests drafted. Admission still
 counts each request's whole context in pages (a shared prefix is not discounted), and pages
 are copy-on-write and reference counted in the pool, so whatever one request does to its KV
-(rollback, preemption, end) the other's is untouched.
+(rollback, preemption, end) the other's is untouched. With the prefix cache on, a request that
+finishes or is aborted leaves its computed pages to the cache (prefix_cache.py), whose entries
+are offered like running requests and evicted, least recently used, before anyone is preempted.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import torch
 
 from . import nvtx
 from .kv import KVCacheExhausted
+from .prefix_cache import PrefixCache
 from .prefix_sharing import plan_share
 from .request import Request, RequestState
 from .request_flow import request_flow
@@ -55,8 +58,9 @@ if TYPE_CHECKING:
 
 
 class Scheduler:
-    def __init__(self, eng: "Engine", max_batch: int, max_batch_tokens: int) -> None:
+    def __init__(self, eng: "Engine", max_batch: int, max_batch_tokens: int, prefix_cache: bool = False) -> None:
         self.eng = eng
+        self.prefix_cache = PrefixCache(eng.cache) if prefix_cache else None
         self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the newest is preempted first
@@ -74,6 +78,7 @@ class Scheduler:
         if req.state is RequestState.WAITING:
             self.waiting.remove(req)
         elif req.state is RequestState.RUNNING:
+            self._retain(req)
             self._leave(req)
         req.state = RequestState.ABORTED
         req.stats.wall_s = time.perf_counter() - req.arrival
@@ -116,6 +121,8 @@ class Scheduler:
             need = self._context_pages(req)
             margin = max(1, cache.num_pages // 100) + len(self.running)
             if self.running and cache.stats()["free_pages"] < need + margin:
+                if self._evict_one():
+                    continue
                 break
             self.waiting.popleft()
             cache.add_sequence(req.seq.seq_id)
@@ -156,6 +163,8 @@ class Scheduler:
                     ready.append((req, work, runner.reserve(work.seq_id, len(work.tokens))))
                     break
                 except KVCacheExhausted:
+                    if self._evict_one():
+                        continue
                     victim = self.running[-1]
                     if victim is req and len(self.running) == 1:
                         self._fail(req, KVCacheExhausted(self._too_large(req)), touched)
@@ -197,7 +206,7 @@ class Scheduler:
         except StopIteration as done:
             self._finish(req, done.value, touched)
         except KVCacheExhausted as e:  # raised by a decoder that reserves its own room
-            if len(self.running) > 1:
+            if len(self.running) > 1 or self._evict_one():
                 self._preempt(req)
             else:
                 self._fail(req, KVCacheExhausted(f"{self._too_large(req)} ({e})"), touched)
@@ -208,13 +217,16 @@ class Scheduler:
     def _share(self, req: Request, ask: SharePrefix) -> bool:
         """Give the request the longest computed prefix another one holds; False: wait, one is
         being computed."""
-        plan = plan_share(ask, req, self.running, self.eng.cache, self._fed)
+        kept = self.prefix_cache.entries() if self.prefix_cache is not None else ()
+        plan = plan_share(ask, req, self.running, self.eng.cache, self._fed, kept)
         if plan.wait:
             return False
         if plan.donor is not None:
+            if plan.from_cache:
+                self.prefix_cache.hit(plan.donor)
             cache = self.eng.cache
             own = cache.num_tokens(ask.seq_id, ask.role)
-            cache.share_prefix(plan.donor.seq.seq_id, ask.seq_id, ask.role, plan.length)
+            cache.share_prefix(plan.donor, ask.seq_id, ask.role, plan.length)
             prompt = req.seq.prompt_len[ask.role]
             req.stats.add_cached(ask.role, plan.length - own, max(0, min(plan.length, prompt) - own))
         return True
@@ -225,6 +237,15 @@ class Scheduler:
         for req in [r for r in self.running if isinstance(r.pending, SharePrefix)]:
             if req.state is RequestState.RUNNING and self._share(req, req.pending):
                 self._advance(req, None, touched)
+
+    # ------------------------------------------------------------------ the prefix cache
+    def _retain(self, req: Request) -> None:
+        if self.prefix_cache is not None and self.eng.cache.has_sequence(req.seq.seq_id):
+            self.prefix_cache.retain(req.seq, tuple(Role))
+
+    def _evict_one(self) -> bool:
+        """Free a kept prefix to make room; False when none is kept."""
+        return self.prefix_cache is not None and self.prefix_cache.evict_one()
 
     # ------------------------------------------------------------------ leaving the batch
     def _leave(self, req: Request) -> None:
@@ -248,6 +269,7 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _finish(self, req: Request, reason: str, touched: set[Request]) -> None:
+        self._retain(req)
         self._leave(req)
         req.state = RequestState.FINISHED
         req.stats.wall_s = time.perf_counter() - req.arrival

@@ -193,6 +193,33 @@ def test_serve_given_models_starts_without_any_presets_router(monkeypatch, tmp_p
     assert body["arbitrage"]["policy"] == "rsd" and body["usage"]["completion_tokens"] <= 8
 
 
+def test_serve_enable_prefix_caching_reuses_a_previous_turn(monkeypatch, tmp_path):
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    from helpers.tiny_models import build_tiny_lm
+
+    draft = build_tiny_lm(tmp_path / "d", "llama", hidden=32, layers=1, seed=1)
+    target = build_tiny_lm(tmp_path / "t", "llama", hidden=48, layers=1, seed=2)
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app))
+    assert main(["serve", "--draft", str(draft), "--target", str(target), "--max-tokens", "8",
+                 "--enable-prefix-caching"]) == 0
+    prompt = "the same long system prompt, word after word after word, " * 4
+    with TestClient(served["app"]) as client:
+        first, again = (client.post("/v1/completions", json={"prompt": prompt, "policy": "rsd"}).json()
+                        for _ in range(2))
+        metrics = client.get("/metrics").text
+    assert "arbitrage_prefix_cache_entries 1.0" in metrics
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert f"arbitrage_cached_prompt_tokens_total {float(cached)}" in metrics
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16  # at least a page of 16 tokens
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert main(["serve", "--draft-url", "http://d:1", "--target-url", "http://t:2", "--enable-prefix-caching"]) == 2
+
+
 def test_train_router_labels_several_datasets_each_in_its_own_cache(tmp_path, capsys):
     args = ["train-router", "--preset", "testbed", "--dataset", "testbed,gsm8k", "--n", "2", "--max-new-tokens", "32",
             "--epochs", "3", "--width", "8", "--out", str(tmp_path / "r")]

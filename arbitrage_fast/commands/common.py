@@ -9,7 +9,7 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
                  decode_chunk: int | None = None, spec_k: int = 0, dequantize: bool = False,
                  draft_quant: str | None = None, target_quant: str | None = None, quant_group: int = 64,
                  max_batch: int | None = None, reflection_cues: tuple[str, ...] | None = None,
-                 lookahead_k: int | None = None, batch_invariant: bool = False):
+                 lookahead_k: int | None = None, batch_invariant: bool = False, prefix_cache: bool = False):
     """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
     decode_chunk None picks by device (`default_decode_chunk`; 1 with batch_invariant, which
     the chunked decoder cannot serve); max_batch, reflection_cues and lookahead_k None keep the
@@ -29,7 +29,7 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
                                routers=dict(preset.routers) if router else {},
                                decode_chunk=decode_chunk, spec_k=spec_k, dequantize=dequantize,
                                draft_quant=draft_quant, target_quant=target_quant, quant_group=quant_group,
-                               batch_invariant=batch_invariant, **extra))
+                               batch_invariant=batch_invariant, prefix_cache=prefix_cache, **extra))
 
 
 def decoding_options(args) -> dict:

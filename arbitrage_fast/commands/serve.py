@@ -12,7 +12,7 @@ def default_policy(preset) -> str:
 def run(preset, args) -> int:
     uvicorn, create_app = _server()
     engine = build_engine(preset, args.device, args.dtype, max_batch=args.max_batch or default_max_batch(args.device),
-                          **decoding_options(args))
+                          prefix_cache=args.enable_prefix_caching, **decoding_options(args))
     name = args.served_model_name or preset.name
     app = create_app(engine, name, policy=args.policy or default_policy(preset), threshold=args.threshold,
                      max_tokens=args.max_tokens, chat_by_default=preset.chat, **server_options(args))

@@ -31,6 +31,10 @@ class ServerMetrics:
                                      "policies, since start", registry=r)
         self.kv_used = Gauge("arbitrage_kv_used_pages", "KV pool pages in use", registry=r)
         self.kv_free = Gauge("arbitrage_kv_free_pages", "KV pool pages free", registry=r)
+        self.cached_prompt = Counter("arbitrage_cached_prompt_tokens", "Prompt tokens whose KV a request took "
+                                     "from another request or the prefix cache instead of computing", registry=r)
+        self.prefix_entries = Gauge("arbitrage_prefix_cache_entries", "Prefixes kept by the prefix cache "
+                                    "(0 when it is off)", registry=r)
         self.latency = Histogram("arbitrage_request_latency_seconds", "Arrival to last step",
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.first_step = Histogram("arbitrage_time_to_first_step_seconds", "Arrival to first committed step",
@@ -47,6 +51,7 @@ class ServerMetrics:
         if kv:
             self.kv_used.set(kv["used_pages"])
             self.kv_free.set(kv["free_pages"])
+            self.prefix_entries.set(kv.get("prefix_cache", {}).get("entries", 0))
 
     def finished(self, outcome: str, stats: dict | None, steps=(), drafts: bool = False) -> None:
         self.requests.labels(outcome).inc()
@@ -57,6 +62,7 @@ class ServerMetrics:
         for step in steps:
             self.steps.labels(step.source).inc()
         self.latency.observe(stats.get("wall_s", 0.0))
+        self.cached_prompt.inc(stats.get("cached_prompt_tokens", 0))
         if drafts:
             self._drafted_steps += len(steps)
             self._escalated_steps += stats.get("escalations", 0)
