@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .policies import DEFAULT_LOOKAHEAD_K, DEFAULT_REFLECTION_CUES, check_cues, check_lookahead_k
+from .stop_strings import check_stop_strings
 
 # Weight quantization at load (models/group_quant.py holds the formats; kept in step by a test).
 QUANT_FORMATS = ("int8", "int4", "int3")
@@ -25,6 +26,8 @@ class SamplingParams:
     ignore_eos: bool = False
     # A step also ends here when the model never writes a blank line.
     max_step_tokens: int = 256
+    # The answer ends before the first of these strings (stop_strings.py).
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -37,6 +40,7 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
         if not isinstance(self.max_step_tokens, int) or self.max_step_tokens <= 0:
             raise ValueError(f"max_step_tokens must be a positive integer, got {self.max_step_tokens!r}")
+        self.stop = check_stop_strings(self.stop)
 
     @property
     def greedy(self) -> bool:

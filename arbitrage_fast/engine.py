@@ -258,9 +258,12 @@ class Engine:
     def result_of(self, req: Request, finish_reason: str) -> GenerationResult:
         seq = req.seq
         out = seq.output_ids(Role.TARGET)
-        text = self.tokenizer.decode(out, skip_special_tokens=True) if self.shared_vocab else "".join(seq.step_texts())
+        # A stop string cuts the last step's text inside its ids: the answer is its steps' texts.
+        whole = self.shared_vocab and finish_reason != "stop"
+        text = self.tokenizer.decode(out, skip_special_tokens=True) if whole else "".join(seq.step_texts())
         return GenerationResult(token_ids=out, text=text, steps=seq.steps, stats=req.stats.as_dict(),
-                                finish_reason=finish_reason)
+                                finish_reason=finish_reason,
+                                stop_reason=seq.steps[-1].matched_stop if finish_reason == "stop" else None)
 
     # ------------------------------------------------------------------ text
     def router_for(self, policy) -> RouterHead:

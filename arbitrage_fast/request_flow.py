@@ -32,6 +32,7 @@ from .runtime.speculative import speculative_step
 from .runtime.step_decoder import DecodedStep, StopRule, decode_step_flow
 from .runtime.work import ModelWork, share_prefix
 from .sequence import Step
+from .stop_strings import find_stop, tokens_through_stop
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -66,13 +67,30 @@ def request_flow(eng: "Engine", req: Request):
             if req.record_features and decision.drafted is not None:
                 step.features = decision.drafted.features.features()
             writer = T if decision.escalated else D
+            cut_at_stop(eng, req, step, writer)
             other_ids = None if eng.shared_vocab else eng.encode_step(step.text, writer.other)
             seq.commit(step, writer, other_ids)
             req.stats.steps += 1
             req.stats.escalations += decision.escalated and pol.drafts
             yield step
-            if step.ended_by == "eos":
-                return "eos"
+            if step.ended_by in ("eos", "stop"):
+                return step.ended_by
+
+
+def cut_at_stop(eng: "Engine", req: Request, step: Step, writer: Role) -> None:
+    """End the answer in this step if it writes one of the request's stop strings: its text
+    stops before the string, its ids run through the token that completes it."""
+    stops = req.sampling.stop
+    if not stops:
+        return
+    before = "".join(req.seq.step_texts())
+    hit = find_stop(before, step.text, stops)
+    if hit is None:
+        return
+    cut, stop = hit
+    step.token_ids = step.token_ids[:tokens_through_stop(step.token_ids, lambda ids: eng.text(ids, writer),
+                                                         before, stops)]
+    step.text, step.ended_by, step.matched_stop = step.text[:cut], "stop", stop
 
 
 def budget_left(eng: "Engine", req: Request, ahead: int = 0, ahead_target: int = 0) -> int:

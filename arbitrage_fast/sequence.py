@@ -14,13 +14,14 @@ class Step:
     text: str
     token_ids: list[int]
     source: str  # "draft" or "target"
-    ended_by: str  # "boundary" | "eos" | "step_cap" | "length"
+    ended_by: str  # "boundary" | "eos" | "step_cap" | "length" | "stop" (a user stop string)
     draft_prm: float | None = None
     target_prm: float | None = None
     router_score: float | None = None
     judge_score: float | None = None  # specreason: the target's 0-9 score of the draft step
     features: torch.Tensor | None = field(default=None, repr=False)  # router input of the draft step
     rejected_draft: str | None = field(default=None, repr=False)  # text of the draft step an escalation replaced
+    matched_stop: str | None = None  # the user stop string that ended the answer in this step
 
     @property
     def escalated(self) -> bool:
@@ -35,9 +36,10 @@ class GenerationResult:
     text: str
     steps: list[Step]
     stats: dict
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "length" | "stop" (a user stop string: `stop_reason` names it)
     # Set where the ids stay elsewhere (remote servers): how many tokens the answer took.
     num_completion_tokens: int | None = None
+    stop_reason: str | None = None
 
     @property
     def completion_tokens(self) -> int:

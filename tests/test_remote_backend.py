@@ -107,6 +107,14 @@ def test_token_budget_and_step_cap():
     assert res.steps[0].ended_by == "step_cap" and res.steps[0].text == "Ann starts with "
 
 
+def test_stop_strings_cut_the_answer_on_remote_servers_too():
+    engine, _, _ = make_engine()
+    res = engine.generate(PROBLEM, policy="rsd", threshold=0.5, sampling=SamplingParams(stop=["so 2"]))
+    assert res.text == TARGET_STEPS[0] + "She buys 3 more, "
+    assert res.finish_reason == "stop" and res.stop_reason == "so 2" and len(res.steps) == 2
+    assert res.steps[-1].ended_by == "stop"
+
+
 def test_streaming_yields_steps_as_decided_and_can_stop_early():
     engine, draft, _ = make_engine()
     run = engine.stream(PROBLEM, policy="draft_only")

@@ -155,6 +155,25 @@ def test_n_choices_stream_interleaved_each_by_its_index(client, engine, path, ex
     assert used_pages(engine) == 0
 
 
+def test_stop_strings_end_the_answer_and_are_named(client, engine):
+    request = {"prompt": PROMPT, "max_tokens": 20, "policy": "rsd", "threshold": 0.7, "max_step_tokens": 4}
+    free = client.post("/v1/completions", json=request).json()["choices"][0]
+    steps = [s["text"] for s in free["arbitrage"]["steps"]]
+    stop = steps[2][:2]
+    ref = engine.generate(PROMPT, policy="rsd", threshold=0.7,
+                          sampling=SamplingParams(max_new_tokens=20, max_step_tokens=4, stop=(stop,)))
+    body = client.post("/v1/completions", json={**request, "stop": stop}).json()
+    choice, = body["choices"]
+    assert choice["text"] == ref.text and len(choice["text"]) < len("".join(steps))
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
+    with client.stream("POST", "/v1/completions", json={**request, "stop": [stop], "stream": True}) as r:
+        events = sse(r.iter_lines())
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == ref.text
+    assert events[-2]["choices"][0]["stop_reason"] == stop and events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert free["stop_reason"] is None
+    assert used_pages(engine) == 0
+
+
 @pytest.mark.parametrize("path, body, status, match", [
     ("/v1/completions", {"prompt": ""}, 400, "prompt.constrained-str: String should have at least 1 character"),
     ("/v1/completions", {"prompt": "  "}, 400, "String should match pattern"),
@@ -166,6 +185,8 @@ def test_n_choices_stream_interleaved_each_by_its_index(client, engine, path, ex
     ("/v1/completions", {"prompt": PROMPT, "policy": "arbitrage"}, 400, "router"),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": PROMPT, "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["ok", ""]}, 400, "stop string must be a non-empty string"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ["x"] * 17}, 400, "stop"),
     ("/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "n: Input should be greater than or equal to 1"),
     ("/v1/completions", {"prompt": PROMPT, "n": 129}, 400, "n: Input should be less than or equal to 128"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt: Field required"),

@@ -29,6 +29,7 @@ from arbitrage_fast.prm.build import PolicyPRMs
 from arbitrage_fast.prm.target_likelihood import mean_probability
 from arbitrage_fast.request import RequestState, StepOutput
 from arbitrage_fast.sequence import GenerationResult, Step
+from arbitrage_fast.stop_strings import find_stop
 
 from .openai_client import CompletionsClient, RemoteModel, WrittenStep
 
@@ -165,6 +166,8 @@ class RemoteEngine:
             budget = min(sampling.max_step_tokens, sampling.max_new_tokens - generated)
             cap = "length" if budget < sampling.max_step_tokens else "step_cap"
             step, written = self._decide(pol, prompts, problem, steps, committed, budget, cap, sampling, stats)
+            if (hit := find_stop(committed, step.text, sampling.stop)) is not None:
+                step.text, step.ended_by, step.matched_stop = step.text[:hit[0]], "stop", hit[1]
             if run.prompt_tokens is None:
                 run.prompt_tokens = written.prompt_tokens
             generated += written.completion_tokens
@@ -173,8 +176,8 @@ class RemoteEngine:
             stats["steps"] += 1
             stats["escalations"] += step.source == "target" and pol.drafts
             yield step
-            if step.ended_by == "eos":
-                finish = "eos"
+            if step.ended_by in ("eos", "stop"):
+                finish = step.ended_by
                 break
             if written.completion_tokens == 0 and not step.text:
                 break  # nothing written and no EOS reported: another request would loop forever
@@ -182,7 +185,8 @@ class RemoteEngine:
         stats["target_requests"] = self.target.requests - requests_before["target"]
         stats["wall_s"] = time.perf_counter() - start
         return GenerationResult(token_ids=[], text=committed, steps=steps, stats=stats, finish_reason=finish,
-                                num_completion_tokens=generated)
+                                num_completion_tokens=generated,
+                                stop_reason=steps[-1].matched_stop if finish == "stop" else None)
 
     def _decide(self, pol, prompts, problem, steps, committed, budget, cap, sampling, stats) -> tuple[Step, WrittenStep]:
         source = _RemoteSource(self, pol, prompts, problem, steps, committed, budget, sampling, stats)

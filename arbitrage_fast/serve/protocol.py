@@ -15,7 +15,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FINISH_REASONS = {"eos": "stop", "length": "length"}
+from arbitrage_fast.stop_strings import MAX_STOP_STRINGS
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 MAX_CHOICES = 128  # OpenAI's own cap on n
 
 
@@ -35,6 +37,9 @@ class _Request(BaseModel):
     threshold: float | None = None
     max_step_tokens: int | None = Field(None, gt=0, description="a step also ends after this many tokens")
     ignore_eos: bool = Field(False, description="keep generating past EOS, to max_tokens (as vLLM's)")
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description="the answer ends before the first of these strings (checked as each step commits; "
+        "`stop_reason` names the one matched)")
 
     def token_cap(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
@@ -87,6 +92,7 @@ def completion(kind: str, request_id: str, model: str, results: list, prompt_tok
             choice = {"index": index, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish}
         else:
             choice = {"index": index, "text": result.text, "logprobs": None, "finish_reason": finish}
+        choice["stop_reason"] = result.stop_reason
         choice["arbitrage"] = {"steps": [step_json(s) for s in result.steps], "stats": result.stats}
         choices.append(choice)
     return {
@@ -112,6 +118,7 @@ def chunk(kind: str, request_id: str, model: str, index: int, *, step=None, resu
     if step is not None:
         choice["arbitrage"] = {"step": step_json(step)}
     elif result is not None:
+        choice["stop_reason"] = result.stop_reason
         choice["arbitrage"] = {"stats": result.stats}
     out = {"id": request_id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
            "created": int(time.time()), "model": model, "choices": [choice]}

@@ -98,9 +98,10 @@ class EngineWorker:
                     self.engine.abort(rid)
                     self._end(rid, _Done(None, e), "failed", None, ())
                 continue
+            # Gauges first: a client handed its answer may scrape /metrics at once.
+            self._observe()
             for out in outputs:
                 self._deliver(out)
-            self._observe()
 
     def _take_jobs(self, block: bool) -> None:
         try:
