@@ -187,6 +187,9 @@ def test_stop_strings_end_the_answer_and_are_named(client, engine):
     ("/v1/completions", {"prompt": PROMPT, "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": PROMPT, "stop": ["ok", ""]}, 400, "stop string must be a non-empty string"),
     ("/v1/completions", {"prompt": PROMPT, "stop": ["x"] * 17}, 400, "stop"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 2}, 400, "logprobs=2 is not supported by this server"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "presence_penalty": 0.5}, 400, "presence_penalty=0.5 is not"),
+    ("/v1/completions", {"prompt": PROMPT, "top_k": -2}, 400, "top_k"),
     ("/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "n: Input should be greater than or equal to 1"),
     ("/v1/completions", {"prompt": PROMPT, "n": 129}, 400, "n: Input should be less than or equal to 128"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt: Field required"),
@@ -300,6 +303,19 @@ def test_a_denormal_temperature_is_greedy_not_a_500(client, engine):
     assert tiny.status_code == 200, tiny.text
     greedy = client.post("/v1/completions", json={**body, "temperature": 0.0}).json()
     assert tiny.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted_and_top_k_samples(client):
+    body = {"prompt": PROMPT, "max_tokens": 8, "policy": "rsd", "threshold": 0.5}
+    neutral = {"logprobs": None, "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+               "user": "someone", "best_of": 1}
+    greedy = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    r = client.post("/v1/completions", json={**body, **neutral})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy
+    # top_k = 1 keeps only the likeliest token: sampling at temperature 1 is then greedy.
+    for seed in (1, 2):
+        top1 = client.post("/v1/completions", json={**body, "temperature": 1.0, "top_k": 1, "seed": seed}).json()
+        assert top1["choices"][0]["text"] == greedy
 
 
 def test_an_empty_or_missing_model_name_means_the_served_model(client):

@@ -93,7 +93,8 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
         try:
             step_cap = {"max_step_tokens": body.max_step_tokens} if body.max_step_tokens else {}
             sampling = SamplingParams(max_new_tokens=body.token_cap(max_tokens), temperature=body.temperature,
-                                      top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
+                                      top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed,
+                                      ignore_eos=body.ignore_eos,
                                       stop=body.stop or (), **step_cap)
             # n choices are n requests of the engine, admitted together: the first prefills the
             # prompt and the others share its pages.

@@ -13,22 +13,43 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from arbitrage_fast.stop_strings import MAX_STOP_STRINGS
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 MAX_CHOICES = 128  # OpenAI's own cap on n
+# Fields of OpenAI's (and vLLM's) API that would change the answer and that this server does not
+# implement, with the values that leave the answer as it is. Anything else in them is refused by
+# name rather than ignored: a client asking for penalties or log-probs must not get a plain answer.
+UNSUPPORTED = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "min_p": (None, 0), "min_tokens": (None, 0), "suffix": (None, ""), "best_of": (None, 1),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "guided_json": (None,),
+    "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields this engine has no use for
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields with no effect on the answer
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, neutral in UNSUPPORTED.items():
+                if name in data and data[name] not in neutral:
+                    raise ValueError(f"{name}={data[name]!r} is not supported by this server (it would change "
+                                     f"the answer; leave it out)")
+        return data
 
     model: str | None = None
     max_tokens: int | None = Field(None, gt=0)
     max_completion_tokens: int | None = Field(None, gt=0)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1, description="sample from the k likeliest tokens; -1 or 0: all (as vLLM's)")
     seed: int | None = Field(None, ge=0, lt=2 ** 63)
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions of the one prompt; each is its own "
                    "request in the batch, and the prompt is prefilled once for all of them")
