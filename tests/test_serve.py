@@ -155,6 +155,42 @@ def test_n_choices_stream_interleaved_each_by_its_index(client, engine, path, ex
     assert used_pages(engine) == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_of_prompts_gets_n_choices_each_in_order(client, engine, stream):
+    """OpenAI's prompt list: choice p * n + j is the j-th sample of prompt p (texts and token ids)."""
+    prompts = [PROMPT, "We compute 12 + 30", "Tom has 3 apples."]
+    request = {"prompt": prompts, "n": 2, "max_tokens": 12, "policy": "rsd", "threshold": 0.7, "temperature": 1.0,
+               "seed": 11, "max_step_tokens": 4}
+    refs = [engine.generate(p, policy="rsd", threshold=0.7, sampling=SamplingParams(
+        max_new_tokens=12, temperature=1.0, seed=11 + j, max_step_tokens=4)) for p in prompts for j in range(2)]
+    if stream:
+        with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as r:
+            events = sse(r.iter_lines())
+        chunks = [e["choices"][0] for e in events[:-1]]
+        steps = [[c["arbitrage"]["step"]["text"] for c in chunks if c["index"] == i and "step" in c["arbitrage"]]
+                 for i in range(len(refs))]
+        usage = events[-2]["usage"]
+    else:
+        body = client.post("/v1/completions", json=request).json()
+        assert [c["index"] for c in body["choices"]] == list(range(6))
+        steps = [[s["text"] for s in c["arbitrage"]["steps"]] for c in body["choices"]]
+        usage = body["usage"]
+    assert steps == [[s.text for s in r.steps] for r in refs]
+    assert usage["prompt_tokens"] == sum(len(engine.tokenizer(p)["input_ids"]) for p in prompts)
+    assert usage["completion_tokens"] == sum(len(r.token_ids) for r in refs)
+    assert used_pages(engine) == 0
+
+
+def test_a_batch_of_token_id_prompts(client, engine):
+    prompts = [[5, 9, 14, 3, 27, 8], [40, 2, 19]]
+    body = client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 8}).json()
+    refs = [engine.generate(p, policy="rsd", threshold=0.5, sampling=SamplingParams(max_new_tokens=8)) for p in prompts]
+    assert [c["text"] for c in body["choices"]] == [r.text for r in refs]
+    assert body["usage"]["prompt_tokens"] == 9
+    mixed = client.post("/v1/completions", json={"prompt": ["text", [1, 2]]})
+    assert mixed.status_code == 400  # one kind per batch, as OpenAI's API
+
+
 def test_stop_strings_end_the_answer_and_are_named(client, engine):
     request = {"prompt": PROMPT, "max_tokens": 20, "policy": "rsd", "threshold": 0.7, "max_step_tokens": 4}
     free = client.post("/v1/completions", json=request).json()["choices"][0]
@@ -178,6 +214,8 @@ def test_stop_strings_end_the_answer_and_are_named(client, engine):
     ("/v1/completions", {"prompt": ""}, 400, "prompt.constrained-str: String should have at least 1 character"),
     ("/v1/completions", {"prompt": "  "}, 400, "String should match pattern"),
     ("/v1/completions", {"prompt": []}, 400, "List should have at least 1 item"),
+    ("/v1/completions", {"prompt": ["fine", " "]}, 400, "String should match pattern"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, 400, "List should have at least 1 item"),
     ("/v1/completions", {"prompt": [10 ** 9]}, 400, "out of range"),
     ("/v1/completions", {"prompt": "word " * 300}, 400, "context holds"),
     ("/v1/completions", {"prompt": PROMPT, "threshold": -0.5}, 400, "out of range"),

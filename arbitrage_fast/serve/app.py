@@ -12,7 +12,7 @@ import asyncio
 import json
 from contextlib import aclosing, asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -76,14 +76,15 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "arbitrage-fast"}]}
 
     @app.post("/v1/completions", responses=_ERRORS)
-    async def completions(body: CompletionRequest, request: Request):
-        return await _serve("completion", body, body.prompt, chat_by_default and isinstance(body.prompt, str), request)
+    async def completions(body: CompletionRequest):
+        return await _serve("completion", body, [(p, chat_by_default and isinstance(p, str)) for p in body.prompts()])
 
     @app.post("/v1/chat/completions", responses=_ERRORS)
-    async def chat_completions(body: ChatRequest, request: Request):
-        return await _serve("chat", body, [m.model_dump() for m in body.messages], True, request)
+    async def chat_completions(body: ChatRequest):
+        return await _serve("chat", body, [([m.model_dump() for m in body.messages], True)])
 
-    async def _serve(kind, body, prompt, chat, request):
+    async def _serve(kind, body, prompts):
+        """Answer `prompts` ((prompt, chat template or not) pairs) with n choices each, in order."""
         if body.model and body.model != model_name:  # none or "" means the served model, as in vLLM
             return JSONResponse(protocol.error(f"model {body.model!r} is not served here; this server serves "
                                                f"{model_name!r}", "not_found_error", "model"), status_code=404)
@@ -98,9 +99,10 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
                                       stop=body.stop or (), **step_cap)
             # n choices are n requests of the engine, admitted together: the first prefills the
             # prompt and the others share its pages.
-            for index in range(body.n):
-                handles.append(await worker.start(prompt, chosen["policy"], chosen["threshold"],
-                                                  sampling.for_choice(index), chat))
+            for prompt, chat in prompts:
+                for index in range(body.n):
+                    handles.append(await worker.start(prompt, chosen["policy"], chosen["threshold"],
+                                                      sampling.for_choice(index), chat))
         except ServerBusy as e:
             _close(handles)
             return JSONResponse(protocol.error(str(e), "server_busy"), status_code=503,
@@ -113,8 +115,12 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
             _close(handles)
             raise
         request_id = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl")
+        def prompt_tokens() -> int:  # each prompt counted once, however many choices it has
+            return sum(h.prompt_tokens for h in handles[::body.n])
+
         if body.stream:
-            return StreamingResponse(_events(kind, request_id, handles, chosen), media_type="text/event-stream")
+            return StreamingResponse(_events(kind, request_id, handles, chosen, prompt_tokens),
+                                     media_type="text/event-stream")
         try:
             await asyncio.gather(*(_drain(h) for h in handles))
         except KVCacheExhausted as e:  # the request outgrew the pool even alone
@@ -123,10 +129,9 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
             return JSONResponse(protocol.error(str(e), "upstream_error"), status_code=502)
         finally:
             _close(handles)
-        return protocol.completion(kind, request_id, model_name, [h.result for h in handles],
-                                   handles[0].prompt_tokens, chosen)
+        return protocol.completion(kind, request_id, model_name, [h.result for h in handles], prompt_tokens(), chosen)
 
-    async def _events(kind, request_id, handles, chosen):
+    async def _events(kind, request_id, handles, chosen, prompt_tokens):
         def event(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
@@ -141,7 +146,7 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
                         continue
                     unfinished -= 1
                     # The last choice to finish carries the request's usage and its policy.
-                    extra = None if unfinished else {"usage": protocol.usage(handles[0].prompt_tokens,
+                    extra = None if unfinished else {"usage": protocol.usage(prompt_tokens(),
                                                                              [h.result for h in handles]),
                                                      "arbitrage": chosen}
                     yield event(protocol.chunk(kind, request_id, model_name, index, result=handles[index].result,

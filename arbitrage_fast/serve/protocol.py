@@ -66,9 +66,18 @@ class _Request(BaseModel):
         return self.max_completion_tokens or self.max_tokens or default
 
 
+_Text = Annotated[str, Field(min_length=1, pattern=r"\S")]  # text with something in it
+_Ids = Annotated[list[int], Field(min_length=1)]  # token ids (the engine checks their range)
+
+
 class CompletionRequest(_Request):
-    # Text with something in it, or token ids (the engine checks their range).
-    prompt: Annotated[str, Field(min_length=1, pattern=r"\S")] | Annotated[list[int], Field(min_length=1)]
+    # One prompt, or a batch of them (as OpenAI's API and vLLM take): n choices for each, in order.
+    prompt: (_Text | _Ids | Annotated[list[_Text], Field(min_length=1, max_length=MAX_CHOICES)]
+             | Annotated[list[_Ids], Field(min_length=1, max_length=MAX_CHOICES)])
+
+    def prompts(self) -> list[str | list[int]]:
+        batch = isinstance(self.prompt, list) and not isinstance(self.prompt[0], int)
+        return list(self.prompt) if batch else [self.prompt]
 
 
 class ChatMessage(BaseModel):
