@@ -151,9 +151,10 @@ def cmd_generate(args) -> int:
     engine, chat = _engine_for(args)
     res = engine.generate(args.prompt, policy=args.policy, threshold=args.threshold, chat=args.chat or chat,
                           sampling=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                                  seed=args.seed))
+                                                  seed=args.seed, stop=tuple(args.stop)))
     if args.json:
         print(json.dumps({"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
+                          "stop_reason": res.stop_reason,
                           "steps": [s.__dict__ for s in res.steps], "stats": res.stats}, indent=2))
         return 0
     for i, s in enumerate(res.steps):
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer before this string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true")
     _decoding_args(g)

@@ -133,6 +133,13 @@ def test_generate_json_and_bad_threshold(capsys):
     assert out["stats"]["draft_tokens"] == 0
     assert main(["generate", "--preset", "testbed", "--policy", "rsd", "--threshold", "nan", "x"]) == 2
     assert "threshold" in capsys.readouterr().err
+    # --stop: the same answer, ended before the first stop string
+    stop = out["steps"][1]["text"][:4]
+    assert main(["generate", "--preset", "testbed", "--policy", "target_only", "--json", "--max-new-tokens", "64",
+                 "--stop", stop, "Q: Start with 12. Add 30. What is the result?\nA: "]) == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["finish_reason"] == "stop" and cut["stop_reason"] == stop
+    assert cut["text"] == out["text"][:out["text"].find(stop)]
 
 
 def test_serve_builds_the_preset_app_with_its_router_policy(monkeypatch, capsys):
