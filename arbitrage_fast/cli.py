@@ -25,6 +25,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                             "per group of --quant-group inputs (a GGUF is dequantised first)")
     p.add_argument("--quant-group", type=int, default=64, choices=list(QUANT_GROUPS),
                    help="inputs per scale and zero point for int4/int3 (default 64)")
+    p.add_argument("--exact-arithmetic", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU norms, activation and attention: --no-exact-arithmetic runs the compiled kernels "
+                        "for a float checkpoint too (faster; sums in another order), --exact-arithmetic keeps "
+                        "transformers' arithmetic for packed weights too (default: float exact, packed compiled)")
 
 
 def _decoding_args(p: argparse.ArgumentParser) -> None:

@@ -85,6 +85,11 @@ class EngineConfig:
     prefix_cache: bool = False
     # GGUF weights: False = kept in their quantized blocks (CPU); True = dequantised at load.
     dequantize: bool = False
+    # The norms, activation and attention on the CPU: None = the model's own choice (a float
+    # checkpoint keeps transformers' arithmetic, packed or quantized weights run the compiled
+    # kernels), False = the compiled kernels for every model (they sum in another order, within
+    # ulps, for less time a token), True = transformers' arithmetic for every model.
+    exact_arithmetic: bool | None = None
     # Quantize a model's decoder linear layers at load: None (as stored), "int8" (per output
     # channel), "int4" or "int3" (per group of quant_group inputs: 32, 64 or 128). A GGUF file
     # is dequantised first and requantized from its float values.
@@ -126,6 +131,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False, got {self.prefix_cache!r}")
+        if self.exact_arithmetic is not None and not isinstance(self.exact_arithmetic, bool):
+            raise ValueError(f"exact_arithmetic must be None, True or False, got {self.exact_arithmetic!r}")
         if not isinstance(self.dequantize, bool):
             raise ValueError(f"dequantize must be True or False, got {self.dequantize!r}")
         for name in ("draft_quant", "target_quant"):

@@ -60,6 +60,9 @@ class Engine:
                 f"token-level speculation (spec_k={config.spec_k}) needs draft and target to share a "
                 f"vocabulary; {draft.path} and {target.path} tokenize differently (set spec_k=0)")
         self.draft_model, self.target_model = draft, target
+        if config.exact_arithmetic is not None:
+            for lm in {id(lm.model): lm for lm in (draft, target)}.values():
+                lm.model.set_exact_arithmetic(config.exact_arithmetic)
         # Per role, which linear layers kept their kernel and which go row by row (empty unless
         # config.batch_invariant); draft and target may be one model, probed once.
         self.invariant_layers: dict[Role, InvariantLayers] = {}

@@ -214,6 +214,8 @@ def main() -> int:
     ap.add_argument("--policy", default="draft_only")
     ap.add_argument("--threshold", type=float, default=None)
     ap.add_argument("--dequantize", action="store_true", help="serve GGUF weights dequantised (bf16 matmuls)")
+    ap.add_argument("--no-exact-arithmetic", action="store_true",
+                    help="serve with the compiled CPU norm, activation and attention kernels for float weights too")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
@@ -248,7 +250,10 @@ def main() -> int:
         serve += ["--threshold", str(args.threshold)]
     if args.dequantize:
         serve.append("--dequantize")
+    if args.no_exact_arithmetic:
+        serve.append("--no-exact-arithmetic")
     out = {"run": cpu_run_record(), "policy": args.policy, "dtype": args.dtype, "dequantize": args.dequantize,
+           "exact_arithmetic": not args.no_exact_arithmetic,
            "max_tokens": args.max_tokens,
            "per_client": args.per_client, "max_batch": args.max_batch, "models": models, "rows": []}
     logs = RESULTS / "serving_logs"

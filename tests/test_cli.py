@@ -191,10 +191,11 @@ def test_serve_given_models_starts_without_any_presets_router(monkeypatch, tmp_p
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app, host=host))
     assert main(["serve", "--draft", str(draft), "--target", str(target), "--max-batch", "3",
-                 "--max-tokens", "8"]) == 0
+                 "--max-tokens", "8", "--no-exact-arithmetic"]) == 0
     app = served["app"]
     assert served["host"] == "127.0.0.1"
     assert app.state.worker.engine.router is None and app.state.worker.engine.config.max_batch == 3
+    assert app.state.worker.engine.config.exact_arithmetic is False
     with TestClient(app) as client:
         body = client.post("/v1/completions", json={"model": "", "prompt": "hello there"}).json()
     assert body["arbitrage"]["policy"] == "rsd" and body["usage"]["completion_tokens"] <= 8

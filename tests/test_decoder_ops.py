@@ -183,3 +183,23 @@ def test_set_exact_arithmetic_reaches_every_norm_and_mlp_and_stays_close(tmp_pat
     assert not any(m.exact for m in parts)
     torch.testing.assert_close(teacher_forced(model, spec, prompt, tokens, torch.float32), exact,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exact", [None, False, True])
+def test_engine_config_chooses_the_arithmetic_of_both_models(tmp_path, exact):
+    """EngineConfig(exact_arithmetic=...) overrides the loader's choice for draft and target; the
+    compiled kernels' answers equal the exact ones on models whose argmaxes are far from ties."""
+    from arbitrage_fast import Engine, EngineConfig, SamplingParams
+
+    draft = build_tiny_lm(tmp_path / "d", "qwen2", hidden=64, layers=2, seed=1)
+    target = build_tiny_lm(tmp_path / "t", "qwen2", hidden=64, layers=2, seed=2)
+    engine = Engine(EngineConfig(draft=str(draft), target=str(target), kv_pages=64, exact_arithmetic=exact))
+    for lm in (engine.draft_model, engine.target_model):
+        parts = [m for m in lm.model.modules() if isinstance(m, (RMSNorm, GatedMLP, PagedAttention))]
+        assert all(m.exact is (exact is not False) for m in parts)  # None: a float checkpoint stays exact
+    reference = Engine(EngineConfig(draft=str(draft), target=str(target), kv_pages=64))
+    sp = SamplingParams(max_new_tokens=16)
+    assert (engine.generate("We compute 12 + 30", policy="rsd", threshold=0.5, sampling=sp).token_ids
+            == reference.generate("We compute 12 + 30", policy="rsd", threshold=0.5, sampling=sp).token_ids)
+    with pytest.raises(ValueError, match="exact_arithmetic must be None, True or False"):
+        EngineConfig(draft=str(draft), target=str(target), exact_arithmetic="fast")

@@ -9,7 +9,8 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
                  decode_chunk: int | None = None, spec_k: int = 0, dequantize: bool = False,
                  draft_quant: str | None = None, target_quant: str | None = None, quant_group: int = 64,
                  max_batch: int | None = None, reflection_cues: tuple[str, ...] | None = None,
-                 lookahead_k: int | None = None, batch_invariant: bool = False, prefix_cache: bool = False):
+                 lookahead_k: int | None = None, batch_invariant: bool = False, prefix_cache: bool = False,
+                 exact_arithmetic: bool | None = None):
     """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
     decode_chunk None picks by device (`default_decode_chunk`; 1 with batch_invariant, which
     the chunked decoder cannot serve); max_batch, reflection_cues and lookahead_k None keep the
@@ -29,7 +30,8 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
                                routers=dict(preset.routers) if router else {},
                                decode_chunk=decode_chunk, spec_k=spec_k, dequantize=dequantize,
                                draft_quant=draft_quant, target_quant=target_quant, quant_group=quant_group,
-                               batch_invariant=batch_invariant, prefix_cache=prefix_cache, **extra))
+                               batch_invariant=batch_invariant, prefix_cache=prefix_cache,
+                               exact_arithmetic=exact_arithmetic, **extra))
 
 
 def decoding_options(args) -> dict:
@@ -42,18 +44,22 @@ def decoding_options(args) -> dict:
 
 
 def load_options(args) -> dict:
-    """How the models load: `--dequantize`, `--draft-quant`, `--target-quant`, `--quant-group`."""
+    """How the models load and compute: `--dequantize`, `--draft-quant`, `--target-quant`,
+    `--quant-group`, `--[no-]exact-arithmetic`."""
     return {"dequantize": getattr(args, "dequantize", False), "draft_quant": getattr(args, "draft_quant", None),
-            "target_quant": getattr(args, "target_quant", None), "quant_group": getattr(args, "quant_group", 64)}
+            "target_quant": getattr(args, "target_quant", None), "quant_group": getattr(args, "quant_group", 64),
+            "exact_arithmetic": getattr(args, "exact_arithmetic", None)}
 
 
 def quant_info(args) -> dict:
-    """The quantization flags that change a model's answers, for keys of stored results; empty
-    without quantization, so files written before these flags existed still match."""
+    """The load flags that change a model's answers (quantization, arithmetic), for keys of
+    stored results; empty by default, so files written before these flags existed still match."""
     opts = load_options(args)
     info = {k: opts[k] for k in ("draft_quant", "target_quant") if opts[k]}
     if any(opts[k] in ("int4", "int3") for k in info):
         info["quant_group"] = opts["quant_group"]
+    if opts["exact_arithmetic"] is not None:
+        info["exact_arithmetic"] = opts["exact_arithmetic"]
     return info
 
 
