@@ -168,6 +168,20 @@ def timing_dict(t: Timing, per: int = 1) -> dict:
     return {k: ([x / per for x in v] if isinstance(v, list) else v / per) for k, v in d.items()}
 
 
+def add_render_flag(parser: argparse.ArgumentParser) -> None:
+    """`--render JSON`: print the Markdown table of a finished run and exit (see `rendered`)."""
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="print the Markdown table of a finished run and exit")
+
+
+def rendered(args, table: Callable[[object], str]) -> bool:
+    """With --render, print `table` of that run's JSON and say so (the caller then exits)."""
+    if args.render is None:
+        return False
+    print(table(json.loads(Path(args.render).read_text())))
+    return True
+
+
 def write_json(payload, out_dir: Path, name: str) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from _harness import RESULTS, cpu_run_record, write_json  # noqa: E402
+from _harness import RESULTS, add_render_flag, cpu_run_record, rendered, write_json  # noqa: E402
 GSM8K_PROMPT_INDEX = 0
 
 
@@ -215,11 +215,9 @@ def main() -> int:
     ap.add_argument("--prompt", default=None, help="plain-text prompt (default: a chat-templated GSM8K problem)")
     ap.add_argument("--quant", action="store_true",
                     help="GGUF: packed weights vs dequantised bf16 vs llama.cpp (results/cpu_decode_quant.json)")
-    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
-                    help="print the Markdown table of a --quant results file and exit")
+    add_render_flag(ap)
     args = ap.parse_args()
-    if args.render:
-        print(quant_table(json.loads(args.render.read_text())))
+    if rendered(args, quant_table):
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

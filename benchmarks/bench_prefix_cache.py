@@ -17,9 +17,7 @@ in one place, so a near-tie token may differ; counted, not assumed).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from _harness import RESULTS, cpu_run_record, timed_generate, write_json  # noqa: E402
+from _harness import RESULTS, add_render_flag, cpu_run_record, rendered, timed_generate, write_json  # noqa: E402
 
 FOLLOW_UP = "Check each step of your solution again and state the final answer once more."
 
@@ -73,11 +71,9 @@ def main() -> int:
     ap.add_argument("--follow-up-tokens", type=int, default=32, help="the second turn's token cap")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
-                    help="print the markdown table of a finished run and exit")
+    add_render_flag(ap)
     args = ap.parse_args()
-    if args.render:
-        print(markdown_table(json.loads(args.render.read_text())))
+    if rendered(args, markdown_table):
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,7 +20,6 @@ process CPU seconds are both kept.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from _harness import RESULTS, cpu_run_record, timed_generate, write_json  # noqa: E402
+from _harness import RESULTS, add_render_flag, cpu_run_record, rendered, timed_generate, write_json  # noqa: E402
 
 STEP_WORDS = 8
 ESCALATE_ALL = 2.0  # above any target-likelihood score (they lie in [0, 1])
@@ -78,11 +77,9 @@ def main() -> int:
     ap.add_argument("--target-load", default="dequantized", choices=["dequantized", "packed"],
                     help="the 1.5B target in bf16 from its GGUF (dequantized) or run on its Q4_K blocks")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
-                    help="print the markdown table of a finished run and exit")
+    add_render_flag(ap)
     args = ap.parse_args()
-    if args.render:
-        print(markdown_table(json.loads(args.render.read_text())))
+    if rendered(args, markdown_table):
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
