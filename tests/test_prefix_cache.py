@@ -153,3 +153,40 @@ def test_the_cache_is_off_by_default_and_its_switch_is_checked(folders):
     draft, target, _ = folders
     with pytest.raises(ValueError, match="prefix_cache must be True or False"):
         EngineConfig(draft=str(draft), target=str(target), prefix_cache="yes")
+
+
+def test_entries_are_evicted_least_recently_used_and_free_only_unshared_pages():
+    import torch
+
+    from arbitrage_fast.kv import KVSpec, PagedKVCache
+    from arbitrage_fast.prefix_cache import PrefixCache
+    from arbitrage_fast.sequence import Sequence
+
+    pool = PagedKVCache([KVSpec(1, 1, 8), KVSpec(1, 1, 8)], 32, torch.float32, "cpu", min_block_size=4)
+    page = pool.block_size(0)
+    kept = PrefixCache(pool)
+
+    def ended(tokens):  # a sequence that computed KV for all its tokens but the last
+        seq = Sequence({0: tokens, 1: tokens}, "", shared_vocab=True)
+        pool.add_sequence(seq.seq_id)
+        pool.extend(seq.seq_id, 0, len(tokens) - 1)
+        return seq
+
+    a, b = ended(list(range(1, 3 * page + 2))), ended(list(range(50, 50 + 2 * page + 1)))
+    for seq in (a, b):
+        kept.retain(seq, tuple(Role))
+        pool.free_sequence(seq.seq_id)
+    entry_a, entry_b = kept.entries()
+    assert entry_a.tokens == {Role.DRAFT: list(range(1, 3 * page + 1))}  # whole pages, one model
+    assert pool.stats()["used_pages"] == 5
+    kept.hit(entry_a.seq_id)  # a is now the most recently used
+    assert kept.evict_one() and [e.seq_id for e in kept.entries()] == [entry_a.seq_id]
+    assert pool.stats()["used_pages"] == 3
+    # A running sequence sharing a's pages keeps them when a's entry goes.
+    reader = Sequence({0: list(range(1, 3 * page + 1)), 1: []}, "", shared_vocab=False)
+    pool.add_sequence(reader.seq_id)
+    pool.share_prefix(entry_a.seq_id, reader.seq_id, 0, 2 * page)
+    kept.clear()
+    assert len(kept) == 0 and pool.stats()["used_pages"] == 2
+    pool.free_sequence(reader.seq_id)
+    assert pool.stats()["used_pages"] == 0
