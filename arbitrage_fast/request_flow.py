@@ -32,7 +32,7 @@ from .runtime.speculative import speculative_step
 from .runtime.step_decoder import DecodedStep, StopRule, decode_step_flow
 from .runtime.work import ModelWork, share_prefix
 from .sequence import Step
-from .stop_strings import find_stop, tokens_through_stop
+from .stop_strings import end_at_stop, tokens_through_stop
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -84,13 +84,9 @@ def cut_at_stop(eng: "Engine", req: Request, step: Step, writer: Role) -> None:
     if not stops:
         return
     before = "".join(req.seq.step_texts())
-    hit = find_stop(before, step.text, stops)
-    if hit is None:
-        return
-    cut, stop = hit
-    step.token_ids = step.token_ids[:tokens_through_stop(step.token_ids, lambda ids: eng.text(ids, writer),
-                                                         before, stops)]
-    step.text, step.ended_by, step.matched_stop = step.text[:cut], "stop", stop
+    written = step.token_ids
+    if end_at_stop(step, before, stops):
+        step.token_ids = written[:tokens_through_stop(written, lambda ids: eng.text(ids, writer), before, stops)]
 
 
 def budget_left(eng: "Engine", req: Request, ahead: int = 0, ahead_target: int = 0) -> int:

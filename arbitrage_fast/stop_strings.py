@@ -43,6 +43,16 @@ def find_stop(before: str, text: str, stops: tuple[str, ...]) -> tuple[int, str]
     return max(0, at - len(tail)), stop
 
 
+def end_at_stop(step, before: str, stops: tuple[str, ...]) -> bool:
+    """Cut a committed step's text at the earliest stop string and mark it as the answer's
+    last (`ended_by` "stop", `matched_stop`); False, and the step untouched, when there is none."""
+    hit = find_stop(before, step.text, stops)
+    if hit is None:
+        return False
+    step.text, step.ended_by, step.matched_stop = step.text[:hit[0]], "stop", hit[1]
+    return True
+
+
 def tokens_through_stop(token_ids: list[int], decode: Callable[[list[int]], str], before: str,
                         stops: tuple[str, ...]) -> int:
     """How many of a step's tokens it takes to write its first stop string (vLLM keeps the ids

@@ -29,7 +29,7 @@ from arbitrage_fast.prm.build import PolicyPRMs
 from arbitrage_fast.prm.target_likelihood import mean_probability
 from arbitrage_fast.request import RequestState, StepOutput
 from arbitrage_fast.sequence import GenerationResult, Step
-from arbitrage_fast.stop_strings import find_stop
+from arbitrage_fast.stop_strings import end_at_stop
 
 from .openai_client import CompletionsClient, RemoteModel, WrittenStep
 
@@ -166,8 +166,7 @@ class RemoteEngine:
             budget = min(sampling.max_step_tokens, sampling.max_new_tokens - generated)
             cap = "length" if budget < sampling.max_step_tokens else "step_cap"
             step, written = self._decide(pol, prompts, problem, steps, committed, budget, cap, sampling, stats)
-            if (hit := find_stop(committed, step.text, sampling.stop)) is not None:
-                step.text, step.ended_by, step.matched_stop = step.text[:hit[0]], "stop", hit[1]
+            end_at_stop(step, committed, sampling.stop)
             if run.prompt_tokens is None:
                 run.prompt_tokens = written.prompt_tokens
             generated += written.completion_tokens
