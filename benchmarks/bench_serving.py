@@ -1,10 +1,10 @@
 """Serving throughput and latency under concurrent clients: continuous batching vs one request
 at a time, and vLLM on the same model when it is installed, all in one run.
 
-The server is started on loopback as a separate process (`arbitrage-fast serve`), first with
-`--max-batch B` (continuous batching), then with `--max-batch 1` (requests queue and run one
-by one: the engine before batching), then vLLM's OpenAI server when `--vllm-python` names the
-interpreter of a virtualenv with vllm installed. Each is driven by 1, 4, 8, 16 concurrent
+The servers are separate processes on loopback: `arbitrage-fast serve` with `--max-batch B`
+(continuous batching) and with `--max-batch 1` (requests queue and run one by one: the engine
+before batching), and vLLM's OpenAI server when `--vllm-python` names the interpreter of a
+virtualenv with vllm installed. Each is driven by 1, 4, 8, 16 concurrent
 clients (a client sends its requests one after another, streaming) over a fixed list of
 GSM8K prompts; every request asks for exactly `--max-tokens` tokens (ignore_eos), so every
 server generates the same number of tokens. Reported per (server, clients): aggregate
@@ -19,6 +19,11 @@ requests in turn (one in flight at a time, the order swapped every round, each r
 sent to both), so drift in the machine's load hits both alike: the batched server's latency
 over the batch-1 server's at one client, with a paired bootstrap interval. `--servers ""` then
 skips the concurrent-client rows.
+
+All servers are up at once (an idle one waits on its queue without spinning) and are driven
+one at a time, in turn at each client count. With `--repeats R` the whole round runs R times,
+the servers' order rotating every repeat, and each throughput ratio gets a paired bootstrap
+interval over the repeats (a repeat's rows ran back to back, so the machine's drift hits both).
 
 The JSON is rewritten after every row (benchmarks/results/serving_<name>.json).
 """
@@ -144,15 +149,44 @@ def drive(url: str, bodies: list[dict], clients: int, per_client: int) -> dict:
 
 
 def ratios(rows: list[dict]) -> None:
-    """Each row's throughput and p99 latency against the batch-1 server and vLLM, same clients."""
-    by = {(r["server"], r["clients"]): r for r in rows if "tok_s" in r}
+    """Each row's throughput and p99 latency against the batch-1 server and vLLM, same clients
+    and same repeat (the rows driven back to back)."""
+    key = lambda r: (r["clients"], r.get("repeat", 0))  # noqa: E731
+    by = {(r["server"], *key(r)): r for r in rows if "tok_s" in r}
     for r in rows:
         for ref in ("batch1", "vllm"):
-            other = by.get((ref, r["clients"]))
-            if other is None or "tok_s" not in r or r["server"] == ref:
+            other = by.get((ref, *key(r))) if "tok_s" in r else None
+            if other is None or r["server"] == ref:
                 continue
             r[f"tok_s_vs_{ref}"] = r["tok_s"] / other["tok_s"]
             r[f"p99_latency_vs_{ref}"] = r["p99_latency_s"] / other["p99_latency_s"]
+
+
+def repeat_summary(rows: list[dict]) -> list[dict]:
+    """Per (server, clients) over the repeats: median tok/s and, against each reference server,
+    the throughput ratio with a paired bootstrap interval over repeats (each repeat drove both
+    servers back to back, so drift in the machine's load hits a pair alike)."""
+    from arbitrage_fast.eval.intervals import paired_bootstrap
+
+    done = [r for r in rows if "tok_s" in r and r["tokens"] > 0]
+    by = {(r["server"], r["clients"], r.get("repeat", 0)): r for r in done}
+    out = []
+    for server, clients in dict.fromkeys((r["server"], r["clients"]) for r in done):
+        mine = {k[2]: r for k, r in by.items() if k[:2] == (server, clients)}
+        entry = {"server": server, "clients": clients, "repeats": len(mine),
+                 "median_tok_s": statistics.median(r["tok_s"] for r in mine.values())}
+        for ref in ("batch1", "vllm"):
+            pairs = [(r, by[(ref, clients, k)]) for k, r in sorted(mine.items()) if (ref, clients, k) in by]
+            if server == ref or not pairs:
+                continue
+            # seconds per generated token: the speed-up of its sum is the throughput ratio
+            value, low, high = paired_bootstrap([a["wall_s"] / a["tokens"] for a, _ in pairs],
+                                                [b["wall_s"] / b["tokens"] for _, b in pairs], "speedup")
+            entry[f"tok_s_vs_{ref}"], entry[f"tok_s_vs_{ref}_interval"] = value, [low, high]
+            entry[f"median_p99_latency_vs_{ref}"] = statistics.median(
+                a["p99_latency_s"] / b["p99_latency_s"] for a, b in pairs)
+        out.append(entry)
+    return out
 
 
 def paired_single(servers: dict[str, "Server"], bodies: list[dict], rounds: int) -> dict:
@@ -189,17 +223,29 @@ def render(out: dict) -> str:
                   "| latency batched / batch 1 [95% CI] |", "|---|---|---|---|---|",
                   f"| paired | {paired['rounds']} | {med['batched']:.2f} | {med['batch1']:.2f} "
                   f"| {paired['latency_vs_batch1']:.3f}x [{low:.3f}, {high:.3f}] |", ""]
+    if out.get("summary"):
+        lines += ["| server | clients | repeats | median tok/s | tok/s vs batch 1 [95% CI] | tok/s vs vLLM [95% CI] "
+                  "| median p99 latency vs batch 1 |", "|---|---|---|---|---|---|---|"]
+        ci = lambda e, ref: ("" if f"tok_s_vs_{ref}" not in e else  # noqa: E731
+                             "{:.2f}x [{:.2f}, {:.2f}]".format(e[f"tok_s_vs_{ref}"], *e[f"tok_s_vs_{ref}_interval"]))
+        for e in out["summary"]:
+            p99 = e.get("median_p99_latency_vs_batch1")
+            lines.append(f"| {e['server']} | {e['clients']} | {e['repeats']} | {e['median_tok_s']:.1f} "
+                         f"| {ci(e, 'batch1')} | {ci(e, 'vllm')} | {'' if p99 is None else f'{p99:.2f}x'} |")
+        lines.append("")
     if not out["rows"]:
         return "\n".join(lines)
     lines += ["| server | clients | tok/s | p50 latency s | p99 latency s | p50 first event s | tok/s vs batch 1 "
               "| p99 vs batch 1 | tok/s vs vLLM |", "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)  # noqa: E731
     ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
+    repeated = out.get("repeats", 1) > 1
     for r in out["rows"]:
+        server = f"{r['server']} (repeat {r['repeat']})" if repeated and "repeat" in r else r["server"]
         if "tok_s" not in r:
-            lines.append(f"| {r['server']} | {r['clients']} | failed: {'; '.join(r['errors'])[:80]} |||||||")
+            lines.append(f"| {server} | {r['clients']} | failed: {'; '.join(r['errors'])[:80]} |||||||")
             continue
-        lines.append(f"| {r['server']} | {r['clients']} | {fmt(r['tok_s'], '.1f')} | {fmt(r['p50_latency_s'])} "
+        lines.append(f"| {server} | {r['clients']} | {fmt(r['tok_s'], '.1f')} | {fmt(r['p50_latency_s'])} "
                      f"| {fmt(r['p99_latency_s'])} | {fmt(r['p50_first_event_s'])} | {ratio(r.get('tok_s_vs_batch1'))} "
                      f"| {ratio(r.get('p99_latency_vs_batch1'))} | {ratio(r.get('tok_s_vs_vllm'))} |")
     return "\n".join(lines)
@@ -227,6 +273,9 @@ def main() -> int:
     # which a machine already holding this project's models cannot give.
     ap.add_argument("--vllm-args", default="--gpu-memory-utilization 0.3 --max-model-len 4096")
     ap.add_argument("--servers", default="batched,batch1,vllm", help="which servers to run, in order")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="times each (server, clients) row is driven; with 2 or more, ratios get a paired "
+                         "bootstrap interval over repeats")
     ap.add_argument("--paired-single", type=int, default=0, metavar="K",
                     help="first, K rounds of one request to the batched and the batch-1 server in turn")
     ap.add_argument("--startup-s", type=float, default=900)
@@ -255,7 +304,7 @@ def main() -> int:
     out = {"run": cpu_run_record(), "policy": args.policy, "dtype": args.dtype, "dequantize": args.dequantize,
            "exact_arithmetic": not args.no_exact_arithmetic,
            "max_tokens": args.max_tokens,
-           "per_client": args.per_client, "max_batch": args.max_batch, "models": models, "rows": []}
+           "per_client": args.per_client, "max_batch": args.max_batch, "repeats": args.repeats, "models": models, "rows": []}
     logs = RESULTS / "serving_logs"
     logs.mkdir(parents=True, exist_ok=True)
     engine_servers = {"batched": args.max_batch, "batch1": 1}
@@ -273,42 +322,54 @@ def main() -> int:
                 server.close()
         write_json(out, RESULTS, f"serving_{args.name}.json")
         print(render(out), flush=True)
-    for name in filter(None, args.servers.split(",")):
-        port = free_port()
-        if name in engine_servers:
-            argv = serve + ["--max-batch", str(engine_servers[name]), "--port", str(port)]
-        elif name == "vllm":
-            if not (args.vllm_python and args.vllm_model):
-                print("vllm: skipped (give --vllm-python and --vllm-model)")
-                continue
-            argv = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.vllm_model,
-                    "--dtype", args.dtype, "--served-model-name", "m", "--port", str(port), "--host", "127.0.0.1",
-                    *args.vllm_args.split()]
-            out["vllm_version"] = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
-                                                 capture_output=True, text=True).stdout.strip()
-        else:
-            raise SystemExit(f"unknown server {name!r}: expected batched, batch1 or vllm")
-        print(f"starting {name}: {' '.join(argv)}", flush=True)
-        try:
-            # vLLM starts outside this checkout: its own `triton_kernels` package must not be
-            # shadowed by this repository's folder of that name on the working directory's path.
-            server = Server(argv, port, name, logs / f"{args.name}_{name}.log", args.startup_s,
-                            cwd="/" if name == "vllm" else None)
-        except RuntimeError as e:  # recorded as a failed row; the other servers still run
-            out["rows"].append({"server": name, "clients": None, "errors": [str(e)]})
-            write_json(out, RESULTS, f"serving_{args.name}.json")
-            print(f"{name}: {e}", flush=True)
-            continue
-        try:
-            drive(server.url, bodies[:1], 1, 1)  # warm-up: first-call costs stay out of the figures
-            for c in clients:
-                row = {"server": name, **drive(server.url, bodies, c, args.per_client)}
-                out["rows"].append(row)
-                ratios(out["rows"])
+    # Every server is up at once (an idle one blocks on its queue), and each repeat drives them
+    # back to back at each client count, the order rotating every repeat.
+    servers: dict[str, Server] = {}
+    try:
+        for name in filter(None, args.servers.split(",")):
+            port = free_port()
+            if name in engine_servers:
+                argv = serve + ["--max-batch", str(engine_servers[name]), "--port", str(port)]
+            elif name == "vllm":
+                if not (args.vllm_python and args.vllm_model):
+                    print("vllm: skipped (give --vllm-python and --vllm-model)")
+                    continue
+                argv = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.vllm_model,
+                        "--dtype", args.dtype, "--served-model-name", "m", "--port", str(port), "--host",
+                        "127.0.0.1", *args.vllm_args.split()]
+                out["vllm_version"] = subprocess.run(
+                    [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
+                    capture_output=True, text=True).stdout.strip()
+            else:
+                raise SystemExit(f"unknown server {name!r}: expected batched, batch1 or vllm")
+            print(f"starting {name}: {' '.join(argv)}", flush=True)
+            try:
+                # vLLM starts outside this checkout: its own `triton_kernels` package must not be
+                # shadowed by this repository's folder of that name on the working directory's path.
+                servers[name] = Server(argv, port, name, logs / f"{args.name}_{name}.log", args.startup_s,
+                                       cwd="/" if name == "vllm" else None)
+            except RuntimeError as e:  # recorded as a failed row; the other servers still run
+                out["rows"].append({"server": name, "clients": None, "errors": [str(e)]})
                 write_json(out, RESULTS, f"serving_{args.name}.json")
-                print(json.dumps({k: v for k, v in row.items() if k != "errors"}), flush=True)
-        finally:
+                print(f"{name}: {e}", flush=True)
+                continue
+            drive(servers[name].url, bodies[:1], 1, 1)  # warm-up: first-call costs stay out of the figures
+        names = list(servers)
+        for r in range(args.repeats):
+            for c in clients:
+                for name in names[r % len(names):] + names[:r % len(names)] if names else []:
+                    row = {"server": name, "repeat": r, **drive(servers[name].url, bodies, c, args.per_client)}
+                    out["rows"].append(row)
+                    ratios(out["rows"])
+                    if args.repeats > 1:
+                        out["summary"] = repeat_summary(out["rows"])
+                    write_json(out, RESULTS, f"serving_{args.name}.json")
+                    print(json.dumps({k: v for k, v in row.items() if k != "errors"}), flush=True)
+    finally:
+        for server in servers.values():
             server.close()
+    if args.repeats > 1:
+        print(render(out), flush=True)
     return 0
 
 

@@ -205,3 +205,31 @@ def test_serving_paired_single_alternates_and_pairs_rounds(monkeypatch):
     low, high = out["latency_vs_batch1_interval"]
     assert low == pytest.approx(1.1) and high == pytest.approx(1.1)
     assert "1.100x [1.100, 1.100]" in bench.render({"paired_single": out, "rows": []})
+
+
+def test_serving_repeats_rotate_servers_and_pair_ratios_by_repeat():
+    """bench_serving --repeats: ratios pair rows of the same repeat and client count, and the
+    summary's interval over repeats brackets the per-repeat throughput ratios (here the batched
+    server is 3x, then 2x, then 4x the batch-1 server's tokens/s)."""
+    bench = _load("bench_serving")
+
+    def row(server, repeat, wall):
+        return {"server": server, "clients": 8, "repeat": repeat, "requests": 8, "wall_s": wall, "tokens": 100,
+                "errors": [], "tok_s": 100 / wall, "p50_latency_s": wall, "p99_latency_s": wall,
+                "p50_first_event_s": 0.1}
+
+    rows = [row("batched", 0, 1.0), row("batch1", 0, 3.0), row("batch1", 1, 4.0), row("batched", 1, 2.0),
+            row("batched", 2, 1.0), row("batch1", 2, 4.0)]
+    bench.ratios(rows)
+    assert [r.get("tok_s_vs_batch1") for r in rows] == [pytest.approx(3.0), None, None, pytest.approx(2.0),
+                                                         pytest.approx(4.0), None]
+    (batched, batch1) = bench.repeat_summary(rows)
+    assert batched["server"] == "batched" and batched["repeats"] == 3
+    assert batched["tok_s_vs_batch1"] == pytest.approx(11 / 4)  # summed seconds per token: 11 vs 4
+    low, high = batched["tok_s_vs_batch1_interval"]
+    assert 2.0 <= low < 11 / 4 < high <= 4.0
+    assert batched["median_p99_latency_vs_batch1"] == pytest.approx(1 / 3)
+    assert "tok_s_vs_batch1" not in batch1
+    table = bench.render({"repeats": 3, "rows": rows, "summary": [batched, batch1]})
+    assert f"| batched | 8 | 3 | 100.0 | 2.75x [{low:.2f}, {high:.2f}] |  | 0.33x |" in table
+    assert "| batched (repeat 1) | 8 | 50.0 |" in table
