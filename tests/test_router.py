@@ -192,3 +192,36 @@ def test_accumulator_keeps_the_steps_extremes():
     scalars = acc.features()[-5:]
     expected = [(-0.1 - 2.5 - 0.3) / 3, (0.2 + 1.7 + 0.4) / 3, math.log1p(3), -2.5, 1.7]
     assert scalars.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_validation_thresholds_escalate_their_rate_and_reach_the_demo(tmp_path):
+    """The head records, per escalation rate, the score threshold that escalates that share of
+    its validation steps; a saved head hands it back, and the demo's Arbitrage row uses it when
+    its preset names no threshold of its own."""
+    from types import SimpleNamespace
+
+    from arbitrage_fast.commands.demo import DEMO_ESCALATION_RATE, FALLBACK_THRESHOLDS, demo_thresholds
+    from arbitrage_fast.router.train import split_by_problem
+
+    data = _separable(0)
+    head, report = train_router(data, hidden_size=4, width=16, epochs=200, patience=30, progress=False)
+    _, val = split_by_problem(data, 0.2, 0)
+    with torch.no_grad():
+        scores = head(val.features)
+    assert [p["rate"] for p in report.val_deferral] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    for point in report.val_deferral:
+        if point["threshold"] is not None:  # escalate when score > threshold
+            escalated = float((scores > point["threshold"]).float().mean())
+            assert abs(escalated - point["rate"]) <= 1.0 / len(val) + 1e-9
+    folder = head.save(tmp_path / "head", extra={"training": {"val_deferral_curve": report.val_deferral}})
+    expected = next(p["threshold"] for p in report.val_deferral if p["rate"] == DEMO_ESCALATION_RATE)
+    assert RouterHead.validation_threshold(folder, DEMO_ESCALATION_RATE) == expected
+    assert RouterHead.validation_threshold(folder, 0.33) is None
+    qwen = SimpleNamespace(name="qwen2.5-coder", router=str(folder))
+    assert demo_thresholds(qwen)["arbitrage"] == expected
+    assert demo_thresholds(SimpleNamespace(name="qwen2.5-coder", router=None))["arbitrage"] == \
+        FALLBACK_THRESHOLDS["arbitrage"]
+    assert demo_thresholds(SimpleNamespace(name="testbed", router=str(folder)))["arbitrage"] == 0.8
+    bare = head.save(tmp_path / "bare")  # a head trained before the curve was recorded
+    assert RouterHead.validation_threshold(bare, DEMO_ESCALATION_RATE) is None
+    assert demo_thresholds(SimpleNamespace(name="other", router=str(bare))) == FALLBACK_THRESHOLDS

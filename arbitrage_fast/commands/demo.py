@@ -8,14 +8,17 @@ from arbitrage_fast.config import SamplingParams
 
 from .common import build_engine, decoding_options
 
-# Thresholds per preset from its recorded sweep (benchmarks/RESULTS.md): on the testbed the
-# cheapest point of each policy within a point of target_only's accuracy; on the Qwen pair
-# RSD's matched-accuracy point (no Arbitrage point matched there). Other pairs: the fallback.
+# Thresholds per preset: on the testbed the cheapest point of each policy within a point of
+# target_only's accuracy in its recorded calibration (benchmarks/RESULTS.md); on the Qwen pair
+# RSD's matched-accuracy point. A preset with no Arbitrage threshold here takes its router head's
+# own: the score that escalated DEMO_ESCALATION_RATE of the head's validation steps (problems of
+# the train split, never the ones the demo solves). Other pairs: the fallback.
 DEMO_THRESHOLDS = {
     "testbed": {"rsd": 0.7, "arbitrage": 0.8},
-    "qwen2.5-coder": {"rsd": 0.95, "arbitrage": 0.5},
+    "qwen2.5-coder": {"rsd": 0.95},
 }
 FALLBACK_THRESHOLDS = {"rsd": 0.95, "arbitrage": 0.5}
+DEMO_ESCALATION_RATE = 0.3
 # (problems in the table, token cap) when not given: the real pair decodes a few tokens a second
 # on a 2-core CPU, so its demo solves two problems; its cap lets a whole GSM8K solution reach
 # its \boxed{} answer (the 1.5B's solutions ran 127-379 tokens on 43 of 50 recorded problems,
@@ -28,6 +31,20 @@ def demo_sizes(preset, args) -> tuple[int, int]:
     """(n, max_new_tokens): what the command line gave, else the preset's demo defaults."""
     n, cap = DEMO_DEFAULTS.get(preset.name, FALLBACK_DEFAULTS)
     return (args.n if args.n is not None else n), (args.max_new_tokens if args.max_new_tokens is not None else cap)
+
+
+def demo_thresholds(preset) -> dict[str, float]:
+    """Each shown policy's threshold: the preset's own, else its router head's validation
+    threshold at DEMO_ESCALATION_RATE (Arbitrage), else the fallback."""
+    own = DEMO_THRESHOLDS.get(preset.name, {})
+    chosen = {**FALLBACK_THRESHOLDS, **own}
+    if "arbitrage" not in own and preset.router:
+        from arbitrage_fast.router.head import RouterHead
+
+        recorded = RouterHead.validation_threshold(preset.router, DEMO_ESCALATION_RATE)
+        if recorded is not None:
+            chosen["arbitrage"] = recorded
+    return chosen
 
 
 def run(preset, args) -> int:
@@ -44,8 +61,8 @@ def run(preset, args) -> int:
     print(f"draft:  {preset.draft}\ntarget: {preset.target}\nrouter: {preset.router or '(none: arbitrage needs one)'}\n"
           f"loaded in {time.perf_counter() - start:.1f} s ({engine.config.dtype} on {engine.config.device})\n")
     first = items[0]
-    chosen = DEMO_THRESHOLDS.get(preset.name, FALLBACK_THRESHOLDS)
-    print(f"{first.prompt.strip()}\n--- {shown} (threshold {chosen[shown]}) ---", flush=True)
+    chosen = demo_thresholds(preset)
+    print(f"{first.prompt.strip()}\n--- {shown} (threshold {chosen[shown]:.3g}) ---", flush=True)
     run = engine.stream(first.prompt, policy=shown, threshold=chosen[shown], sampling=sampling,
                         chat=preset.chat)
     t = time.perf_counter()
@@ -66,7 +83,7 @@ def run(preset, args) -> int:
     for p in points:
         total = p["draft_tokens"] + p["target_tokens"]
         share = p["target_tokens"] / total if total else 0.0
-        t = "-" if p["threshold"] is None else f"{p['threshold']:g}"
+        t = "-" if p["threshold"] is None else f"{p['threshold']:.3g}"
         print(f"{p['policy']:12s} {t:>9s} {p['accuracy']:8.2f} {p['latency_s'] * 1000:8.1f}ms {share:12.2f} "
               f"{p['escalation_rate']:9.2f}")
     print(f"\n({len(items)} {preset.dataset} problems; target share = target-written tokens / all written tokens)")

@@ -82,7 +82,7 @@ def train(preset, args) -> dict:
         "positive_rate": report.positive_rate,
         "val_auroc": report.val_auroc, "val_spearman": report.val_spearman, "best_epoch": report.best_epoch,
         "stopped_epoch": report.stopped_epoch, "n_train_steps": report.n_train, "n_val_steps": report.n_val,
-        "val_positives": report.val_positives, "curves": report.curves(),
+        "val_positives": report.val_positives, "val_deferral_curve": report.val_deferral, "curves": report.curves(),
         # labelling cost of these problems whenever they were labelled; this run's share beside it
         "label_seconds": sum(labels.seconds), "label_seconds_this_run": label_s,
         "problems_labelled_this_run": labels.labelled_now,

@@ -98,6 +98,16 @@ class RouterHead(nn.Module):
             raise RouterLoadError(f"{directory} is not a router head folder (needs {WEIGHTS_NAME})")
         return hashlib.sha256(w_path.read_bytes()).hexdigest()
 
+    @staticmethod
+    def validation_threshold(directory: str | Path, rate: float) -> float | None:
+        """The threshold that escalated `rate` of the validation steps when the head was trained
+        (`train-router` records its deferral curve there), or None when the head records none."""
+        cfg_path = Path(directory) / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise RouterLoadError(f"{directory} is not a router head folder (needs {CONFIG_NAME})")
+        curve = json.loads(cfg_path.read_text()).get("training", {}).get("val_deferral_curve") or []
+        return next((p["threshold"] for p in curve if abs(p["rate"] - rate) < 1e-9), None)
+
     @classmethod
     def load(cls, directory: str | Path, expected_hidden_size: int | None = None) -> "RouterHead":
         from safetensors.torch import load_file

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .data import RouterDataset
 from .head import RouterConfig, RouterHead
-from .metrics import auroc, spearman
+from .metrics import auroc, deferral_curve, spearman
 
 
 @dataclass
@@ -35,6 +35,9 @@ class TrainReport:
     n_val: int = 0
     positive_rate: float = 0.0
     val_positives: int = 0
+    # per escalation rate, the score threshold reaching it on the validation problems (never on
+    # test problems): what a deployment without a calibration run can start from
+    val_deferral: list[dict] = field(default_factory=list)
 
     def curves(self) -> dict:
         """The learning curves, JSON-ready."""
@@ -120,6 +123,7 @@ def train_router(data: RouterDataset, hidden_size: int, width: int = 64, epochs:
             s = head(val.features).numpy()
         report.val_auroc = auroc(val.labels.numpy(), s)
         report.val_spearman = spearman(val.advantage.numpy(), s)
+        report.val_deferral = deferral_curve(val.advantage.numpy(), s)
     else:
         report.best_epoch = report.stopped_epoch
     return head.eval().requires_grad_(False), report
