@@ -124,6 +124,14 @@ def _records_arg(p: argparse.ArgumentParser) -> None:
                         "file's header holds the settings, plan and code revision; other settings are refused")
 
 
+def _batch_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="runs in flight at once (continuous batching). 1: each problem alone, so its "
+                        "latency is its own. N > 1: more problems an hour, for choices resting on "
+                        "accuracy and escalations (calibrate on dev); latencies are then times in "
+                        "a shared batch and CPU times are not recorded, and the records file says so")
+
+
 def _remote_engine(args):
     """The remote engine when server URLs are given, else None."""
     if not (args.draft_url or args.target_url):
@@ -245,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", default=None)
     s.add_argument("--plot", default=None, help="write the Pareto plot (PNG)")
     _records_arg(s)
+    _batch_arg(s)
     s.add_argument("--report-only", action="store_true",
                    help="run nothing: report the points of the --records file over the problems it holds under "
                         "every policy and threshold (a sweep may still be appending to it)")
@@ -263,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--out", required=True, metavar="JSON", help="the calibration file to write")
     _records_arg(c)
+    _batch_arg(c)
     _decoding_args(c)
     c.set_defaults(func=_with_preset(cmd_calibrate))
 

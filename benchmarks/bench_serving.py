@@ -89,14 +89,16 @@ class Server:
 
 
 def one_request(client: httpx.Client, body: dict) -> dict:
-    """Stream one completion; returns latency, time to the first event and tokens generated."""
+    """Stream one completion (a chat completion when the body holds messages); returns latency,
+    time to the first event and tokens generated."""
     start = time.perf_counter()
     first = None
     tokens = 0
     # include_usage: vLLM reports the token count in a last chunk only when asked (this server
     # always sends usage in its closing chunk and ignores the option).
     stream = {"stream": True, "stream_options": {"include_usage": True}}
-    with client.stream("POST", "/v1/completions", json={**body, **stream}) as r:
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    with client.stream("POST", path, json={**body, **stream}) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -266,7 +268,8 @@ def main() -> int:
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--chat", action="store_true", help="send chat-templated prompts (instruct models)")
+    ap.add_argument("--chat", action="store_true",
+                    help="send chat completions of the problems with Qwen's step-by-step instruction (instruct models)")
     ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm (reference server)")
     ap.add_argument("--vllm-model", default=None, help="the model folder vLLM serves (same weights)")
     # vLLM's CPU backend reserves this fraction of host memory for its KV cache by default 0.92,
@@ -289,9 +292,14 @@ def main() -> int:
     from arbitrage_fast.eval.datasets import load_dataset
 
     clients = [int(c) for c in args.clients.split(",")]
-    items = load_dataset("gsm8k", n=16, split="test", seed=0)
-    bodies = [{"prompt": i.prompt, "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0}
-              for i in items]
+    if args.chat:  # the instruct models' own prompt shape: the chat template and Qwen's instruction
+        from arbitrage_fast.presets import STEP_BY_STEP_BOXED
+
+        items = load_dataset("gsm8k", n=16, split="test", seed=0, instruction=STEP_BY_STEP_BOXED)
+        prompts = [{"messages": [{"role": "user", "content": i.prompt}]} for i in items]
+    else:
+        prompts = [{"prompt": i.prompt} for i in load_dataset("gsm8k", n=16, split="test", seed=0)]
+    bodies = [{**p, "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0} for p in prompts]
     models = ["--preset", args.preset] if args.preset else ["--draft", args.draft, "--target", args.target]
     serve = [sys.executable, "-m", "arbitrage_fast.cli", "serve", *models, "--dtype", args.dtype,
              "--policy", args.policy, "--served-model-name", "m", "--max-waiting", "1024"]
@@ -302,7 +310,7 @@ def main() -> int:
     if args.no_exact_arithmetic:
         serve.append("--no-exact-arithmetic")
     out = {"run": cpu_run_record(), "policy": args.policy, "dtype": args.dtype, "dequantize": args.dequantize,
-           "exact_arithmetic": not args.no_exact_arithmetic,
+           "exact_arithmetic": not args.no_exact_arithmetic, "chat": args.chat, "threshold": args.threshold,
            "max_tokens": args.max_tokens,
            "per_client": args.per_client, "max_batch": args.max_batch, "repeats": args.repeats, "models": models, "rows": []}
     logs = RESULTS / "serving_logs"

@@ -112,3 +112,27 @@ def test_a_router_head_retrained_in_place_after_calibration_is_refused(tmp_path,
     shutil.copy(preset.routers["exact"] + "/router.safetensors", head / "router.safetensors")
     assert main(["sweep", *small, "--thresholds-from", str(cal), "--json", str(tmp_path / "t.json")]) == 2
     assert "router_heads" in capsys.readouterr().err
+
+
+def test_a_batched_calibration_chooses_what_one_at_a_time_chose(calibration, tmp_path):
+    """`calibrate --batch 4` keeps four runs in flight in one engine: every dev point's accuracy,
+    escalations and tokens equal the one-at-a-time calibration's (fp32 testbed: a row's answer
+    does not depend on its batch), so the chosen thresholds are the same; its latencies are
+    times in a shared batch, it records no per-run CPU time, and its records file says so."""
+    _, alone = calibration
+    out, records = tmp_path / "batched.json", tmp_path / "batched.jsonl"
+    assert main(["calibrate", *BASE, "--policies", "rsd,rsd:likelihood,arbitrage,spec_thinking", "--grid-points", "3",
+                 "--out", str(out), "--records", str(records), "--batch", "4"]) == 0
+    batched = json.loads(out.read_text())
+    fields = ("policy", "threshold", "n", "accuracy", "escalation_rate", "draft_tokens", "target_tokens", "steps")
+    assert [{k: p[k] for k in fields} for p in batched["points"]] == [{k: p[k] for k in fields} for p in alone["points"]]
+    assert [(c["policy"], c["target"], c["threshold"]) for c in batched["choices"]] == [
+        (c["policy"], c["target"], c["threshold"]) for c in alone["choices"]]
+    assert all(p["cpu_s"] is None and p["latency_s"] > 0 for p in batched["points"])
+    assert all(p["vs_target_only"]["cpu_speedup"] is None for p in batched["points"] if "vs_target_only" in p)
+    header = json.loads(records.read_text().splitlines()[0])["run"]
+    assert header["batch"] == 4
+    # the same records file under one-at-a-time runs is another sweep: refused, naming the batch
+    assert main(["calibrate", *BASE, "--policies", "rsd,rsd:likelihood,arbitrage,spec_thinking", "--grid-points", "3",
+                 "--out", str(tmp_path / "again.json"), "--records", str(records)]) == 2
+    assert main(["calibrate", *BASE, "--out", str(tmp_path / "bad.json"), "--batch", "0"]) == 2

@@ -65,3 +65,14 @@ def test_a_calibration_file_is_checked(tmp_path):
     bad.write_text("{\"points\": []}")
     with pytest.raises(ValueError, match="not a calibration file"):
         load_calibration(bad)
+
+
+def test_ties_go_to_fewer_target_tokens_then_the_lower_threshold_never_to_latency():
+    tied = [point("target_only", None, 0.8, 0.0),
+            point("rsd", 0.4, 0.8, 0.2, latency=9.0), point("rsd", 0.6, 0.8, 0.2, latency=1.0),
+            point("rsd", 0.8, 0.8, 0.2, latency=0.5)]
+    tied[3]["target_tokens"] = 50.0
+    for p in tied[1:3]:
+        p["target_tokens"] = 40.0
+    chosen = {c["target"]: c["threshold"] for c in choose_thresholds(tied)["choices"]}
+    assert chosen["accuracy -0 pt"] == 0.4  # 0.8 has more target tokens; 0.4 and 0.6 tie: the lower

@@ -228,3 +228,64 @@ def test_speculation_acceptance_is_pooled_over_problems():
     target, rsd = run_sweep(ScriptedEngine(script), ITEMS, ["target_only", "rsd"], {"rsd": [0.5]}, progress=False)
     assert "spec_acceptance" not in target
     assert rsd["spec_acceptance"] == pytest.approx(9 / 20)  # pooled, not the mean of 0.75 and 0.25
+
+
+class QueuedEngine:
+    """The request interface over SCRIPT: each request ends on the `step` after it was added,
+    one request a step, oldest first; a prompt in `fail` ends with an error."""
+
+    def __init__(self, fail=()):
+        self.fail, self.flight, self.added, self.aborted, self.forgotten = set(fail), {}, [], [], []
+        self.most_in_flight = 0
+
+    def add_request(self, prompt, policy, threshold, sampling):
+        rid = len(self.added)
+        self.added.append((prompt, policy, threshold))
+        self.flight[rid] = (prompt, policy, threshold)
+        self.most_in_flight = max(self.most_in_flight, len(self.flight))
+        return rid
+
+    def step(self):
+        rid = min(self.flight)
+        prompt, policy, threshold = self.flight.pop(rid)
+        if prompt in self.fail:
+            return [SimpleNamespace(request_id=rid, finished=True, result=None, error=RuntimeError("boom"))]
+        text, st = SCRIPT[(policy, threshold, prompt)]
+        return [SimpleNamespace(request_id=rid, finished=True, result=SimpleNamespace(text=text, stats=st),
+                                error=None)]
+
+    def forget(self, rid):
+        self.forgotten.append(rid)
+
+    def abort(self, rid):
+        self.aborted.append(rid)
+        self.flight.pop(rid, None)
+
+
+def test_a_batched_sweep_keeps_its_batch_in_flight_and_gives_the_same_points(tmp_path):
+    plan = (["target_only", "rsd"], {"rsd": [0.5, 0.9]})
+    alone = run_sweep(ScriptedEngine(SCRIPT), ITEMS, *plan, progress=False)
+    engine = QueuedEngine()
+    records = tmp_path / "r.jsonl"
+    points = run_sweep(engine, ITEMS, *plan, progress=False, records=records, batch=4)
+    assert engine.most_in_flight == 4 and len(engine.added) == 6 and sorted(engine.forgotten) == list(range(6))
+    keys = ("policy", "threshold", "accuracy", "escalation_rate", "target_tokens", "draft_tokens")
+    assert [{k: p[k] for k in keys} for p in points] == [{k: p[k] for k in keys} for p in alone]
+    assert all(p["cpu_s"] is None for p in points)
+    assert points[1]["vs_target_only"]["cpu_speedup"] is None
+    assert json.loads(records.read_text().splitlines()[0])["run"]["batch"] == 4
+    with pytest.raises(ValueError, match="differs in \\['batch'\\]"):
+        run_sweep(ScriptedEngine(SCRIPT), ITEMS, *plan, progress=False, records=records)
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        run_sweep(engine, ITEMS, *plan, progress=False, batch=0)
+
+
+def test_a_failed_run_in_a_batched_sweep_aborts_the_runs_in_flight(tmp_path):
+    engine = QueuedEngine(fail={"P: 2+2"})
+    records = tmp_path / "r.jsonl"
+    with pytest.raises(RuntimeError, match="boom"):
+        run_sweep(engine, ITEMS, ["target_only", "rsd"], {"rsd": [0.5, 0.9]}, progress=False, records=records,
+                  batch=4)
+    # runs 0-2 (problem a) finished and were recorded; run 3 failed; the rest were aborted
+    assert len(records.read_text().splitlines()) == 1 + 3
+    assert engine.aborted and not engine.flight

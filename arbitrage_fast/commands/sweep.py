@@ -59,6 +59,8 @@ def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict
     from arbitrage_fast.eval.datasets import load_dataset
     from arbitrage_fast.eval.sweep import points_from_records, run_sweep
 
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1 run in flight, got {args.batch}")
     if report_only and not args.records:
         raise ValueError("--report-only summarises a --records file: pass --records too")
     items = load_dataset(args.dataset or preset.dataset, n=args.n, split=split, seed=args.seed,
@@ -69,17 +71,20 @@ def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict
     planned = len(items)
     if report_only:
         points, items = points_from_records(items, policies, thresholds, args.records, run_info,
-                                            audited=audit is not None, runs_out=runs_out)
+                                            audited=audit is not None, runs_out=runs_out, batch=args.batch)
     else:
-        engine = build_engine(preset, args.device, args.dtype, **decoding_options(args))
+        engine = build_engine(preset, args.device, args.dtype, max_batch=args.batch if args.batch > 1 else None,
+                              **decoding_options(args))
         points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
                            generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info,
-                           runs_out=runs_out)
+                           runs_out=runs_out, batch=args.batch)
     result = {
         "preset": preset.name, "dataset": args.dataset or preset.dataset, "split": split, "n": len(items),
         "inference_prm": preset.prm or "target-likelihood", "audit_prm": preset.audit_prm, "spec_k": args.spec_k,
         "settings": run_info, "points": points,
     }
+    if args.batch > 1:  # latencies are times in a shared batch, not one problem's alone
+        result["batch"] = args.batch
     if len(items) < planned:  # a report of a sweep not yet finished
         result["n_planned"] = planned
     return result

@@ -6,7 +6,10 @@ split, and this module picks, per policy, one threshold for each target:
 - accuracy targets: the lowest-escalation grid point whose dev accuracy is at least
   target_only's dev accuracy minus 0, 1 or 2 points. Fewest escalations rather than lowest
   measured latency: escalations are what a point costs, and greedy decoding makes them
-  the same on every run, where a latency on a shared machine is not;
+  the same on every run, where a latency on a shared machine is not. Ties go to fewer target
+  tokens, then the lower threshold, never to a latency: points that tie on both often ran the
+  very same steps, and their latencies differ only by noise (in a batched calibration, by
+  which runs shared their batch);
 - escalation targets: the grid point whose dev escalation rate is nearest 10, 20 or 30%.
 
 `sweep --thresholds-from calibration.json` then runs exactly those thresholds on test once.
@@ -56,7 +59,8 @@ def choose_thresholds(points: list[dict]) -> dict:
         for below in ACCURACY_TARGETS:
             floor = reference["accuracy"] - below / 100
             reaching = [p for p in grid if p["accuracy"] >= floor - _EPS]
-            best = min(reaching, key=lambda p: (p["escalation_rate"], p["latency_s"]), default=None)
+            best = min(reaching, key=lambda p: (p["escalation_rate"], p.get("target_tokens", 0), p["threshold"]),
+                       default=None)
             choices.append({"policy": policy, "target": f"accuracy -{below} pt", "min_accuracy": floor,
                             "threshold": None if best is None else best["threshold"],
                             "dev": None if best is None else _dev_figures(best)})

@@ -105,7 +105,9 @@ def compare_to_baseline(ours: list[dict], baseline: list[dict]) -> dict:
                                               [float(r["correct"]) for r in baseline], "difference")
     out = {"accuracy_diff": diff, "accuracy_diff_ci": [diff_lo, diff_hi], "matched": diff_lo <= 0 <= diff_hi}
     for key, name in (("latency_s", "speedup"), ("cpu_s", "cpu_speedup")):
-        if any(r[key] <= 0 for r in ours):  # a timer too coarse to see a run: no ratio to give
+        # a timer too coarse to see a run, or a time not measured per run (a batched sweep's CPU
+        # time): no ratio to give
+        if any(r[key] is None or r[key] <= 0 for r in (*ours, *baseline)):
             out[name], out[f"{name}_ci"] = None, None
             continue
         value, low, high = paired_bootstrap([r[key] for r in ours], [r[key] for r in baseline], "speedup")

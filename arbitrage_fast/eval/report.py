@@ -95,7 +95,8 @@ def _versus(point: dict) -> list[str]:
 
 
 def _cells(point: dict) -> list[str]:
-    return [_acc(point), *_versus(point)[:2], f"{point['latency_s']:.3f}", f"{point['cpu_s']:.3f}",
+    cpu = "—" if point["cpu_s"] is None else f"{point['cpu_s']:.3f}"  # a batched sweep times no run's CPU
+    return [_acc(point), *_versus(point)[:2], f"{point['latency_s']:.3f}", cpu,
             *_versus(point)[2:], f"{point['escalation_rate']:.2f}",
             _sittings(point)]
 
@@ -184,8 +185,9 @@ def refresh_points(result_path: Path, records_path: Path) -> None:
     by_key = {(p["policy"], p["threshold"]): p for p in rebuilt}
     old = result["points"]
     points = [by_key.get((p["policy"], p["threshold"])) for p in old]  # in the order the JSON lists them
-    if len(old) != len(rebuilt) or None in points or any(abs(o[k] - n[k]) > 1e-12 for o, n in zip(old, points)
-                                       for k in ("accuracy", "latency_s", "cpu_s", "escalation_rate")):
+    differs = lambda a, b: (a is None) != (b is None) or (a is not None and abs(a - b) > 1e-12)  # noqa: E731
+    if len(old) != len(rebuilt) or None in points or any(differs(o[k], n[k]) for o, n in zip(old, points)
+                                                         for k in ("accuracy", "latency_s", "cpu_s", "escalation_rate")):
         raise ValueError(f"{records_path} does not reproduce the points of {result_path}")
     result["points"] = points
     result_path.write_text(json.dumps(result, indent=2) + "\n")

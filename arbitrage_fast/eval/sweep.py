@@ -66,7 +66,7 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
               sampling=None, grader: Callable[[str, str], bool] | None = None,
               progress: bool = True, audit_prm=None, generate_kwargs: dict | None = None,
               records: str | Path | None = None, run_info: dict | None = None,
-              runs_out: dict | None = None) -> list[dict]:
+              runs_out: dict | None = None, batch: int = 1) -> list[dict]:
     """Run the sweep and return one point per (policy, threshold).
 
     Each point holds: policy, threshold, n, accuracy, latency_s (mean wall-clock
@@ -83,33 +83,83 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
     with the plan and the code revision added, and a file written under a different header is refused.
     `runs_out`, when given, receives each (policy, threshold)'s per-problem records, in problem
     order, for comparisons between points (`report.head_to_head`).
+
+    `batch` > 1 keeps that many runs in flight in the engine at once (continuous batching), for
+    sweeps whose choices rest on accuracy and escalations (a calibration on dev): greedy answers
+    are those of batch 1 wherever the kernels give a row the same bits whatever the batch
+    (`--batch-invariant` guarantees it), but a run's latency is its time in a shared batch and
+    its CPU time is not its own, so its records keep `latency_s` as that time, `cpu_s` as None,
+    and the header records the batch: a file never mixes the two kinds.
     """
     if not items:
         raise ValueError("run_sweep needs at least one item")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1 run in flight, got {batch}")
     grader = grade if grader is None else grader
     plan = sweep_plan(policies, thresholds)
-    log = RecordLog(records, records_header(run_info or {}, plan))
+    log = RecordLog(records, records_header(_with_batch(run_info or {}, batch), plan))
     todo = [(item, policy, threshold) for item in items for policy, threshold in plan
             if (item.id, policy, threshold) not in log.done]
+
+    def record(item, policy, threshold, result, wall, cpu) -> None:
+        log.append(_record(engine, item, policy, threshold, result, wall, cpu, grader, audit_prm, log.sitting))
+        bar.update(1)
+
     with tqdm(total=len(plan) * len(items), initial=len(plan) * len(items) - len(todo),
               disable=not progress, unit="run") as bar:
-        for item, policy, threshold in todo:
-            bar.set_description(f"{item.id} {_label(policy, threshold)}")
-            log.append(_solve(engine, item, policy, threshold, sampling, grader, audit_prm, generate_kwargs or {},
-                              log.sitting))
-            bar.update(1)
+        if batch == 1:
+            for item, policy, threshold in todo:
+                bar.set_description(f"{item.id} {_label(policy, threshold)}")
+                wall, cpu = time.perf_counter(), time.process_time()
+                result = engine.generate(item.prompt, policy=policy, threshold=threshold, sampling=sampling,
+                                         **(generate_kwargs or {}))
+                record(item, policy, threshold, result, time.perf_counter() - wall, time.process_time() - cpu)
+        else:
+            _run_batched(engine, todo, batch, sampling, generate_kwargs or {}, record)
     return _points(log, items, plan, audit_prm is not None, runs_out)
+
+
+def _run_batched(engine, todo: list, batch: int, sampling, generate_kwargs: dict, record) -> None:
+    """`todo`'s runs through the engine's request interface, `batch` in flight at a time, each
+    recorded as it ends (in the order runs end); a failure aborts the runs still in flight."""
+    pending = iter(todo)
+    flight: dict[int, tuple] = {}  # request id -> (item, policy, threshold, start)
+
+    def refill() -> None:
+        for item, policy, threshold in pending:
+            rid = engine.add_request(item.prompt, policy=policy, threshold=threshold, sampling=sampling,
+                                     **generate_kwargs)
+            flight[rid] = (item, policy, threshold, time.perf_counter())
+            if len(flight) >= batch:
+                return
+
+    try:
+        refill()
+        while flight:
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                item, policy, threshold, start = flight.pop(out.request_id)
+                engine.forget(out.request_id)
+                if out.error is not None:
+                    raise out.error
+                record(item, policy, threshold, out.result, time.perf_counter() - start, None)
+            refill()
+    except BaseException:
+        for rid in flight:
+            engine.abort(rid)
+        raise
 
 
 def points_from_records(items: Sequence[EvalItem], policies: Sequence[str], thresholds: dict[str, list[float]],
                         records: str | Path, run_info: dict, audited: bool = False,
-                        runs_out: dict | None = None) -> tuple[list[dict], list[EvalItem]]:
+                        runs_out: dict | None = None, batch: int = 1) -> tuple[list[dict], list[EvalItem]]:
     """The points of a sweep still running or stopped early, from its records file alone: over the
     problems solved under every (policy, threshold) so far, so each point compares the same
     problems. Nothing is run and the file is only read (a sweep may be appending to it).
     Returns the points and the problems they cover."""
     plan = sweep_plan(policies, thresholds)
-    log = RecordLog(records, records_header(run_info, plan), read_only=True)
+    log = RecordLog(records, records_header(_with_batch(run_info, batch), plan), read_only=True)
     complete = [item for item in items if all((item.id, policy, threshold) in log.done for policy, threshold in plan)]
     if not complete:
         raise ValueError(f"records file {records} holds no problem solved under every policy and threshold of this sweep")
@@ -132,6 +182,12 @@ def points_from_record_file(records: str | Path) -> tuple[dict, list[dict]]:
         raise ValueError(f"records file {records} holds no problem solved under every policy and threshold")
     runs = [[done[(item, *run)] for item in items] for run in plan]
     return header, points_with_comparisons(runs, audited="audited" in runs[0][0])
+
+
+def _with_batch(run_info: dict, batch: int) -> dict:
+    """A batched sweep's header names its batch; batch 1 adds nothing, so files written before
+    batched sweeps existed still resume."""
+    return {**run_info, "batch": batch} if batch > 1 else dict(run_info)
 
 
 def records_header(run_info: dict, plan: list[tuple[str, float | None]]) -> dict:
@@ -168,12 +224,9 @@ def _label(policy: str, threshold: float | None) -> str:
     return policy if threshold is None else f"{policy}@{threshold:g}"
 
 
-def _solve(engine, item, policy, threshold, sampling, grader, audit_prm, generate_kwargs, sitting) -> dict:
-    """One problem under one (policy, threshold), as a JSON-able record."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = engine.generate(item.prompt, policy=policy, threshold=threshold, sampling=sampling,
-                             **generate_kwargs)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+def _record(engine, item, policy, threshold, result, wall: float, cpu: float | None, grader, audit_prm,
+            sitting: str) -> dict:
+    """One problem's result under one (policy, threshold), as a JSON-able record."""
     missing = [key for key in REQUIRED_STATS if key not in result.stats]
     if missing:
         raise KeyError(f"engine result stats lack {missing[0]!r} (have {sorted(result.stats)}); "
@@ -190,7 +243,9 @@ def _solve(engine, item, policy, threshold, sampling, grader, audit_prm, generat
 def summarise(records: list[dict], audited: bool = False) -> dict:
     """One sweep point from the records of one (policy, threshold) over the sweep's problems."""
     n = len(records)
-    total = {key: sum(r[key] for r in records) for key in (*REQUIRED_STATS, "latency_s", "cpu_s")}
+    total = {key: sum(r[key] for r in records) for key in (*REQUIRED_STATS, "latency_s")}
+    # A batched sweep's runs share the process's CPU: no record has a CPU time of its own.
+    total["cpu_s"] = None if any(r["cpu_s"] is None for r in records) else sum(r["cpu_s"] for r in records)
     correct = sum(bool(r["correct"]) for r in records)
     point = {
         "policy": records[0]["policy"],
@@ -199,7 +254,7 @@ def summarise(records: list[dict], audited: bool = False) -> dict:
         "accuracy": correct / n,
         "accuracy_ci": list(wilson_interval(correct, n)),
         "latency_s": total["latency_s"] / n,
-        "cpu_s": total["cpu_s"] / n,
+        "cpu_s": None if total["cpu_s"] is None else total["cpu_s"] / n,
         "escalation_rate": total["escalations"] / total["steps"] if total["steps"] else 0.0,
         "draft_tokens": total["draft_tokens"] / n,
         "target_tokens": total["target_tokens"] / n,
