@@ -9,7 +9,7 @@ DATASET=${DATASET:-gsm8k}
 N=${N:-50}
 RSD=${RSD:-0.9,0.95}
 TOKENS=${TOKENS:-400}
-ESCALATE=${ESCALATE:-0.3}  # arbitrage's threshold: the one escalating this share of held-out steps
+ESCALATE=${ESCALATE:-0.3}  # arbitrage's threshold: the one that escalated this share of the head's validation steps
 OUT=benchmarks/results
 CLI=(python -m arbitrage_fast.cli)
 ROUTER=$(python -c "from arbitrage_fast.presets import qwen_coder_router_dir as d; print(d())")
@@ -21,9 +21,10 @@ if [ ! -f "$ROUTER/router_config.json" ]; then
 fi
 [ -f "$OUT/qwen_router_eval.json" ] || "${CLI[@]}" eval-router --preset qwen2.5-coder --n "${EVAL_N:-8}" \
   --max-new-tokens "$TOKENS" --json "$OUT/qwen_router_eval.json"
-TAU=$(python -c "import json,sys; c=json.load(open('$OUT/qwen_router_eval.json'))['deferral_curve']; \
-print(next(p['threshold'] for p in c if abs(p['rate']-$ESCALATE)<1e-9))")
-echo "arbitrage threshold $TAU (escalates $ESCALATE of held-out steps)"
+# From the head's own validation problems (train split), never from the test problems swept below.
+TAU=$(python -c "from arbitrage_fast.router.head import RouterHead as H; print(H.validation_threshold('$ROUTER', $ESCALATE))")
+[ "$TAU" != None ] || { echo "$ROUTER records no validation threshold: retrain it with train-router" >&2; exit 1; }
+echo "arbitrage threshold $TAU (escalated $ESCALATE of the head's validation steps)"
 "${CLI[@]}" sweep --preset qwen2.5-coder --dataset "$DATASET" --n "$N" --max-new-tokens "$TOKENS" \
   --policies target_only,draft_only,rsd,arbitrage --thresholds "rsd=$RSD;arbitrage=$TAU" \
   --records "$OUT/qwen_${DATASET}_n${N}_records.jsonl" --json "$OUT/qwen_${DATASET}_n${N}.json" \

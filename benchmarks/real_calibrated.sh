@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The fair protocol on the real pair: thresholds chosen on DATASET's dev split (`calibrate`, a grid
+# of GRID points per policy, DEV_BATCH runs in flight: the choices rest on accuracy and
+# escalations), then exactly those thresholds on TEST_N test problems, one problem at a time so
+# each latency is its own, with intervals (`sweep --thresholds-from`). Both runs keep records and
+# resume after an interruption within one code revision (a changed source tree is a new file).
+# On a 2-core CPU this is many hours: dev is DEV_N x (1 + 2 x GRID) runs, test TEST_N x (1 + the
+# distinct chosen thresholds) runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATASET=${DATASET:-gsm8k}
+DEV_N=${DEV_N:-60}
+TEST_N=${TEST_N:-100}
+GRID=${GRID:-21}
+TOKENS=${TOKENS:-400}
+DEV_BATCH=${DEV_BATCH:-8}
+POLICIES=${POLICIES:-rsd,arbitrage}
+OUT=benchmarks/results
+NAME=qwen_${DATASET}_calibrated
+CLI=(python -m arbitrage_fast.cli)
+
+"${CLI[@]}" calibrate --preset qwen2.5-coder --dataset "$DATASET" --n "$DEV_N" --max-new-tokens "$TOKENS" \
+  --policies "$POLICIES" --grid-points "$GRID" --batch "$DEV_BATCH" \
+  --records "$OUT/${NAME}_dev_records.jsonl" --out "$OUT/${NAME}_dev.json"
+"${CLI[@]}" sweep --preset qwen2.5-coder --dataset "$DATASET" --n "$TEST_N" --max-new-tokens "$TOKENS" \
+  --thresholds-from "$OUT/${NAME}_dev.json" --records "$OUT/${NAME}_test_records.jsonl" \
+  --json "$OUT/${NAME}_test.json" --plot "$OUT/${NAME}_test_pareto.png"
