@@ -141,3 +141,19 @@ def test_demo_sweep_and_serve_take_lookahead_k(monkeypatch, command):
         monkeypatch.setattr(module, "run", lambda preset, args: seen.update(common.decoding_options(args)) or 0)
     assert cli.main(command + ["--lookahead-k", "2"]) == 0
     assert seen["lookahead_k"] == 2
+
+
+def test_stored_results_are_keyed_by_the_arithmetic_the_load_flags_choose():
+    """Label caches and sweep records key on `quant_info`: dequantised GGUF weights, a quantized
+    copy and the compiled kernels each change the answers, so each appears in the key; the
+    defaults add nothing, so files written before a flag existed still match."""
+    def info(**flags):
+        base = {"dequantize": False, "draft_quant": None, "target_quant": None, "quant_group": 64,
+                "exact_arithmetic": None}
+        return common.quant_info(SimpleNamespace(**{**base, **flags}))
+
+    assert info() == {}
+    assert info(dequantize=True) == {"dequantize": True}
+    assert info(draft_quant="int4", quant_group=32) == {"draft_quant": "int4", "quant_group": 32}
+    assert info(target_quant="int8") == {"target_quant": "int8"}  # per channel: no group
+    assert info(exact_arithmetic=False) == {"exact_arithmetic": False}

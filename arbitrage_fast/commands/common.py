@@ -55,7 +55,8 @@ def quant_info(args) -> dict:
     """The load flags that change a model's answers (quantization, arithmetic), for keys of
     stored results; empty by default, so files written before these flags existed still match."""
     opts = load_options(args)
-    info = {k: opts[k] for k in ("draft_quant", "target_quant") if opts[k]}
+    # dequantised GGUF weights compute otherwise than packed ones (bf16 weights, no int8 activations)
+    info = {k: opts[k] for k in ("dequantize", "draft_quant", "target_quant") if opts[k]}
     if any(opts[k] in ("int4", "int3") for k in info):
         info["quant_group"] = opts["quant_group"]
     if opts["exact_arithmetic"] is not None:
