@@ -4,7 +4,9 @@ at a time, and vLLM on the same model when it is installed, all in one run.
 The servers are separate processes on loopback: `arbitrage-fast serve` with `--max-batch B`
 (continuous batching) and with `--max-batch 1` (requests queue and run one by one: the engine
 before batching), and vLLM's OpenAI server when `--vllm-python` names the interpreter of a
-virtualenv with vllm installed. Each is driven by 1, 4, 8, 16 concurrent
+virtualenv with vllm installed (it may serve another model, e.g. the target alone, beside the
+pair). `--servers batched:POLICY[@THRESHOLD]` adds an engine server under another step policy
+than `--policy`, so several policies meet one vLLM in one run. Each is driven by 1, 4, 8, 16 concurrent
 clients (a client sends its requests one after another, streaming) over a fixed list of
 GSM8K prompts; every request asks for exactly `--max-tokens` tokens (ignore_eos), so every
 server generates the same number of tokens. Reported per (server, clients): aggregate
@@ -275,7 +277,9 @@ def main() -> int:
     # vLLM's CPU backend reserves this fraction of host memory for its KV cache by default 0.92,
     # which a machine already holding this project's models cannot give.
     ap.add_argument("--vllm-args", default="--gpu-memory-utilization 0.3 --max-model-len 4096")
-    ap.add_argument("--servers", default="batched,batch1,vllm", help="which servers to run, in order")
+    ap.add_argument("--servers", default="batched,batch1,vllm",
+                    help="which servers to run, in order; batched:POLICY[@THRESHOLD] (or batch1:...) adds an "
+                         "engine server under another policy than --policy")
     ap.add_argument("--repeats", type=int, default=1,
                     help="times each (server, clients) row is driven; with 2 or more, ratios get a paired "
                          "bootstrap interval over repeats")
@@ -302,9 +306,7 @@ def main() -> int:
     bodies = [{**p, "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0} for p in prompts]
     models = ["--preset", args.preset] if args.preset else ["--draft", args.draft, "--target", args.target]
     serve = [sys.executable, "-m", "arbitrage_fast.cli", "serve", *models, "--dtype", args.dtype,
-             "--policy", args.policy, "--served-model-name", "m", "--max-waiting", "1024"]
-    if args.threshold is not None:
-        serve += ["--threshold", str(args.threshold)]
+             "--served-model-name", "m", "--max-waiting", "1024"]
     if args.dequantize:
         serve.append("--dequantize")
     if args.no_exact_arithmetic:
@@ -316,12 +318,20 @@ def main() -> int:
     logs = RESULTS / "serving_logs"
     logs.mkdir(parents=True, exist_ok=True)
     engine_servers = {"batched": args.max_batch, "batch1": 1}
+
+    def engine_argv(name: str, port: int) -> list[str]:
+        """`batched` / `batch1` serve --policy/--threshold; `batched:POLICY[@THRESHOLD]` its own."""
+        kind, _, spec = name.partition(":")
+        policy, _, threshold = spec.partition("@") if spec else (args.policy, "", args.threshold)
+        argv = serve + ["--policy", policy, "--max-batch", str(engine_servers[kind]), "--port", str(port)]
+        return argv + (["--threshold", str(threshold)] if threshold not in ("", None) else [])
+
     if args.paired_single:
         pair = {}
         try:
-            for name, batch in engine_servers.items():
+            for name in engine_servers:
                 port = free_port()
-                pair[name] = Server(serve + ["--max-batch", str(batch), "--port", str(port)], port, name,
+                pair[name] = Server(engine_argv(name, port), port, name,
                                     logs / f"{args.name}_{name}_paired.log", args.startup_s)
                 drive(pair[name].url, bodies[:1], 1, 1)  # warm-up
             out["paired_single"] = paired_single(pair, bodies, args.paired_single)
@@ -336,8 +346,8 @@ def main() -> int:
     try:
         for name in filter(None, args.servers.split(",")):
             port = free_port()
-            if name in engine_servers:
-                argv = serve + ["--max-batch", str(engine_servers[name]), "--port", str(port)]
+            if name.partition(":")[0] in engine_servers:
+                argv = engine_argv(name, port)
             elif name == "vllm":
                 if not (args.vllm_python and args.vllm_model):
                     print("vllm: skipped (give --vllm-python and --vllm-model)")
@@ -349,7 +359,8 @@ def main() -> int:
                     [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
                     capture_output=True, text=True).stdout.strip()
             else:
-                raise SystemExit(f"unknown server {name!r}: expected batched, batch1 or vllm")
+                raise SystemExit(f"unknown server {name!r}: expected batched, batch1, vllm or "
+                                 "batched:POLICY[@THRESHOLD]")
             print(f"starting {name}: {' '.join(argv)}", flush=True)
             try:
                 # vLLM starts outside this checkout: its own `triton_kernels` package must not be
