@@ -38,6 +38,10 @@ def main() -> int:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--dequantize", action="store_true", help="GGUF weights dequantised (bf16 matmuls), not packed")
+    ap.add_argument("--no-exact-arithmetic", action="store_true",
+                    help="the compiled CPU norm, activation and attention kernels for float weights too")
+    ap.add_argument("--name", default=None, help="results file suffix (default: the preset)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,7 +53,8 @@ def main() -> int:
     from arbitrage_fast.router.data import label_problems
 
     preset = resolve(args.preset)
-    engine = build_engine(preset, "cpu", args.dtype, prm="label", router=False, max_batch=args.batch)
+    engine = build_engine(preset, "cpu", args.dtype, prm="label", router=False, max_batch=args.batch,
+                          dequantize=args.dequantize, exact_arithmetic=False if args.no_exact_arithmetic else None)
     items = load_dataset(preset.dataset, n=args.n, split="train", seed=args.seed, instruction=preset.instruction)
     prompts = [i.prompt for i in items]
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
@@ -66,11 +71,12 @@ def main() -> int:
     same = sum(torch.equal(one["data"].advantage[one["data"].problem == p], many["data"].advantage[many["data"].problem == p])
                for p in range(len(prompts)))
     out = {"run": cpu_run_record(), "preset": args.preset, "dtype": args.dtype or preset.dtype, "n": len(prompts),
+           "dequantize": args.dequantize, "exact_arithmetic": not args.no_exact_arithmetic,
            "max_new_tokens": args.max_new_tokens, "batch": args.batch,
            "batch1": {k: v for k, v in one.items() if k != "data"},
            "batched": {k: v for k, v in many.items() if k != "data"},
            "speedup": one["wall_s"] / many["wall_s"], "problems_with_identical_labels": same}
-    path = write_json(out, RESULTS, f"labelling_{args.preset}.json")
+    path = write_json(out, RESULTS, f"labelling_{args.name or args.preset}.json")
     print(f"batch 1: {one['problems_per_hour']:.1f} problems/h; batch {args.batch}: "
           f"{many['problems_per_hour']:.1f} problems/h ({out['speedup']:.2f}x); identical labels on {same} of "
           f"{len(prompts)} problems -> {path}")
