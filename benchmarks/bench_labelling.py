@@ -71,7 +71,7 @@ def main() -> int:
     same = sum(torch.equal(one["data"].advantage[one["data"].problem == p], many["data"].advantage[many["data"].problem == p])
                for p in range(len(prompts)))
     out = {"run": cpu_run_record(), "preset": args.preset, "dtype": args.dtype or preset.dtype, "n": len(prompts),
-           "dequantize": args.dequantize, "exact_arithmetic": not args.no_exact_arithmetic,
+           "dequantize": args.dequantize, "exact_arithmetic": False if args.no_exact_arithmetic else None,
            "max_new_tokens": args.max_new_tokens, "batch": args.batch,
            "batch1": {k: v for k, v in one.items() if k != "data"},
            "batched": {k: v for k, v in many.items() if k != "data"},
