@@ -131,7 +131,7 @@ def test_a_batched_calibration_chooses_what_one_at_a_time_chose(calibration, tmp
     assert all(p["cpu_s"] is None and p["latency_s"] > 0 for p in batched["points"])
     assert all(p["vs_target_only"]["cpu_speedup"] is None for p in batched["points"] if "vs_target_only" in p)
     header = json.loads(records.read_text().splitlines()[0])["run"]
-    assert header["batch"] == 4
+    assert header["batch"] == 4 and batched["batch"] == 4 and alone["batch"] == 1
     # the same records file under one-at-a-time runs is another sweep: refused, naming the batch
     assert main(["calibrate", *BASE, "--policies", "rsd,rsd:likelihood,arbitrage,spec_thinking", "--grid-points", "3",
                  "--out", str(tmp_path / "again.json"), "--records", str(records)]) == 2

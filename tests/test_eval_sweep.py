@@ -259,7 +259,7 @@ class QueuedEngine:
 
     def abort(self, rid):
         self.aborted.append(rid)
-        self.flight.pop(rid, None)
+        return self.flight.pop(rid, None) is not None
 
 
 def test_a_batched_sweep_keeps_its_batch_in_flight_and_gives_the_same_points(tmp_path):

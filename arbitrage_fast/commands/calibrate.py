@@ -17,7 +17,8 @@ def run(preset, args) -> int:
     untuned = [p for p in policies if p in THRESHOLDLESS_POLICIES and p != "target_only"]
     thresholds = {p: threshold_grid(p, args.grid_points) for p in policies if p not in THRESHOLDLESS_POLICIES}
     result = sweep_points(preset, args, "dev", policies, thresholds)
-    calibration = {"split": "dev", "n": result["n"], "grid": thresholds, "untuned": untuned,
+    calibration = {"split": "dev", "n": result["n"], "batch": result.get("batch", 1), "grid": thresholds,
+                   "untuned": untuned,
                    "settings": {k: v for k, v in result["settings"].items() if k != "split"},
                    **choose_thresholds(result["points"]), "points": result["points"]}
     write_json(calibration, args.out)

@@ -146,8 +146,9 @@ def _run_batched(engine, todo: list, batch: int, sampling, generate_kwargs: dict
                 record(item, policy, threshold, out.result, time.perf_counter() - start, None)
             refill()
     except BaseException:
-        for rid in flight:
-            engine.abort(rid)
+        for rid in flight:  # cancel the rest; one that ended in the same iteration is only forgotten
+            if not engine.abort(rid):
+                engine.forget(rid)
         raise
 
 
