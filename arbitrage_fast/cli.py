@@ -254,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--plot", default=None, help="write the Pareto plot (PNG)")
     _records_arg(s)
     _batch_arg(s)
+    s.add_argument("--block", type=_positive_int, default=1, metavar="N",
+                   help="time N problems at once: each block of N consecutive problems runs under one policy "
+                        "and threshold at a time, all in flight together, timed as a whole (wall and CPU). "
+                        "Latencies are then each block's time per problem (throughput under load, not one "
+                        "problem's latency), speed-ups ratios of the same blocks' times with intervals over "
+                        "blocks; the records file says so")
     s.add_argument("--report-only", action="store_true",
                    help="run nothing: report the points of the --records file over the problems it holds under "
                         "every policy and threshold (a sweep may still be appending to it)")

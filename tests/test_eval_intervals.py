@@ -108,3 +108,29 @@ def test_cluster_bootstrap_resamples_whole_groups():
     assert cluster_bootstrap(needs_two_groups, small, resamples=50) == (0.5, 0.5)
     with pytest.raises(ValueError, match="at least 2 groups"):
         cluster_bootstrap(lambda i: 0.0, [3, 3, 3])
+
+
+def test_block_timings_are_compared_block_by_block():
+    """Problems timed together in blocks: the speed-up is the ratio of summed times (as per
+    problem), its interval resamples blocks, one block gives no interval, and two runs over
+    different blocks cannot be paired."""
+    from arbitrage_fast.eval.intervals import compare_to_baseline, paired_bootstrap
+
+    def run(latencies, blocks):
+        return [{"item": f"p{i}", "correct": True, "latency_s": t, "cpu_s": t / 2, "block": b}
+                for i, (t, b) in enumerate(zip(latencies, blocks))]
+
+    blocks = [["p0", "p1"], ["p0", "p1"], ["p2", "p3"], ["p2", "p3"], ["p4"]]
+    ours, base = run([1, 1, 2, 2, 5], blocks), run([3, 3, 4, 4, 6], blocks)
+    out = compare_to_baseline(ours, base)
+    assert out["speedup"] == pytest.approx(20 / 11)
+    _, low, high = paired_bootstrap([2, 4, 5], [6, 8, 6], "speedup")
+    assert out["speedup_ci"] == [low, high] and out["cpu_speedup_ci"] == [low, high]
+    assert out["speedup_ci"] != list(paired_bootstrap([1, 1, 2, 2, 5], [3, 3, 4, 4, 6], "speedup")[1:])
+    one = [["p0", "p1"]] * 2
+    single = compare_to_baseline(run([1, 2], one), run([2, 2], one))
+    assert single["speedup"] == pytest.approx(4 / 3) and single["speedup_ci"] is None
+    with pytest.raises(ValueError, match="same blocks"):
+        compare_to_baseline(ours, run([3, 3, 4, 4, 6], [["p0"], ["p1", "p2"], ["p1", "p2"], ["p3", "p4"], ["p3", "p4"]]))
+    with pytest.raises(ValueError, match="same blocks"):
+        compare_to_baseline(ours, [{k: v for k, v in r.items() if k != "block"} for r in base])

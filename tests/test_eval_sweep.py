@@ -231,11 +231,12 @@ def test_speculation_acceptance_is_pooled_over_problems():
 
 
 class QueuedEngine:
-    """The request interface over SCRIPT: each request ends on the `step` after it was added,
-    one request a step, oldest first; a prompt in `fail` ends with an error."""
+    """The request interface over a script (SCRIPT by default): each request ends on the `step`
+    after it was added, one request a step, oldest first; a prompt in `fail` ends with an error."""
 
-    def __init__(self, fail=()):
+    def __init__(self, fail=(), script=SCRIPT):
         self.fail, self.flight, self.added, self.aborted, self.forgotten = set(fail), {}, [], [], []
+        self.script = script
         self.most_in_flight = 0
 
     def add_request(self, prompt, policy, threshold, sampling):
@@ -250,7 +251,7 @@ class QueuedEngine:
         prompt, policy, threshold = self.flight.pop(rid)
         if prompt in self.fail:
             return [SimpleNamespace(request_id=rid, finished=True, result=None, error=RuntimeError("boom"))]
-        text, st = SCRIPT[(policy, threshold, prompt)]
+        text, st = self.script[(policy, threshold, prompt)]
         return [SimpleNamespace(request_id=rid, finished=True, result=SimpleNamespace(text=text, stats=st),
                                 error=None)]
 
@@ -289,3 +290,83 @@ def test_a_failed_run_in_a_batched_sweep_aborts_the_runs_in_flight(tmp_path):
     # runs 0-2 (problem a) finished and were recorded; run 3 failed; the rest were aborted
     assert len(records.read_text().splitlines()) == 1 + 3
     assert engine.aborted and not engine.flight
+
+
+# Five problems, so blocks of two leave a short last block.
+FIVE = [EvalItem(f"p{i}", f"What is {i}+{i}?", str(2 * i)) for i in range(5)]
+FIVE_SCRIPT = {(policy, threshold, item.prompt): (f"\\boxed{{{2 * i + (policy == 'rsd' and i % 2)}}}",
+                                                  stats(10 * i, 5, i % 3, 3))
+               for i, item in enumerate(FIVE) for policy, threshold in (("target_only", None), ("rsd", 0.5))}
+
+
+def test_a_block_sweep_times_each_block_under_one_policy_as_a_whole(tmp_path, monkeypatch):
+    """--block 2: the problems run in blocks of two consecutive problems, each block under one
+    (policy, threshold) at a time with both in flight; each record's latency and CPU time are its
+    block's share, and the speed-up is the ratio of the same blocks' times."""
+    plan = (["target_only", "rsd"], {"rsd": [0.5]})
+    alone = run_sweep(ScriptedEngine(FIVE_SCRIPT), FIVE, *plan, progress=False)
+    ticks = iter(range(1000))  # each clock read one second (wall) and half a second (CPU) later
+    monkeypatch.setattr(sweep_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks)),
+                                                              process_time=lambda: next(ticks) / 2))
+    engine, records = QueuedEngine(script=FIVE_SCRIPT), tmp_path / "r.jsonl"
+    points = run_sweep(engine, FIVE, *plan, progress=False, records=records, block=2)
+    # block-major, one (policy, threshold) per block, the block's problems added together
+    assert [(p, pol) for p, pol, _ in engine.added] == [
+        (FIVE[i].prompt, pol) for block in ([0, 1], [2, 3], [4]) for pol in ("target_only", "rsd") for i in block]
+    assert engine.most_in_flight == 2
+    keys = ("policy", "threshold", "n", "accuracy", "escalation_rate", "target_tokens", "draft_tokens")
+    assert [{k: p[k] for k in keys} for p in points] == [{k: p[k] for k in keys} for p in alone]
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert lines[0]["run"]["block"] == 2 and "batch" not in lines[0]["run"]
+    for r in lines[1:]:
+        ids = r["block"]
+        assert r["item"] in ids and ids in (["p0", "p1"], ["p2", "p3"], ["p4"])
+        assert r["latency_s"] == pytest.approx(r["block_wall_s"] / len(ids))
+        assert r["cpu_s"] == pytest.approx(r["block_cpu_s"] / len(ids))
+        assert 0 < r["request_s"] <= r["block_wall_s"]
+    # the speed-up is a ratio of summed block times; its interval resamples the three blocks
+    target, rsd = ([r for r in lines[1:] if r["policy"] == pol] for pol in ("target_only", "rsd"))
+    assert rsd and points[1]["vs_target_only"]["speedup"] == pytest.approx(
+        sum(r["latency_s"] for r in target) / sum(r["latency_s"] for r in rsd))
+    from arbitrage_fast.eval.intervals import paired_bootstrap
+
+    sums = lambda rs: [sum(r["latency_s"] for r in rs if r["block"] == ids)  # noqa: E731
+                       for ids in (["p0", "p1"], ["p2", "p3"], ["p4"])]
+    _, low, high = paired_bootstrap(sums(rsd), sums(target), "speedup")
+    assert points[1]["vs_target_only"]["speedup_ci"] == [low, high]
+
+    # a block cut short while being written is run again whole; one recorded whole is not
+    path_lines = records.read_text().splitlines()
+    records.write_text("\n".join(path_lines[:-1]) + "\n" + path_lines[-1][:10])
+    again = QueuedEngine(script=FIVE_SCRIPT)
+    resumed = run_sweep(again, FIVE, *plan, progress=False, records=records, block=2)
+    assert again.added == [(FIVE[4].prompt, "rsd", 0.5)]
+    assert [strip_point(p) for p in resumed] == [strip_point(p) for p in points]
+    with pytest.raises(ValueError, match="differs in \\['block'\\]"):
+        run_sweep(QueuedEngine(script=FIVE_SCRIPT), FIVE, *plan, progress=False, records=records, block=3)
+    with pytest.raises(ValueError, match="choose one"):
+        run_sweep(engine, FIVE, *plan, progress=False, batch=2, block=2)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        run_sweep(engine, FIVE, *plan, progress=False, block=0)
+
+
+def test_a_failed_run_in_a_block_aborts_its_block_and_records_none_of_it(tmp_path):
+    engine = QueuedEngine(fail={FIVE[3].prompt}, script=FIVE_SCRIPT)
+    records = tmp_path / "r.jsonl"
+    with pytest.raises(RuntimeError, match="boom"):
+        run_sweep(engine, FIVE, ["target_only"], {}, progress=False, records=records, block=2)
+    # block p0+p1 was recorded; p2 ended, p3 failed: nothing of that block is kept
+    assert [json.loads(line)["item"] for line in records.read_text().splitlines()[1:]] == ["p0", "p1"]
+    assert not engine.flight
+
+
+def test_a_failure_while_recording_a_batched_run_aborts_the_runs_in_flight():
+    """The runs still in the engine are cancelled when recording one that ended fails (here its
+    grading), not left running behind the error."""
+    def grader(text, answer):
+        raise RuntimeError("grader broke")
+
+    engine = QueuedEngine()
+    with pytest.raises(RuntimeError, match="grader broke"):
+        run_sweep(engine, ITEMS, ["target_only", "rsd"], {"rsd": [0.5, 0.9]}, progress=False, batch=4, grader=grader)
+    assert len(engine.aborted) == 3 and not engine.flight

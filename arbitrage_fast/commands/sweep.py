@@ -61,6 +61,10 @@ def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict
 
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1 run in flight, got {args.batch}")
+    block = getattr(args, "block", 1)  # `calibrate` chooses on accuracy: it has no timed blocks
+    if block > 1 and args.batch > 1:
+        raise ValueError("--batch (runs in flight, untimed) and --block (problems timed together) are two ways "
+                         "to batch a sweep: pass one")
     if report_only and not args.records:
         raise ValueError("--report-only summarises a --records file: pass --records too")
     items = load_dataset(args.dataset or preset.dataset, n=args.n, split=split, seed=args.seed,
@@ -71,13 +75,15 @@ def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict
     planned = len(items)
     if report_only:
         points, items = points_from_records(items, policies, thresholds, args.records, run_info,
-                                            audited=audit is not None, runs_out=runs_out, batch=args.batch)
+                                            audited=audit is not None, runs_out=runs_out, batch=args.batch,
+                                            block=block)
     else:
-        engine = build_engine(preset, args.device, args.dtype, max_batch=args.batch if args.batch > 1 else None,
+        in_flight = max(args.batch, block)
+        engine = build_engine(preset, args.device, args.dtype, max_batch=in_flight if in_flight > 1 else None,
                               **decoding_options(args))
         points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
                            generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info,
-                           runs_out=runs_out, batch=args.batch)
+                           runs_out=runs_out, batch=args.batch, block=block)
     result = {
         "preset": preset.name, "dataset": args.dataset or preset.dataset, "split": split, "n": len(items),
         "inference_prm": preset.prm or "target-likelihood", "audit_prm": preset.audit_prm, "spec_k": args.spec_k,
@@ -85,6 +91,8 @@ def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict
     }
     if args.batch > 1:  # latencies are times in a shared batch, not one problem's alone
         result["batch"] = args.batch
+    if block > 1:  # latencies are shares of blocks timed together: throughput, not one problem's latency
+        result["block"] = block
     if len(items) < planned:  # a report of a sweep not yet finished
         result["n_planned"] = planned
     return result

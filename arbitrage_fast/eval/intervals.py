@@ -104,12 +104,36 @@ def compare_to_baseline(ours: list[dict], baseline: list[dict]) -> dict:
     diff, diff_lo, diff_hi = paired_bootstrap([float(r["correct"]) for r in ours],
                                               [float(r["correct"]) for r in baseline], "difference")
     out = {"accuracy_diff": diff, "accuracy_diff_ci": [diff_lo, diff_hi], "matched": diff_lo <= 0 <= diff_hi}
+    blocks = _blocks(ours, baseline)
     for key, name in (("latency_s", "speedup"), ("cpu_s", "cpu_speedup")):
         # a timer too coarse to see a run, or a time not measured per run (a batched sweep's CPU
         # time): no ratio to give
         if any(r[key] is None or r[key] <= 0 for r in (*ours, *baseline)):
             out[name], out[f"{name}_ci"] = None, None
             continue
-        value, low, high = paired_bootstrap([r[key] for r in ours], [r[key] for r in baseline], "speedup")
-        out[name], out[f"{name}_ci"] = value, [low, high]
+        a, b = [r[key] for r in ours], [r[key] for r in baseline]
+        if blocks is not None:  # problems timed together: the block is the unit resampled
+            a, b = _block_sums(a, blocks), _block_sums(b, blocks)
+        value, low, high = paired_bootstrap(a, b, "speedup")
+        # one block is one measurement: a ratio, but no interval
+        out[name], out[f"{name}_ci"] = value, ([low, high] if len(a) > 1 else None)
     return out
+
+
+def _blocks(ours: list[dict], baseline: list[dict]) -> list[int] | None:
+    """Each record's block number when the two runs were timed in blocks (`run_sweep(block=)`),
+    which must then be the same blocks; None when every problem was timed alone."""
+    keys = [tuple(r["block"]) if r.get("block") else None for r in (*ours, *baseline)]
+    if not any(keys):
+        return None
+    if not all(keys) or keys[:len(ours)] != keys[len(ours):]:
+        raise ValueError("a paired comparison of block timings needs both policies timed over the same blocks")
+    number = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    return [number[key] for key in keys[:len(ours)]]
+
+
+def _block_sums(values: Sequence[float], blocks: list[int]) -> list[float]:
+    sums = [0.0] * (max(blocks) + 1)
+    for value, block in zip(values, blocks):
+        sums[block] += value
+    return sums

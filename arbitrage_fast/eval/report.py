@@ -133,11 +133,22 @@ def render_points_table(result: dict) -> str:
     split = f"{result['split']} split" if "split" in result else "split not recorded, older than train/dev/test"
     kind = ("thresholds from the dev calibration" if "protocol" in result
             else "full threshold grid, not chosen on dev: any 'best point' read off it is optimistic")
-    caption = (f"{result['preset']} on {result['dataset']} ({split}, n = {result['n']}; {kind}). "
-               "Wall and CPU s are means per problem; speed-ups are target_only's summed latency over the row's, "
-               "paired by problem.")
+    caption = f"{result['preset']} on {result['dataset']} ({split}, n = {result['n']}; {kind}). " + _timing(result)
     rows = [[_label(p), *_cells(p)] for p in result["points"]]
     return caption + "\n\n" + _table(["policy", *_COLUMNS], rows)
+
+
+def _timing(result: dict) -> str:
+    """What the time columns of `result` measure: one problem alone, a block, or a shared batch."""
+    if result.get("block"):
+        return (f"Problems ran in blocks of {result['block']}, all in flight together and timed as a whole: wall and "
+                "CPU s are each block's time per problem (throughput under load, not one problem's latency); "
+                "speed-ups are target_only's summed time over the row's, paired by block.")
+    if result.get("batch"):
+        return (f"{result['batch']} runs were in flight at once: wall s are times in a shared batch, which no "
+                "comparison should rest on, and no run has a CPU time of its own.")
+    return ("Wall and CPU s are means per problem; speed-ups are target_only's summed latency over the row's, "
+            "paired by problem.")
 
 
 def render_protocol_table(result: dict) -> str:
@@ -146,7 +157,7 @@ def render_protocol_table(result: dict) -> str:
     caption = (f"{result['preset']} on {result['dataset']}: thresholds chosen on the {cal['split']} split "
                f"(n = {cal['n']}, target_only {cal['target_only']['accuracy']:.3f}), reported on the "
                f"{result['split']} split (n = {result['n']}) once. Targets: dev accuracy within 0/1/2 points "
-               "of target_only's, or a dev escalation rate.")
+               "of target_only's, or a dev escalation rate. " + _timing(result))
     rows = []
     for row in result["protocol"]:
         head = [policy_label(row["policy"]), row["target"], "—" if row["threshold"] is None else f"{row['threshold']:g}"]

@@ -26,6 +26,7 @@ import json
 import os
 import time
 import uuid
+from contextlib import closing
 from datetime import datetime, timezone
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,7 +67,7 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
               sampling=None, grader: Callable[[str, str], bool] | None = None,
               progress: bool = True, audit_prm=None, generate_kwargs: dict | None = None,
               records: str | Path | None = None, run_info: dict | None = None,
-              runs_out: dict | None = None, batch: int = 1) -> list[dict]:
+              runs_out: dict | None = None, batch: int = 1, block: int = 1) -> list[dict]:
     """Run the sweep and return one point per (policy, threshold).
 
     Each point holds: policy, threshold, n, accuracy, latency_s (mean wall-clock
@@ -90,24 +91,42 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
     (`--batch-invariant` guarantees it), but a run's latency is its time in a shared batch and
     its CPU time is not its own, so its records keep `latency_s` as that time, `cpu_s` as None,
     and the header records the batch: a file never mixes the two kinds.
+
+    `block` > 1 measures throughput instead, the figure of a server under load: the problems
+    are cut into consecutive blocks of `block`, and each block runs under one (policy,
+    threshold) at a time, all its problems in flight together, timed as a whole (wall and
+    process CPU seconds, since nothing else runs meanwhile). Each record keeps its block's
+    problem ids and its share of the block's times as `latency_s` and `cpu_s` (its own time in
+    the batch as `request_s`), so a point's mean latency is its blocks' time per problem and a
+    speed-up is a ratio of the same blocks' times, its interval resampling blocks (problems that
+    shared a batch did not take their times independently). A block's records are written
+    together once it ends; one cut short is run again whole.
     """
     if not items:
         raise ValueError("run_sweep needs at least one item")
     if batch < 1:
         raise ValueError(f"batch must be >= 1 run in flight, got {batch}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1 problem timed together, got {block}")
+    if batch > 1 and block > 1:
+        raise ValueError("batch (runs in flight, untimed) and block (problems timed together) are two ways to "
+                         "batch a sweep: choose one")
     grader = grade if grader is None else grader
     plan = sweep_plan(policies, thresholds)
-    log = RecordLog(records, records_header(_with_batch(run_info or {}, batch), plan))
+    log = RecordLog(records, records_header(_with_batching(run_info or {}, batch, block), plan))
     todo = [(item, policy, threshold) for item in items for policy, threshold in plan
             if (item.id, policy, threshold) not in log.done]
 
-    def record(item, policy, threshold, result, wall, cpu) -> None:
-        log.append(_record(engine, item, policy, threshold, result, wall, cpu, grader, audit_prm, log.sitting))
+    def record(item, policy, threshold, result, wall, cpu, **extra) -> None:
+        log.append({**_record(engine, item, policy, threshold, result, wall, cpu, grader, audit_prm, log.sitting),
+                    **extra})
         bar.update(1)
 
     with tqdm(total=len(plan) * len(items), initial=len(plan) * len(items) - len(todo),
               disable=not progress, unit="run") as bar:
-        if batch == 1:
+        if block > 1:
+            _run_blocks(engine, items, plan, block, log, sampling, generate_kwargs or {}, record, bar)
+        elif batch == 1:
             for item, policy, threshold in todo:
                 bar.set_description(f"{item.id} {_label(policy, threshold)}")
                 wall, cpu = time.perf_counter(), time.process_time()
@@ -121,16 +140,48 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
 
 def _run_batched(engine, todo: list, batch: int, sampling, generate_kwargs: dict, record) -> None:
     """`todo`'s runs through the engine's request interface, `batch` in flight at a time, each
-    recorded as it ends (in the order runs end); a failure aborts the runs still in flight."""
-    pending = iter(todo)
-    flight: dict[int, tuple] = {}  # request id -> (item, policy, threshold, start)
+    recorded as it ends (in the order runs end)."""
+    with closing(_in_flight(engine, todo, batch, sampling, generate_kwargs)) as ended:
+        for (item, policy, threshold), result, seconds in ended:  # a failed record() aborts the rest on close
+            record(item, policy, threshold, result, seconds, None)
+
+
+def _run_blocks(engine, items: Sequence[EvalItem], plan, block: int, log: "RecordLog", sampling,
+                generate_kwargs: dict, record, bar) -> None:
+    """Each block of `block` consecutive problems under each (policy, threshold) in turn, all in
+    flight together and timed as a whole; blocks already recorded whole are skipped."""
+    for start in range(0, len(items), block):
+        members = list(items[start:start + block])
+        ids = [item.id for item in members]
+        for policy, threshold in plan:
+            if all(log.done.get((i, policy, threshold), {}).get("block") == ids for i in ids):
+                continue
+            bar.set_description(f"{ids[0]}+{len(ids) - 1} {_label(policy, threshold)}")
+            wall, cpu = time.perf_counter(), time.process_time()
+            runs = [(item, policy, threshold) for item in members]
+            with closing(_in_flight(engine, runs, len(members), sampling, generate_kwargs)) as flight:
+                ended = {run[0].id: (result, seconds) for run, result, seconds in flight}
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            for item in members:  # recorded after the clock stops: grading and audits are not the block's time
+                result, seconds = ended[item.id]
+                record(item, policy, threshold, result, wall / len(members), cpu / len(members),
+                       block=ids, block_wall_s=wall, block_cpu_s=cpu, request_s=seconds)
+
+
+def _in_flight(engine, runs: list, limit: int, sampling, generate_kwargs: dict):
+    """Yield ((item, policy, threshold), result, seconds since it was added) for each of `runs`
+    as it ends, through the engine's request interface with at most `limit` in flight; a failed
+    run, or a caller that stops early, aborts the runs still in flight."""
+    pending = iter(runs)
+    flight: dict[int, tuple] = {}  # request id -> (run, start)
 
     def refill() -> None:
-        for item, policy, threshold in pending:
+        for run in pending:
+            item, policy, threshold = run
             rid = engine.add_request(item.prompt, policy=policy, threshold=threshold, sampling=sampling,
                                      **generate_kwargs)
-            flight[rid] = (item, policy, threshold, time.perf_counter())
-            if len(flight) >= batch:
+            flight[rid] = (run, time.perf_counter())
+            if len(flight) >= limit:
                 return
 
     try:
@@ -139,13 +190,13 @@ def _run_batched(engine, todo: list, batch: int, sampling, generate_kwargs: dict
             for out in engine.step():
                 if not out.finished:
                     continue
-                item, policy, threshold, start = flight.pop(out.request_id)
+                run, start = flight.pop(out.request_id)
                 engine.forget(out.request_id)
                 if out.error is not None:
                     raise out.error
-                record(item, policy, threshold, out.result, time.perf_counter() - start, None)
+                yield run, out.result, time.perf_counter() - start
             refill()
-    except BaseException:
+    except BaseException:  # GeneratorExit included: the caller stopped
         for rid in flight:  # cancel the rest; one that ended in the same iteration is only forgotten
             if not engine.abort(rid):
                 engine.forget(rid)
@@ -154,13 +205,14 @@ def _run_batched(engine, todo: list, batch: int, sampling, generate_kwargs: dict
 
 def points_from_records(items: Sequence[EvalItem], policies: Sequence[str], thresholds: dict[str, list[float]],
                         records: str | Path, run_info: dict, audited: bool = False,
-                        runs_out: dict | None = None, batch: int = 1) -> tuple[list[dict], list[EvalItem]]:
+                        runs_out: dict | None = None, batch: int = 1,
+                        block: int = 1) -> tuple[list[dict], list[EvalItem]]:
     """The points of a sweep still running or stopped early, from its records file alone: over the
     problems solved under every (policy, threshold) so far, so each point compares the same
     problems. Nothing is run and the file is only read (a sweep may be appending to it).
     Returns the points and the problems they cover."""
     plan = sweep_plan(policies, thresholds)
-    log = RecordLog(records, records_header(_with_batch(run_info, batch), plan), read_only=True)
+    log = RecordLog(records, records_header(_with_batching(run_info, batch, block), plan), read_only=True)
     complete = [item for item in items if all((item.id, policy, threshold) in log.done for policy, threshold in plan)]
     if not complete:
         raise ValueError(f"records file {records} holds no problem solved under every policy and threshold of this sweep")
@@ -185,10 +237,10 @@ def points_from_record_file(records: str | Path) -> tuple[dict, list[dict]]:
     return header, points_with_comparisons(runs, audited="audited" in runs[0][0])
 
 
-def _with_batch(run_info: dict, batch: int) -> dict:
-    """A batched sweep's header names its batch; batch 1 adds nothing, so files written before
-    batched sweeps existed still resume."""
-    return {**run_info, "batch": batch} if batch > 1 else dict(run_info)
+def _with_batching(run_info: dict, batch: int, block: int) -> dict:
+    """A batched sweep's header names its batch or block; one problem at a time adds nothing, so
+    files written before batched sweeps existed still resume."""
+    return {**run_info, **({"batch": batch} if batch > 1 else {}), **({"block": block} if block > 1 else {})}
 
 
 def records_header(run_info: dict, plan: list[tuple[str, float | None]]) -> dict:
