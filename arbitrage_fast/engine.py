@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-from typing import Iterator, Sequence as SequenceOf
+import time
+from typing import Hashable, Iterable, Iterator, Sequence as SequenceOf
 
 import torch
 
@@ -152,6 +153,43 @@ class Engine:
             if req.error is not None:
                 raise req.error
         return [req.result for req in done]
+
+    def completions(self, requests: Iterable[tuple[Hashable, dict]], in_flight: int
+                    ) -> Iterator[tuple[Hashable, GenerationResult, float]]:
+        """Run (key, `add_request` keyword arguments) pairs with `in_flight` of them in the engine
+        at a time, the next added as soon as one ends (no batch waits for its slowest request);
+        yields (key, result, seconds since it was added) as each ends, in the order they end. A
+        failed request raises its error, and then, as when the caller stops early, the requests
+        still in flight are aborted and return their pages."""
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1 request, got {in_flight}")
+        pending = iter(requests)
+        flight: dict[int, tuple[Hashable, float]] = {}  # request id -> (key, when it was added)
+
+        def refill() -> None:
+            while len(flight) < in_flight:
+                key, kwargs = next(pending, (None, None))
+                if kwargs is None:
+                    return
+                flight[self.add_request(**kwargs)] = (key, time.perf_counter())
+
+        try:
+            refill()
+            while flight:
+                for out in self.step():
+                    if not out.finished:
+                        continue
+                    key, start = flight.pop(out.request_id)
+                    self.forget(out.request_id)
+                    if out.error is not None:
+                        raise out.error
+                    yield key, out.result, time.perf_counter() - start
+                refill()
+        except BaseException:  # GeneratorExit included: the caller stopped
+            for rid in flight:  # one that ended in the same iteration is only forgotten
+                if not self.abort(rid):
+                    self.forget(rid)
+            raise
 
     def add_request(self, prompt: "str | list[int] | list[dict]", policy: str = "rsd", threshold: float | None = None,
                     sampling: SamplingParams | None = None, chat: bool = False,

@@ -232,6 +232,38 @@ def test_max_batch_caps_the_running_set(folders):
     assert all(results[i].stats["queue_s"] >= 0 for i in ids)
 
 
+def test_completions_keeps_exactly_its_window_in_flight_and_aborts_the_rest_when_stopped(folders, monkeypatch):
+    """`Engine.completions`: never more than `in_flight` requests in the engine, a new one added
+    as soon as one ends (so the window stays full while work remains), each result equal to its
+    request alone; a caller that stops early leaves nothing running and no page held."""
+    engine = policy_engine(folders)
+    prompts, policies, thresholds = _mixed_batch("rsd", 6)
+    reference = _alone(engine, prompts, policies, thresholds)
+    in_engine = []
+    step = engine.step
+
+    def counting_step():
+        in_engine.append(sum(engine.num_requests().values()))
+        return step()
+
+    monkeypatch.setattr(engine, "step", counting_step)
+    runs = [(i, {"prompt": p, "policy": pol, "threshold": t, "sampling": SP})
+            for i, (p, pol, t) in enumerate(zip(prompts, policies, thresholds))]
+    ended = list(engine.completions(runs, 3))
+    assert sorted(i for i, _, _ in ended) == list(range(6)) and all(s > 0 for _, _, s in ended)
+    for i, result, _ in ended:
+        _same(reference[i], result)
+    assert max(in_engine) == 3 and in_engine[0] == 3
+    assert engine.kv_stats()["used_pages"] == 0 and not engine.has_unfinished_requests()
+
+    flight = engine.completions(runs, 2)
+    next(flight)
+    flight.close()  # the caller stops: the other request in flight is aborted
+    assert not engine.has_unfinished_requests() and engine.kv_stats()["used_pages"] == 0
+    with pytest.raises(ValueError, match="in_flight must be >= 1"):
+        next(engine.completions(runs, 0))
+
+
 def test_closing_a_stream_cancels_it_between_other_requests(folders):
     engine = policy_engine(folders)
     other = engine.add_request(PROMPTS[0], policy="rsd", sampling=SP)

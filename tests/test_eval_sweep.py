@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from arbitrage_fast.engine import Engine
 from arbitrage_fast.eval import EvalItem, run_sweep, sweep_plan
 from arbitrage_fast.eval import sweep as sweep_module
 from arbitrage_fast.eval.intervals import wilson_interval
@@ -261,6 +262,8 @@ class QueuedEngine:
     def abort(self, rid):
         self.aborted.append(rid)
         return self.flight.pop(rid, None) is not None
+
+    completions = Engine.completions  # the engine's own windowing over this request interface
 
 
 def test_a_batched_sweep_keeps_its_batch_in_flight_and_gives_the_same_points(tmp_path):

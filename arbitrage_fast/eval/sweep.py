@@ -141,7 +141,7 @@ def run_sweep(engine, items: Sequence[EvalItem], policies: Sequence[str], thresh
 def _run_batched(engine, todo: list, batch: int, sampling, generate_kwargs: dict, record) -> None:
     """`todo`'s runs through the engine's request interface, `batch` in flight at a time, each
     recorded as it ends (in the order runs end)."""
-    with closing(_in_flight(engine, todo, batch, sampling, generate_kwargs)) as ended:
+    with closing(engine.completions(_requests(todo, sampling, generate_kwargs), batch)) as ended:
         for (item, policy, threshold), result, seconds in ended:  # a failed record() aborts the rest on close
             record(item, policy, threshold, result, seconds, None)
 
@@ -159,7 +159,7 @@ def _run_blocks(engine, items: Sequence[EvalItem], plan, block: int, log: "Recor
             bar.set_description(f"{ids[0]}+{len(ids) - 1} {_label(policy, threshold)}")
             wall, cpu = time.perf_counter(), time.process_time()
             runs = [(item, policy, threshold) for item in members]
-            with closing(_in_flight(engine, runs, len(members), sampling, generate_kwargs)) as flight:
+            with closing(engine.completions(_requests(runs, sampling, generate_kwargs), len(members))) as flight:
                 ended = {run[0].id: (result, seconds) for run, result, seconds in flight}
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             for item in members:  # recorded after the clock stops: grading and audits are not the block's time
@@ -168,39 +168,12 @@ def _run_blocks(engine, items: Sequence[EvalItem], plan, block: int, log: "Recor
                        block=ids, block_wall_s=wall, block_cpu_s=cpu, request_s=seconds)
 
 
-def _in_flight(engine, runs: list, limit: int, sampling, generate_kwargs: dict):
-    """Yield ((item, policy, threshold), result, seconds since it was added) for each of `runs`
-    as it ends, through the engine's request interface with at most `limit` in flight; a failed
-    run, or a caller that stops early, aborts the runs still in flight."""
-    pending = iter(runs)
-    flight: dict[int, tuple] = {}  # request id -> (run, start)
-
-    def refill() -> None:
-        for run in pending:
-            item, policy, threshold = run
-            rid = engine.add_request(item.prompt, policy=policy, threshold=threshold, sampling=sampling,
-                                     **generate_kwargs)
-            flight[rid] = (run, time.perf_counter())
-            if len(flight) >= limit:
-                return
-
-    try:
-        refill()
-        while flight:
-            for out in engine.step():
-                if not out.finished:
-                    continue
-                run, start = flight.pop(out.request_id)
-                engine.forget(out.request_id)
-                if out.error is not None:
-                    raise out.error
-                yield run, out.result, time.perf_counter() - start
-            refill()
-    except BaseException:  # GeneratorExit included: the caller stopped
-        for rid in flight:  # cancel the rest; one that ended in the same iteration is only forgotten
-            if not engine.abort(rid):
-                engine.forget(rid)
-        raise
+def _requests(runs: list, sampling, generate_kwargs: dict):
+    """(run, `add_request` arguments) of each (item, policy, threshold) run, for `Engine.completions`."""
+    for run in runs:
+        item, policy, threshold = run
+        yield run, {"prompt": item.prompt, "policy": policy, "threshold": threshold, "sampling": sampling,
+                    **generate_kwargs}
 
 
 def points_from_records(items: Sequence[EvalItem], policies: Sequence[str], thresholds: dict[str, list[float]],

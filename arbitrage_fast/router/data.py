@@ -9,6 +9,7 @@ the same code paths the router later steers.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +107,9 @@ def label_problems(engine, prompts: list[str], sampling: SamplingParams | None =
                    chat: bool = False, ids: list[str] | None = None, cache=None, batch: int = 1) -> LabelRun:
     """Labels of every prompt, read from `cache` (a `LabelCache`, keyed by `ids`) where it holds
     them and written to it as each new problem is done. Problems the cache lacks are labelled
-    `batch` at a time through the engine's continuous batching (each problem's oracle
-    trajectory is the same as alone); a batched problem's seconds are its batch's wall time
-    divided among the batch's problems."""
+    with `batch` in the engine at a time, the next started as soon as one ends (each problem's
+    oracle trajectory is the same as alone). A problem's seconds are the wall time since the
+    previous problem ended (alone: its own time), so they add up to the run's time."""
     if cache is not None and (ids is None or len(ids) != len(prompts)):
         raise ValueError("a label cache needs one id per prompt")
     if batch < 1:
@@ -123,18 +124,18 @@ def label_problems(engine, prompts: list[str], sampling: SamplingParams | None =
             todo.append(i)
         else:
             parts[i], seconds[i] = cached
-    bar = tqdm(total=len(todo), desc="router labels", disable=not progress)
-    for group in (todo[k:k + batch] for k in range(0, len(todo), batch)):
-        start = time.perf_counter()
-        results = engine.generate_batch([prompts[i] for i in group], policy="oracle", threshold=0.0,
-                                        sampling=sampling, chat=chat, record_features=True)
-        each = (time.perf_counter() - start) / len(group)
-        for i, res in zip(group, results):
-            parts[i], seconds[i] = _labels_of(engine, res), each
-            if cache is not None:
-                cache.put(ids[i], parts[i], each)
-        bar.update(len(group))
-    bar.close()
+    if todo:  # (with every problem cached there may be no engine at all)
+        requests = ((i, {"prompt": prompts[i], "policy": "oracle", "threshold": 0.0, "sampling": sampling,
+                         "chat": chat, "record_features": True}) for i in todo)
+        last = time.perf_counter()
+        with tqdm(total=len(todo), desc="router labels", disable=not progress) as bar, \
+                closing(engine.completions(requests, batch)) as ended:
+            for i, res, _ in ended:
+                now = time.perf_counter()
+                parts[i], seconds[i], last = _labels_of(engine, res), now - last, now
+                if cache is not None:
+                    cache.put(ids[i], parts[i], seconds[i])
+                bar.update(1)
     data = RouterDataset.concat(parts)
     if not len(data):
         raise ValueError("no steps were generated; cannot build router labels")
