@@ -139,7 +139,7 @@ class DecodeIteration:
         """
         b = self.buffers
         token = sample(logits, self.sampling, self.generator)
-        logprob, entropy = token_statistics(logits, token)
+        logprob, entropy = token_statistics(logits, token, entropy=self.track_features)
         j = b.step_pos.clamp(max=b.capacity - 1)[:, None]  # clamp: only idle rows run past capacity
         b.tokens.scatter_(1, j, token[:, None])
         b.logprobs.scatter_(1, j, logprob[:, None])

@@ -98,7 +98,7 @@ def speculative_step(cache: PagedKVCache, seq, k: int, sampling: SamplingParams,
             proposed += len(proposals)
             accepted_total += n_acc
             new = proposals[:n_acc] + [nxt]
-            lp, _ = token_statistics(t_logits[: len(new)], torch.tensor(new, device=t_logits.device))
+            lp, _ = token_statistics(t_logits[: len(new)], torch.tensor(new, device=t_logits.device), entropy=False)
         # 3. Commit in order until the step ends; roll back both models' unverified KV.
         reason = None
         for i, tok in enumerate(new):

@@ -76,7 +76,7 @@ def decode_step_flow(role: Role, seq_id: int, first: ForwardOutput, sampling: Sa
         with torch.inference_mode():
             logits = out.logits[-1:]
             token = sample(logits, sampling, generator)
-            logp, entropy = token_statistics(logits, token)
+            logp, entropy = token_statistics(logits, token, entropy=features is not None)
             logprobs.append(logp)
             if features is not None:
                 features.add(out.hidden[-1], logp, entropy)
