@@ -43,8 +43,8 @@ QWEN_CODER_TARGET = "qwen2.5-coder-1.5b-instruct-q4_k_m"
 
 
 # Where the package ships the pair's router head (a few hundred KB), trained by
-# benchmarks/real_router.sh on the pair's own advantage labels of the GSM8K train split
-# (its held-out figures: benchmarks/RESULTS.md).
+# benchmarks/real_router.sh on the pair's own advantage labels of the GSM8K and MATH500 train
+# splits (its held-out figures: benchmarks/RESULTS.md).
 QWEN_CODER_SHIPPED_ROUTER = Path(__file__).parent / "router" / "heads" / "qwen2.5-coder"
 
 

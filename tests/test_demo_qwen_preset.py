@@ -36,9 +36,9 @@ def test_demo_without_the_part_packages_names_the_preset_extra(tmp_path, monkeyp
 
 
 def test_the_package_ships_the_pairs_router_head_with_its_validation_threshold():
-    """The qwen2.5-coder head ships (trained on the 333 GSM8K train problems' labels): it loads
-    for the 0.5B draft's hidden size, and records the threshold the demo's Arbitrage row uses,
-    taken from its validation problems of the train split."""
+    """The qwen2.5-coder head ships (trained on the labels of all 454 GSM8K and MATH500 train
+    problems): it loads for the 0.5B draft's hidden size, and records the threshold the demo's
+    Arbitrage row uses, taken from its validation problems of the train split."""
     import json
 
     from arbitrage_fast.commands.demo import DEMO_ESCALATION_RATE, demo_thresholds
@@ -48,7 +48,7 @@ def test_the_package_ships_the_pairs_router_head_with_its_validation_threshold()
     head = RouterHead.load(QWEN_CODER_SHIPPED_ROUTER, expected_hidden_size=896)
     assert head.config.in_features > 2 * 896
     training = json.loads((QWEN_CODER_SHIPPED_ROUTER / "router_config.json").read_text())["training"]
-    assert training["datasets"] == ["gsm8k"] and training["n_problems"] == 333
+    assert training["datasets"] == ["gsm8k", "math500"] and training["n_problems"] == 454
     threshold = RouterHead.validation_threshold(QWEN_CODER_SHIPPED_ROUTER, DEMO_ESCALATION_RATE)
     assert threshold is not None and 0.0 < threshold < 1.0
     preset = SimpleNamespace(name="qwen2.5-coder", router=str(QWEN_CODER_SHIPPED_ROUTER))
