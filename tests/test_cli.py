@@ -40,10 +40,11 @@ def test_train_router_label_cache_is_reused_by_a_rerun_and_by_eval(tmp_path, cap
     from arbitrage_fast.commands import router as router_command
 
     cache, runs = tmp_path / "labels", []
-    for attempt in range(2):
+    monkeypatch.setenv("HOME", str(tmp_path))  # a quoted "~/" reaches the command unexpanded
+    for attempt, named in enumerate(["~/labels", str(cache)]):
         report = tmp_path / f"train{attempt}.json"
         assert main(["train-router", *SMALL, "--n", "3", "--epochs", "5", "--width", "8", "--out", str(tmp_path / "r"),
-                     "--label-cache", str(cache), "--json", str(report)]) == 0
+                     "--label-cache", named, "--json", str(report)]) == 0
         runs.append(json.loads(report.read_text()))
     assert [r["problems_labelled_this_run"] for r in runs] == [3, 0]
     assert runs[0]["n_steps"] == runs[1]["n_steps"] and runs[0]["label_seconds"] == runs[1]["label_seconds"] > 0
@@ -80,6 +81,10 @@ def test_eval_router_json_schema(trained_router, tmp_path):
     assert isinstance(result["n_steps"], int) and result["n_steps"] >= 4
     low, high = result["spearman_ci"]  # resampling the 4 problems
     assert low <= high and -1.0 <= low and high <= 1.0
+    for point in result["deferral_curve"]:  # the router's rule beside RSD's at the same rate
+        for key in ("router_gain_ci", "prm_gain_ci", "router_minus_prm_ci"):
+            low, high = point[key]
+            assert low <= high
 
 
 def test_sweep_json_schema_and_plot(trained_router, tmp_path):

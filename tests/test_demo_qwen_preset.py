@@ -37,8 +37,8 @@ def test_demo_without_the_part_packages_names_the_preset_extra(tmp_path, monkeyp
 
 def test_the_package_ships_the_pairs_router_head_with_its_validation_threshold():
     """The qwen2.5-coder head ships (trained on the labels of all 454 GSM8K and MATH500 train
-    problems): it loads for the 0.5B draft's hidden size, and records the threshold the demo's
-    Arbitrage row uses, taken from its validation problems of the train split."""
+    problems): it loads for the 0.5B draft's hidden size, and records the thresholds the demo's
+    Arbitrage and RSD rows use, taken from its validation problems of the train split."""
     import json
 
     from arbitrage_fast.commands.demo import DEMO_ESCALATION_RATE, demo_thresholds
@@ -51,5 +51,7 @@ def test_the_package_ships_the_pairs_router_head_with_its_validation_threshold()
     assert training["datasets"] == ["gsm8k", "math500"] and training["n_problems"] == 454
     threshold = RouterHead.validation_threshold(QWEN_CODER_SHIPPED_ROUTER, DEMO_ESCALATION_RATE)
     assert threshold is not None and 0.0 < threshold < 1.0
+    rsd = RouterHead.validation_threshold(QWEN_CODER_SHIPPED_ROUTER, DEMO_ESCALATION_RATE, "prm")
+    assert rsd is not None and 0.0 < rsd < 1.0  # RSD's row escalates as many validation steps
     preset = SimpleNamespace(name="qwen2.5-coder", router=str(QWEN_CODER_SHIPPED_ROUTER))
-    assert demo_thresholds(preset)["arbitrage"] == threshold
+    assert demo_thresholds(preset) == {"arbitrage": threshold, "rsd": rsd}

@@ -105,3 +105,22 @@ def test_head_to_head_pairs_each_rival_at_the_same_dev_target_and_marks_oracles(
     # A threshold-free policy keeps its row in the protocol table, measured on test.
     protocol = protocol_rows(choices[:3], points, untuned=["spec_thinking"])
     assert protocol[0]["policy"] == "spec_thinking" and protocol[0]["test"]["latency_s"] == 1.0
+
+
+def test_router_evaluation_table_sets_the_router_beside_rsds_rule():
+    """An `eval-router` JSON renders as its ranking figures and, per escalation rate, the share
+    of advantage each rule's escalated steps hold; the PRM columns stay empty for an evaluation
+    written before they were recorded."""
+    result = {"datasets": ["toy"], "n_problems": 3, "n_steps": 10, "positive_rate": 0.6, "auroc": 0.7,
+              "auroc_ci": [0.5, 0.9], "spearman": 0.4, "spearman_ci": None, "router": "r",
+              "deferral_curve": [{"rate": 0.3, "threshold": 0.5, "router_gain": 0.5, "oracle_gain": 0.8,
+                                  "random_gain": 0.3, "prm_threshold": 0.9, "prm_gain": 0.75,
+                                  "router_gain_ci": [0.4, 0.6], "prm_gain_ci": [0.7, 0.8],
+                                  "router_minus_prm_ci": [-0.35, -0.15]}]}
+    table = render(result)
+    assert "3 held-out problems, 10 steps (60 % with a positive advantage)" in table
+    assert "AUROC 0.70 [0.50, 0.90], Spearman ρ 0.40;" in table
+    assert "| 30 % | 0.50 [0.40, 0.60] | 0.75 [0.70, 0.80] | -0.25 [-0.35, -0.15] | 0.80 | 0.30 |" in table
+    for key in ("prm_threshold", "prm_gain", "router_gain_ci", "prm_gain_ci", "router_minus_prm_ci"):
+        del result["deferral_curve"][0][key]
+    assert "| 30 % | 0.50 | — | — | 0.80 | 0.30 |" in render(result)

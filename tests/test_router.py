@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.stats import mannwhitneyu, spearmanr
 
 from arbitrage_fast.router.data import RouterDataset
@@ -43,6 +45,27 @@ def test_metric_edge_cases():
     curve = deferral_curve([1.0, 0.0, -1.0, 2.0], [0.9, 0.1, 0.0, 0.8], rates=(0.5,))
     assert curve[0]["threshold"] == 0.1  # scores > 0.1 are the top half
     assert curve[0]["router_gain"] == pytest.approx(1.0) and curve[0]["oracle_gain"] == pytest.approx(1.0)
+    assert "prm_gain" not in curve[0]  # RSD's columns only where the PRM's scores are given
+    with pytest.raises(ValueError, match="draft_prm has 3 steps"):
+        deferral_curve([1.0, 0.0, -1.0, 2.0], [0.9, 0.1, 0.0, 0.8], draft_prm=[0.1, 0.2, 0.3])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(-1, 1), st.floats(0, 1), st.floats(0, 1)), min_size=2, max_size=40),
+       st.sampled_from([0.1, 0.3, 0.5]))
+def test_prm_rule_escalates_the_lowest_draft_scores(rows, rate):
+    """RSD's rule at a rate escalates the k = round(rate * n) steps the PRM scores lowest
+    (draft_prm < prm_threshold, ties aside), and captures their share of the positive advantage."""
+    adv, scores, prm = (np.array(c) for c in zip(*rows))
+    (point,) = deferral_curve(adv, scores, rates=(rate,), draft_prm=prm)
+    k = int(round(rate * len(adv)))
+    lowest = np.argsort(prm, kind="stable")[:k]
+    total = np.clip(adv, 0, None).sum()
+    assert point["prm_gain"] == pytest.approx(adv[lowest].sum() / total if total > 0 else 0.0)
+    if k < len(adv):
+        assert (prm < point["prm_threshold"]).sum() <= k <= (prm <= point["prm_threshold"]).sum()
+    else:
+        assert point["prm_threshold"] is None
 
 
 def test_head_roundtrip_and_dimension_check(tmp_path):
@@ -117,7 +140,7 @@ def _rare_positives(n_problems=40, steps=5, hidden=8, seed=0, positive_problems=
     positive[torch.arange(positive_problems) * 7 % n_problems * steps] = True
     feats[positive, 0] += 4.0  # separable: one feature tells the classes apart
     adv = torch.where(positive, 1.0, -0.5)
-    return RouterDataset(features=feats, advantage=adv, draft_prm=torch.zeros(n), target_prm=adv,
+    return RouterDataset(features=feats, advantage=adv, draft_prm=torch.rand(n, generator=g), target_prm=adv,
                          problem=torch.arange(n) // steps)
 
 
@@ -138,7 +161,7 @@ def _separable(seed, n_problems=60, steps=5, hidden=4, rate=0.1, shift=10.0):
     positive = torch.rand(n, generator=g) < rate
     feats[positive, 0] += shift
     adv = torch.where(positive, 1.0, -0.5)
-    return RouterDataset(features=feats, advantage=adv, draft_prm=torch.zeros(n), target_prm=adv,
+    return RouterDataset(features=feats, advantage=adv, draft_prm=torch.rand(n, generator=g), target_prm=adv,
                          problem=torch.arange(n) // steps)
 
 
@@ -213,12 +236,19 @@ def test_validation_thresholds_escalate_their_rate_and_reach_the_demo(tmp_path):
         if point["threshold"] is not None:  # escalate when score > threshold
             escalated = float((scores > point["threshold"]).float().mean())
             assert abs(escalated - point["rate"]) <= 1.0 / len(val) + 1e-9
+        if point["prm_threshold"] is not None:  # RSD: escalate when draft_prm < threshold
+            escalated = float((val.draft_prm < point["prm_threshold"]).float().mean())
+            assert abs(escalated - point["rate"]) <= 1.0 / len(val) + 1e-9
     folder = head.save(tmp_path / "head", extra={"training": {"val_deferral_curve": report.val_deferral}})
     expected = next(p["threshold"] for p in report.val_deferral if p["rate"] == DEMO_ESCALATION_RATE)
+    expected_rsd = next(p["prm_threshold"] for p in report.val_deferral if p["rate"] == DEMO_ESCALATION_RATE)
     assert RouterHead.validation_threshold(folder, DEMO_ESCALATION_RATE) == expected
+    assert RouterHead.validation_threshold(folder, DEMO_ESCALATION_RATE, "prm") == expected_rsd
+    with pytest.raises(ValueError, match="rule must be"):
+        RouterHead.validation_threshold(folder, DEMO_ESCALATION_RATE, "rsd")
     assert RouterHead.validation_threshold(folder, 0.33) is None
     qwen = SimpleNamespace(name="qwen2.5-coder", router=str(folder))
-    assert demo_thresholds(qwen)["arbitrage"] == expected
+    assert demo_thresholds(qwen) == {"arbitrage": expected, "rsd": expected_rsd}
     assert demo_thresholds(SimpleNamespace(name="qwen2.5-coder", router=None))["arbitrage"] == \
         FALLBACK_THRESHOLDS["arbitrage"]
     assert demo_thresholds(SimpleNamespace(name="testbed", router=str(folder)))["arbitrage"] == 0.8

@@ -9,13 +9,13 @@ from arbitrage_fast.config import SamplingParams
 from .common import build_engine, decoding_options
 
 # Thresholds per preset: on the testbed the cheapest point of each policy within a point of
-# target_only's accuracy in its recorded calibration (benchmarks/RESULTS.md); on the Qwen pair
-# RSD's matched-accuracy point. A preset with no Arbitrage threshold here takes its router head's
-# own: the score that escalated DEMO_ESCALATION_RATE of the head's validation steps (problems of
-# the train split, never the ones the demo solves). Other pairs: the fallback.
+# target_only's accuracy in its recorded calibration (benchmarks/RESULTS.md). A preset with no
+# threshold of its own here takes its router head's: for Arbitrage the score that escalated
+# DEMO_ESCALATION_RATE of the head's validation steps, for RSD the PRM score below which as many
+# of those steps fall (problems of the train split, never the ones the demo solves), so the two
+# rows spend the same share of target steps. Other pairs: the fallback.
 DEMO_THRESHOLDS = {
     "testbed": {"rsd": 0.7, "arbitrage": 0.8},
-    "qwen2.5-coder": {"rsd": 0.95},
 }
 FALLBACK_THRESHOLDS = {"rsd": 0.95, "arbitrage": 0.5}
 DEMO_ESCALATION_RATE = 0.3
@@ -35,15 +35,16 @@ def demo_sizes(preset, args) -> tuple[int, int]:
 
 def demo_thresholds(preset) -> dict[str, float]:
     """Each shown policy's threshold: the preset's own, else its router head's validation
-    threshold at DEMO_ESCALATION_RATE (Arbitrage), else the fallback."""
+    threshold at DEMO_ESCALATION_RATE, else the fallback."""
     own = DEMO_THRESHOLDS.get(preset.name, {})
     chosen = {**FALLBACK_THRESHOLDS, **own}
-    if "arbitrage" not in own and preset.router:
+    if preset.router:
         from arbitrage_fast.router.head import RouterHead
 
-        recorded = RouterHead.validation_threshold(preset.router, DEMO_ESCALATION_RATE)
-        if recorded is not None:
-            chosen["arbitrage"] = recorded
+        for policy, rule in (("arbitrage", "router"), ("rsd", "prm")):
+            recorded = RouterHead.validation_threshold(preset.router, DEMO_ESCALATION_RATE, rule)
+            if policy not in own and recorded is not None:
+                chosen[policy] = recorded
     return chosen
 
 

@@ -1,6 +1,7 @@
 """`train-router` and `eval-router`: advantage labels -> head -> metrics on held-out problems."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def _label_cache(preset, args, dataset: str, n_datasets: int):
     if n_datasets > 1 and "{dataset}" not in args.label_cache:
         raise ValueError("--label-cache needs '{dataset}' in its path when labelling several datasets "
                          f"(one cache each), got {args.label_cache!r}")
-    return LabelCache(args.label_cache.replace("{dataset}", dataset), {
+    return LabelCache(os.path.expanduser(args.label_cache.replace("{dataset}", dataset)), {
         "draft": preset.draft, "target": preset.target, "label_prm": str(preset.label_prm or "target-likelihood"),
         "dataset": dataset, "instruction": preset.instruction, "chat": preset.chat,
         "max_new_tokens": args.max_new_tokens, "dtype": args.dtype or preset.dtype, "device": args.device,
@@ -108,9 +109,14 @@ def evaluate(preset, args) -> dict:
     from arbitrage_fast.eval.intervals import cluster_bootstrap
 
     adv, labels, problems = data.advantage.numpy(), data.labels.numpy(), data.problem.numpy()
+    prm = data.draft_prm.numpy()
     has_both = 0 < labels.sum() < len(labels)
     # 95% intervals resample whole problems (a problem's steps share a context).
     several = len(set(problems.tolist())) > 1
+    curve = deferral_curve(adv, scores, draft_prm=prm)
+    if several:
+        for point in curve:
+            _gain_intervals(point, adv, scores, prm, problems)
     return {
         "spearman": spearman(adv, scores),
         "spearman_ci": list(cluster_bootstrap(lambda i: spearman(adv[i], scores[i]), problems)) if several else None,
@@ -121,9 +127,25 @@ def evaluate(preset, args) -> dict:
         "datasets": list(_datasets(preset, args)),
         "n_problems": run.n_problems,
         "positive_rate": float(labels.mean()),
-        "deferral_curve": deferral_curve(adv, scores),
+        "deferral_curve": curve,
         "router": preset.router,
     }
+
+
+def _gain_intervals(point: dict, adv, scores, prm, problems) -> None:
+    """95% intervals (whole problems resampled) of the advantage share the router's rule and
+    RSD's rule capture at the point's rate, and of their difference: the same seed draws the
+    same resamples for all three, so the difference is paired."""
+    from arbitrage_fast.eval.intervals import cluster_bootstrap
+    from arbitrage_fast.router.metrics import deferral_curve
+
+    def gain(i, key):
+        (p,) = deferral_curve(adv[i], scores[i], rates=(point["rate"],), draft_prm=prm[i])
+        return p["router_gain"] - p["prm_gain"] if key == "difference" else p[key]
+
+    for key, name in (("router_gain", "router_gain_ci"), ("prm_gain", "prm_gain_ci"),
+                      ("difference", "router_minus_prm_ci")):
+        point[name] = list(cluster_bootstrap(lambda i: gain(i, key), problems))
 
 
 def run_train(preset, args) -> int:

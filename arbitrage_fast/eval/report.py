@@ -1,4 +1,4 @@
-"""Markdown tables of sweep results, rendered from the result JSON alone.
+"""Markdown tables of sweep results and router evaluations, rendered from the result JSON alone.
 
 Every figure README.md and benchmarks/RESULTS.md quote from a sweep sits in a block
 between `<!-- table: PATH -->` and `<!-- /table -->`, rewritten by
@@ -168,8 +168,34 @@ def render_protocol_table(result: dict) -> str:
     return caption + "\n\n" + _table(["policy", "dev target", "threshold", *_COLUMNS], rows)
 
 
+def _share(value, ci) -> str:
+    return f"{value:.2f}" if ci is None else f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def render_router_eval(result: dict) -> str:
+    """A router head on held-out problems (`eval-router --json`): its ranking of the steps, then
+    per escalation rate the share of the positive advantage its top-scored steps hold beside the
+    share RSD's rule (the steps the PRM scores lowest) holds at the same rate."""
+    def metric(name):
+        value, ci = result[name], result.get(f"{name}_ci")
+        return "—" if value is None else _share(value, ci)
+
+    caption = (f"{', '.join(result['datasets'])}: {result['n_problems']} held-out problems, {result['n_steps']} steps "
+               f"({result['positive_rate'] * 100:.0f} % with a positive advantage); AUROC {metric('auroc')}, "
+               f"Spearman ρ {metric('spearman')}; 95% intervals resample problems.")
+    rows = [[f"{p['rate'] * 100:.0f} %", _share(p["router_gain"], p.get("router_gain_ci")),
+             _share(p["prm_gain"], p.get("prm_gain_ci")) if "prm_gain" in p else "—",
+             _share(p["router_gain"] - p["prm_gain"], p.get("router_minus_prm_ci")) if "prm_gain" in p else "—",
+             f"{p['oracle_gain']:.2f}", f"{p['random_gain']:.2f}"] for p in result["deferral_curve"]]
+    return caption + "\n\n" + _table(["escalated", "router's top steps", "RSD's rule (lowest PRM)",
+                                       "router − RSD's rule", "oracle", "random"], rows)
+
+
 def render(result: dict) -> str:
-    """The block a doc shows for `result`: the protocol table where there is one, else the grid."""
+    """The block a doc shows for `result`: a router evaluation, the protocol table where there is
+    one, else the grid."""
+    if "deferral_curve" in result:
+        return render_router_eval(result)
     if "protocol" not in result:
         return render_points_table(result)
     table = render_protocol_table(result)

@@ -99,14 +99,19 @@ class RouterHead(nn.Module):
         return hashlib.sha256(w_path.read_bytes()).hexdigest()
 
     @staticmethod
-    def validation_threshold(directory: str | Path, rate: float) -> float | None:
+    def validation_threshold(directory: str | Path, rate: float, rule: str = "router") -> float | None:
         """The threshold that escalated `rate` of the validation steps when the head was trained
-        (`train-router` records its deferral curve there), or None when the head records none."""
+        (`train-router` records its deferral curve there): the router's score threshold, or with
+        rule="prm" the draft-PRM threshold with which RSD escalates as many of those steps. None
+        when the head records none."""
+        key = {"router": "threshold", "prm": "prm_threshold"}.get(rule)
+        if key is None:
+            raise ValueError(f"rule must be 'router' or 'prm', got {rule!r}")
         cfg_path = Path(directory) / CONFIG_NAME
         if not cfg_path.is_file():
             raise RouterLoadError(f"{directory} is not a router head folder (needs {CONFIG_NAME})")
         curve = json.loads(cfg_path.read_text()).get("training", {}).get("val_deferral_curve") or []
-        return next((p["threshold"] for p in curve if abs(p["rate"] - rate) < 1e-9), None)
+        return next((p.get(key) for p in curve if abs(p["rate"] - rate) < 1e-9), None)
 
     @classmethod
     def load(cls, directory: str | Path, expected_hidden_size: int | None = None) -> "RouterHead":

@@ -28,23 +28,42 @@ def auroc(labels, scores) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def deferral_curve(advantage, scores, rates=(0.1, 0.2, 0.3, 0.4, 0.5)) -> list[dict]:
+def _gain_of_top(adv: np.ndarray, order: np.ndarray, k: int) -> float:
+    """Share of the total positive advantage that escalating the first k steps of `order` captures."""
+    total = np.clip(adv, 0, None).sum()
+    return float(adv[order[:k]].sum() / total) if total > 0 else 0.0
+
+
+def deferral_curve(advantage, scores, rates=(0.1, 0.2, 0.3, 0.4, 0.5), draft_prm=None) -> list[dict]:
     """For each escalation rate, the share of the total positive advantage the router captures
     by escalating its top-scored steps, next to what the oracle and a random choice capture,
-    and the threshold that escalates that share (escalate when score > threshold)."""
+    and the threshold that escalates that share (escalate when score > threshold).
+
+    Given the PRM's scores of the draft steps, each point also holds RSD's rule at the same rate:
+    escalating the lowest-scored steps (escalate when draft_prm < prm_threshold) and the share it
+    captures (prm_gain). Both rules then spend the same number of target steps, so their gains
+    compare the evidence each escalates on, with the PRM the labels came from."""
     adv = np.asarray(advantage, dtype=float)
     scores = np.asarray(scores, dtype=float)
     gain = np.clip(adv, 0, None)
     total = gain.sum()
     order_router, order_oracle = np.argsort(-scores, kind="stable"), np.argsort(-adv, kind="stable")
+    prm = None if draft_prm is None else np.asarray(draft_prm, dtype=float)
+    if prm is not None and prm.shape != adv.shape:
+        raise ValueError(f"draft_prm has {prm.shape[0]} steps, the advantages {adv.shape[0]}")
+    order_prm = None if prm is None else np.argsort(prm, kind="stable")
     out = []
     for r in rates:
         k = int(round(r * len(adv)))
-        out.append({
+        point = {
             "rate": r,
             "threshold": float(scores[order_router[k]]) if k < len(adv) else None,
-            "router_gain": float(adv[order_router[:k]].sum() / total) if total > 0 else 0.0,
-            "oracle_gain": float(gain[order_oracle[:k]].sum() / total) if total > 0 else 0.0,
+            "router_gain": _gain_of_top(adv, order_router, k),
+            "oracle_gain": _gain_of_top(gain, order_oracle, k),
             "random_gain": float(r * adv.sum() / total) if total > 0 else 0.0,
-        })
+        }
+        if order_prm is not None:
+            point["prm_threshold"] = float(prm[order_prm[k]]) if k < len(adv) else None
+            point["prm_gain"] = _gain_of_top(adv, order_prm, k)
+        out.append(point)
     return out

@@ -36,7 +36,8 @@ class TrainReport:
     positive_rate: float = 0.0
     val_positives: int = 0
     # per escalation rate, the score threshold reaching it on the validation problems (never on
-    # test problems): what a deployment without a calibration run can start from
+    # test problems), and the PRM threshold with which RSD escalates as many of those steps: what
+    # a deployment without a calibration run can start from
     val_deferral: list[dict] = field(default_factory=list)
 
     def curves(self) -> dict:
@@ -123,7 +124,7 @@ def train_router(data: RouterDataset, hidden_size: int, width: int = 64, epochs:
             s = head(val.features).numpy()
         report.val_auroc = auroc(val.labels.numpy(), s)
         report.val_spearman = spearman(val.advantage.numpy(), s)
-        report.val_deferral = deferral_curve(val.advantage.numpy(), s)
+        report.val_deferral = deferral_curve(val.advantage.numpy(), s, draft_prm=val.draft_prm.numpy())
     else:
         report.best_epoch = report.stopped_epoch
     return head.eval().requires_grad_(False), report
