@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cpu_features.h"
 #include "kv_ops.h"
@@ -159,26 +160,36 @@ at::Tensor rope_write_kv_cpu(const at::Tensor& q_in, const at::Tensor& k_in, con
 namespace {
 
 #if AF_X86
-// silu(gate) * up over n fp32 values; returns how many it did (a multiple of 8).
-AF_TARGET_AVX2 int64_t silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
+// silu(gate) * up over n values of any float dtype in fp32; returns how many it did (a multiple
+// of 8). A 16-bit silu is rounded to its dtype before the product, as the scalar tail (and
+// torch's F.silu(gate) * up) rounds it.
+template <typename T>
+AF_TARGET_AVX2 int64_t silu_mul_avx2(const T* gate, const T* up, T* out, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 g = _mm256_loadu_ps(gate + i);
-    const __m256 act = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), vec::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(act, _mm256_loadu_ps(up + i)));
+    const __m256 g = vec::load8(gate + i);
+    __m256 act = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), vec::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    // exp8 clamps, so -inf / (1 + exp(inf)) would come out -inf; libm's exp, and torch, give NaN.
+    act = _mm256_blendv_ps(act, _mm256_set1_ps(NAN),
+                           _mm256_cmp_ps(g, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
+    if constexpr (!std::is_same_v<T, float>) {
+      T rounded[8];
+      vec::store8(rounded, act);
+      act = vec::load8(rounded);
+    }
+    vec::store8(out + i, _mm256_mul_ps(act, vec::load8(up + i)));
   }
   return i;
 }
 #endif
 
-// The vectorised prefix of a row where there is one (fp32 on AVX2): how many values it did.
+// The vectorised prefix of a row where the CPU has AVX2: how many values it did.
 template <typename T>
-int64_t silu_mul_simd(const T*, const T*, T*, int64_t) {
-  return 0;
-}
-int64_t silu_mul_simd(const float* gate, const float* up, float* out, int64_t n) {
+int64_t silu_mul_simd(const T* gate, const T* up, T* out, int64_t n) {
 #if AF_X86
-  if (cpu::has_avx2()) return silu_mul_avx2(gate, up, out, n);
+  if constexpr (!std::is_same_v<T, double>) {
+    if (cpu::has_avx2()) return silu_mul_avx2(gate, up, out, n);
+  }
 #endif
   return 0;
 }

@@ -54,15 +54,8 @@ int64_t work_floats(int64_t max_len, int64_t group, int64_t D) {
 }
 
 #if AF_X86
-// Eight cache values as fp32: 16-bit caches widen on load, so every dtype shares the fp32 path.
-AF_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-AF_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-AF_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
+// 16-bit caches widen on load (vec::load8), so every dtype shares the fp32 path.
+using vec::load8;
 
 // The `group` query heads that share one kv head, over its keys, in fp32 with head_dim
 // 8 * ND: flash-attention style, key block by key block with a running max and sum per head,
