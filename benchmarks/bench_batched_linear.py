@@ -6,8 +6,12 @@ shapes for B = 1, 4, 8, 16 rows with each CPU implementation the engine can run:
 
   torch_bf16   F.linear on bf16 weights (the reference; on CPUs without native bf16 it
                converts and multiplies row by row)
+  onednn_packed_bf16  the same weights packed once for oneDNN (cpu_linear.PackedLinear), the
+               bf16 layer the engine runs where oneDNN has native bf16
   kernel_bf16  torch.ops.arbitrage_fast.bf16_linear (csrc/bf16_linear.cpp)
   gguf_<type>  torch.ops.arbitrage_fast.gguf_linear on the same shape in a GGUF block format
+               (gguf_<type>_avx2: the same blocks through the AVX2 kernels, beside the 512-bit
+               ones on an AVX-512 VNNI CPU)
   int3_g64     torch.ops.arbitrage_fast.int3_linear (csrc/int3_linear.cpp): quantize-on-load
                int3's CPU blocks, which replaced Q4_1 blocks of the same values; its time is
                also reported over gguf_Q4_1's (3.5 bits a weight read against 5)
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -46,14 +51,23 @@ def implementations(n: int, k: int, gen: torch.Generator) -> dict:
     from arbitrage_fast.models import gguf_ops, int3_blocks
     from arbitrage_fast.models.gguf_random import random_blocks
 
+    from arbitrage_fast.models.cpu_linear import pack, packing_supported
+
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     impls = {"torch_bf16": lambda x: F.linear(x, w), "kernel_bf16": lambda x: torch.ops.arbitrage_fast.bf16_linear(x, w)}
-    for name in ("Q8_0", "Q4_K", "Q4_1"):
+    if packing_supported(w.device, w.dtype):  # oneDNN runs bf16 natively: the layer the engine runs
+        dense = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+        dense.weight.data.copy_(w)
+        impls["onednn_packed_bf16"] = pack(dense)
+    wide = "avx512_vnni" in gguf_ops.cpu_paths()
+    for name in ("Q8_0", "Q5_0", "Q6_K", "Q4_K", "Q4_1"):
         qtype = int(gguf_ops.QT[name])
         if k % gguf_ops.block_shape(qtype)[0]:
             continue
         blocks = random_blocks(qtype, n, k, gen)
         impls[f"gguf_{name}"] = lambda x, b=blocks, q=qtype: gguf_ops.gguf_linear(x, b, q)
+        if wide and name in ("Q8_0", "Q5_0"):  # the 512-bit kernels beside the 256-bit AVX2 ones
+            impls[f"gguf_{name}_avx2"] = lambda x, b=blocks, q=qtype: torch.ops.arbitrage_fast.gguf_linear(x, b, q, "avx2")
     if k % 32 == 0:
         groups = -(-k // 64)
         int3 = int3_blocks.pack(torch.randint(0, 8, (n, k), generator=gen), torch.full((n, groups), 0.01).half(),
@@ -107,12 +121,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--report", default=None, metavar="JSON", help="print a finished run's tables and exit")
+    ap.add_argument("--name", default="batched_linear", help="results/NAME.json")
     args = ap.parse_args()
     if args.report:
         record = json.loads(Path(args.report).read_text())
         print("\n\n".join(render_shape(s, e, record["rows"]) for s, e in record["shapes"].items()))
         return
-    path = write_json(run(args), RESULTS, "batched_linear.json")
+    path = write_json(run(args), RESULTS, f"{args.name}.json")
     print(f"wrote {path}")
 
 

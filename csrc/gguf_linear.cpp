@@ -1,11 +1,13 @@
 #include "gguf_linear.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "cpu_features.h"
 #include "gguf_blocks.h"
@@ -96,12 +98,17 @@ void decode_group(int64_t type, const uint8_t* row, int64_t g, Group* out) {
 }
 
 // R activation rows, `stride` int8 values apart (their sums `groups` apart, their scales
-// `scales` apart), against one weight row; out[r] receives row r's dot.
+// `scales` apart), against one weight row; out[r] receives row r's dot. Where the activation
+// scales are per group of 32, `spread` holds each row's scales as the 512-bit kernels read
+// them: for every pair of groups, the first's scale eight times, then the second's
+// (`spread_stride` floats a row; null elsewhere).
 struct Rows {
   const int8_t* xq;
   const float* xd;
   const float* xs;
   int64_t stride, groups, scales;
+  const float* spread;
+  int64_t spread_stride;
 };
 
 // A vectorised kernel of one format, for one activation row and for four at once.
@@ -175,15 +182,19 @@ int64_t checked_in_features(const at::Tensor& weight, const Format& f, const cha
 
 }  // namespace
 
-// Half-to-even rounding, so the torch twin (torch.round) gives the same integers.
-void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group, int8_t* xq, float* xd, float* xs) {
+namespace {
+
+// Half-to-even rounding, so the torch twin (torch.round) gives the same integers. T is the
+// activations' dtype: 16-bit rows are widened value by value, exactly, instead of in a copy.
+template <typename T>
+void quantize_rows_of(const T* x, int64_t rows, int64_t k, int64_t group, int8_t* xq, float* xd, float* xs) {
   const int64_t scales = k / group, groups = k / 32;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t s = 0; s < scales; ++s) {
-        const float* v = x + r * k + group * s;
+        const T* v = x + r * k + group * s;
         float amax = 0.0f;
-        for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(v[i]));
+        for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(static_cast<float>(v[i])));
         const float d = amax / 127.0f;
         const float id = d > 0.0f ? 1.0f / d : 0.0f;
         xd[r * scales + s] = d;
@@ -191,7 +202,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group, int8_
           int8_t* q = xq + r * k + 32 * g;
           int32_t sum = 0;
           for (int i = 0; i < 32; ++i) {
-            q[i] = static_cast<int8_t>(std::nearbyint(x[r * k + 32 * g + i] * id));
+            q[i] = static_cast<int8_t>(std::nearbyint(static_cast<float>(x[r * k + 32 * g + i]) * id));
             sum += q[i];
           }
           xs[r * groups + g] = d * static_cast<float>(sum);
@@ -201,15 +212,24 @@ void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group, int8_
   });
 }
 
-QuantizedActivations quantize_activations(const at::Tensor& x, int64_t group) {
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t rows = xf.size(0), k = xf.size(1);
+}  // namespace
+
+void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group, int8_t* xq, float* xd, float* xs) {
+  quantize_rows_of(x, rows, k, group, xq, xd, xs);
+}
+
+QuantizedActivations quantize_activations(const at::Tensor& x_in, int64_t group) {
+  const at::Tensor x = x_in.scalar_type() == at::kDouble ? x_in.to(at::kFloat).contiguous() : x_in.contiguous();
+  const int64_t rows = x.size(0), k = x.size(1);
   TORCH_CHECK(group % 32 == 0 && k % group == 0, "quantize_activations: ", k,
               " inputs do not split into scale groups of ", group);
-  QuantizedActivations out{at::empty({rows, k}, xf.options().dtype(at::kChar)),
-                           at::empty({rows, k / group}, xf.options()), at::empty({rows, k / 32}, xf.options())};
-  quantize_rows(xf.data_ptr<float>(), rows, k, group, out.q.data_ptr<int8_t>(), out.d.data_ptr<float>(),
-                out.s.data_ptr<float>());
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  QuantizedActivations out{at::empty({rows, k}, x.options().dtype(at::kChar)), at::empty({rows, k / group}, f32),
+                           at::empty({rows, k / 32}, f32)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_activations", [&] {
+    quantize_rows_of(x.data_ptr<scalar_t>(), rows, k, group, out.q.data_ptr<int8_t>(), out.d.data_ptr<float>(),
+                     out.s.data_ptr<float>());
+  });
   return out;
 }
 
@@ -266,28 +286,38 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   const int64_t group = gguf::activation_group(f), scales = k / group;
   const at::Tensor w = weight.contiguous();
   const gguf::QuantizedActivations xa = gguf::quantize_activations(x, group);
-  at::Tensor out = at::empty({rows, n}, xa.q.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({rows, n}, xa.q.options().dtype(x.scalar_type()));
 
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int8_t* xqp = xa.q.data_ptr<int8_t>();
   const float* xdp = xa.d.data_ptr<float>();
   const float* xsp = xa.s.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
-  row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, op, [&](int64_t j, int64_t r, int tile, float* dots) {
-    const uint8_t* wr = wp + j * row_bytes;
-    const gguf::Rows xr{xqp + r * k, xdp + r * scales, xsp + r * groups, k, groups, scales};
-    if (tile == 8) {
-      simd.eight(wr, xr, dots);
-    } else if (tile == 4) {
-      simd.four(wr, xr, dots);
-    } else if (simd.one) {
-      simd.one(wr, xr, dots);
-    } else {
-      dots[0] = gguf::dot_reference(type, wr, xr.xq, xr.xd, xr.xs, groups, group / 32);
-    }
+  // A few floats a row (k / 4 bytes of scales become k bytes); written once, read for every
+  // weight row.
+  const int64_t spread_stride = group == 32 ? groups / 2 * 16 : 0;
+  std::vector<float> spread(static_cast<size_t>(rows * spread_stride));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < spread_stride; ++i) spread[r * spread_stride + i] = xdp[r * scales + 2 * (i / 16) + (i % 16) / 8];
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "gguf_linear", [&] {
+    row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, out.data_ptr<scalar_t>(),
+                   [&](int64_t j, int64_t r, int tile, float* dots) {
+      const uint8_t* wr = wp + j * row_bytes;
+      const gguf::Rows xr{xqp + r * k, xdp + r * scales, xsp + r * groups, k, groups, scales,
+                          spread.data() + r * spread_stride, spread_stride};
+      if (tile == 8) {
+        simd.eight(wr, xr, dots);
+      } else if (tile == 4) {
+        simd.four(wr, xr, dots);
+      } else if (simd.one) {
+        simd.one(wr, xr, dots);
+      } else {
+        dots[0] = gguf::dot_reference(type, wr, xr.xq, xr.xd, xr.xs, groups, group / 32);
+      }
+    });
   });
-  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+  return out;
 }
 
 at::Tensor gguf_dequantize_meta(const at::Tensor& weight, int64_t type, int64_t in_features) {

@@ -1,5 +1,6 @@
 #include "int3_linear.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -183,28 +184,30 @@ at::Tensor int3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   const int64_t per = group / 32;
   const at::Tensor w = weight.contiguous();
   const gguf::QuantizedActivations xa = gguf::quantize_activations(x);
-  at::Tensor out = at::empty({rows, n}, xa.q.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({rows, n}, xa.q.options().dtype(x.scalar_type()));
 
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int8_t* xqp = xa.q.data_ptr<int8_t>();
   const float* xdp = xa.d.data_ptr<float>();
   const float* xsp = xa.s.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
-  row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, op, [&](int64_t j, int64_t r, int tile, float* dots) {
-    const uint8_t* wr = wp + j * row_bytes;
-    const int3::Rows xr{xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups};
-    if (tile == 8) {
-      simd.eight(wr, per, xr, dots);
-    } else if (tile == 4) {
-      simd.four(wr, per, xr, dots);
-    } else if (simd.one) {
-      simd.one(wr, per, xr, dots);
-    } else {
-      dots[0] = int3::dot_scalar(wr, per, xr.xq, xr.xd, xr.xs, groups);
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "int3_linear", [&] {
+    row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, out.data_ptr<scalar_t>(),
+                   [&](int64_t j, int64_t r, int tile, float* dots) {
+      const uint8_t* wr = wp + j * row_bytes;
+      const int3::Rows xr{xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups};
+      if (tile == 8) {
+        simd.eight(wr, per, xr, dots);
+      } else if (tile == 4) {
+        simd.four(wr, per, xr, dots);
+      } else if (simd.one) {
+        simd.one(wr, per, xr, dots);
+      } else {
+        dots[0] = int3::dot_scalar(wr, per, xr.xq, xr.xd, xr.xs, groups);
+      }
+    });
   });
-  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+  return out;
 }
 
 at::Tensor int3_dequantize_meta(const at::Tensor& weight, int64_t group, int64_t in_features) {

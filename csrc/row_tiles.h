@@ -22,8 +22,10 @@ namespace arbitrage_fast::row_tiles {
 
 // dot(j, r, tile, dots) computes activation rows r .. r + tile - 1 (tile is 8, 4 or 1) against
 // weight row j into dots[0 .. tile); `eight` and `four` say whether the kernel has those tiles.
-template <class Dot>
-void run(int64_t rows, int64_t n, int64_t row_bytes, bool eight, bool four, float* out, const Dot& dot) {
+// Each fp32 dot is stored in out's type (a 16-bit output rounds as Tensor.to rounds), so a
+// 16-bit layer needs no fp32 result and no conversion pass after it.
+template <class T, class Dot>
+void run(int64_t rows, int64_t n, int64_t row_bytes, bool eight, bool four, T* out, const Dot& dot) {
   const int64_t panel = std::max<int64_t>(1, std::min<int64_t>(64, (64 << 10) / row_bytes));
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     float dots[8];
@@ -35,14 +37,14 @@ void run(int64_t rows, int64_t n, int64_t row_bytes, bool eight, bool four, floa
         for (; r + tile <= rows; r += tile) {
           for (int64_t j = j0; j < j1; ++j) {
             dot(j, r, tile, dots);
-            for (int i = 0; i < tile; ++i) out[(r + i) * n + j] = dots[i];
+            for (int i = 0; i < tile; ++i) out[(r + i) * n + j] = static_cast<T>(dots[i]);
           }
         }
       }
       for (; r < rows; ++r) {
         for (int64_t j = j0; j < j1; ++j) {
           dot(j, r, 1, dots);
-          out[r * n + j] = dots[0];
+          out[r * n + j] = static_cast<T>(dots[0]);
         }
       }
     }
