@@ -66,7 +66,7 @@ def implementations(n: int, k: int, gen: torch.Generator) -> dict:
             continue
         blocks = random_blocks(qtype, n, k, gen)
         impls[f"gguf_{name}"] = lambda x, b=blocks, q=qtype: gguf_ops.gguf_linear(x, b, q)
-        if wide and name in ("Q8_0", "Q5_0"):  # the 512-bit kernels beside the 256-bit AVX2 ones
+        if wide and name != "Q4_1":  # the 512-bit kernels beside the 256-bit AVX2 ones
             impls[f"gguf_{name}_avx2"] = lambda x, b=blocks, q=qtype: torch.ops.arbitrage_fast.gguf_linear(x, b, q, "avx2")
     if k % 32 == 0:
         groups = -(-k // 64)

@@ -349,6 +349,116 @@ AF_TARGET static void dot_q6_k(const uint8_t* w, Rows x, float* out) {
   for (int r = 0; r < R; ++r) out[r] = vec::hsum8(acc[r]);
 }
 
+#if AF_VNNI
+// The K-quants two groups at a time in 512-bit vectors, for the reason the 32-input formats
+// have theirs (dot_signed_pairs): a batch of rows made the 256-bit loops compute-bound. The
+// arithmetic is the 256-bit kernels' (u8 x s8 pairs in int16, times the int16 group scale and
+// summed in pairs into int32, a super-block meeting its float scale once); only the lanes
+// differ: groups j and j + 1 sit in one vector's halves, their activations adjacent in memory.
+
+// int16 lanes 16h .. 16h + 15 (h = 0, 1) take scale `first + h` of sixteen (Q4_K: a group's one
+// scale over its 32 inputs).
+AF_TARGET static inline __m512i scale_halves(__m512i scales16, int first) {
+  const __m512i idx = _mm512_add_epi16(_mm512_set1_epi16(static_cast<int16_t>(first)),
+                                       _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+                                                                          15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 4));
+  return _mm512_permutexvar_epi16(idx, scales16);
+}
+
+// int16 lanes 8q .. 8q + 7 (q = 0 .. 3) take scale `first + q` (Q6_K: a scale per 16 inputs,
+// two groups' four).
+AF_TARGET static inline __m512i scale_quarters(__m512i scales16, int first) {
+  const __m512i idx = _mm512_add_epi16(_mm512_set1_epi16(static_cast<int16_t>(first)),
+                                       _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+                                                                          15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3));
+  return _mm512_permutexvar_epi16(idx, scales16);
+}
+
+AF_TARGET static inline __m512i scaled_dot512(__m512i u, __m512i s, __m512i scale16) {
+  return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), scale16);
+}
+
+template <int R>
+AF_TARGET static void dot_q4_k_512(const uint8_t* w, Rows x, float* out) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  __m256 mins[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), mins[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < x.groups; g += 8, w += 144) {
+    prefetch_block(w, 144);
+    const __m128i packed = q4k_scales_mins(w + 4);
+    const __m512i scales16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(packed));  // lanes 0..7
+    const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(fp16(w + 2)),
+                                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8))));
+    const float d = fp16(w);
+    const int8_t* xg = x.xq + 32 * g;
+    __m512i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
+    for (int k = 0; k < 4; ++k) {
+      // 32 bytes hold group 2k in their low nibbles and 2k + 1 in their high ones.
+      const __m512i v = _mm512_castsi256_si512(load32(w + 16 + 32 * k));
+      const __m512i u = _mm512_and_si512(_mm512_inserti64x4(v, _mm256_srli_epi16(load32(w + 16 + 32 * k), 4), 1), low);
+      const __m512i sc = scale_halves(scales16, 2 * k);
+      for (int r = 0; r < R; ++r) {
+        sum[r] = _mm512_add_epi32(sum[r], scaled_dot512(u, _mm512_loadu_si512(xg + r * x.stride + 64 * k), sc));
+      }
+    }
+    const int64_t sb = g / 8;
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * x.xd[r * x.scales + sb]), acc[r]);
+      mins[r] = _mm256_fnmadd_ps(mn, _mm256_loadu_ps(x.xs + r * x.groups + g), mins[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + vec::hsum8(mins[r]);
+}
+
+template <int R>
+AF_TARGET static void dot_q6_k_512(const uint8_t* w, Rows x, float* out) {
+  const __m512i low = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(3), bias = _mm512_set1_epi8(32);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < x.groups; g += 8, w += 210) {
+    prefetch_block(w, 210);
+    const __m512i scales16 = _mm512_castsi256_si512(
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192))));
+    const float d = fp16(w + 208);
+    const int8_t* xg = x.xq + 32 * g;
+    __m512i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+      const __m256i high = load32(w + 128 + 32 * h);
+      // Groups 4h + k for k = 0, 1 take the low nibbles of the 64 bytes at 64h, k = 2, 3 their
+      // high nibbles; group k's top two bits sit at bits 2k of `high`.
+      const __m512i l = _mm512_loadu_si512(w + 64 * h);
+      const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(high), high, 1);
+      for (int pair = 0; pair < 2; ++pair) {
+        const int k = 2 * pair;
+        const __m512i nib = pair ? _mm512_and_si512(_mm512_srli_epi16(l, 4), low) : _mm512_and_si512(l, low);
+        // shift 2k in the low half, 2k + 2 in the high half
+        const __m512i shifts = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * k)),
+                                                  _mm256_set1_epi16(static_cast<int16_t>(2 * k + 2)), 1);
+        const __m512i top = _mm512_and_si512(_mm512_srlv_epi16(hh, shifts), two);
+        const __m512i q = _mm512_sub_epi8(_mm512_or_si512(nib, _mm512_slli_epi16(top, 4)), bias);
+        const __mmask64 negative = _mm512_movepi8_mask(q);
+        const __m512i aq = _mm512_abs_epi8(q);
+        const int gg = 4 * h + k;  // the pair's first group within the super-block
+        const __m512i sc = scale_quarters(scales16, 2 * gg);
+        for (int r = 0; r < R; ++r) {
+          const __m512i xq = _mm512_loadu_si512(xg + r * x.stride + 32 * gg);
+          const __m512i xs = _mm512_mask_sub_epi8(xq, negative, _mm512_setzero_si512(), xq);
+          sum[r] = _mm512_add_epi32(sum[r], scaled_dot512(aq, xs, sc));
+        }
+      }
+    }
+    const int64_t sb = g / 8;
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(d * x.xd[r * x.scales + sb]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
 AF_TARGET static Kernels kernels(int64_t type) {
   switch (type) {
     case Q4_0: return {dot_q4_0<1>, dot_q4_0<4>, dot_q4_0<8>};
@@ -361,8 +471,13 @@ AF_TARGET static Kernels kernels(int64_t type) {
     case Q8_0: return {dot_q8_0<1>, dot_q8_0<4>, dot_q8_0<8>};
 #endif
     case Q5_1: return {dot_q5_1<1>, dot_q5_1<4>, dot_q5_1<8>};
+#if AF_VNNI
+    case Q4_K: return {dot_q4_k_512<1>, dot_q4_k_512<4>, dot_q4_k_512<8>};
+    case Q6_K: return {dot_q6_k_512<1>, dot_q6_k_512<4>, dot_q6_k_512<8>};
+#else
     case Q4_K: return {dot_q4_k<1>, dot_q4_k<4>, dot_q4_k<8>};
     case Q6_K: return {dot_q6_k<1>, dot_q6_k<4>, dot_q6_k<8>};
+#endif
     default: return {nullptr, nullptr, nullptr};
   }
 }
