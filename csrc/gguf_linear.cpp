@@ -111,11 +111,13 @@ struct Rows {
   int64_t spread_stride;
 };
 
-// A vectorised kernel of one format, for one activation row and for four at once.
+// A vectorised kernel of one format, for one activation row and for four and eight at once;
+// `spread` says whether it reads Rows::spread.
 struct Kernels {
   void (*one)(const uint8_t* w, Rows x, float* out);
   void (*four)(const uint8_t* w, Rows x, float* out);
   void (*eight)(const uint8_t* w, Rows x, float* out);
+  bool spread = false;
 };
 
 namespace {
@@ -293,12 +295,16 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   const float* xdp = xa.d.data_ptr<float>();
   const float* xsp = xa.s.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
-  // A few floats a row (k / 4 bytes of scales become k bytes); written once, read for every
-  // weight row.
-  const int64_t spread_stride = group == 32 ? groups / 2 * 16 : 0;
+  // For the kernels that read it, each row's scales as Rows::spread lays them out: k bytes a
+  // row, written once and read for every weight row.
+  const int64_t spread_stride = simd.spread ? groups / 2 * 16 : 0;
   std::vector<float> spread(static_cast<size_t>(rows * spread_stride));
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < spread_stride; ++i) spread[r * spread_stride + i] = xdp[r * scales + 2 * (i / 16) + (i % 16) / 8];
+  for (int64_t r = 0; r < rows && simd.spread; ++r) {
+    float* row = spread.data() + r * spread_stride;
+    for (int64_t pair = 0; pair < groups / 2; ++pair, row += 16) {
+      std::fill(row, row + 8, xdp[r * scales + 2 * pair]);
+      std::fill(row + 8, row + 16, xdp[r * scales + 2 * pair + 1]);
+    }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "gguf_linear", [&] {
     row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, out.data_ptr<scalar_t>(),

@@ -396,8 +396,8 @@ AF_TARGET static void dot_q4_k_512(const uint8_t* w, Rows x, float* out) {
     for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
     for (int k = 0; k < 4; ++k) {
       // 32 bytes hold group 2k in their low nibbles and 2k + 1 in their high ones.
-      const __m512i v = _mm512_castsi256_si512(load32(w + 16 + 32 * k));
-      const __m512i u = _mm512_and_si512(_mm512_inserti64x4(v, _mm256_srli_epi16(load32(w + 16 + 32 * k), 4), 1), low);
+      const __m256i bytes = load32(w + 16 + 32 * k);
+      const __m512i u = _mm512_and_si512(join(bytes, _mm256_srli_epi16(bytes, 4)), low);
       const __m512i sc = scale_halves(scales16, 2 * k);
       for (int r = 0; r < R; ++r) {
         sum[r] = _mm512_add_epi32(sum[r], scaled_dot512(u, _mm512_loadu_si512(xg + r * x.stride + 64 * k), sc));
@@ -430,7 +430,7 @@ AF_TARGET static void dot_q6_k_512(const uint8_t* w, Rows x, float* out) {
       // Groups 4h + k for k = 0, 1 take the low nibbles of the 64 bytes at 64h, k = 2, 3 their
       // high nibbles; group k's top two bits sit at bits 2k of `high`.
       const __m512i l = _mm512_loadu_si512(w + 64 * h);
-      const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(high), high, 1);
+      const __m512i hh = join(high, high);
       for (int pair = 0; pair < 2; ++pair) {
         const int k = 2 * pair;
         const __m512i nib = pair ? _mm512_and_si512(_mm512_srli_epi16(l, 4), low) : _mm512_and_si512(l, low);
@@ -464,8 +464,8 @@ AF_TARGET static Kernels kernels(int64_t type) {
     case Q4_0: return {dot_q4_0<1>, dot_q4_0<4>, dot_q4_0<8>};
     case Q4_1: return {dot_q4_1<1>, dot_q4_1<4>, dot_q4_1<8>};
 #if AF_VNNI
-    case Q5_0: return {dot_q5_0_512<1>, dot_q5_0_512<4>, dot_q5_0_512<8>};
-    case Q8_0: return {dot_q8_0_512<1>, dot_q8_0_512<4>, dot_q8_0_512<8>};
+    case Q5_0: return {dot_q5_0_512<1>, dot_q5_0_512<4>, dot_q5_0_512<8>, true};
+    case Q8_0: return {dot_q8_0_512<1>, dot_q8_0_512<4>, dot_q8_0_512<8>, true};
 #else
     case Q5_0: return {dot_q5_0<1>, dot_q5_0<4>, dot_q5_0<8>};
     case Q8_0: return {dot_q8_0<1>, dot_q8_0<4>, dot_q8_0<8>};
