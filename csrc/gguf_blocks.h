@@ -83,10 +83,4 @@ struct Group {
 // Decodes group g (0-based, counted in 32s from the row start) of a row of `type` blocks.
 void decode_group(int64_t type, const uint8_t* row, int64_t g, Group* out);
 
-// Quantizes `rows` activation rows of k inputs (k a multiple of `group`, itself a multiple of
-// 32) as the header comment says: xq [rows, k] int8, the scale xd [rows, k / group] and per
-// group of 32 the sum xs [rows, k / 32]. Every product over int8 activations (the GGUF formats,
-// the engine's int3 blocks) starts here.
-void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group, int8_t* xq, float* xd, float* xs);
-
 }  // namespace arbitrage_fast::gguf

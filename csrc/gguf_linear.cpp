@@ -186,10 +186,13 @@ int64_t checked_in_features(const at::Tensor& weight, const Format& f, const cha
 
 namespace {
 
-// Half-to-even rounding, so the torch twin (torch.round) gives the same integers. T is the
-// activations' dtype: 16-bit rows are widened value by value, exactly, instead of in a copy.
+// Quantizes `rows` activation rows of k inputs (k a multiple of `group`, itself a multiple of
+// 32) as gguf_blocks.h's header comment says: xq [rows, k] int8, the scale xd [rows, k / group]
+// and per group of 32 the sum xs [rows, k / 32]. Half-to-even rounding, so the torch twin
+// (torch.round) gives the same integers. T is the activations' dtype: 16-bit rows are widened
+// value by value, exactly, instead of in a copy.
 template <typename T>
-void quantize_rows_of(const T* x, int64_t rows, int64_t k, int64_t group, int8_t* xq, float* xd, float* xs) {
+void quantize_rows(const T* x, int64_t rows, int64_t k, int64_t group, int8_t* xq, float* xd, float* xs) {
   const int64_t scales = k / group, groups = k / 32;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -216,12 +219,8 @@ void quantize_rows_of(const T* x, int64_t rows, int64_t k, int64_t group, int8_t
 
 }  // namespace
 
-void quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group, int8_t* xq, float* xd, float* xs) {
-  quantize_rows_of(x, rows, k, group, xq, xd, xs);
-}
-
 QuantizedActivations quantize_activations(const at::Tensor& x_in, int64_t group) {
-  const at::Tensor x = x_in.scalar_type() == at::kDouble ? x_in.to(at::kFloat).contiguous() : x_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), k = x.size(1);
   TORCH_CHECK(group % 32 == 0 && k % group == 0, "quantize_activations: ", k,
               " inputs do not split into scale groups of ", group);
@@ -229,7 +228,7 @@ QuantizedActivations quantize_activations(const at::Tensor& x_in, int64_t group)
   QuantizedActivations out{at::empty({rows, k}, x.options().dtype(at::kChar)), at::empty({rows, k / group}, f32),
                            at::empty({rows, k / 32}, f32)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_activations", [&] {
-    quantize_rows_of(x.data_ptr<scalar_t>(), rows, k, group, out.q.data_ptr<int8_t>(), out.d.data_ptr<float>(),
+    quantize_rows(x.data_ptr<scalar_t>(), rows, k, group, out.q.data_ptr<int8_t>(), out.d.data_ptr<float>(),
                      out.s.data_ptr<float>());
   });
   return out;
@@ -299,11 +298,11 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   // row, written once and read for every weight row.
   const int64_t spread_stride = simd.spread ? groups / 2 * 16 : 0;
   std::vector<float> spread(static_cast<size_t>(rows * spread_stride));
+  float* row = spread.data();
   for (int64_t r = 0; r < rows && simd.spread; ++r) {
-    float* row = spread.data() + r * spread_stride;
-    for (int64_t pair = 0; pair < groups / 2; ++pair, row += 16) {
-      std::fill(row, row + 8, xdp[r * scales + 2 * pair]);
-      std::fill(row + 8, row + 16, xdp[r * scales + 2 * pair + 1]);
+    for (int64_t g = 0; g + 2 <= groups; g += 2, row += 16) {
+      std::fill(row, row + 8, xdp[r * scales + g]);
+      std::fill(row + 8, row + 16, xdp[r * scales + g + 1]);
     }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "gguf_linear", [&] {

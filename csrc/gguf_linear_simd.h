@@ -176,8 +176,7 @@ AF_TARGET static inline __m512i join(__m256i lo, __m256i hi) {
 
 // [a] * 8 then [b] * 8.
 AF_TARGET static inline __m512 halves(float a, float b) {
-  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(a))),
-                                             _mm256_castps_pd(_mm256_set1_ps(b)), 1));
+  return _mm512_castsi512_ps(join(_mm256_castps_si256(_mm256_set1_ps(a)), _mm256_castps_si256(_mm256_set1_ps(b))));
 }
 
 // Decode(w) gives one group's 32 signed weights as int8; kBytes is a block's size.
@@ -356,21 +355,13 @@ AF_TARGET static void dot_q6_k(const uint8_t* w, Rows x, float* out) {
 // summed in pairs into int32, a super-block meeting its float scale once); only the lanes
 // differ: groups j and j + 1 sit in one vector's halves, their activations adjacent in memory.
 
-// int16 lanes 16h .. 16h + 15 (h = 0, 1) take scale `first + h` of sixteen (Q4_K: a group's one
-// scale over its 32 inputs).
-AF_TARGET static inline __m512i scale_halves(__m512i scales16, int first) {
+// int16 lane i takes scale `first + (i >> shift)` of sixteen: runs of 16 lanes (shift 4; Q4_K, a
+// group's one scale over its 32 inputs) or of 8 (shift 3; Q6_K, a scale per 16 inputs).
+AF_TARGET static inline __m512i scale_runs(__m512i scales16, int first, int shift) {
+  const __m512i lane = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+                                        15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i idx = _mm512_add_epi16(_mm512_set1_epi16(static_cast<int16_t>(first)),
-                                       _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
-                                                                          15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 4));
-  return _mm512_permutexvar_epi16(idx, scales16);
-}
-
-// int16 lanes 8q .. 8q + 7 (q = 0 .. 3) take scale `first + q` (Q6_K: a scale per 16 inputs,
-// two groups' four).
-AF_TARGET static inline __m512i scale_quarters(__m512i scales16, int first) {
-  const __m512i idx = _mm512_add_epi16(_mm512_set1_epi16(static_cast<int16_t>(first)),
-                                       _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
-                                                                          15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3));
+                                       _mm512_srl_epi16(lane, _mm_cvtsi32_si128(shift)));
   return _mm512_permutexvar_epi16(idx, scales16);
 }
 
@@ -398,7 +389,7 @@ AF_TARGET static void dot_q4_k_512(const uint8_t* w, Rows x, float* out) {
       // 32 bytes hold group 2k in their low nibbles and 2k + 1 in their high ones.
       const __m256i bytes = load32(w + 16 + 32 * k);
       const __m512i u = _mm512_and_si512(join(bytes, _mm256_srli_epi16(bytes, 4)), low);
-      const __m512i sc = scale_halves(scales16, 2 * k);
+      const __m512i sc = scale_runs(scales16, 2 * k, 4);
       for (int r = 0; r < R; ++r) {
         sum[r] = _mm512_add_epi32(sum[r], scaled_dot512(u, _mm512_loadu_si512(xg + r * x.stride + 64 * k), sc));
       }
@@ -442,7 +433,7 @@ AF_TARGET static void dot_q6_k_512(const uint8_t* w, Rows x, float* out) {
         const __mmask64 negative = _mm512_movepi8_mask(q);
         const __m512i aq = _mm512_abs_epi8(q);
         const int gg = 4 * h + k;  // the pair's first group within the super-block
-        const __m512i sc = scale_quarters(scales16, 2 * gg);
+        const __m512i sc = scale_runs(scales16, 2 * gg, 3);
         for (int r = 0; r < R; ++r) {
           const __m512i xq = _mm512_loadu_si512(xg + r * x.stride + 32 * gg);
           const __m512i xs = _mm512_mask_sub_epi8(xq, negative, _mm512_setzero_si512(), xq);

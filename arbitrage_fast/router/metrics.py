@@ -28,9 +28,8 @@ def auroc(labels, scores) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _gain_of_top(adv: np.ndarray, order: np.ndarray, k: int) -> float:
-    """Share of the total positive advantage that escalating the first k steps of `order` captures."""
-    total = np.clip(adv, 0, None).sum()
+def _gain_of_top(adv: np.ndarray, order: np.ndarray, k: int, total: float) -> float:
+    """Share of `total` (the positive advantage) that escalating the first k steps of `order` captures."""
     return float(adv[order[:k]].sum() / total) if total > 0 else 0.0
 
 
@@ -58,12 +57,12 @@ def deferral_curve(advantage, scores, rates=(0.1, 0.2, 0.3, 0.4, 0.5), draft_prm
         point = {
             "rate": r,
             "threshold": float(scores[order_router[k]]) if k < len(adv) else None,
-            "router_gain": _gain_of_top(adv, order_router, k),
-            "oracle_gain": _gain_of_top(gain, order_oracle, k),
+            "router_gain": _gain_of_top(adv, order_router, k, total),
+            "oracle_gain": _gain_of_top(gain, order_oracle, k, total),
             "random_gain": float(r * adv.sum() / total) if total > 0 else 0.0,
         }
         if order_prm is not None:
             point["prm_threshold"] = float(prm[order_prm[k]]) if k < len(adv) else None
-            point["prm_gain"] = _gain_of_top(adv, order_prm, k)
+            point["prm_gain"] = _gain_of_top(adv, order_prm, k, total)
         out.append(point)
     return out
