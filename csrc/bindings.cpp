@@ -59,6 +59,12 @@ TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
   m.impl("decoder_layer", &arbitrage_fast::decoder_layer_cpu);
 }
 
+// A layer whose linears oneDNN packed at load passes their opaque weights, whose dispatch key
+// (MkldnnCPU) outranks the activations' CPU key: the same CPU function serves it.
+TORCH_LIBRARY_IMPL(arbitrage_fast, MkldnnCPU, m) {
+  m.impl("decoder_layer", &arbitrage_fast::decoder_layer_cpu);
+}
+
 // Shape-only tracing (torch.compile's fake tensors): both ops return nothing.
 void write_kv_meta(const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&,
                    const at::Tensor&) {}

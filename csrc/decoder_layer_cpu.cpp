@@ -3,10 +3,12 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/linear.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
 #include <vector>
 
+#include "bf16_linear.h"
 #include "decoder_ops.h"
 #include "gguf_linear.h"
 #include "int3_linear.h"
@@ -15,19 +17,38 @@
 namespace arbitrage_fast {
 namespace {
 
-constexpr int64_t kDense = -1, kInt3 = -2;  // part tags besides the ggml types (decoder_layer_cpu.h)
+// Part tags besides the ggml types (decoder_layer_cpu.h).
+constexpr int64_t kDense = -1, kInt3 = -2, kOneDnn = -3, kBf16 = -4, kLinear = -5;
 
-// x @ W.T + bias over a projection's parts (QuantizedLinear.forward's, or Int3Linear's, arithmetic).
+// oneDNN's product over a weight it packed at load (cpu_linear.PackedLinear's call, bias inside).
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<c10::Scalar>>, std::optional<c10::string_view>)>();
+  return op.call(x.contiguous(), packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), "");
+}
+
+// x @ W.T + bias over a projection's parts, with its module's arithmetic: a QuantizedLinear's
+// parts (GGUF blocks, dense tensors) or an Int3Linear's blocks add the bias after the product,
+// as does Bf16Linear; an nn.Linear or a PackedLinear, one part each, sum it inside the product.
 at::Tensor project(const at::Tensor& x, at::TensorList parts, at::IntArrayRef types,
                    const std::optional<at::Tensor>& bias, int64_t int3_group, const char* what) {
   TORCH_CHECK(!parts.empty() && parts.size() == types.size(), "decoder_layer: ", what, " has ", parts.size(),
               " parts and ", types.size(), " types");
+  if (types[0] == kOneDnn || types[0] == kLinear) {
+    TORCH_CHECK(parts.size() == 1, "decoder_layer: ", what, " is a single ", types[0] == kOneDnn ? "oneDNN" : "linear",
+                " weight, got ", parts.size(), " parts");
+    return types[0] == kOneDnn ? onednn_linear(x, parts[0], bias) : at::linear(x, parts[0], bias);
+  }
   std::vector<at::Tensor> outs;
   outs.reserve(parts.size());
   for (size_t i = 0; i < parts.size(); ++i) {
-    TORCH_CHECK(types[i] >= kInt3, "decoder_layer: ", what, " part ", i, " has unknown type ", types[i]);
+    TORCH_CHECK(types[i] >= kBf16, "decoder_layer: ", what, " part ", i, " has unknown type ", types[i]);
     outs.push_back(types[i] == kDense  ? at::linear(x, parts[i])
                    : types[i] == kInt3 ? int3_linear_cpu(x, parts[i], int3_group, "auto")
+                   : types[i] == kBf16 ? bf16_linear_cpu(x, parts[i], "auto")
                                        : gguf_linear_cpu(x, parts[i], types[i], "auto"));
   }
   at::Tensor y = outs.size() == 1 ? outs[0] : at::cat(outs, -1);

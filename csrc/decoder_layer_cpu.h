@@ -1,6 +1,6 @@
-// One whole decoder layer over packed weights on the CPU, as one op: what the Python modules
-// (DecoderLayer -> RMSNorm, PagedAttention, GatedMLP, QuantizedLinear/Int3Linear) do with exact
-// arithmetic off, calling the same kernels in the same order, so its outputs are theirs bit
+// One whole decoder layer on the CPU, as one op: what the Python modules (DecoderLayer ->
+// RMSNorm, PagedAttention, GatedMLP, and the layer's linears) do with exact arithmetic off,
+// calling the same kernels in the same order, so its outputs are theirs bit
 // for bit; only the per-op Python and dispatch between them is gone (about a sixth of a
 // decode token of a 0.5B model on two cores, where llama.cpp runs its graph in C++).
 //
@@ -12,7 +12,10 @@
 //     -> (this layer's MLP output, the residual stream before it)  (DecoderLayer.forward)
 //   A projection is its parts in output order (QuantizedLinear): uint8 GGUF blocks with their
 //   ggml type, a dense [rows, K] weight with type -1, or the engine's int3 blocks
-//   (Int3Linear, int3_linear.h) with type -2 and groups of `int3_group` inputs.
+//   (Int3Linear, int3_linear.h) with type -2 and groups of `int3_group` inputs. A 16/32-bit
+//   layer's projection is one part: oneDNN's packed weight (cpu_linear.PackedLinear) -3, a
+//   bf16 weight for the engine's row-invariant kernel (Bf16Linear, bf16_linear.h) -4, or an
+//   nn.Linear's weight -5.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -5,9 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoTokenizer
 
-from arbitrage_fast.models import cpu_linear
-from arbitrage_fast.models.cpu_linear import PackedLinear, pack, pack_linears, packing_supported
+from arbitrage_fast.models import cpu_linear, loader
+from arbitrage_fast.models.cpu_linear import Bf16Linear, PackedLinear, pack, pack_linears, packing_supported
+from arbitrage_fast.models.packed_layer import PackedLayer
+from helpers.gguf_files import greedy, teacher_forced
+from helpers.tiny_models import build_tiny_lm
 
 
 
@@ -100,3 +104,45 @@ def test_bf16_engine_with_packed_linears_matches_transformers(tmp_path, arch):
                           max_new_tokens=40, do_sample=False)
     res = engine.generate(prompt, policy="target_only", sampling=SamplingParams(max_new_tokens=40, max_step_tokens=7))
     assert res.token_ids == out[0, len(ids):].tolist()
+
+
+LAYER_LINEARS = {  # how each kind of bf16 linear is made at load: packing allowed, kernel allowed
+    "onednn": (True, True, PackedLinear, -3),
+    "kernel": (False, True, Bf16Linear, -4),
+    "plain": (False, False, nn.Linear, -5),
+}
+
+
+@pytest.mark.parametrize("kind", LAYER_LINEARS)
+def test_a_bf16_layer_runs_as_one_op_bit_for_bit_the_modules(tmp_path, monkeypatch, kind):
+    """With exact arithmetic off, a bf16 checkpoint's layers run as one compiled op each,
+    whatever linear the load chose (oneDNN-packed, the row-invariant kernel, or plain, with
+    Qwen2's qkv bias): the logits over a prefill and decode steps are the modules' bits."""
+    allow_packing, allow_kernel, linear_type, tag = LAYER_LINEARS[kind]
+    if allow_packing and not packing_supported("cpu", torch.bfloat16):
+        pytest.skip("oneDNN bf16 linear is not available on this CPU/torch build")
+    if allow_kernel and not allow_packing and not cpu_linear.kernel_supported("cpu", torch.bfloat16):
+        pytest.skip("the bf16 kernel has no vector path on this CPU")
+    monkeypatch.setattr(cpu_linear, "packing_supported", lambda *a: allow_packing and packing_supported(*a))
+    monkeypatch.setattr(cpu_linear, "kernel_supported", lambda *a: allow_kernel)
+    folder = build_tiny_lm(tmp_path / "m", "qwen2", hidden=64, layers=2)
+    loaded = loader.load_model(folder, "bfloat16")
+    model = loaded.model
+    assert all(layer.one_op is None for layer in model.layers)  # exact arithmetic by default
+    gen = torch.Generator().manual_seed(1)
+    for layer in model.layers:  # the tiny checkpoint's biases are zero: give them weight
+        bias = layer.self_attn.qkv_proj.bias
+        bias.copy_(torch.randn(bias.shape, generator=gen))
+    model.set_exact_arithmetic(False)
+    for layer in model.layers:
+        assert type(layer.self_attn.qkv_proj) is linear_type and layer.self_attn.qkv_proj.bias is not None
+        assert layer.one_op is not None and all(types == [tag] for types in layer.one_op.projections[1::3])
+    calls = []
+    real = PackedLayer.__call__
+    monkeypatch.setattr(PackedLayer, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    prompt = AutoTokenizer.from_pretrained(folder)("We compute 12 + 30 = 42")["input_ids"]
+    tokens, fused = greedy(model, loaded.spec, prompt, 6, torch.bfloat16)
+    assert len(calls) == 12  # two layers, the prefill and five decode steps
+    for layer in model.layers:
+        layer.one_op = None
+    assert torch.equal(teacher_forced(model, loaded.spec, prompt, tokens, torch.bfloat16), fused)

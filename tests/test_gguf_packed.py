@@ -145,18 +145,21 @@ def test_a_tensor_of_the_wrong_shape_is_refused_naming_it(tiny_gguf):
 
 
 def test_a_packed_layer_runs_as_one_op_bit_for_bit_the_modules(tiny_gguf, monkeypatch):
-    """Layer 0 (every projection packed) runs as one compiled op; layer 1, whose o_proj is a
-    dense F16 tensor, keeps the modules. The one-op layer calls the modules' kernels in their
-    order, so the logits over a prefill and decode steps are the same bits either way."""
+    """Every layer runs as one compiled op: layer 0's projections all packed, layer 1's down
+    projection a dense tensor (a Q5_K dequantised at load) in a plain linear. The op calls the
+    modules' kernels in their order, so the logits over a prefill and decode steps are the same
+    bits either way."""
     path, config, tokenizer = tiny_gguf("qwen2", True)
     loaded = loader.load_model(path, "float32")
     model = loaded.model
-    assert model.layers[0].one_op is not None and model.layers[1].one_op is None
+    assert all(layer.one_op is not None for layer in model.layers)
+    assert type(model.layers[1].mlp.down_proj) is torch.nn.Linear
     calls = []
     real = PackedLayer.__call__
     monkeypatch.setattr(PackedLayer, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     prompt = tokenizer("We compute 12 + 30 = 42.\n\nThen")["input_ids"]
     tokens, fused = greedy(model, loaded.spec, prompt, 6, torch.float32)
-    assert len(calls) == 6  # the prefill and five decode steps
-    model.layers[0].one_op = None
+    assert len(calls) == 12  # two layers, the prefill and five decode steps
+    for layer in model.layers:
+        layer.one_op = None
     assert torch.equal(teacher_forced(model, loaded.spec, prompt, tokens, torch.float32), fused)

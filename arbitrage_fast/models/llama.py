@@ -70,7 +70,7 @@ class LlamaDecoder(nn.Module):
         for m in self.modules():
             if isinstance(m, (RMSNorm, GatedMLP, PagedAttention)):
                 m.exact = exact
-        for layer in self.layers:  # packed layers then run as one op each (packed_layer.py)
+        for layer in self.layers:  # each layer then runs as one op where its linears allow (packed_layer.py)
             layer.one_op = PackedLayer(layer) if not exact and PackedLayer.eligible(layer) else None
 
     def _layers(self, input_ids: torch.Tensor, meta: AttentionMetadata,

@@ -244,6 +244,7 @@ def _build(spec: DecoderSpec, tensors, torch_dtype, device, path: Path,
             quantize_head(model)
         except QuantizationError as e:
             raise CheckpointError(f"{path}: cannot quantize to {quant.name}: {e}") from None
-        model.set_exact_arithmetic(False)  # as for packed GGUF weights
     pack_linears(model)  # bf16 on CPU: weights pre-packed for oneDNN, bit-identical output
+    if quant is not None:  # after packing: a one-op layer holds the weights its linears hold then
+        model.set_exact_arithmetic(False)  # as for packed GGUF weights
     return model

@@ -1,10 +1,11 @@
-"""A whole decoder layer over packed weights as one compiled CPU op.
+"""A whole decoder layer as one compiled CPU op.
 
-With exact arithmetic off (LlamaDecoder.set_exact_arithmetic), a packed layer's modules run
-nothing but compiled kernels, yet a decode token still pays ten module calls, their Python and
-a dozen dispatches per layer: on two cores about a sixth of a 0.5B model's token, time that
+With exact arithmetic off (LlamaDecoder.set_exact_arithmetic), a layer's modules run nothing
+but compiled kernels, yet a decode token still pays ten module calls, their Python and a
+dozen dispatches per layer: on two cores about a sixth of a 0.5B model's token, time that
 llama.cpp, running its graph in C++, does not spend. `PackedLayer` hands the layer's weights
-(GGUF blocks, or the int3 blocks of a quantized-on-load model) to
+(GGUF blocks, the int3 blocks of a quantized-on-load model, or a 16/32-bit layer's weights:
+oneDNN-packed, for the engine's bf16 kernel, or plain) to
 `torch.ops.arbitrage_fast.decoder_layer` (csrc/decoder_layer_cpu.cpp), which calls the same
 kernels in the same order, so the outputs are the modules' bit for bit.
 
@@ -20,17 +21,24 @@ from torch import nn
 from arbitrage_fast.kv.ops import native_available
 from arbitrage_fast.runtime.attention_metadata import AttentionMetadata
 
+from .cpu_linear import Bf16Linear, PackedLinear
 from .quantize_on_load import Int3Linear
 from .quantized_linear import QuantizedLinear
 
-INT3 = -2  # the op's tag of an int3 part (a ggml type, or DENSE, otherwise)
+# The op's tags of the parts that are not a QuantizedLinear's (a ggml type, or DENSE):
+INT3, ONEDNN, BF16, LINEAR = -2, -3, -4, -5
+SINGLE_WEIGHT = {PackedLinear: ("packed", ONEDNN), Bf16Linear: ("weight", BF16), nn.Linear: ("weight", LINEAR)}
+LAYER_LINEARS = (QuantizedLinear, Int3Linear, *SINGLE_WEIGHT)
 
 
 def _parts(linear: nn.Module) -> tuple[list[torch.Tensor], list[int], torch.Tensor | None]:
     if isinstance(linear, Int3Linear):
         return [linear.blocks], [INT3], linear.bias
-    weights = linear.weights()
-    return [w for w, _ in weights], [q for _, q in weights], linear.bias
+    if isinstance(linear, QuantizedLinear):
+        weights = linear.weights()
+        return [w for w, _ in weights], [q for _, q in weights], linear.bias
+    attr, tag = SINGLE_WEIGHT[type(linear)]
+    return [getattr(linear, attr)], [tag], linear.bias
 
 
 def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
@@ -51,9 +59,10 @@ class PackedLayer:
 
     @staticmethod
     def eligible(layer: nn.Module) -> bool:
-        """Every projection packed (int3 ones in one group size), full attention, the extension built."""
+        """Every projection a kind the op computes (int3 ones in one group size), full attention,
+        the extension built."""
         projections = _projections(layer)
-        return (all(isinstance(p, (QuantizedLinear, Int3Linear)) for p in projections)
+        return (all(type(p) in LAYER_LINEARS for p in projections)
                 and len({p.group for p in projections if isinstance(p, Int3Linear)}) <= 1
                 and layer.self_attn.sliding_window is None
                 and layer.input_layernorm.weight.dtype == layer.post_attention_layernorm.weight.dtype
