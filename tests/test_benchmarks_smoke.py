@@ -233,3 +233,24 @@ def test_serving_repeats_rotate_servers_and_pair_ratios_by_repeat():
     table = bench.render({"repeats": 3, "rows": rows, "summary": [batched, batch1]})
     assert f"| batched | 8 | 3 | 100.0 | 2.75x [{low:.2f}, {high:.2f}] |  | 0.33x |" in table
     assert "| batched (repeat 1) | 8 | 50.0 |" in table
+
+
+def test_bench_layer_op_smoke(tmp_path):
+    """Modules against the one-op layer through the engine, on a tiny bf16 model: both variants
+    timed every repeat, and their outputs equal."""
+    from helpers.tiny_models import build_tiny_lm
+
+    folder = build_tiny_lm(tmp_path / "m", "qwen2", hidden=64, layers=2)
+    threads = torch.get_num_threads()
+    try:
+        assert _load("bench_layer_op").main(["--model", str(folder), "--rows", "1,2", "--tokens", "4",
+                                             "--repeats", "2", "--name", "tiny", "--out-dir", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    payload = json.loads((tmp_path / "layer_op_tiny.json").read_text())
+    assert [r["rows"] for r in payload["rows"]] == [1, 2]
+    for row in payload["rows"]:
+        assert len(row["modules_s"]) == len(row["one_op_s"]) == 2 and row["identical"]
+        est, lo, hi = row["speedup"]
+        assert lo <= est <= hi and est > 0
+    assert "| 2 | 4 | 2 |" in _load("bench_layer_op").table(payload)
