@@ -13,6 +13,7 @@
 #include "bf16_linear.h"
 #include "block_pool.h"
 #include "decoder_layer_cpu.h"
+#include "greedy_logprob.h"
 #include "decoder_ops.h"
 #include "gguf_linear.h"
 #include "int3_linear.h"
@@ -34,6 +35,7 @@ TORCH_LIBRARY(arbitrage_fast, m) {
   m.def("rope_write_kv(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) cache, int layer, "
         "Tensor slots) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("greedy_logprob(Tensor logits) -> (Tensor, Tensor)");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_query_lens, "
         "Tensor seq_lens, float scale) -> Tensor");
   m.def("decoder_layer(Tensor h, Tensor? residual, Tensor input_norm, Tensor post_norm, float eps, "
@@ -55,6 +57,7 @@ TORCH_LIBRARY_IMPL(arbitrage_fast, CPU, m) {
   m.impl("add_rms_norm", &arbitrage_fast::add_rms_norm_cpu);
   m.impl("rope_write_kv", &arbitrage_fast::rope_write_kv_cpu);
   m.impl("silu_and_mul", &arbitrage_fast::silu_and_mul_cpu);
+  m.impl("greedy_logprob", &arbitrage_fast::greedy_logprob_cpu);
   m.impl("paged_attention", &arbitrage_fast::paged_attention_cpu);
   m.impl("decoder_layer", &arbitrage_fast::decoder_layer_cpu);
 }
@@ -80,6 +83,7 @@ TORCH_LIBRARY_IMPL(arbitrage_fast, Meta, m) {
   m.impl("int3_dequantize", &arbitrage_fast::int3_dequantize_meta);
   m.impl("add_rms_norm", &arbitrage_fast::add_rms_norm_meta);
   m.impl("rope_write_kv", &arbitrage_fast::rope_write_kv_meta);
+  m.impl("greedy_logprob", &arbitrage_fast::greedy_logprob_meta);
   m.impl("silu_and_mul", &arbitrage_fast::silu_and_mul_meta);
   m.impl("paged_attention", &arbitrage_fast::paged_attention_meta);
 }

@@ -31,7 +31,7 @@ from arbitrage_fast.router.head import FoldedRouter
 from arbitrage_fast.triton_kernels.router_head import fused_norm_router
 
 from .attention_metadata import AttentionMetadata
-from .sampler import sample, token_statistics
+from .sampler import greedy_with_logprob, sample, token_statistics
 
 
 class DecodeBuffers:
@@ -138,8 +138,11 @@ class DecodeIteration:
         Also used eagerly for a step's first token, whose logits come from the catch-up prefill.
         """
         b = self.buffers
-        token = sample(logits, self.sampling, self.generator)
-        logprob, entropy = token_statistics(logits, token, entropy=self.track_features)
+        if self.sampling.greedy and not self.track_features:
+            (token, logprob), entropy = greedy_with_logprob(logits), None
+        else:
+            token = sample(logits, self.sampling, self.generator)
+            logprob, entropy = token_statistics(logits, token, entropy=self.track_features)
         j = b.step_pos.clamp(max=b.capacity - 1)[:, None]  # clamp: only idle rows run past capacity
         b.tokens.scatter_(1, j, token[:, None])
         b.logprobs.scatter_(1, j, logprob[:, None])

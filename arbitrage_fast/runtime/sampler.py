@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from arbitrage_fast.config import SamplingParams
+from arbitrage_fast.kv.ops import native_available
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -28,6 +29,17 @@ def token_statistics(logits: torch.Tensor, tokens: torch.Tensor,
         return chosen, None
     # -sum p log p with log p = x - lse: lse - sum p x
     return chosen, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def greedy_with_logprob(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greedy tokens [B], their log-probs [B]): `sample` under greedy settings and
+    `token_statistics(..., entropy=False)` at once. On the CPU one compiled op reads each row
+    twice instead of six times (csrc/greedy_logprob.h; the same token, the log-prob within
+    rounding of torch's); elsewhere the two functions themselves."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and native_available("cpu"):
+        return torch.ops.arbitrage_fast.greedy_logprob(logits)
+    tokens = logits.argmax(dim=-1)
+    return tokens, token_statistics(logits, tokens, entropy=False)[0]
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

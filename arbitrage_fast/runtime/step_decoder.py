@@ -17,7 +17,7 @@ from arbitrage_fast.router.features import StepFeatureAccumulator
 from arbitrage_fast.roles import Role
 
 from .model_runner import ForwardOutput, ModelRunner
-from .sampler import sample, token_statistics
+from .sampler import greedy_with_logprob, sample, token_statistics
 from .work import ModelWork, WorkFlow, run_alone
 
 
@@ -75,8 +75,11 @@ def decode_step_flow(role: Role, seq_id: int, first: ForwardOutput, sampling: Sa
     while True:
         with torch.inference_mode():
             logits = out.logits[-1:]
-            token = sample(logits, sampling, generator)
-            logp, entropy = token_statistics(logits, token, entropy=features is not None)
+            if sampling.greedy and features is None:
+                token, logp = greedy_with_logprob(logits)
+            else:
+                token = sample(logits, sampling, generator)
+                logp, entropy = token_statistics(logits, token, entropy=features is not None)
             logprobs.append(logp)
             if features is not None:
                 features.add(out.hidden[-1], logp, entropy)
