@@ -59,3 +59,36 @@ def test_the_last_n_rows_are_those_of_every_row(engine, role, n):
     torch.testing.assert_close(tail.hidden, every.hidden[-n:], rtol=0, atol=1e-5)
     assert tail.logits.argmax(-1).tolist() == every.logits[-n:].argmax(-1).tolist()
     assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_an_eager_forward_moves_its_inputs_to_the_device_in_one_copy(engine, monkeypatch):
+    """Tokens, positions, slots, lengths, query starts, block tables and picked rows of a mixed
+    forward (a prefill chunk beside decode rows of other sequences) travel as one tensor: every
+    `.to(device)` the forward makes is counted (casts by dtype alone are not transfers)."""
+    runner, cache = engine.runners[Role.TARGET], engine.cache
+    transfers = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if "device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args):
+            transfers.append(tuple(self.shape))
+        return real_to(self, *args, **kwargs)
+
+    seqs = (910, 911, 912)
+    for seq in seqs:
+        cache.add_sequence(seq)
+    try:
+        for seq in seqs[1:]:
+            runner.forward_one(seq, TOKENS[:5])
+        works = [ModelWork(Role.TARGET, 910, TOKENS, rows=2), ModelWork(Role.TARGET, 911, [4]),
+                 ModelWork(Role.TARGET, 912, [6])]
+        starts = [runner.reserve(w.seq_id, len(w.tokens)) for w in works]
+        monkeypatch.setattr(torch.Tensor, "to", counting_to)
+        outs = runner.run(works, starts)
+        monkeypatch.undo()
+    finally:
+        for seq in seqs:
+            cache.free_sequence(seq)
+    assert [o.logits.shape[0] for o in outs] == [2, 1, 1]  # the prefill's last two rows, one per decode row
+    assert len(transfers) == 1, transfers
+    assert engine.kv_stats()["used_pages"] == 0

@@ -8,6 +8,7 @@ and every forward on the CPU, runs eagerly as one varlen batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -96,20 +97,29 @@ class ModelRunner:
             seq_lens.append(end)
             picked.append(torch.arange(offset + n - work.wanted, offset + n))
             offset += n
-        dev = self.device
+        tables = self.cache.block_table_tensor([w.seq_id for w in works], self.index)
+        gather = offset != sum(len(p) for p in picked)
+        # Every per-forward input goes to the device in ONE copy of one int64 host tensor, cut
+        # into views there (a copy each would be up to seven transfers a forward on a GPU).
+        parts = [torch.tensor([t for w in works for t in w.tokens], dtype=torch.long), torch.cat(positions),
+                 torch.cat(slots), torch.tensor(seq_lens, dtype=torch.long),
+                 torch.tensor(list(accumulate(query_lens, initial=0)), dtype=torch.long), tables.long().flatten(),
+                 torch.cat(picked) if gather else torch.empty(0, dtype=torch.long)]
+        input_ids, pos, slot, lens, cu, table, rows = torch.cat(parts).to(self.device).split([len(t) for t in parts])
         meta = AttentionMetadata(
-            positions=torch.cat(positions).to(dev),
-            slot_mapping=torch.cat(slots).to(dev),
-            block_tables=self.cache.block_table_tensor([w.seq_id for w in works], self.index).to(dev),
+            positions=pos,
+            slot_mapping=slot,
+            block_tables=table.view(tables.shape).to(torch.int32),
             query_lens=query_lens,
             seq_lens=seq_lens,
             block_size=self.block_size,
+            seq_lens_tensor=lens.to(torch.int32),
             batch_invariant=self.batch_invariant,
         )
-        input_ids = torch.tensor([t for w in works for t in w.tokens], dtype=torch.long, device=dev)
+        meta.cu_query_lens = cu.to(torch.int32)  # the cached property, already on the device
         hidden = self.model(input_ids, meta, self.kv_view)
-        if offset != sum(len(p) for p in picked):
-            hidden = hidden[torch.cat(picked).to(dev)]
+        if gather:
+            hidden = hidden[rows]
         logits = self.model.compute_logits(hidden)
         counts = [len(p) for p in picked]
         return [ForwardOutput(hidden=h, logits=lg) for h, lg in zip(hidden.split(counts), logits.split(counts))]
