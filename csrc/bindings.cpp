@@ -35,7 +35,7 @@ TORCH_LIBRARY(arbitrage_fast, m) {
   m.def("rope_write_kv(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) cache, int layer, "
         "Tensor slots) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
-  m.def("greedy_logprob(Tensor logits) -> (Tensor, Tensor)");
+  m.def("greedy_logprob(Tensor logits, bool entropy=False) -> (Tensor, Tensor, Tensor)");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_query_lens, "
         "Tensor seq_lens, float scale) -> Tensor");
   m.def("decoder_layer(Tensor h, Tensor? residual, Tensor input_norm, Tensor post_norm, float eps, "

@@ -260,6 +260,6 @@ def test_bench_greedy_logprob_smoke(tmp_path):
     module = _load("bench_greedy_logprob")
     assert module.main(["--vocab", "1000", "--rows", "1,3", "--repeats", "2", "--out-dir", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "greedy_logprob.json").read_text())
-    assert [r["rows"] for r in payload["rows"]] == [1, 3]
+    assert [(r["rows"], r["entropy"]) for r in payload["rows"]] == [(1, False), (1, True), (3, False), (3, True)]
     assert all(r["same_tokens"] and r["op_us"] > 0 and r["torch_us"] > 0 for r in payload["rows"])
-    assert "| 3 | 1000 |" in module.table(payload)
+    assert "| 3 | 1000 | yes |" in module.table(payload)

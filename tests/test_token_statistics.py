@@ -36,45 +36,50 @@ def test_log_prob_and_entropy_match_a_log_softmax(rows, vocab, scale, seed, half
     assert none is None and torch.equal(alone, chosen)
 
 
-def _torch_greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens = logits.argmax(-1)
-    return tokens, token_statistics(logits, tokens, entropy=False)[0]
+    return tokens, *token_statistics(logits, tokens)
 
 
 @needs_native
 @settings(max_examples=80, deadline=None)
 @given(rows=st.integers(1, 6), vocab=st.integers(1, 5000), scale=st.sampled_from([0.01, 1.0, 30.0, 300.0]),
-       ties=st.booleans(), masked=st.booleans(), seed=st.integers(0, 2**16))
-def test_the_greedy_op_is_torchs_token_and_log_prob(rows, vocab, scale, ties, masked, seed):
+       ties=st.booleans(), entropy=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_greedy_op_is_torchs_token_and_statistics(rows, vocab, scale, ties, entropy, seed):
     """The first index of the max, as torch.argmax (ties: logits rounded to few values), and
-    the log-prob within an ulp-sized bound of torch's (exp in fp32, the sum in fp64)."""
+    the log-prob and entropy within an ulp-sized bound of torch's (exp in fp32, sums in fp64)."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(rows, vocab, generator=g) * scale
     if ties:
         logits = logits.round() if scale >= 1 else (logits * 100).round()
-    if masked:  # a top-k style mask: -inf entries take no part in the sum
-        logits = logits.masked_fill(torch.rand(rows, vocab, generator=g) < 0.5, float("-inf"))
-        logits[:, 0] = 0.0  # every row keeps a finite maximum
-    tokens, logprobs = torch.ops.arbitrage_fast.greedy_logprob(logits)
-    ref_tokens, ref_logprobs = _torch_greedy(logits)
-    assert tokens.dtype == torch.long and logprobs.dtype == torch.float32
+    tokens, logprobs, entropies = torch.ops.arbitrage_fast.greedy_logprob(logits, entropy)
+    ref_tokens, ref_logprobs, ref_entropies = _torch_greedy(logits)
+    assert tokens.dtype == torch.long and logprobs.dtype == entropies.dtype == torch.float32
     assert torch.equal(tokens, ref_tokens)
-    tol = 4 * torch.finfo(torch.float32).eps * (1.0 + logits.abs().masked_fill(logits.isinf(), 0).amax(-1))
+    tol = 8 * torch.finfo(torch.float32).eps * (1.0 + logits.abs().amax(-1))
     assert ((logprobs - ref_logprobs).abs() <= tol).all()
+    if entropy:
+        assert ((entropies - ref_entropies).abs() <= tol).all()
+    else:
+        assert entropies.numel() == 0
 
 
 @needs_native
-def test_rows_without_a_finite_maximum_take_torchs_ops():
-    """NaN anywhere, +inf, or every entry -inf: torch's own answer, bit for bit."""
-    logits = torch.randn(4, 300)
+def test_rows_with_a_nan_or_an_infinity_take_torchs_ops():
+    """NaN anywhere, +inf, -inf entries, every entry -inf: torch's own answer, bit for bit (a
+    row with -inf entries has entropy NaN there, 0 * -inf)."""
+    logits = torch.randn(5, 300)
     logits[0, 17] = float("nan")
     logits[1, 5] = float("inf")
     logits[2] = float("-inf")
-    tokens, logprobs = torch.ops.arbitrage_fast.greedy_logprob(logits)
-    ref_tokens, ref_logprobs = _torch_greedy(logits)
+    logits[3, ::3] = float("-inf")
+    tokens, logprobs, entropies = torch.ops.arbitrage_fast.greedy_logprob(logits, True)
+    ref_tokens, ref_logprobs, ref_entropies = _torch_greedy(logits)
     assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logprobs[:3], ref_logprobs[:3], equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(logprobs[3], ref_logprobs[3], rtol=0, atol=1e-5)  # a finite row: the op's sum
+    torch.testing.assert_close(logprobs[:4], ref_logprobs[:4], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(entropies[:4], ref_entropies[:4], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(logprobs[4], ref_logprobs[4], rtol=0, atol=1e-5)  # a finite row: the op's sums
+    torch.testing.assert_close(entropies[4], ref_entropies[4], rtol=0, atol=1e-5)
 
 
 @needs_native
@@ -83,19 +88,23 @@ def test_the_greedy_op_checks_its_input_and_has_a_meta_shape():
         torch.ops.arbitrage_fast.greedy_logprob(torch.randn(2, 8).bfloat16())
     with pytest.raises(RuntimeError, match=r"\[rows, vocab\]"):
         torch.ops.arbitrage_fast.greedy_logprob(torch.randn(8))
-    tokens, logprobs = torch.ops.arbitrage_fast.greedy_logprob(torch.empty(3, 10, device="meta"))
-    assert tokens.shape == logprobs.shape == (3,) and tokens.dtype == torch.long
+    tokens, logprobs, entropies = torch.ops.arbitrage_fast.greedy_logprob(torch.empty(3, 10, device="meta"), True)
+    assert tokens.shape == logprobs.shape == entropies.shape == (3,) and tokens.dtype == torch.long
     strided = torch.randn(10, 3).t()  # not contiguous: read as its values
-    assert all(torch.equal(a, b) for a, b in zip(torch.ops.arbitrage_fast.greedy_logprob(strided),
-                                                 torch.ops.arbitrage_fast.greedy_logprob(strided.contiguous())))
+    assert all(torch.equal(a, b) for a, b in zip(torch.ops.arbitrage_fast.greedy_logprob(strided, True),
+                                                 torch.ops.arbitrage_fast.greedy_logprob(strided.contiguous(), True)))
 
 
-def test_greedy_with_logprob_is_sample_and_token_statistics():
+@pytest.mark.parametrize("entropy", [False, True])
+def test_greedy_with_logprob_is_sample_and_token_statistics(entropy):
     """The sampler's entry point, on the CPU (compiled op) and off it (torch's ops): the same."""
     logits = torch.randn(3, 1000) * 10
-    tokens, logprobs = greedy_with_logprob(logits)
-    ref_tokens, ref_logprobs = _torch_greedy(logits)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logprobs, ref_logprobs, rtol=0, atol=1e-5)
-    tokens, logprobs = greedy_with_logprob(logits.double())  # not the op's dtype: torch's ops
-    assert torch.equal(tokens, ref_tokens)
+    ref_tokens, ref_logprobs, ref_entropies = _torch_greedy(logits)
+    for x in (logits, logits.double()):  # fp64 is not the op's dtype: torch's ops
+        tokens, logprobs, entropies = greedy_with_logprob(x, entropy)
+        assert torch.equal(tokens, ref_tokens)
+        torch.testing.assert_close(logprobs.float(), ref_logprobs, rtol=0, atol=1e-5)
+        if entropy:
+            torch.testing.assert_close(entropies.float(), ref_entropies, rtol=0, atol=1e-4)
+        else:
+            assert entropies is None

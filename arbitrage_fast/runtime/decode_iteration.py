@@ -138,8 +138,8 @@ class DecodeIteration:
         Also used eagerly for a step's first token, whose logits come from the catch-up prefill.
         """
         b = self.buffers
-        if self.sampling.greedy and not self.track_features:
-            (token, logprob), entropy = greedy_with_logprob(logits), None
+        if self.sampling.greedy:
+            token, logprob, entropy = greedy_with_logprob(logits, entropy=self.track_features)
         else:
             token = sample(logits, self.sampling, self.generator)
             logprob, entropy = token_statistics(logits, token, entropy=self.track_features)

@@ -31,15 +31,17 @@ def token_statistics(logits: torch.Tensor, tokens: torch.Tensor,
     return chosen, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
-def greedy_with_logprob(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(greedy tokens [B], their log-probs [B]): `sample` under greedy settings and
-    `token_statistics(..., entropy=False)` at once. On the CPU one compiled op reads each row
-    twice instead of six times (csrc/greedy_logprob.h; the same token, the log-prob within
+def greedy_with_logprob(logits: torch.Tensor, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor | None]:
+    """(greedy tokens [B], their log-probs [B], entropies [B] or None): `sample` under greedy
+    settings and `token_statistics` at once. On the CPU one compiled op reads each row twice
+    instead of six to ten times (csrc/greedy_logprob.h; the same token, the statistics within
     rounding of torch's); elsewhere the two functions themselves."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and native_available("cpu"):
-        return torch.ops.arbitrage_fast.greedy_logprob(logits)
+        tokens, logprobs, entropies = torch.ops.arbitrage_fast.greedy_logprob(logits, entropy)
+        return tokens, logprobs, entropies if entropy else None
     tokens = logits.argmax(dim=-1)
-    return tokens, token_statistics(logits, tokens, entropy=False)[0]
+    return tokens, *token_statistics(logits, tokens, entropy=entropy)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -75,8 +75,8 @@ def decode_step_flow(role: Role, seq_id: int, first: ForwardOutput, sampling: Sa
     while True:
         with torch.inference_mode():
             logits = out.logits[-1:]
-            if sampling.greedy and features is None:
-                token, logp = greedy_with_logprob(logits)
+            if sampling.greedy:
+                token, logp, entropy = greedy_with_logprob(logits, entropy=features is not None)
             else:
                 token = sample(logits, sampling, generator)
                 logp, entropy = token_statistics(logits, token, entropy=features is not None)
