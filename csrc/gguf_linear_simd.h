@@ -264,6 +264,21 @@ AF_TARGET static inline __m128i q4k_scales_mins(const uint8_t* s) {
                        static_cast<int>(scales_lo));
 }
 
+// What both Q4_K kernels read first from a 144-byte block: its eight scales widened to 16-bit
+// lanes 0..7, its eight mins times dmin, and d.
+struct Q4kHeader {
+  __m256i scales16;
+  __m256 mins;
+  float d;
+};
+
+AF_TARGET static inline Q4kHeader q4k_header(const uint8_t* w) {
+  const __m128i packed = q4k_scales_mins(w + 4);
+  return {_mm256_cvtepu8_epi16(packed),
+          _mm256_mul_ps(_mm256_set1_ps(fp16(w + 2)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8)))),
+          fp16(w)};
+}
+
 // Q4_K: group j's dot is scaled by its 6-bit scale in int32 (a lane sums four inputs of each
 // group: |lane| <= 8 * 4 * 15 * 127 * 63 < 2**24, so it is also exact as a float), the
 // super-block's sum meets d * xd once, and the mins ride in the same accumulator against the
@@ -275,11 +290,7 @@ AF_TARGET static void dot_q4_k(const uint8_t* w, Rows x, float* out) {
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < x.groups; g += 8, w += 144) {
     prefetch_block(w, 144);
-    const __m128i packed = q4k_scales_mins(w + 4);
-    const __m256i scales16 = _mm256_cvtepu8_epi16(packed);  // scales in lanes 0..7
-    const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(fp16(w + 2)),
-                                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8))));
-    const float d = fp16(w);
+    const auto [scales16, mn, d] = q4k_header(w);
     // Group by group, every row at once: the rows' sums and one group's weights and scales
     // are all that is live, which fits the sixteen vector registers even at eight rows.
     const int8_t* xg = x.xq + 32 * g;
@@ -377,11 +388,10 @@ AF_TARGET static void dot_q4_k_512(const uint8_t* w, Rows x, float* out) {
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), mins[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < x.groups; g += 8, w += 144) {
     prefetch_block(w, 144);
-    const __m128i packed = q4k_scales_mins(w + 4);
-    const __m512i scales16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(packed));  // lanes 0..7
-    const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(fp16(w + 2)),
-                                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(packed, 8))));
-    const float d = fp16(w);
+    const Q4kHeader head = q4k_header(w);
+    const __m512i scales16 = _mm512_castsi256_si512(head.scales16);
+    const __m256 mn = head.mins;
+    const float d = head.d;
     const int8_t* xg = x.xq + 32 * g;
     __m512i sum[R];
     for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();

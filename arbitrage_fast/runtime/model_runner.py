@@ -98,7 +98,8 @@ class ModelRunner:
             picked.append(torch.arange(offset + n - work.wanted, offset + n))
             offset += n
         tables = self.cache.block_table_tensor([w.seq_id for w in works], self.index)
-        gather = offset != sum(len(p) for p in picked)
+        counts = [len(p) for p in picked]
+        gather = offset != sum(counts)
         # Every per-forward input goes to the device in ONE copy of one int64 host tensor, cut
         # into views there (a copy each would be up to seven transfers a forward on a GPU).
         parts = [torch.tensor([t for w in works for t in w.tokens], dtype=torch.long), torch.cat(positions),
@@ -121,5 +122,4 @@ class ModelRunner:
         if gather:
             hidden = hidden[rows]
         logits = self.model.compute_logits(hidden)
-        counts = [len(p) for p in picked]
         return [ForwardOutput(hidden=h, logits=lg) for h, lg in zip(hidden.split(counts), logits.split(counts))]
