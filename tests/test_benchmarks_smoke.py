@@ -256,6 +256,26 @@ def test_bench_layer_op_smoke(tmp_path):
     assert "| 2 | 4 | 2 |" in _load("bench_layer_op").table(payload)
 
 
+def test_bench_engine_thread_smoke(tmp_path):
+    """The engine on the main thread against a long-lived second thread, on a tiny model: both
+    timed every repeat, their outputs equal, the second thread closed afterwards."""
+    import threading
+
+    from helpers.tiny_models import build_tiny_lm
+
+    folder = build_tiny_lm(tmp_path / "m", "qwen2", hidden=64, layers=2)
+    assert _load("bench_engine_thread").main(["--model", str(folder), "--rows", "1,2", "--tokens", "4",
+                                              "--repeats", "2", "--name", "tiny", "--out-dir", str(tmp_path)]) == 0
+    assert not any(t.name == "engine" for t in threading.enumerate())  # each second thread ended
+    payload = json.loads((tmp_path / "engine_thread_tiny.json").read_text())
+    assert [r["rows"] for r in payload["rows"]] == [1, 2]
+    for row in payload["rows"]:
+        assert len(row["main_thread_s"]) == len(row["own_thread_s"]) == 2 and row["identical"]
+        est, lo, hi = row["speedup"]
+        assert lo <= est <= hi and est > 0
+    assert "| 2 | 4 | 2 |" in _load("bench_engine_thread").table(payload)
+
+
 def test_bench_greedy_logprob_smoke(tmp_path):
     module = _load("bench_greedy_logprob")
     assert module.main(["--vocab", "1000", "--rows", "1,3", "--repeats", "2", "--out-dir", str(tmp_path)]) == 0

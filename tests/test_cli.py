@@ -149,11 +149,12 @@ def test_generate_json_and_bad_threshold(capsys):
 
 def test_serve_builds_the_preset_app_with_its_router_policy(monkeypatch, capsys):
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
+    from arbitrage_fast import serve
     from fastapi.testclient import TestClient
 
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app, port=port))
+    monkeypatch.setattr(serve, "run_server", lambda app, host, port: served.update(app=app, port=port) or 0)
     assert main(["serve", "--preset", "testbed", "--port", "8123", "--max-tokens", "64"]) == 0
     assert served["port"] == 8123 and "http://127.0.0.1:8123/v1" in capsys.readouterr().out
     with TestClient(served["app"]) as client:
@@ -186,7 +187,8 @@ def test_serve_given_models_starts_without_any_presets_router(monkeypatch, tmp_p
     """`serve --draft D --target T` serves those models with no router (the testbed's head has
     another hidden size and used to stop the server); --max-batch reaches the engine."""
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
+    from arbitrage_fast import serve
     from fastapi.testclient import TestClient
 
     from helpers.tiny_models import build_tiny_lm
@@ -194,7 +196,7 @@ def test_serve_given_models_starts_without_any_presets_router(monkeypatch, tmp_p
     draft = build_tiny_lm(tmp_path / "d", "llama", hidden=32, layers=1, seed=1)
     target = build_tiny_lm(tmp_path / "t", "llama", hidden=48, layers=1, seed=2)
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app, host=host))
+    monkeypatch.setattr(serve, "run_server", lambda app, host, port: served.update(app=app, host=host) or 0)
     assert main(["serve", "--draft", str(draft), "--target", str(target), "--max-batch", "3",
                  "--max-tokens", "8", "--no-exact-arithmetic"]) == 0
     app = served["app"]
@@ -208,7 +210,8 @@ def test_serve_given_models_starts_without_any_presets_router(monkeypatch, tmp_p
 
 def test_serve_enable_prefix_caching_reuses_a_previous_turn(monkeypatch, tmp_path):
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
+    from arbitrage_fast import serve
     from fastapi.testclient import TestClient
 
     from helpers.tiny_models import build_tiny_lm
@@ -216,7 +219,7 @@ def test_serve_enable_prefix_caching_reuses_a_previous_turn(monkeypatch, tmp_pat
     draft = build_tiny_lm(tmp_path / "d", "llama", hidden=32, layers=1, seed=1)
     target = build_tiny_lm(tmp_path / "t", "llama", hidden=48, layers=1, seed=2)
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app))
+    monkeypatch.setattr(serve, "run_server", lambda app, host, port: served.update(app=app) or 0)
     assert main(["serve", "--draft", str(draft), "--target", str(target), "--max-tokens", "8",
                  "--enable-prefix-caching"]) == 0
     prompt = "the same long system prompt, word after word after word, " * 4

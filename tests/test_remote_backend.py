@@ -234,7 +234,8 @@ def test_the_sweep_harness_measures_remote_policies_side_by_side():
 
 def test_the_http_server_routes_steps_between_two_model_servers(monkeypatch, capsys):
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
+    from arbitrage_fast import serve
     from fastapi.testclient import TestClient
 
     from arbitrage_fast import backends
@@ -249,7 +250,7 @@ def test_the_http_server_routes_steps_between_two_model_servers(monkeypatch, cap
 
     monkeypatch.setattr(backends, "RemoteEngine", Wired)
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(app=app))
+    monkeypatch.setattr(serve, "run_server", lambda app, host, port: served.update(app=app) or 0)
     assert main(["serve", "--draft-url", "http://d:1", "--target-url", "http://t:2", "--threshold", "0.5"]) == 0
     assert "http://d:1 -> http://t:2" in capsys.readouterr().out
     with TestClient(served["app"]) as client:

@@ -450,3 +450,76 @@ def test_concurrent_streaming_clients_each_receive_exactly_their_own_answer(serv
     count = next(float(line.split()[-1]) for line in metrics.splitlines()
                  if line.startswith('arbitrage_batch_size_count{role="draft"}'))
     assert count > le1
+
+
+# --- the server process: the engine loop on the main thread -----------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_server_steps_the_engine_on_the_calling_thread_and_stops_on_sigterm(engine, monkeypatch):
+    """`arbitrage-fast serve`'s process shape: uvicorn on a thread, the engine loop on the thread
+    that loaded the models (one OpenMP pool); SIGTERM ends it cleanly with nothing leaked."""
+    import os
+    import signal
+
+    from arbitrage_fast.serve import run_server
+
+    stepped_on = set()
+    step = engine.step
+
+    def recording_step():
+        stepped_on.add(threading.current_thread().name)
+        return step()
+
+    monkeypatch.setattr(engine, "step", recording_step)
+    port = _free_port()
+    seen = {}
+
+    def client():
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+                wait_for(lambda: _up(http))
+                seen["body"] = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12}).json()
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    caller, handler = threading.current_thread().name, signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=client)
+    thread.start()
+    app = create_app(engine, "tiny", policy="rsd", threshold=0.5, max_tokens=24)
+    assert run_server(app, "127.0.0.1", port, log_level="warning") == 0
+    thread.join(timeout=30)
+    ref = engine.generate(PROMPT, policy="rsd", threshold=0.5, sampling=SamplingParams(max_new_tokens=12))
+    assert seen["body"]["choices"][0]["text"] == ref.text
+    assert stepped_on == {caller}  # never the HTTP thread, never a thread of the worker's own
+    assert app.state.worker._thread is None
+    assert signal.getsignal(signal.SIGTERM) is handler and used_pages(engine) == 0  # restored; no leak
+
+
+def _up(http) -> bool:
+    try:
+        return http.get("/health").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_run_server_returns_uvicorns_startup_failure_when_its_port_is_taken(engine):
+    import socket
+
+    from arbitrage_fast.serve import run_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = create_app(engine, "tiny", policy="rsd", threshold=0.5, max_tokens=24)
+        t = time.monotonic()
+        assert run_server(app, "127.0.0.1", port, log_level="critical") == 3  # uvicorn's STARTUP_FAILURE
+        assert time.monotonic() - t < 10

@@ -10,27 +10,25 @@ def default_policy(preset) -> str:
 
 
 def run(preset, args) -> int:
-    uvicorn, create_app = _server()
+    run_server, create_app = _server()
     engine = build_engine(preset, args.device, args.dtype, max_batch=args.max_batch or default_max_batch(args.device),
                           prefix_cache=args.enable_prefix_caching, **decoding_options(args))
     name = args.served_model_name or preset.name
     app = create_app(engine, name, policy=args.policy or default_policy(preset), threshold=args.threshold,
                      max_tokens=args.max_tokens, chat_by_default=preset.chat, **server_options(args))
-    print(f"serving {name} ({preset.draft} -> {preset.target}) on http://{args.host}:{args.port}/v1")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
+    print(f"serving {name} ({preset.draft} -> {preset.target}) on http://{args.host}:{args.port}/v1", flush=True)
+    return run_server(app, args.host, args.port)
 
 
 def run_remote(engine, args) -> int:
     """Serve the policies in front of two OpenAI-compatible model servers (RSD by default:
     the router needs the draft's hidden states, which the servers do not return)."""
-    uvicorn, create_app = _server()
+    run_server, create_app = _server()
     name = args.served_model_name or "arbitrage-remote"
     app = create_app(engine, name, policy=args.policy or "rsd", threshold=args.threshold, max_tokens=args.max_tokens,
                      **server_options(args))
-    print(f"serving {name} ({args.draft_url} -> {args.target_url}) on http://{args.host}:{args.port}/v1")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
+    print(f"serving {name} ({args.draft_url} -> {args.target_url}) on http://{args.host}:{args.port}/v1", flush=True)
+    return run_server(app, args.host, args.port)
 
 
 def server_options(args) -> dict:
@@ -40,9 +38,9 @@ def server_options(args) -> dict:
 
 def _server():
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - imported by run_server; checked here for the message
 
-        from arbitrage_fast.serve import create_app
+        from arbitrage_fast.serve import create_app, run_server
     except ImportError as e:
         raise ValueError(f"serving needs FastAPI and uvicorn: pip install -e \".[serve]\" ({e})") from None
-    return uvicorn, create_app
+    return run_server, create_app

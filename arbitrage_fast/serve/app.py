@@ -48,6 +48,7 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
 
     @asynccontextmanager
     async def lifespan(app):
+        worker.launch()
         yield
         worker.shutdown()
 

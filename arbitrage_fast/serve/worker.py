@@ -1,10 +1,19 @@
-"""The engine's own thread, reached from the server's event loop: continuous batching.
+"""The engine loop, reached from the server's event loop: continuous batching.
 
 The engine is not thread-safe, so one thread owns it. That thread takes jobs (add a request,
 abort one) from a queue between iterations, runs `engine.step()` while anything is in flight,
 and hands each committed step to its request's asyncio queue on the event loop. Requests are
 therefore batched by the engine's scheduler however they arrive, and the event loop never
 blocks on a forward pass, so health checks and new connections are answered while it decodes.
+
+Which thread: `arbitrage-fast serve` runs the loop on the process's main thread, the one that
+loaded the models, and the HTTP server beside it (serve/process.py). OpenMP keeps a pool of
+workers per thread that opens parallel regions; a second such thread makes a second pool, and
+once pool threads outnumber the cores libgomp stops spinning between regions, so every
+parallel region then pays a sleeping worker's wake-up (about 50 µs on a 2-core host, where a
+decode iteration opens hundreds: the loop on a thread of its own decoded 25-30 % slower,
+`benchmarks/bench_engine_thread.py`). Embedded servers (tests, `serve_on_loopback`) let the
+app's start-up give the loop a thread of its own (`launch`).
 
 With `EngineConfig(max_batch=1)` the scheduler admits one request at a time: the old queueing,
 kept for comparison.
@@ -15,9 +24,13 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .metrics import ServerMetrics
+
+
+IDLE_POLL_S = 0.5  # how often an idle loop looks whether the HTTP server is still up
 
 
 class ServerBusy(RuntimeError):
@@ -41,8 +54,8 @@ class EngineWorker:
         self._submitting = 0  # accepted by the event loop, not yet seen by the engine thread
         self._count_lock = threading.Lock()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self.on_caller = False  # set when the caller runs `run()` on its own thread (serve's main thread)
 
     # ------------------------------------------------------------------ event-loop side
     async def start(self, prompt, policy, threshold, sampling, chat) -> "RequestHandle":
@@ -79,15 +92,26 @@ class EngineWorker:
             raise
         return handle
 
+    def launch(self) -> None:
+        """Give the loop a thread of its own, unless the caller runs it (`on_caller`)."""
+        if self._thread is None and not self.on_caller:
+            self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
+            self._thread.start()
+
     def shutdown(self) -> None:
         self._jobs.put(self._stop)
-        self._thread.join(timeout=60)
+        if self._thread is not None:
+            self._thread.join(timeout=60)
 
     # ------------------------------------------------------------------ engine thread
-    def _run(self) -> None:
+    def run(self, alive: Callable[[], bool] = lambda: True) -> None:
+        """The loop, on the calling thread, until `shutdown()`, or until `alive()` is false (the
+        HTTP server's thread ended) while no request of this server is in flight."""
         # Steps only while requests of this server are in flight: an engine shared with other
         # callers (tests computing references) is stepped by them for their own requests.
         while not self._stopped:
+            if not self._handles and not alive():
+                return
             self._take_jobs(block=not self._handles)
             if self._stopped or not self._handles:
                 continue
@@ -105,7 +129,7 @@ class EngineWorker:
 
     def _take_jobs(self, block: bool) -> None:
         try:
-            job = self._jobs.get(block=block)
+            job = self._jobs.get(block=block, timeout=IDLE_POLL_S if block else None)
             while True:
                 job()
                 job = self._jobs.get_nowait()
