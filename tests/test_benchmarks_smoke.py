@@ -276,6 +276,20 @@ def test_bench_engine_thread_smoke(tmp_path):
     assert "| 2 | 4 | 2 |" in _load("bench_engine_thread").table(payload)
 
 
+def test_bench_policy_batching_smoke(tmp_path):
+    """The testbed pair under RSD one at a time, then all at once: both runs logged forward by
+    forward, the batched draft forwards carrying more than one row, the table rendered."""
+    bench = _load("bench_policy_batching")
+    assert bench.main(["--preset", "testbed", "--policy", "rsd", "--threshold", "0.5", "--n", "3", "--batch1-n", "2",
+                       "--max-new-tokens", "16", "--name", "tiny", "--out-dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "policy_batching_tiny.json").read_text())
+    assert payload["batch1"]["requests"] == 2 and payload["batched"]["requests"] == 3
+    assert set(payload["batch1"]["forwards"]["draft"]["rows_histogram"]) == {"1"}
+    assert max(int(r) for r in payload["batched"]["forwards"]["draft"]["rows_histogram"]) == 3
+    assert payload["speedup"] == pytest.approx(payload["batched"]["tok_s"] / payload["batch1"]["tok_s"])
+    assert "| batched | 3 |" in bench.table(payload) and "| batch1 | 2 |" in bench.table(payload)
+
+
 def test_bench_greedy_logprob_smoke(tmp_path):
     module = _load("bench_greedy_logprob")
     assert module.main(["--vocab", "1000", "--rows", "1,3", "--repeats", "2", "--out-dir", str(tmp_path)]) == 0

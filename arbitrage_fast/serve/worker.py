@@ -10,10 +10,9 @@ Which thread: `arbitrage-fast serve` runs the loop on the process's main thread,
 loaded the models, and the HTTP server beside it (serve/process.py). OpenMP keeps a pool of
 workers per thread that opens parallel regions; a second such thread makes a second pool, and
 once pool threads outnumber the cores libgomp stops spinning between regions, so every
-parallel region then pays a sleeping worker's wake-up (about 50 µs on a 2-core host, where a
-decode iteration opens hundreds: the loop on a thread of its own decoded 25-30 % slower,
-`benchmarks/bench_engine_thread.py`). Embedded servers (tests, `serve_on_loopback`) let the
-app's start-up give the loop a thread of its own (`launch`).
+parallel region then pays a sleeping worker's wake-up, and a decode iteration opens hundreds
+(`benchmarks/bench_engine_thread.py` measures the loss). Embedded servers (tests,
+`serve_on_loopback`) let the app's start-up give the loop a thread of its own (`launch`).
 
 With `EngineConfig(max_batch=1)` the scheduler admits one request at a time: the old queueing,
 kept for comparison.
