@@ -523,3 +523,32 @@ def test_run_server_returns_uvicorns_startup_failure_when_its_port_is_taken(engi
         t = time.monotonic()
         assert run_server(app, "127.0.0.1", port, log_level="critical") == 3  # uvicorn's STARTUP_FAILURE
         assert time.monotonic() - t < 10
+
+
+def test_a_loop_whose_http_server_is_gone_aborts_what_is_in_flight_and_returns(engine):
+    """Forced out, uvicorn's thread ends with a stream still open and its event loop closed: the
+    engine loop must not step the orphan on, nor fail delivering to a closed loop; the request's
+    pages go back and `run` returns."""
+    import asyncio
+
+    app = create_app(engine, "tiny", policy="rsd", threshold=0.5, max_tokens=24)
+    worker = app.state.worker
+    worker.on_caller = True
+    loop = asyncio.new_event_loop()
+    http = threading.Thread(target=loop.run_forever, daemon=True)
+    http.start()
+    asyncio.run_coroutine_threadsafe(
+        worker.start(PROMPT, "every_step", None, SamplingParams(max_new_tokens=200, max_step_tokens=2), False), loop)
+    checks = []
+
+    def alive() -> bool:
+        checks.append(used_pages(engine))
+        if len(checks) == 4:  # the request is decoding by now: the HTTP side goes away
+            loop.call_soon_threadsafe(loop.stop)
+            http.join()
+            loop.close()
+        return len(checks) < 6
+
+    worker.run(alive=alive)
+    assert max(checks) > 0 and used_pages(engine) == 0  # it held pages, and gave them all back
+    assert worker.requests["cancelled"] == 1 and not worker._handles

@@ -105,11 +105,13 @@ class EngineWorker:
     # ------------------------------------------------------------------ engine thread
     def run(self, alive: Callable[[], bool] = lambda: True) -> None:
         """The loop, on the calling thread, until `shutdown()`, or until `alive()` is false (the
-        HTTP server's thread ended) while no request of this server is in flight."""
+        HTTP server's thread ended, forced out before the app's shutdown): then every request
+        still in flight is aborted, its pages returned, since nobody is left to answer it."""
         # Steps only while requests of this server are in flight: an engine shared with other
         # callers (tests computing references) is stepped by them for their own requests.
         while not self._stopped:
-            if not self._handles and not alive():
+            if not alive():
+                self._stop()
                 return
             self._take_jobs(block=not self._handles)
             if self._stopped or not self._handles:
@@ -194,7 +196,10 @@ class RequestHandle:
 
     def put(self, item) -> None:
         """From the engine thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed (the HTTP server was forced out): nobody reads it
+            pass
 
     async def next_step(self):
         """The next committed step, or None when the request is finished (raises its error)."""
