@@ -236,3 +236,68 @@ def timed_generate(engine, prompt, policy, threshold, sampling):
     t, c = time.perf_counter(), time.process_time()
     res = engine.generate(prompt, policy=policy, threshold=threshold, sampling=sampling, chat=True)
     return res, time.perf_counter() - t, time.process_time() - c
+
+
+# --- whole requests through one engine, two ways, alternating (bench_layer_op, bench_engine_thread)
+
+
+def add_requests_ab_args(parser: argparse.ArgumentParser, results_prefix: str) -> None:
+    """The options of an A/B over whole greedy requests on one preset's draft model."""
+    parser.add_argument("--preset", default="qwen2.5-coder", help="the preset whose draft model is timed")
+    parser.add_argument("--model", default=None, help="a checkpoint instead of the preset's draft")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dequantize", action="store_true", help="a GGUF dequantised to --dtype (16-bit linears)")
+    parser.add_argument("--rows", default="1,8", help="requests decoded at once, comma-separated")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens each request decodes")
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--name", default=None,
+                        help=f"results/{results_prefix}_<name>.json (default: the model's name)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    add_render_flag(parser)
+
+
+def requests_ab_engine(args):
+    """(engine, model path, prompts) for `add_requests_ab_args`' options: the model as draft and
+    target, exact arithmetic off (one compiled op per layer on the CPU), GSM8K test prompts."""
+    from arbitrage_fast import Engine, EngineConfig
+    from arbitrage_fast.eval.datasets import load_dataset
+    from arbitrage_fast.presets import resolve
+
+    path = args.model or resolve(args.preset).draft
+    engine = Engine(EngineConfig(draft=path, target=path, dtype=args.dtype, dequantize=args.dequantize,
+                                 exact_arithmetic=False))
+    n = max(int(r) for r in args.rows.split(","))
+    return engine, path, [i.prompt for i in load_dataset("gsm8k", n=n, split="test", seed=0)]
+
+
+def requests_ab_rows(out: "ResultFile", args, variants: Callable[[int], dict], warm_up: Callable[[int], object],
+                     ours: str, baseline: str, table: Callable[[object], str]) -> None:
+    """One result row per `--rows` value: `warm_up(rows)`, then `alternating_ab` over
+    `variants(rows)`; the file is saved and the table printed after each row."""
+    for rows in (int(r) for r in args.rows.split(",")):
+        warm_up(rows)
+        out.payload["rows"].append(alternating_ab(variants(rows), args.repeats, rows, args.tokens, ours, baseline))
+        out.save()
+        print(table(out.payload), flush=True)
+    print(f"wrote {out.path}")
+
+
+def alternating_ab(run: dict[str, Callable[[], tuple[float, object]]], repeats: int, rows: int, tokens: int,
+                   ours: str, baseline: str) -> dict:
+    """A result row: each variant run `repeats` times, the order swapped every repeat (A B, B A,
+    ...) so a shared machine's load hits both alike. `run[v]()` returns (seconds, outputs); the
+    speed-up is a paired bootstrap of `baseline`'s times over `ours`."""
+    from arbitrage_fast.eval.intervals import paired_bootstrap
+
+    names = list(run)
+    times = {v: [] for v in names}
+    identical = True
+    for rep in range(repeats):
+        outputs = {}
+        for v in names if rep % 2 == 0 else names[::-1]:
+            seconds, outputs[v] = run[v]()
+            times[v].append(seconds)
+        identical &= all(o == outputs[names[0]] for o in outputs.values())
+    return {"rows": rows, "tokens": tokens, **{f"{v}_s": times[v] for v in names},
+            "tok_s": {v: rows * tokens * len(times[v]) / sum(times[v]) for v in names},
+            "speedup": paired_bootstrap(times[ours], times[baseline], "speedup"), "identical": identical}

@@ -26,10 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from _harness import RESULTS, ResultFile, add_render_flag, cpu_run_record, rendered  # noqa: E402
-
-VARIANTS = ("main_thread", "own_thread")
-
+from _harness import (ResultFile, add_requests_ab_args, cpu_run_record, rendered,  # noqa: E402
+                      requests_ab_engine, requests_ab_rows)
 
 def table(payload: dict) -> str:
     lines = ["| model | dtype | rows | tokens a request | repeats | tok/s own thread | tok/s main thread "
@@ -60,29 +58,14 @@ def on_a_second_thread(warm_up, timed):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="qwen2.5-coder", help="the preset whose draft model is timed")
-    ap.add_argument("--model", default=None, help="a checkpoint instead of the preset's draft")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--dequantize", action="store_true", help="a GGUF dequantised to --dtype (16-bit linears)")
-    ap.add_argument("--rows", default="1,8", help="requests decoded at once, comma-separated")
-    ap.add_argument("--tokens", type=int, default=64, help="tokens each request decodes")
-    ap.add_argument("--repeats", type=int, default=8)
-    ap.add_argument("--name", default=None, help="results/engine_thread_<name>.json (default: the model's name)")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS)
-    add_render_flag(ap)
+    add_requests_ab_args(ap, "engine_thread")
     args = ap.parse_args(argv)
     if rendered(args, table):
         return 0
 
-    from arbitrage_fast import Engine, EngineConfig, SamplingParams
-    from arbitrage_fast.eval.datasets import load_dataset
-    from arbitrage_fast.eval.intervals import paired_bootstrap
-    from arbitrage_fast.presets import resolve
+    from arbitrage_fast import SamplingParams
 
-    path = args.model or resolve(args.preset).draft
-    engine = Engine(EngineConfig(draft=path, target=path, dtype=args.dtype, dequantize=args.dequantize,
-                                 exact_arithmetic=False))
-    prompts = [i.prompt for i in load_dataset("gsm8k", n=max(int(r) for r in args.rows.split(",")), split="test", seed=0)]
+    engine, path, prompts = requests_ab_engine(args)
 
     def requests(rows: int, tokens: int = args.tokens) -> tuple[float, list[str]]:
         t = time.perf_counter()
@@ -95,28 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     out = ResultFile({"run": {**cpu_run_record(), "openmp": openmp},
                       "model": Path(path).name, "dtype": args.dtype, "dequantize": args.dequantize, "rows": []},
                      args.out_dir, f"engine_thread_{name}.json")
-    for rows in (int(r) for r in args.rows.split(",")):
-        run = {"main_thread": lambda: requests(rows),
-               "own_thread": lambda: on_a_second_thread(lambda: requests(rows, 2), lambda: requests(rows))}
-        requests(rows)  # warm-up: first-touch of pages, the main thread's OpenMP pool
-        times = {v: [] for v in VARIANTS}
-        identical = True
-        for rep in range(args.repeats):
-            texts = {}
-            for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
-                seconds, texts[variant] = run[variant]()
-                times[variant].append(seconds)
-            identical &= texts["main_thread"] == texts["own_thread"]
-        tokens = rows * args.tokens
-        out.payload["rows"].append({
-            "rows": rows, "tokens": args.tokens, "main_thread_s": times["main_thread"],
-            "own_thread_s": times["own_thread"],
-            "tok_s": {v: tokens * len(times[v]) / sum(times[v]) for v in VARIANTS},
-            "speedup": paired_bootstrap(times["main_thread"], times["own_thread"], "speedup"),
-            "identical": identical})
-        out.save()
-        print(table(out.payload), flush=True)
-    print(f"wrote {out.path}")
+    requests_ab_rows(out, args, lambda rows: {
+        "main_thread": lambda: requests(rows),
+        "own_thread": lambda: on_a_second_thread(lambda: requests(rows, 2), lambda: requests(rows))},
+        requests,  # warm-up: first-touch of pages, the main thread's OpenMP pool
+        ours="main_thread", baseline="own_thread", table=table)
     return 0
 
 

@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from _harness import RESULTS, ResultFile, add_render_flag, cpu_run_record, rendered  # noqa: E402
+from _harness import (ResultFile, add_requests_ab_args, cpu_run_record, rendered,  # noqa: E402
+                      requests_ab_engine, requests_ab_rows)
 
 VARIANTS = ("modules", "one_op")
 
@@ -45,36 +46,21 @@ def table(payload: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="qwen2.5-coder", help="the preset whose draft model is timed")
-    ap.add_argument("--model", default=None, help="a checkpoint instead of the preset's draft")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--dequantize", action="store_true", help="a GGUF dequantised to --dtype (16-bit linears)")
-    ap.add_argument("--rows", default="1,8", help="requests decoded at once, comma-separated")
-    ap.add_argument("--tokens", type=int, default=64, help="tokens each request decodes")
-    ap.add_argument("--repeats", type=int, default=8)
+    add_requests_ab_args(ap, "layer_op")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--name", default=None, help="results/layer_op_<name>.json (default: the model's name)")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS)
-    add_render_flag(ap)
     args = ap.parse_args(argv)
     if rendered(args, table):
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from arbitrage_fast import Engine, EngineConfig, SamplingParams
-    from arbitrage_fast.eval.datasets import load_dataset
-    from arbitrage_fast.eval.intervals import paired_bootstrap
-    from arbitrage_fast.presets import resolve
+    from arbitrage_fast import SamplingParams
 
-    path = args.model or resolve(args.preset).draft
-    engine = Engine(EngineConfig(draft=path, target=path, dtype=args.dtype, dequantize=args.dequantize,
-                                 exact_arithmetic=False))
+    engine, path, prompts = requests_ab_engine(args)
     model = engine.draft_model.model
     ops = [layer.one_op for layer in model.layers]
     if not all(ops):
         raise SystemExit(f"{sum(o is None for o in ops)} of {len(ops)} layers of {path} do not run as one op")
-    prompts = [i.prompt for i in load_dataset("gsm8k", n=max(int(r) for r in args.rows.split(",")), split="test", seed=0)]
     sampling = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
 
     def run(variant: str, rows: int) -> tuple[float, list[str]]:
@@ -90,24 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or Path(path).stem
     out = ResultFile({"run": cpu_run_record(), "model": Path(path).name, "dtype": args.dtype,
                       "dequantize": args.dequantize, "rows": []}, args.out_dir, f"layer_op_{name}.json")
-    for rows in (int(r) for r in args.rows.split(",")):
-        run("one_op", rows)  # warm-up: first-touch of pages, allocator
-        times = {v: [] for v in VARIANTS}
-        identical = True
-        for rep in range(args.repeats):
-            texts = {}
-            for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
-                seconds, texts[variant] = run(variant, rows)
-                times[variant].append(seconds)
-            identical &= texts["modules"] == texts["one_op"]
-        tokens = rows * args.tokens
-        out.payload["rows"].append({
-            "rows": rows, "tokens": args.tokens, "modules_s": times["modules"], "one_op_s": times["one_op"],
-            "tok_s": {v: tokens * len(times[v]) / sum(times[v]) for v in VARIANTS},
-            "speedup": paired_bootstrap(times["one_op"], times["modules"], "speedup"), "identical": identical})
-        out.save()
-        print(table(out.payload), flush=True)
-    print(f"wrote {out.path}")
+    requests_ab_rows(out, args, lambda rows: {v: (lambda v=v: run(v, rows)) for v in VARIANTS},
+                     lambda rows: run("one_op", rows),  # warm-up: first-touch of pages, allocator
+                     ours="one_op", baseline="modules", table=table)
     return 0
 
 
