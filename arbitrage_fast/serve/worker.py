@@ -11,8 +11,8 @@ loaded the models, and the HTTP server beside it (serve/process.py). OpenMP keep
 workers per thread that opens parallel regions; a second such thread makes a second pool, and
 once pool threads outnumber the cores libgomp stops spinning between regions, so every
 parallel region then pays a sleeping worker's wake-up, and a decode iteration opens hundreds
-(`benchmarks/bench_engine_thread.py` measures the loss). Embedded servers (tests,
-`serve_on_loopback`) let the app's start-up give the loop a thread of its own (`launch`).
+(`benchmarks/bench_engine_thread.py` measures the loss). An app mounted in another ASGI
+server (and the tests) lets its start-up give the loop a thread of its own (`launch`).
 
 With `EngineConfig(max_batch=1)` the scheduler admits one request at a time: the old queueing,
 kept for comparison.
