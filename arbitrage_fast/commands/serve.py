@@ -38,8 +38,6 @@ def server_options(args) -> dict:
 
 def _server():
     try:
-        import uvicorn  # noqa: F401 - imported by run_server; checked here for the message
-
         from arbitrage_fast.serve import create_app, run_server
     except ImportError as e:
         raise ValueError(f"serving needs FastAPI and uvicorn: pip install -e \".[serve]\" ({e})") from None

@@ -12,12 +12,12 @@ from __future__ import annotations
 import signal
 import threading
 
+import uvicorn
+
 
 def run_server(app, host: str, port: int, log_level: str = "info") -> int:
     """Serve `app` (from `create_app`) until shut down; 0 on a clean stop, uvicorn's start-up
     failure code (3) if the HTTP server never started (the port taken, say: uvicorn logged why)."""
-    import uvicorn
-
     worker = app.state.worker
     worker.on_caller = True  # set before the app's start-up, which would give the loop a thread
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
