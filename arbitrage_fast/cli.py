@@ -290,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, default=300)
     t.add_argument("--patience", type=int, default=40,
                    help="stop when the validation loss has not improved for this many epochs")
-    t.add_argument("--width", type=int, default=64)
+    t.add_argument("--head", choices=["linear", "mlp"], default="linear",
+                   help="linear (default): a logistic score over the features, its hidden-state penalty "
+                        "chosen by cross-validation over the training problems; mlp: one SiLU layer of "
+                        "--width units, early-stopped on the validation loss")
+    t.add_argument("--width", type=int, default=64, help="hidden units of the mlp head")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-new-tokens", type=int, default=256)
     t.add_argument("--json", default=None)

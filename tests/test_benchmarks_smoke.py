@@ -297,3 +297,28 @@ def test_bench_greedy_logprob_smoke(tmp_path):
     assert [(r["rows"], r["entropy"]) for r in payload["rows"]] == [(1, False), (1, True), (3, False), (3, True)]
     assert all(r["same_tokens"] and r["op_us"] > 0 and r["torch_us"] > 0 for r in payload["rows"])
     assert "| 3 | 1000 | yes |" in module.table(payload)
+
+
+def test_bench_router_heads_scores_every_step_out_of_fold(tmp_path):
+    """Both head kinds cross-validated over problems of made-up label files: every step scored,
+    the linear head ahead where the label follows a step statistic and the hidden columns are
+    noise, the table rendered from the JSON."""
+    from arbitrage_fast.router.data import RouterDataset
+    from arbitrage_fast.router.features import feature_dim
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(24):
+        feats = torch.randn(5, feature_dim(8), generator=g)
+        adv = -feats[:, -2] + 0.3 * torch.randn(5, generator=g)
+        RouterDataset(feats, adv, torch.rand(5, generator=g), adv, torch.zeros(5, dtype=torch.long)).save(
+            labels / f"p{i}.safetensors")
+    bench = _load("bench_router_heads")
+    assert bench.main(["--labels", str(labels), "--folds", "3", "--name", "tiny", "--out-dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "tiny.json").read_text())
+    assert (payload["n_problems"], payload["n_steps"]) == (24, 120)
+    rows = {r["kind"]: r for r in payload["rows"]}
+    assert rows["linear"]["auroc"] > 0.8 and rows["linear"]["auroc_ci"][0] <= rows["linear"]["auroc"]
+    assert payload["linear_minus_mlp_auroc"] == pytest.approx(rows["linear"]["auroc"] - rows["mlp"]["auroc"])
+    assert "| linear | " in bench.table(payload) and "linear − mlp AUROC" in bench.table(payload)

@@ -22,7 +22,8 @@ SMALL = ["--preset", "testbed", "--n", "4", "--max-new-tokens", "96"]
 def trained_router(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "router"
     report = out.parent / "train.json"
-    assert main(["train-router", *SMALL, "--n", "6", "--epochs", "30", "--width", "16", "--batch", "3", "--out", str(out),
+    assert main(["train-router", *SMALL, "--n", "6", "--head", "mlp", "--epochs", "30", "--width", "16", "--batch", "3",
+                 "--out", str(out),
                  "--json", str(report)]) == 0
     return out, json.loads(report.read_text())
 
@@ -62,6 +63,10 @@ def test_train_router_label_cache_is_reused_by_a_rerun_and_by_eval(tmp_path, cap
                  "--label-cache", str(cache), "--cached-only", "--json", str(interim)]) == 0
     got = json.loads(interim.read_text())
     assert (got["n_problems"], got["problems_labelled_this_run"], got["n_steps"]) == (3, 0, runs[0]["n_steps"])
+    # the default head is the linear one, its penalty one of the cross-validated grid's
+    from arbitrage_fast.router.train import PENALTIES
+    assert got["head"] == "linear" and got["penalty"] in PENALTIES
+    assert RouterHead.load(tmp_path / "r2").config.width == 2
     assert len(list(cache.glob("*.safetensors"))) == 3
     monkeypatch.setattr(router_command, "build_engine", build_engine)
     assert main(["eval-router", *SMALL, "--n", "2", "--router", str(tmp_path / "r"), "--label-cache", str(cache)]) == 0

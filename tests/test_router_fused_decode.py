@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 rh = load_kernel("router_head")
 
 
-def _setup(seed=0):
+def _setup(seed=0, kind="mlp"):
     cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
     spec = DecoderSpec.from_hf_config(cfg)
@@ -31,9 +31,14 @@ def _setup(seed=0):
     bs = 4
     kv = torch.zeros(4, 1, 2, bs, spec.num_kv_heads, spec.head_dim)
     router = RouterHead(RouterConfig(hidden_size=32, width=8))
-    with torch.no_grad():  # a standardisation far from the identity, so folding it matters
-        router.feature_mean.copy_(0.1 * torch.randn_like(router.feature_mean))
-        router.feature_std.copy_(0.5 + torch.rand_like(router.feature_std))
+    d = router.config.in_features
+    # a standardisation far from the identity, so folding it matters
+    mean, std = 0.1 * torch.randn(d), 0.5 + torch.rand(d)
+    if kind == "linear":  # a logistic score in the MLP's shape (width 2)
+        router = RouterHead.linear(32, mean, std, 0.3 * torch.randn(d), 0.2)
+    with torch.no_grad():
+        router.feature_mean.copy_(mean)
+        router.feature_std.copy_(std)
     return SimpleNamespace(model=model, kv_view=kv, block_size=bs), router
 
 
@@ -45,13 +50,14 @@ def _features(b, k):
                              torch.arange(1, k + 1))
 
 
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
 @pytest.mark.parametrize("impl", ["torch twin", "triton"])
-def test_fused_router_scores_equal_the_head_on_the_features(impl, monkeypatch):
+def test_fused_router_scores_equal_the_head_on_the_features(impl, kind, monkeypatch):
     if impl == "triton":
         if not rh.triton_usable(torch.empty(0)):
             pytest.skip("Triton cannot run here (not installed, or imported without TRITON_INTERPRET=1)")
         monkeypatch.setattr(rh, "use_triton", lambda *t: True)
-    runner, router = _setup()
+    runner, router = _setup(kind=kind)
     with torch.inference_mode():
         folded = _folded(router, torch.device("cpu"))
         buffers = DecodeBuffers(1, 8, 32, 4, torch.device("cpu"))

@@ -68,18 +68,22 @@ def _label_cache(preset, args, dataset: str, n_datasets: int):
 
 
 def train(preset, args) -> dict:
-    from arbitrage_fast.router.train import train_router
+    from arbitrage_fast.router.train import train_linear_router, train_router
 
     start = time.perf_counter()
     labels = _labels(preset, args, "train", args.n, args.seed)
     label_s = time.perf_counter() - start
     data = labels.data
     hidden = hidden_size_of(data.features.shape[1])
-    head, report = train_router(data, hidden_size=hidden, width=args.width, epochs=args.epochs, seed=args.seed,
-                                patience=args.patience)
+    if args.head == "linear":
+        head, report = train_linear_router(data, hidden_size=hidden, seed=args.seed)
+    else:
+        head, report = train_router(data, hidden_size=hidden, width=args.width, epochs=args.epochs, seed=args.seed,
+                                    patience=args.patience)
     out = Path(args.out)
     summary = {
         "datasets": list(_datasets(preset, args)), "n_problems": labels.n_problems, "n_steps": len(data),
+        "head": report.kind, "penalty": report.penalty, "cv_auroc": report.cv_auroc,
         "positive_rate": report.positive_rate,
         "val_auroc": report.val_auroc, "val_spearman": report.val_spearman, "best_epoch": report.best_epoch,
         "stopped_epoch": report.stopped_epoch, "n_train_steps": report.n_train, "n_val_steps": report.n_val,

@@ -1,4 +1,5 @@
-"""The router: a tiny MLP predicting P(PRM(target step) > PRM(draft step)) from draft features.
+"""The router: a tiny MLP predicting P(PRM(target step) > PRM(draft step)) from draft features
+(a logistic score over them is one such MLP, of width 2: `RouterHead.linear`).
 
 Feature standardisation is part of the head (not the data pipeline), so a saved head is
 self-contained, and `folded()` merges it into the first layer: the fused decode kernel then
@@ -64,6 +65,22 @@ class RouterHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Probability that escalating this step improves it."""
         return torch.sigmoid(self.logits(features))
+
+    @classmethod
+    def linear(cls, hidden_size: int, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor,
+               bias: float) -> "RouterHead":
+        """A logistic score z = weight . (x - mean) / std + bias as this MLP's shape, exactly:
+        two hidden units u = z and u = -z, since silu(z) - silu(-z) = z sigmoid(z) + z sigmoid(-z)
+        = z. So a linear router loads, folds and runs in the fused decode kernel like any head."""
+        head = cls(RouterConfig(hidden_size=hidden_size, width=2))
+        with torch.no_grad():
+            head.feature_mean.copy_(mean)
+            head.feature_std.copy_(std)
+            head.fc1.weight.copy_(torch.stack([weight, -weight]))
+            head.fc1.bias.copy_(torch.tensor([bias, -bias]))
+            head.fc2.weight.copy_(torch.tensor([[1.0, -1.0]]))
+            head.fc2.bias.zero_()
+        return head.eval().requires_grad_(False)
 
     def set_standardisation(self, features: torch.Tensor) -> None:
         self.feature_mean.copy_(features.float().mean(0))

@@ -7,6 +7,14 @@ validation loss has not improved for `patience` epochs; the epoch kept is the on
 lowest validation loss. Loss rather than AUROC picks it: AUROC is a step function of a few
 dozen validation steps and often peaks (ties included) after the first update, which kept
 untrained heads; the loss keeps falling while the head still fits.
+
+`train_linear_router` fits the other head kind: a logistic score over the same features, with
+a ridge penalty on the hidden-state weights chosen by cross-validation over whole training
+problems (the step statistics, five values, get only a small fixed penalty). The draft's
+hidden states are 2H values against a few thousand labelled steps: an MLP over them fits the
+training problems' own quirks, while most of what ranks a step sits in its log-probs and
+entropies. The fitted score is stored as an MLP of width 2 (`RouterHead.linear`), so the
+decode path is the same for both kinds.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import RouterDataset
+from .features import NUM_SCALAR_FEATURES, feature_dim
 from .head import RouterConfig, RouterHead
 from .metrics import auroc, deferral_curve, spearman
 
@@ -39,6 +48,9 @@ class TrainReport:
     # test problems), and the PRM threshold with which RSD escalates as many of those steps: what
     # a deployment without a calibration run can start from
     val_deferral: list[dict] = field(default_factory=list)
+    kind: str = "mlp"  # "mlp" or "linear"
+    penalty: float | None = None  # linear: the hidden-state ridge penalty the cross-validation chose
+    cv_auroc: dict[str, float] = field(default_factory=dict)  # linear: pooled CV AUROC per penalty
 
     def curves(self) -> dict:
         """The learning curves, JSON-ready."""
@@ -81,15 +93,9 @@ def train_router(data: RouterDataset, hidden_size: int, width: int = 64, epochs:
         raise ValueError(f"patience must be >= 1 epoch, got {patience}")
     torch.manual_seed(seed)
     train, val = split_by_problem(data, val_fraction, seed)
+    n_pos = _check_trainable(data, train, hidden_size)
     head = RouterHead(RouterConfig(hidden_size=hidden_size, width=width))
-    if data.features.shape[1] != head.config.in_features:
-        raise ValueError(f"features have {data.features.shape[1]} columns; a draft with hidden size "
-                         f"{hidden_size} gives {head.config.in_features}")
     y = train.labels
-    n_pos = float(y.sum())
-    if n_pos == 0 or n_pos == len(y):
-        raise ValueError(f"the training split holds only {'negative' if n_pos == 0 else 'positive'} steps "
-                         f"({len(y)} of them): a router needs both kinds of label; label more problems")
     head.set_standardisation(train.features)
     # Each class weighs the same in the loss (positives by neg/pos), whichever is rarer.
     pos_weight = torch.tensor((len(y) - n_pos) / n_pos)
@@ -120,11 +126,123 @@ def train_router(data: RouterDataset, hidden_size: int, width: int = 64, epochs:
             break
     if can_validate:
         head.load_state_dict(best_state)
-        with torch.no_grad():
-            s = head(val.features).numpy()
-        report.val_auroc = auroc(val.labels.numpy(), s)
-        report.val_spearman = spearman(val.advantage.numpy(), s)
-        report.val_deferral = deferral_curve(val.advantage.numpy(), s, draft_prm=val.draft_prm.numpy())
+        _validate(head, val, report)
     else:
         report.best_epoch = report.stopped_epoch
     return head.eval().requires_grad_(False), report
+
+
+def _validate(head: RouterHead, val: RouterDataset, report: TrainReport) -> None:
+    """The kept head's figures on the validation problems."""
+    with torch.no_grad():
+        s = head(val.features).numpy()
+    report.val_auroc = auroc(val.labels.numpy(), s)
+    report.val_spearman = spearman(val.advantage.numpy(), s)
+    report.val_deferral = deferral_curve(val.advantage.numpy(), s, draft_prm=val.draft_prm.numpy())
+
+
+def _check_trainable(data: RouterDataset, train: RouterDataset, hidden_size: int) -> float:
+    """The training split's count of positive steps, once the data is known to fit a head."""
+    if data.features.shape[1] != feature_dim(hidden_size):
+        raise ValueError(f"features have {data.features.shape[1]} columns; a draft with hidden size "
+                         f"{hidden_size} gives {feature_dim(hidden_size)}")
+    y = train.labels
+    n_pos = float(y.sum())
+    if n_pos == 0 or n_pos == len(y):
+        raise ValueError(f"the training split holds only {'negative' if n_pos == 0 else 'positive'} steps "
+                         f"({len(y)} of them): a router needs both kinds of label; label more problems")
+    return n_pos
+
+
+# Ridge penalties on the hidden-state weights (in standardised units, per unit of the
+# class-weighted mean loss) that the cross-validation chooses from, a factor of about 3 apart.
+PENALTIES = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+# The step statistics' penalty: just enough to keep a separable training set's fit finite.
+SCALAR_PENALTY = 1e-4
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, penalty: float,
+                 scalar_penalty: float = SCALAR_PENALTY) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(mean, std, weight, bias) of the class-weighted logistic score over standardised
+    features, ridge-penalised: `penalty` on the hidden-state columns, `scalar_penalty` on the
+    last NUM_SCALAR_FEATURES (the step statistics). Full-batch L-BFGS: the loss is convex, so
+    the fit is the same whatever the start."""
+    x = features.float()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-4)
+    x = (x - mean) / std
+    y = labels.float()
+    n_pos = float(y.sum())
+    pos_weight = torch.tensor((len(y) - n_pos) / n_pos)
+    pen = torch.full((x.shape[1],), float(penalty))
+    pen[-NUM_SCALAR_FEATURES:] = scalar_penalty
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y, pos_weight=pos_weight) + (pen * w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return mean, std, w.detach(), float(b.detach())
+
+
+def problem_folds(data: RouterDataset, folds: int, seed: int) -> list[torch.Tensor]:
+    """Whole problems dealt into `folds` groups at random (fewer when there are fewer problems)."""
+    problems = data.problem.unique()
+    problems = problems[torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed))]
+    k = min(folds, len(problems))
+    return [problems[i::k] for i in range(k)]
+
+
+def cross_validated_auroc(data: RouterDataset, penalty: float, folds: list[torch.Tensor]) -> float | None:
+    """AUROC of every step scored by the fit on the other folds' problems, pooled (steps of a
+    fold whose complement holds one class only stay out); None when the pooled steps are all
+    of one class."""
+    scores = torch.full((len(data),), float("nan"))
+    for fold in folds:
+        held = torch.isin(data.problem, fold)
+        fit_on = data.subset(~held)
+        if not 0 < float(fit_on.labels.sum()) < len(fit_on):
+            continue
+        mean, std, w, b = fit_logistic(fit_on.features, fit_on.labels, penalty)
+        scores[held] = ((data.features[held].float() - mean) / std) @ w + b
+    scored = ~scores.isnan()
+    labels = data.labels[scored]
+    if not 0 < float(labels.sum()) < len(labels):
+        return None
+    return auroc(labels.numpy(), scores[scored].numpy())
+
+
+def train_linear_router(data: RouterDataset, hidden_size: int, penalties: tuple[float, ...] = PENALTIES,
+                        folds: int = 5, val_fraction: float = 0.2, seed: int = 0) -> tuple[RouterHead, TrainReport]:
+    """The linear head: the hidden-state penalty with the best pooled AUROC over `folds`
+    cross-validation folds of the training problems (ties: the larger penalty), refitted on all
+    of them; the validation problems (split as for the MLP) give the report's figures and
+    deferral curve, and take no part in the choice."""
+    if len(data) < 4:
+        raise ValueError(f"need at least 4 labelled steps to train a router, got {len(data)}")
+    if not penalties or any(p < 0 for p in penalties):
+        raise ValueError(f"penalties must be a non-empty list of values >= 0, got {penalties}")
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+    train, val = split_by_problem(data, val_fraction, seed)
+    n_pos = _check_trainable(data, train, hidden_size)
+    report = TrainReport(n_train=len(train), n_val=len(val), positive_rate=n_pos / len(train),
+                         val_positives=int(val.labels.sum()), kind="linear")
+    groups = problem_folds(train, folds, seed)
+    for p in sorted(penalties):
+        score = cross_validated_auroc(train, p, groups) if len(groups) >= 2 else None
+        if score is not None:
+            report.cv_auroc[repr(p)] = score
+    # With no fold to score on (too few problems), the middle of the grid.
+    report.penalty = (max(sorted(penalties, reverse=True), key=lambda p: report.cv_auroc.get(repr(p), -1.0))
+                      if report.cv_auroc else sorted(penalties)[len(penalties) // 2])
+    mean, std, w, b = fit_logistic(train.features, train.labels, report.penalty)
+    head = RouterHead.linear(hidden_size, mean, std, w, b)
+    if len(val) > 0 and 0 < report.val_positives < len(val):
+        _validate(head, val, report)
+    return head, report
