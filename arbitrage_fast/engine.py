@@ -235,6 +235,11 @@ class Engine:
     def request(self, request_id: int) -> Request:
         return self._requests[request_id]
 
+    def decodes_alone(self) -> bool:
+        """Whether at most one request is running, so a step decoded outside the scheduler's
+        forwards (the chunked decoder) holds up nobody."""
+        return len(self.scheduler.running) <= 1
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work
 

@@ -304,6 +304,18 @@ class _LocalSource:
         eng.cache.truncate(sid, T, min(eng.cache.num_tokens(sid, T), len(self.seq.tokens(T))))
 
     # ---------------------------------------------------------------- writing
+    def _chunked(self) -> bool:
+        """Whether this step is decoded by the chunked decoder (decode_chunk != 1). It decodes a
+        step by itself, holding up every other request until the step ends, so with others in
+        flight a step is decoded per token in the scheduler's shared forwards instead; greedy
+        tokens are the same either way. A seeded sampled request keeps the chunked decoder
+        whatever runs beside it: its rolled-back tokens consume random numbers, so switching
+        decoders would make its tokens depend on the other requests."""
+        if self.eng.config.decode_chunk == 1:
+            return False
+        req = self.req
+        return (req.generator is not None and not req.sampling.greedy) or self.eng.decodes_alone()
+
     def as_step(self, written: DecodedStep, escalated: bool) -> Step:
         writer = T if escalated else D
         return Step(text=self.eng.text(written.tokens, writer), token_ids=written.tokens, source=writer.label,
@@ -318,7 +330,7 @@ class _LocalSource:
             seen = eng.cache.num_tokens(seq.seq_id, role)
             self.stats.add_prefill(role, len(seq.tokens(role)) - seen)
             first = yield ModelWork(role, seq.seq_id, seq.tokens(role)[seen:])
-        if eng.config.decode_chunk == 1:
+        if not self._chunked():
             written = yield from decode_step_flow(role, seq.seq_id, first, req.sampling, req.generator,
                                                   self.stops[role], track_features)
         else:

@@ -290,3 +290,42 @@ def test_a_denormal_temperature_samples_greedily(folders):
     greedy = engine.generate(PROMPTS[0], policy="draft_only", sampling=SP)
     tiny = SamplingParams(max_new_tokens=24, max_step_tokens=6, ignore_eos=True, temperature=1.2e-38)
     _same(greedy, engine.generate(PROMPTS[0], policy="draft_only", sampling=tiny))
+
+
+@pytest.mark.parametrize("policy", ["rsd", "arbitrage", "draft_only"])
+def test_chunked_decoding_serves_a_lone_request_and_batches_per_token_beside_others(folders, policy, monkeypatch):
+    """With decode_chunk != 1 a request running alone decodes its steps in chunks (fewer host
+    reads than tokens); beside others its steps are decoded per token in the shared forwards,
+    which carry several requests' decode rows, and greedy output equals each request alone."""
+    engine = policy_engine(folders, decode_chunk=3)
+    prompts, policies, thresholds = _mixed_batch(policy, 4)
+    alone = _alone(engine, prompts, policies, thresholds)
+    per_token = _alone(policy_engine(folders), prompts, policies, thresholds)
+    for pol, chunked, tokenwise in zip(policies, alone, per_token):
+        _same(chunked, tokenwise)
+        if pol != "spec_decode":  # its steps are the speculative decoder's, whatever the chunk
+            assert chunked.stats["decode_host_syncs"] < tokenwise.stats["decode_host_syncs"]  # chunks, not tokens
+    decode_rows: list[int] = []
+    original = engine.runners[Role.DRAFT].run
+    monkeypatch.setattr(engine.runners[Role.DRAFT], "run", lambda works, starts: (
+        decode_rows.append(len(works)) if is_decode_batch(works) else None, original(works, starts))[1])
+    batched = engine.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=SP)
+    for a, b in zip(alone, batched):
+        _same(a, b)
+    assert max(decode_rows) > 1
+    assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_seeded_sampling_keeps_the_chunked_decoder_and_its_tokens_when_batched(folders):
+    """A seeded sampled request's chunks consume random numbers past a step's end, so it keeps
+    the chunked decoder beside others: its tokens are those it draws alone."""
+    engine = policy_engine(folders, decode_chunk=3)
+    samplings = [SamplingParams(max_new_tokens=20, max_step_tokens=6, temperature=1.0, top_k=40, seed=s,
+                                ignore_eos=True) for s in range(4)]
+    policies = ["rsd", "draft_only", "arbitrage", "target_only"]
+    thresholds = [_threshold(p, 1) for p in policies]
+    alone = _alone(engine, PROMPTS[:4], policies, thresholds, samplings)
+    batched = engine.generate_batch(PROMPTS[:4], policy=policies, threshold=thresholds, sampling=samplings)
+    for a, b in zip(alone, batched):
+        _same(a, b)
+    assert len({tuple(r.token_ids) for r in batched}) > 1
