@@ -134,8 +134,12 @@ def test_decode_batches_padded_to_graph_buckets_equal_each_prompt_alone(folders,
     assert engine.kv_stats()["used_pages"] == 0
 
 
-def test_seeded_sampling_is_the_same_alone_and_batched(folders):
-    engine = policy_engine(folders)
+@pytest.mark.parametrize("decode_chunk", [1, 3])
+def test_seeded_sampling_is_the_same_alone_and_batched(folders, decode_chunk):
+    """Per-request generators; with decode_chunk != 1 a seeded sampled request keeps the chunked
+    decoder beside others (its chunks consume random numbers past a step's end), so its tokens
+    are those it draws alone there too."""
+    engine = policy_engine(folders, decode_chunk=decode_chunk)
     samplings = [SamplingParams(max_new_tokens=20, max_step_tokens=6, temperature=1.0, top_k=40, seed=s,
                                 ignore_eos=True) for s in range(6)]
     policies = ["rsd", "draft_only", "target_only", "oracle", "spec_decode", "arbitrage"]
@@ -315,17 +319,3 @@ def test_chunked_decoding_serves_a_lone_request_and_batches_per_token_beside_oth
     assert max(decode_rows) > 1
     assert engine.kv_stats()["used_pages"] == 0
 
-
-def test_seeded_sampling_keeps_the_chunked_decoder_and_its_tokens_when_batched(folders):
-    """A seeded sampled request's chunks consume random numbers past a step's end, so it keeps
-    the chunked decoder beside others: its tokens are those it draws alone."""
-    engine = policy_engine(folders, decode_chunk=3)
-    samplings = [SamplingParams(max_new_tokens=20, max_step_tokens=6, temperature=1.0, top_k=40, seed=s,
-                                ignore_eos=True) for s in range(4)]
-    policies = ["rsd", "draft_only", "arbitrage", "target_only"]
-    thresholds = [_threshold(p, 1) for p in policies]
-    alone = _alone(engine, PROMPTS[:4], policies, thresholds, samplings)
-    batched = engine.generate_batch(PROMPTS[:4], policy=policies, threshold=thresholds, sampling=samplings)
-    for a, b in zip(alone, batched):
-        _same(a, b)
-    assert len({tuple(r.token_ids) for r in batched}) > 1
