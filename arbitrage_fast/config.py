@@ -75,7 +75,8 @@ class EngineConfig:
     # Tokens decoded per host round-trip when writing a step (rolled back past a boundary):
     # 1 = the per-token decoder, N > 1 = chunks of N, 0 = adaptive (<= 2 host reads per step).
     # Chunks serve a request running alone (and a seeded sampled one always); beside others a
-    # step is decoded per token in the scheduler's shared forwards.
+    # greedy step is a row of the model's shared chunked loop (runtime/chunked_rows.py) and a
+    # sampled one decodes per token in the scheduler's shared forwards.
     decode_chunk: int = 1
     spec_k: int = 0  # token-level speculation inside target steps (0 = off)
     # Continuous batching: requests running at once, and tokens per model forward (decode rows

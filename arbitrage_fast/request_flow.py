@@ -30,7 +30,7 @@ from .runtime.chunked_decoder import decode_step_chunked
 from .runtime.model_runner import ForwardOutput
 from .runtime.speculative import speculative_step
 from .runtime.step_decoder import DecodedStep, StopRule, decode_step_flow
-from .runtime.work import ModelWork, share_prefix
+from .runtime.work import ModelWork, StepWork, share_prefix
 from .sequence import Step
 from .stop_strings import end_at_stop, tokens_through_stop
 
@@ -305,16 +305,25 @@ class _LocalSource:
 
     # ---------------------------------------------------------------- writing
     def _chunked(self) -> bool:
-        """Whether this step is decoded by the chunked decoder (decode_chunk != 1). It decodes a
-        step by itself, holding up every other request until the step ends, so with others in
-        flight a step is decoded per token in the scheduler's shared forwards instead; greedy
-        tokens are the same either way. A seeded sampled request keeps the chunked decoder
+        """Whether this step is decoded by the batch-1 chunked decoder (decode_chunk != 1). It
+        decodes a step by itself, holding up every other request until the step ends, so with
+        others in flight a greedy step takes a row of the shared chunked loop instead (or, when
+        it gets none, and for unseeded sampling, decodes per token in the shared forwards);
+        greedy tokens are the same every way. A seeded sampled request keeps this decoder
         whatever runs beside it: its rolled-back tokens consume random numbers, so switching
         decoders would make its tokens depend on the other requests."""
         if self.eng.config.decode_chunk == 1:
             return False
         req = self.req
         return (req.generator is not None and not req.sampling.greedy) or self.eng.decodes_alone()
+
+    def _shares_rows(self, role: Role, router) -> bool:
+        """Whether this greedy step, with other requests in flight, got a row of the model's
+        shared chunked loop (k tokens per host read for every row; runtime/chunked_rows.py)."""
+        if not self.req.sampling.greedy or self.eng.decodes_alone():
+            return False
+        rows = self.eng.scheduler.chunked_rows(role)
+        return rows is not None and rows.reserve(self.seq.seq_id, self.stops[role], router)
 
     def as_step(self, written: DecodedStep, escalated: bool) -> Step:
         writer = T if escalated else D
@@ -330,7 +339,10 @@ class _LocalSource:
             seen = eng.cache.num_tokens(seq.seq_id, role)
             self.stats.add_prefill(role, len(seq.tokens(role)) - seen)
             first = yield ModelWork(role, seq.seq_id, seq.tokens(role)[seen:])
-        if not self._chunked():
+        if self._shares_rows(role, router):
+            written = yield StepWork(role, seq.seq_id, first, self.stops[role], router, track_features)
+            self.stats.rolled_back_tokens += written.rolled_back
+        elif not self._chunked():
             written = yield from decode_step_flow(role, seq.seq_id, first, req.sampling, req.generator,
                                                   self.stops[role], track_features)
         else:

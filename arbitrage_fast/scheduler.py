@@ -49,12 +49,19 @@ from .prefix_sharing import plan_share
 from .request import Request, RequestState
 from .request_flow import request_flow
 from .roles import Role
+from .runtime.batch_graphs import BUCKETS
+from .runtime.chunked_rows import ChunkedRows
 from .runtime.model_runner import ForwardOutput
-from .runtime.work import ModelWork, SharePrefix
+from .runtime.work import ModelWork, SharePrefix, StepWork
 from .sequence import Step
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+
+# Step positions a shared chunked loop holds per row (the largest step cap it takes plus one
+# chunk): 512 keeps the per-position buffers within a power of two (graphs.py rounds up).
+ROWS_CAPACITY = 512
 
 
 class Scheduler:
@@ -68,6 +75,7 @@ class Scheduler:
         self._fed: dict[int, int] = {}
         self._parts: dict[int, list[ForwardOutput]] = {}
         self.last_batch = {Role.DRAFT: 0, Role.TARGET: 0}  # rows of each role's last forward
+        self._rows: dict[Role, ChunkedRows] = {}  # each model's shared chunked loop, made on first use
 
     # ------------------------------------------------------------------ requests in and out
     def add(self, req: Request) -> None:
@@ -95,24 +103,75 @@ class Scheduler:
             self._resume_sharing(touched)
             self._admit(touched)
         for role in Role:
-            batch = self._reserve(role, self._collect(role), touched)
-            self.last_batch[role] = len(batch)
-            if not batch:
-                continue
-            t = time.perf_counter()
-            with nvtx.range(f"{role.label}.forward[{len(batch)}]"):
-                outs = self.eng.runners[role].run([w for _, w, _ in batch], [s for _, _, s in batch])
-            dt = time.perf_counter() - t
-            done = []
-            for (req, work, _), out in zip(batch, outs):
-                req.stats.add_seconds(role, dt)
-                whole = self._gather(req, work, out)
-                if whole is not None:
-                    req.pending = None  # computed: no longer a prefill others could wait for
-                    done.append((req, whole))
-            for req, whole in done:
-                self._advance(req, whole, touched)
+            self._forward(role, touched)
+            self._decode_rows(role, touched)
         return touched
+
+    def _forward(self, role: Role, touched: set[Request]) -> None:
+        """The role's one batched forward over its collected work; the flows it served run on."""
+        batch = self._reserve(role, self._collect(role), touched)
+        self.last_batch[role] = len(batch)
+        if not batch:
+            return
+        t = time.perf_counter()
+        with nvtx.range(f"{role.label}.forward[{len(batch)}]"):
+            outs = self.eng.runners[role].run([w for _, w, _ in batch], [s for _, _, s in batch])
+        dt = time.perf_counter() - t
+        done = []
+        for (req, work, _), out in zip(batch, outs):
+            req.stats.add_seconds(role, dt)
+            whole = self._gather(req, work, out)
+            if whole is not None:
+                req.pending = None  # computed: no longer a prefill others could wait for
+                done.append((req, whole))
+        for req, whole in done:
+            self._advance(req, whole, touched)
+
+    # ------------------------------------------------------------------ shared chunked decoding
+    def chunked_rows(self, role: Role) -> ChunkedRows | None:
+        """The model's shared chunked loop (runtime/chunked_rows.py), where steps of several
+        greedy requests decode k tokens per host read; None when decode_chunk is 1 or one
+        request runs at a time."""
+        chunk = self.eng.config.decode_chunk
+        if chunk == 1 or self.max_batch < 2:
+            return None
+        if role not in self._rows:
+            rows = min(self.max_batch, BUCKETS[-1])
+            k = chunk or ChunkedRows.ADAPTIVE_CHUNK
+            self._rows[role] = ChunkedRows(self.eng.runners[role], rows, ROWS_CAPACITY - k, chunk)
+        return self._rows[role]
+
+    def _decode_rows(self, role: Role, touched: set[Request]) -> None:
+        """One chunk of the role's shared loop over every request whose step holds a row,
+        making KV room as `_reserve` does; the flows of the steps that ended run on."""
+        rows = self._rows.get(role)
+        if rows is None or not len(rows):
+            return
+        while True:
+            stepping = [r for r in self.running if isinstance(r.pending, StepWork) and r.pending.role == role]
+            if not stepping:
+                return
+            t = time.perf_counter()
+            try:
+                with nvtx.range(f"{role.label}.chunk[{len(stepping)}]"):
+                    ended = rows.run_chunk({r.pending.seq_id: r.pending for r in stepping})
+                break
+            except KVCacheExhausted:
+                if self._evict_one():
+                    continue
+                victim = self.running[-1]
+                if len(self.running) == 1:
+                    self._fail(victim, KVCacheExhausted(self._too_large(victim)), touched)
+                else:
+                    self._preempt(victim)
+        dt = time.perf_counter() - t
+        for req in stepping:
+            req.stats.add_seconds(role, dt)
+        for req in stepping:
+            if req.pending.seq_id in ended:
+                step = ended[req.pending.seq_id]
+                req.pending = None
+                self._advance(req, step, touched)
 
     def _admit(self, touched: set[Request]) -> None:
         cache = self.eng.cache
@@ -196,7 +255,7 @@ class Scheduler:
         try:
             with nvtx.range("request_flow"):  # sampling, decisions, commits (and chunked decoding on GPU)
                 item = req.flow.send(value)
-                while not isinstance(item, ModelWork):
+                while not isinstance(item, (ModelWork, StepWork)):
                     if isinstance(item, Step):
                         touched.add(req)
                     elif not self._share(req, item):
@@ -256,6 +315,8 @@ class Scheduler:
         req.pending = None
         self._fed.pop(req.request_id, None)
         self._parts.pop(req.request_id, None)
+        for rows in self._rows.values():
+            rows.drop(req.seq.seq_id)
         self.running.remove(req)
         if self.eng.cache.has_sequence(req.seq.seq_id):
             self.eng.cache.free_sequence(req.seq.seq_id)

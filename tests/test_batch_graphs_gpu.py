@@ -120,3 +120,21 @@ def test_bf16_batches_replay_and_free_their_pages(folders):
     out = engine.generate_batch(PROMPTS, policy="draft_only", sampling=SP)
     assert all(len(r.token_ids) == SP.max_new_tokens for r in out)
     assert engine.draft.buckets.captured and engine.kv_stats()["used_pages"] == 0
+
+
+def test_shared_chunked_rows_replayed_from_a_graph_equal_each_prompt_alone(folders):
+    """decode_chunk=3 on the GPU: greedy steps of several requests as rows of one captured
+    chunked loop per model (runtime/chunked_rows.py) give each prompt's tokens alone."""
+    draft, target, router = folders
+    engine = Engine(EngineConfig(draft=draft, target=target, router=router, device="cuda", kv_pages=512,
+                                 min_block_size=4, decode_chunk=3))
+    alone = [engine.generate(p, policy=pol, threshold=t, sampling=SP) for p, pol, t in zip(PROMPTS, POLICIES,
+                                                                                         THRESHOLDS)]
+    batched = engine.generate_batch(PROMPTS, policy=POLICIES, threshold=THRESHOLDS, sampling=SP)
+    for a, b in zip(alone, batched):
+        assert a.token_ids == b.token_ids
+    from arbitrage_fast.runtime.graphs import decode_graphs
+
+    rows = engine.scheduler.chunked_rows(Role.DRAFT).rows
+    assert any(key[0] == rows for key in decode_graphs(engine.runners[Role.DRAFT]).captured)
+    assert engine.kv_stats()["used_pages"] == 0

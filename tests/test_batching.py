@@ -296,26 +296,107 @@ def test_a_denormal_temperature_samples_greedily(folders):
     _same(greedy, engine.generate(PROMPTS[0], policy="draft_only", sampling=tiny))
 
 
-@pytest.mark.parametrize("policy", ["rsd", "arbitrage", "draft_only"])
-def test_chunked_decoding_serves_a_lone_request_and_batches_per_token_beside_others(folders, policy, monkeypatch):
-    """With decode_chunk != 1 a request running alone decodes its steps in chunks (fewer host
-    reads than tokens); beside others its steps are decoded per token in the shared forwards,
-    which carry several requests' decode rows, and greedy output equals each request alone."""
-    engine = policy_engine(folders, decode_chunk=3)
-    prompts, policies, thresholds = _mixed_batch(policy, 4)
+def _shared_chunks(engine, monkeypatch) -> list[int]:
+    """Rows of each chunk the engine's shared chunked loops run (runtime/chunked_rows.py)."""
+    from arbitrage_fast.runtime.chunked_rows import ChunkedRows
+
+    rows: list[int] = []
+    original = ChunkedRows.run_chunk
+    monkeypatch.setattr(ChunkedRows, "run_chunk", lambda self, works: (rows.append(len(works)),
+                                                                       original(self, works))[1])
+    return rows
+
+
+def _same_scores(a, b) -> None:
+    for x, y in zip(a.steps, b.steps):
+        for name in ("draft_prm", "target_prm", "router_score"):
+            u, v = getattr(x, name), getattr(y, name)
+            assert (u is None) == (v is None), name
+            if u is not None:
+                assert u == pytest.approx(v, rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize("decode_chunk", [0, 3])
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_greedy_steps_share_one_chunked_loop_and_equal_each_prompt_alone(folders, policy, decode_chunk,
+                                                                         monkeypatch):
+    """With decode_chunk != 1 a lone request decodes in chunks on its own loop (fewer host reads
+    than tokens); beside others its greedy steps are rows of one shared chunked loop per model,
+    several rows a chunk, and every token, score and stop equals the prompt run alone, with no
+    page left behind."""
+    engine = policy_engine(folders, decode_chunk=decode_chunk)
+    prompts, policies, thresholds = _mixed_batch(policy, 6)
     alone = _alone(engine, prompts, policies, thresholds)
     per_token = _alone(policy_engine(folders), prompts, policies, thresholds)
     for pol, chunked, tokenwise in zip(policies, alone, per_token):
         _same(chunked, tokenwise)
         if pol != "spec_decode":  # its steps are the speculative decoder's, whatever the chunk
             assert chunked.stats["decode_host_syncs"] < tokenwise.stats["decode_host_syncs"]  # chunks, not tokens
-    decode_rows: list[int] = []
-    original = engine.runners[Role.DRAFT].run
-    monkeypatch.setattr(engine.runners[Role.DRAFT], "run", lambda works, starts: (
-        decode_rows.append(len(works)) if is_decode_batch(works) else None, original(works, starts))[1])
+    rows = _shared_chunks(engine, monkeypatch)
     batched = engine.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=SP)
     for a, b in zip(alone, batched):
         _same(a, b)
-    assert max(decode_rows) > 1
+        _same_scores(a, b)
+    assert max(rows) > 1
+    shared = [r for r, pol in zip(batched, policies) if pol != "spec_decode"]
+    assert sum(r.stats["decode_host_syncs"] for r in shared) < sum(
+        r.stats["decode_host_syncs"] for r, pol in zip(per_token, policies) if pol != "spec_decode")
     assert engine.kv_stats()["used_pages"] == 0
 
+
+@pytest.mark.parametrize("policy", ["rsd", "arbitrage"])
+def test_shared_chunked_rows_under_a_tiny_pool_preempt_and_give_the_uncontended_tokens(folders, policy,
+                                                                                      monkeypatch):
+    prompts, policies, thresholds = _mixed_batch(policy, 6)
+    reference = _alone(policy_engine(folders), prompts, policies, thresholds)
+    tight = policy_engine(folders, kv_pages=32, decode_chunk=4)
+    rows = _shared_chunks(tight, monkeypatch)
+    batched = tight.generate_batch(prompts, policy=policies, threshold=thresholds, sampling=SP)
+    for a, b in zip(reference, batched):
+        _same(a, b)
+    assert max(rows) > 1
+    assert sum(r.stats["preemptions"] for r in batched) > 0, "the pool was meant to force preemption"
+    assert tight.kv_stats()["used_pages"] == 0
+
+
+def test_aborting_a_request_mid_step_frees_its_row_and_pages(folders):
+    engine = policy_engine(folders, decode_chunk=3)
+    prompts, policies, thresholds = _mixed_batch("arbitrage", 4)
+    ids = [engine.add_request(p, policy=pol, threshold=t, sampling=SP)
+           for p, pol, t in zip(prompts, policies, thresholds)]
+    rows = engine.scheduler.chunked_rows(Role.DRAFT)
+    for _ in range(20):  # until a request holds a row between chunks
+        engine.step()
+        holding = [r for r in engine.scheduler.running if r.seq.seq_id in rows]
+        if holding:
+            break
+    victim = holding[0]
+    engine.abort(victim.request_id)
+    assert victim.seq.seq_id not in rows
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not len(rows) and not len(engine.scheduler.chunked_rows(Role.TARGET))
+    for i in ids:
+        engine.forget(i)
+    assert engine.kv_stats()["used_pages"] == 0
+
+
+def test_a_shared_loop_refuses_rows_it_cannot_hold():
+    """Full, a step cap past its room, or another router than its rows' (a graph bakes one in):
+    no row, and the flow decodes that step per token instead."""
+    from arbitrage_fast.runtime.chunked_rows import ChunkedRows
+    from arbitrage_fast.runtime.step_decoder import StopRule
+
+    stop = StopRule(frozenset({1}), frozenset({2}), max_step_tokens=8, budget=100)
+    r1, r2 = object(), object()
+    rows = ChunkedRows(None, rows=2, max_step_tokens=16, chunk=4)
+    assert not rows.reserve(9, StopRule(frozenset({1}), frozenset(), 17, 100), None)  # cap 17 > 16
+    assert rows.reserve(1, stop, r1)
+    assert not rows.reserve(2, stop, r2)  # another router while r1's row runs
+    assert rows.reserve(2, stop, None)  # no router: rides along unscored
+    assert not rows.reserve(3, stop, r1)  # full
+    with pytest.raises(ValueError, match="already holds a row"):
+        rows.reserve(1, stop, r1)
+    rows.drop(1)
+    rows.drop(2)
+    assert rows.reserve(3, stop, r2) and 3 in rows and len(rows) == 1  # empty: any router

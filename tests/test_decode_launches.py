@@ -129,7 +129,7 @@ def test_a_decode_iteration_makes_no_host_sync_on_the_cuda_path(monkeypatch):
 
     from arbitrage_fast.config import SamplingParams
     from arbitrage_fast.router.head import RouterConfig, RouterHead
-    from arbitrage_fast.runtime.chunked_decoder import _folded
+    from arbitrage_fast.runtime.chunked_decoder import folded_router
     from arbitrage_fast.runtime.decode_iteration import DecodeBuffers, DecodeIteration
 
     counter = LaunchCounter()
@@ -145,7 +145,7 @@ def test_a_decode_iteration_makes_no_host_sync_on_the_cuda_path(monkeypatch):
         buffers = DecodeBuffers(1, 8, 32, 4, torch.device("cpu"))
         buffers.set_block_table(0, [1, 0, 2, 3])
         buffers.start_row(0, 3)
-        router = _folded(RouterHead(RouterConfig(hidden_size=32, width=8)), torch.device("cpu"))
+        router = folded_router(RouterHead(RouterConfig(hidden_size=32, width=8)), torch.device("cpu"))
         iteration = DecodeIteration(runner, buffers, SamplingParams(), None, track_features=True,
                                     static_tables=True, router=router)
         with counter:

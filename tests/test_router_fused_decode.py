@@ -14,7 +14,7 @@ from arbitrage_fast.models.architecture import DecoderSpec
 from arbitrage_fast.models.llama import LlamaDecoder
 from arbitrage_fast.router.features import assemble_features
 from arbitrage_fast.router.head import RouterConfig, RouterHead
-from arbitrage_fast.runtime.chunked_decoder import _candidate_scores, _folded
+from arbitrage_fast.runtime.chunked_decoder import candidate_scores, folded_router
 from arbitrage_fast.runtime.decode_iteration import DecodeBuffers, DecodeIteration
 from helpers.triton_kernels import load_kernel
 
@@ -59,7 +59,7 @@ def test_fused_router_scores_equal_the_head_on_the_features(impl, kind, monkeypa
         monkeypatch.setattr(rh, "use_triton", lambda *t: True)
     runner, router = _setup(kind=kind)
     with torch.inference_mode():
-        folded = _folded(router, torch.device("cpu"))
+        folded = folded_router(router, torch.device("cpu"))
         buffers = DecodeBuffers(1, 8, 32, 4, torch.device("cpu"))
         buffers.set_block_table(0, [2, 0, 3, 1])
         buffers.start_row(0, 3)
@@ -69,12 +69,12 @@ def test_fused_router_scores_equal_the_head_on_the_features(impl, kind, monkeypa
         k = 5
         for _ in range(k - 1):
             it()
-        got = _candidate_scores(it, folded, 0, k)
+        got = candidate_scores(it, folded, 0, k)
         want = router(_features(buffers, k))
     assert got.shape == (k,)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # A later chunk reads its own positions only.
-    torch.testing.assert_close(_candidate_scores(it, folded, 2, 3), want[2:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(candidate_scores(it, folded, 2, 3), want[2:], rtol=1e-5, atol=1e-6)
 
 
 def test_a_router_needs_the_features():
@@ -82,4 +82,4 @@ def test_a_router_needs_the_features():
     buffers = DecodeBuffers(1, 8, 32, 4, torch.device("cpu"))
     with pytest.raises(ValueError, match="track_features"):
         DecodeIteration(runner, buffers, SamplingParams(), None, track_features=False,
-                        router=_folded(router, torch.device("cpu")))
+                        router=folded_router(router, torch.device("cpu")))

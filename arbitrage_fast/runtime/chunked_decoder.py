@@ -106,11 +106,11 @@ def decode_step_chunked(runner: ModelRunner, seq_id: int, first: ForwardOutput, 
     if cap <= 0:
         raise ValueError(f"no token left to decode in this step (cap {stop.max_step_tokens}, budget {stop.budget})")
     plan = ChunkPlan.for_step(chunk, cap, mean_step_len)
-    folded = _folded(score, first.hidden.device) if score is not None else None
+    folded = folded_router(score, first.hidden.device) if score is not None else None
     loop = decode_graphs(runner).loop(1, cap, sampling, generator, track_features, router=folded)
     buffers = loop.buffers
     logits = first.logits[-1:]
-    is_boundary, eos = _stop_tensors(stop.boundary_ids, stop.eos_ids, logits.shape[-1], logits.device)
+    is_boundary, eos = stop_tensors(stop.boundary_ids, stop.eos_ids, logits.shape[-1], logits.device)
 
     start = runner.kv_len(seq_id)
     buffers.start_row(0, start)
@@ -129,7 +129,7 @@ def decode_step_chunked(runner: ModelRunner, seq_id: int, first: ForwardOutput, 
         end = first_step_end(chunk_tokens, is_boundary, eos, step_len, cap)
         parts = [end.double()[:, None], chunk_tokens.double(), buffers.logprobs[:, done:done + k].double()]
         if folded is not None:
-            parts.append(_candidate_scores(loop.iteration, folded, done, k).double()[None])
+            parts.append(candidate_scores(loop.iteration, folded, done, k).double()[None])
         row = torch.cat(parts, dim=1)[0].tolist()  # the chunk's one blocking read
         syncs += 1
         e = int(row[0])
@@ -145,7 +145,7 @@ def decode_step_chunked(runner: ModelRunner, seq_id: int, first: ForwardOutput, 
     reason = stop.ended_by(tokens[-1], len(tokens))
     if reason is None:  # the device and the host disagree on the stop rule: a bug, never data
         raise RuntimeError(f"chunk end at token {tokens[-1]} (step length {len(tokens)}) matches no stop rule")
-    features = _features(buffers, len(tokens), first.hidden.device) if track_features else None
+    features = step_features(buffers, len(tokens), first.hidden.device) if track_features else None
     router_score = row[1 + 2 * k + e] if score is not None else None
     return DecodedStep(tokens=tokens, ended_by=reason, logprobs=logprobs, features=features, host_syncs=syncs,
                        forwards=forwards, router_score=router_score,
@@ -174,37 +174,38 @@ def _extend_for_chunk(runner: ModelRunner, seq_id: int, loop: DecodeLoop, start:
     return k
 
 
-def _features(buffers, n: int, device) -> StepFeatureAccumulator:
-    """The accumulator the per-token decoder would hold after n tokens, read from the prefix
-    sums at the step's last kept position (cloned: the buffers serve the next step)."""
+def step_features(buffers, n: int, device, row: int = 0) -> StepFeatureAccumulator:
+    """The accumulator the per-token decoder would hold after n tokens of the step in `row`,
+    read from the prefix sums at the step's last kept position (cloned: the buffers serve the
+    next step)."""
     acc = StepFeatureAccumulator(buffers.hidden_size, device)
-    acc.h_sum = buffers.cum_hidden[0, n].clone()
-    acc.h_last = buffers.hidden[0, n - 1].clone()
-    acc.logp_sum = buffers.cum_logprob[0, n].clone()
-    acc.entropy_sum = buffers.cum_entropy[0, n].clone()
-    acc.logp_min = buffers.min_logprob[0, n].clone()
-    acc.entropy_max = buffers.max_entropy[0, n].clone()
+    acc.h_sum = buffers.cum_hidden[row, n].clone()
+    acc.h_last = buffers.hidden[row, n - 1].clone()
+    acc.logp_sum = buffers.cum_logprob[row, n].clone()
+    acc.entropy_sum = buffers.cum_entropy[row, n].clone()
+    acc.logp_min = buffers.min_logprob[row, n].clone()
+    acc.entropy_max = buffers.max_entropy[row, n].clone()
     acc.n = n
     return acc
 
 
-def _candidate_scores(iteration, router: FoldedRouter, done: int, k: int) -> torch.Tensor:
-    """Router scores [k] of the step as if it ended at each of positions done..done+k-1: the
-    epilogue over the pre-activations the fused norm kept per position, with the scalar
-    features read from the prefix sums and running extremes (so positions past the real end
-    never leak in)."""
+def candidate_scores(iteration, router: FoldedRouter, done: int, k: int, row: int = 0) -> torch.Tensor:
+    """Router scores [k] of the step in `row` as if it ended at each of positions
+    done..done+k-1: the epilogue over the pre-activations the fused norm kept per position,
+    with the scalar features read from the prefix sums and running extremes (so positions past
+    the real end never leak in)."""
     b = iteration.buffers
     ends = slice(done + 1, done + k + 1)  # prefix index j + 1 holds positions 0..j
     n = torch.arange(done + 1, done + k + 1, device=b.hidden.device)
-    return router_epilogue_reference(iteration.pre[0, done:done + k], router.w_scalar, router.b1, router.w2,
-                                     router.b2, b.cum_logprob[0, ends] / n, b.cum_entropy[0, ends] / n, n,
-                                     b.min_logprob[0, ends], b.max_entropy[0, ends])
+    return router_epilogue_reference(iteration.pre[row, done:done + k], router.w_scalar, router.b1, router.w2,
+                                     router.b2, b.cum_logprob[row, ends] / n, b.cum_entropy[row, ends] / n, n,
+                                     b.min_logprob[row, ends], b.max_entropy[row, ends])
 
 
 _FOLDED: "weakref.WeakKeyDictionary[RouterHead, dict]" = weakref.WeakKeyDictionary()
 
 
-def _folded(router: RouterHead, device: torch.device) -> FoldedRouter:
+def folded_router(router: RouterHead, device: torch.device) -> FoldedRouter:
     """The router's folded first layer on `device`, computed once per router and device (the
     same tensors every step, which a captured graph needs)."""
     per_device = _FOLDED.setdefault(router, {})
@@ -217,7 +218,7 @@ def _folded(router: RouterHead, device: torch.device) -> FoldedRouter:
 
 
 @lru_cache(maxsize=8)
-def _stop_tensors(boundary_ids: frozenset[int], eos_ids: frozenset[int], vocab: int,
+def stop_tensors(boundary_ids: frozenset[int], eos_ids: frozenset[int], vocab: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Boundary mask over the vocabulary and the EOS ids, on the device, once per stop set."""
     mask = torch.zeros(vocab, dtype=torch.bool)

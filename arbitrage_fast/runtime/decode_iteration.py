@@ -163,6 +163,31 @@ class DecodeIteration:
         b.input_ids.copy_(token)
         b.step_pos.add_(1)
 
+    def record_first_rows(self, rows: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """Greedy first tokens of steps that start in `rows` (just set by `start_row`, so at step
+        position 0) while the other rows are mid-step: what `record` files for a step's first
+        token, the same ops on those rows only. hidden [n, H], logits [n, V] from the prefills."""
+        if not self.sampling.greedy:
+            raise ValueError("rows join a shared loop under greedy decoding only")
+        b = self.buffers
+        token, logprob, entropy = greedy_with_logprob(logits, entropy=self.track_features)
+        b.tokens[rows, 0] = token
+        b.logprobs[rows, 0] = logprob
+        if self.track_features:
+            # index 0 of every prefix holds the identity (never written), as for record's j = 0
+            for prefix, value, combine in ((b.cum_logprob, logprob, torch.add), (b.cum_entropy, entropy, torch.add),
+                                           (b.min_logprob, logprob, torch.minimum),
+                                           (b.max_entropy, entropy, torch.maximum)):
+                prefix[rows, 1] = combine(prefix[rows, 0], value.to(prefix.dtype))
+            h = hidden.float()
+            b.hidden[rows, 0] = h
+            b.cum_hidden[rows, 1] = b.cum_hidden[rows, 0] + h
+            if self.router is not None:
+                one = torch.ones(len(rows), 1, device=h.device)
+                self.pre[rows, 0] = h @ self.router.w_last.t() + (b.cum_hidden[rows, 1] / one) @ self.router.w_mean.t()
+        b.input_ids[rows] = token
+        b.step_pos[rows] = 1
+
     def _fused_norm(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final RMSNorm, running hidden sum and router pre-activation in one pass; returns
         (normed, new prefix sum) and files the pre-activation at the row's step position."""

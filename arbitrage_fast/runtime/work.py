@@ -12,9 +12,15 @@ single-request decoder (and its tests) needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generator, Literal, TypeVar
+from typing import TYPE_CHECKING, Generator, Literal, TypeVar
 
 from arbitrage_fast.roles import Role
+
+if TYPE_CHECKING:
+    from arbitrage_fast.router.head import RouterHead
+
+    from .model_runner import ForwardOutput
+    from .step_decoder import StopRule
 
 T = TypeVar("T")
 
@@ -60,9 +66,24 @@ class SharePrefix:
     context: list[int]
 
 
-# A step-logic generator: yields ModelWork (receives ForwardOutput) or SharePrefix (receives
-# None), and returns its result.
-WorkFlow = Generator["ModelWork | SharePrefix", object, T]
+@dataclass
+class StepWork:
+    """Decode one greedy step of sequence `seq_id` as a row of the scheduler's shared chunked
+    loop (chunked_rows.py), from `first` (the forward output whose last row starts the step),
+    under `stop`; `router` (a RouterHead, or None) scores the step at its end. The flow is sent
+    the `DecodedStep`. Yielded only after the loop reserved the row (`ChunkedRows.reserve`)."""
+
+    role: Role
+    seq_id: int
+    first: "ForwardOutput"
+    stop: "StopRule"
+    router: "RouterHead | None" = None
+    track_features: bool = False  # the step's router features come back with it
+
+
+# A step-logic generator: yields ModelWork (receives ForwardOutput), SharePrefix (receives
+# None) or StepWork (receives a DecodedStep), and returns its result.
+WorkFlow = Generator["ModelWork | SharePrefix | StepWork", object, T]
 
 
 def share_prefix(cache, seq_id: int, role: Role, context: list[int]) -> "WorkFlow[None]":
