@@ -10,6 +10,9 @@ Each iteration:
   3. the target forward, the same way, including work that step 2 just produced;
   4. each request's flow takes its output and runs on to its next model work, committing
      steps (its policy decides on its own step) or ending.
+After each model's forward, with decode_chunk != 1, that model's shared chunked loop
+(runtime/chunked_rows.py) runs one chunk of k tokens for every greedy step holding a row in it,
+with one host read for all of them; the flows whose step ended run on the same way.
 
 Memory: KV room for a forward is reserved before it runs. When the pool is full the newest
 running request is preempted (pages freed, committed steps kept, recomputed on resume),
@@ -130,8 +133,8 @@ class Scheduler:
     # ------------------------------------------------------------------ shared chunked decoding
     def chunked_rows(self, role: Role) -> ChunkedRows | None:
         """The model's shared chunked loop (runtime/chunked_rows.py), where steps of several
-        greedy requests decode k tokens per host read; None when decode_chunk is 1 or one
-        request runs at a time."""
+        greedy requests decode k tokens per host read; None when decode_chunk is 1 or the
+        batch holds one request at most."""
         chunk = self.eng.config.decode_chunk
         if chunk == 1 or self.max_batch < 2:
             return None
