@@ -88,6 +88,11 @@ class EngineConfig:
     prefix_cache: bool = False
     # GGUF weights: False = kept in their quantized blocks (CPU); True = dequantised at load.
     dequantize: bool = False
+    # Packed weights (a GGUF kept packed, or draft_quant/target_quant) plus a 16-bit copy of them:
+    # forwards of at least this many tokens (prefill chunks, wide decode batches) run the copy,
+    # narrower ones the packed kernels (models/dense_copy.py). None = packed weights only. Costs
+    # the 16-bit model's memory on top.
+    dense_rows: int | None = None
     # The norms, activation and attention on the CPU: None = the model's own choice (a float
     # checkpoint keeps transformers' arithmetic, packed or quantized weights run the compiled
     # kernels), False = the compiled kernels for every model (they sum in another order, within
@@ -144,8 +149,17 @@ class EngineConfig:
                 raise ValueError(f"{name} must be None or one of {list(QUANT_FORMATS)}, got {value!r}")
         if isinstance(self.quant_group, bool) or self.quant_group not in QUANT_GROUPS:
             raise ValueError(f"quant_group must be one of {list(QUANT_GROUPS)}, got {self.quant_group!r}")
+        if self.dense_rows is not None and (isinstance(self.dense_rows, bool) or not isinstance(self.dense_rows, int)
+                                            or self.dense_rows < 1):
+            raise ValueError(f"dense_rows must be None or a positive integer, got {self.dense_rows!r}")
+        if self.dense_rows is not None and self.dequantize:
+            raise ValueError("dense_rows adds a 16-bit copy to packed weights; dequantize=True keeps no packed "
+                             "weights to add it to (use one or the other)")
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
+        if self.batch_invariant and self.dense_rows is not None:
+            raise ValueError(f"batch_invariant=True cannot use dense_rows={self.dense_rows}: a row would round "
+                             "differently in a forward wide enough for the 16-bit copy than in a narrow one")
         if self.batch_invariant and self.decode_chunk != 1:
             raise ValueError(f"batch_invariant=True needs decode_chunk=1 (got {self.decode_chunk}): the chunked "
                              "decoder attends from device-side lengths with a split chosen by the batch")

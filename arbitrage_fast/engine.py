@@ -25,6 +25,7 @@ from .kv.paged_cache import KVSpec, PagedKVCache
 from .messages import checked_messages, is_conversation, problem_text
 from .models.group_quant import QuantScheme
 from .models.batch_invariant import InvariantLayers, make_batch_invariant
+from .models.dense_copy import add_dense_copy
 from .models.loader import LoadedModel, load_model, resolve_dtype
 from .policies import make_policy
 from .prm.build import PolicyPRMs, build_prm
@@ -64,6 +65,13 @@ class Engine:
         if config.exact_arithmetic is not None:
             for lm in {id(lm.model): lm for lm in (draft, target)}.values():
                 lm.model.set_exact_arithmetic(config.exact_arithmetic)
+        if config.dense_rows is not None:  # after the layers' ops are final: the copy sits beside them
+            copied = [add_dense_copy(lm.model, config.dense_rows)
+                      for lm in {id(lm.model): lm for lm in (draft, target)}.values()]
+            if not any(copied):
+                raise ValueError(f"dense_rows={config.dense_rows} needs packed weights (a GGUF file loaded packed, "
+                                 f"or draft_quant/target_quant) with exact arithmetic off; {draft.path} and "
+                                 f"{target.path} have none")
         # Per role, which linear layers kept their kernel and which go row by row (empty unless
         # config.batch_invariant); draft and target may be one model, probed once.
         self.invariant_layers: dict[Role, InvariantLayers] = {}

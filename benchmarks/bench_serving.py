@@ -6,7 +6,9 @@ The servers are separate processes on loopback: `arbitrage-fast serve` with `--m
 before batching), and vLLM's OpenAI server when `--vllm-python` names the interpreter of a
 virtualenv with vllm installed (it may serve another model, e.g. the target alone, beside the
 pair). `--servers batched:POLICY[@THRESHOLD]` adds an engine server under another step policy
-than `--policy`, so several policies meet one vLLM in one run. Each is driven by 1, 4, 8, 16 concurrent
+than `--policy`, so several policies meet one vLLM in one run; `+FLAG[=VALUE]` after a name
+adds `--FLAG [VALUE]` to that server's command line (`batched:arbitrage@0.7+dense-rows=4`), so
+two loads of the same models meet in one run too. Each is driven by 1, 4, 8, 16 concurrent
 clients (a client sends its requests one after another, streaming) over a fixed list of
 GSM8K prompts; every request asks for exactly `--max-tokens` tokens (ignore_eos), so every
 server generates the same number of tokens. Reported per (server, clients): aggregate
@@ -152,13 +154,16 @@ def drive(url: str, bodies: list[dict], clients: int, per_client: int) -> dict:
     return row
 
 
-def ratios(rows: list[dict]) -> None:
-    """Each row's throughput and p99 latency against the batch-1 server and vLLM, same clients
-    and same repeat (the rows driven back to back)."""
+REFERENCES = ("batch1", "vllm")
+
+
+def ratios(rows: list[dict], references: tuple[str, ...] = REFERENCES) -> None:
+    """Each row's throughput and p99 latency against the batch-1 server and vLLM (and any other
+    reference server), same clients and same repeat (the rows driven back to back)."""
     key = lambda r: (r["clients"], r.get("repeat", 0))  # noqa: E731
     by = {(r["server"], *key(r)): r for r in rows if "tok_s" in r}
     for r in rows:
-        for ref in ("batch1", "vllm"):
+        for ref in references:
             other = by.get((ref, *key(r))) if "tok_s" in r else None
             if other is None or r["server"] == ref:
                 continue
@@ -166,7 +171,7 @@ def ratios(rows: list[dict]) -> None:
             r[f"p99_latency_vs_{ref}"] = r["p99_latency_s"] / other["p99_latency_s"]
 
 
-def repeat_summary(rows: list[dict]) -> list[dict]:
+def repeat_summary(rows: list[dict], references: tuple[str, ...] = REFERENCES) -> list[dict]:
     """Per (server, clients) over the repeats: median tok/s and, against each reference server,
     the throughput ratio with a paired bootstrap interval over repeats (each repeat drove both
     servers back to back, so drift in the machine's load hits a pair alike)."""
@@ -179,7 +184,7 @@ def repeat_summary(rows: list[dict]) -> list[dict]:
         mine = {k[2]: r for k, r in by.items() if k[:2] == (server, clients)}
         entry = {"server": server, "clients": clients, "repeats": len(mine),
                  "median_tok_s": statistics.median(r["tok_s"] for r in mine.values())}
-        for ref in ("batch1", "vllm"):
+        for ref in references:
             pairs = [(r, by[(ref, clients, k)]) for k, r in sorted(mine.items()) if (ref, clients, k) in by]
             if server == ref or not pairs:
                 continue
@@ -228,14 +233,17 @@ def render(out: dict) -> str:
                   f"| paired | {paired['rounds']} | {med['batched']:.2f} | {med['batch1']:.2f} "
                   f"| {paired['latency_vs_batch1']:.3f}x [{low:.3f}, {high:.3f}] |", ""]
     if out.get("summary"):
+        compare = out.get("compare")
+        extra = f" tok/s vs {compare} [95% CI] |" if compare else ""
         lines += ["| server | clients | repeats | median tok/s | tok/s vs batch 1 [95% CI] | tok/s vs vLLM [95% CI] "
-                  "| median p99 latency vs batch 1 |", "|---|---|---|---|---|---|---|"]
+                  f"| median p99 latency vs batch 1 |{extra}", "|---|---|---|---|---|---|---|" + ("---|" if compare else "")]
         ci = lambda e, ref: ("" if f"tok_s_vs_{ref}" not in e else  # noqa: E731
                              "{:.2f}x [{:.2f}, {:.2f}]".format(e[f"tok_s_vs_{ref}"], *e[f"tok_s_vs_{ref}_interval"]))
         for e in out["summary"]:
             p99 = e.get("median_p99_latency_vs_batch1")
             lines.append(f"| {e['server']} | {e['clients']} | {e['repeats']} | {e['median_tok_s']:.1f} "
-                         f"| {ci(e, 'batch1')} | {ci(e, 'vllm')} | {'' if p99 is None else f'{p99:.2f}x'} |")
+                         f"| {ci(e, 'batch1')} | {ci(e, 'vllm')} | {'' if p99 is None else f'{p99:.2f}x'} |"
+                         + (f" {ci(e, compare)} |" if compare else ""))
         lines.append("")
     if not out["rows"]:
         return "\n".join(lines)
@@ -280,6 +288,8 @@ def main() -> int:
     ap.add_argument("--servers", default="batched,batch1,vllm",
                     help="which servers to run, in order; batched:POLICY[@THRESHOLD] (or batch1:...) adds an "
                          "engine server under another policy than --policy")
+    ap.add_argument("--compare", default=None, metavar="SERVER",
+                    help="one more reference server for the ratios (a name from --servers), beside batch1 and vllm")
     ap.add_argument("--repeats", type=int, default=1,
                     help="times each (server, clients) row is driven; with 2 or more, ratios get a paired "
                          "bootstrap interval over repeats")
@@ -314,16 +324,23 @@ def main() -> int:
     out = {"run": cpu_run_record(), "policy": args.policy, "dtype": args.dtype, "dequantize": args.dequantize,
            "exact_arithmetic": not args.no_exact_arithmetic, "chat": args.chat, "threshold": args.threshold,
            "max_tokens": args.max_tokens,
-           "per_client": args.per_client, "max_batch": args.max_batch, "repeats": args.repeats, "models": models, "rows": []}
+           "per_client": args.per_client, "max_batch": args.max_batch, "repeats": args.repeats, "models": models,
+           "compare": args.compare, "rows": []}
+    references = REFERENCES + ((args.compare,) if args.compare else ())
     logs = RESULTS / "serving_logs"
     logs.mkdir(parents=True, exist_ok=True)
     engine_servers = {"batched": args.max_batch, "batch1": 1}
 
     def engine_argv(name: str, port: int) -> list[str]:
-        """`batched` / `batch1` serve --policy/--threshold; `batched:POLICY[@THRESHOLD]` its own."""
+        """`batched` / `batch1` serve --policy/--threshold; `batched:POLICY[@THRESHOLD]` its own;
+        each `+FLAG[=VALUE]` after it adds `--FLAG [VALUE]`."""
+        name, *flags = name.split("+")
         kind, _, spec = name.partition(":")
         policy, _, threshold = spec.partition("@") if spec else (args.policy, "", args.threshold)
         argv = serve + ["--policy", policy, "--max-batch", str(engine_servers[kind]), "--port", str(port)]
+        for flag in flags:
+            key, _, value = flag.partition("=")
+            argv += [f"--{key}", value] if value else [f"--{key}"]
         return argv + (["--threshold", str(threshold)] if threshold not in ("", None) else [])
 
     if args.paired_single:
@@ -346,7 +363,7 @@ def main() -> int:
     try:
         for name in filter(None, args.servers.split(",")):
             port = free_port()
-            if name.partition(":")[0] in engine_servers:
+            if name.split("+")[0].partition(":")[0] in engine_servers:
                 argv = engine_argv(name, port)
             elif name == "vllm":
                 if not (args.vllm_python and args.vllm_model):
@@ -360,7 +377,7 @@ def main() -> int:
                     capture_output=True, text=True).stdout.strip()
             else:
                 raise SystemExit(f"unknown server {name!r}: expected batched, batch1, vllm or "
-                                 "batched:POLICY[@THRESHOLD]")
+                                 "batched:POLICY[@THRESHOLD][+FLAG[=VALUE]...]")
             print(f"starting {name}: {' '.join(argv)}", flush=True)
             try:
                 # vLLM starts outside this checkout: its own `triton_kernels` package must not be
@@ -379,9 +396,9 @@ def main() -> int:
                 for name in names[r % len(names):] + names[:r % len(names)] if names else []:
                     row = {"server": name, "repeat": r, **drive(servers[name].url, bodies, c, args.per_client)}
                     out["rows"].append(row)
-                    ratios(out["rows"])
+                    ratios(out["rows"], references)
                     if args.repeats > 1:
-                        out["summary"] = repeat_summary(out["rows"])
+                        out["summary"] = repeat_summary(out["rows"], references)
                     write_json(out, RESULTS, f"serving_{args.name}.json")
                     print(json.dumps({k: v for k, v in row.items() if k != "errors"}), flush=True)
     finally:

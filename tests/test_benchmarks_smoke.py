@@ -234,6 +234,16 @@ def test_serving_repeats_rotate_servers_and_pair_ratios_by_repeat():
     assert f"| batched | 8 | 3 | 100.0 | 2.75x [{low:.2f}, {high:.2f}] |  | 0.33x |" in table
     assert "| batched (repeat 1) | 8 | 50.0 |" in table
 
+    # Another server as a reference: its ratios and column, beside batch 1's.
+    rows = [{**r, "server": {"batch1": "batched+dequantize"}.get(r["server"], r["server"])} for r in rows]
+    refs = bench.REFERENCES + ("batched+dequantize",)
+    bench.ratios(rows, refs)
+    assert rows[0]["tok_s_vs_batched+dequantize"] == pytest.approx(3.0)
+    summary = bench.repeat_summary(rows, refs)
+    table = bench.render({"repeats": 3, "rows": rows, "summary": summary, "compare": "batched+dequantize"})
+    assert "| median p99 latency vs batch 1 | tok/s vs batched+dequantize [95% CI] |" in table
+    assert f"| batched | 8 | 3 | 100.0 |  |  |  | 2.75x [{low:.2f}, {high:.2f}] |" in table
+
 
 def test_bench_layer_op_smoke(tmp_path):
     """Modules against the one-op layer through the engine, on a tiny bf16 model: both variants

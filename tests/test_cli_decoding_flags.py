@@ -87,6 +87,18 @@ def test_generate_passes_dequantize_to_the_engine(captured, capsys, flag, expect
     assert captured["config"].dequantize is expected  # [] keeps a GGUF packed
 
 
+@pytest.mark.parametrize("flag, expected", [(["--dense-rows", "6"], 6), ([], None)])
+def test_generate_passes_dense_rows_to_the_engine(captured, capsys, flag, expected):
+    assert cli.main(["generate", "--draft", "d", "--target", "t", "a prompt", *flag]) == 0
+    assert captured["config"].dense_rows == expected
+
+
+def test_dense_rows_must_be_positive_on_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--draft", "d", "--target", "t", "a prompt", "--dense-rows", "0"])
+    assert "--dense-rows" in capsys.readouterr().err
+
+
 def test_dequantize_must_be_a_bool():
     with pytest.raises(ValueError, match="dequantize must be True or False"):
         arbitrage_fast.EngineConfig(draft="d", target="t", dequantize="yes")
@@ -157,3 +169,4 @@ def test_stored_results_are_keyed_by_the_arithmetic_the_load_flags_choose():
     assert info(draft_quant="int4", quant_group=32) == {"draft_quant": "int4", "quant_group": 32}
     assert info(target_quant="int8") == {"target_quant": "int8"}  # per channel: no group
     assert info(exact_arithmetic=False) == {"exact_arithmetic": False}
+    assert info(dense_rows=6) == {"dense_rows": 6}

@@ -10,7 +10,7 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
                  draft_quant: str | None = None, target_quant: str | None = None, quant_group: int = 64,
                  max_batch: int | None = None, reflection_cues: tuple[str, ...] | None = None,
                  lookahead_k: int | None = None, batch_invariant: bool = False, prefix_cache: bool = False,
-                 exact_arithmetic: bool | None = None):
+                 exact_arithmetic: bool | None = None, dense_rows: int | None = None):
     """prm="inference" uses the preset's inference PRM, "label" its labelling PRM;
     decode_chunk None picks by device (`default_decode_chunk`; 1 with batch_invariant, which
     the chunked decoder cannot serve); max_batch, reflection_cues and lookahead_k None keep the
@@ -31,7 +31,7 @@ def build_engine(preset, device: str = "cpu", dtype: str | None = None, *, prm="
                                decode_chunk=decode_chunk, spec_k=spec_k, dequantize=dequantize,
                                draft_quant=draft_quant, target_quant=target_quant, quant_group=quant_group,
                                batch_invariant=batch_invariant, prefix_cache=prefix_cache,
-                               exact_arithmetic=exact_arithmetic, **extra))
+                               exact_arithmetic=exact_arithmetic, dense_rows=dense_rows, **extra))
 
 
 def decoding_options(args) -> dict:
@@ -45,10 +45,11 @@ def decoding_options(args) -> dict:
 
 def load_options(args) -> dict:
     """How the models load and compute: `--dequantize`, `--draft-quant`, `--target-quant`,
-    `--quant-group`, `--[no-]exact-arithmetic`."""
+    `--quant-group`, `--[no-]exact-arithmetic`, `--dense-rows`."""
     return {"dequantize": getattr(args, "dequantize", False), "draft_quant": getattr(args, "draft_quant", None),
             "target_quant": getattr(args, "target_quant", None), "quant_group": getattr(args, "quant_group", 64),
-            "exact_arithmetic": getattr(args, "exact_arithmetic", None)}
+            "exact_arithmetic": getattr(args, "exact_arithmetic", None),
+            "dense_rows": getattr(args, "dense_rows", None)}
 
 
 def quant_info(args) -> dict:
@@ -56,7 +57,8 @@ def quant_info(args) -> dict:
     stored results; empty by default, so files written before these flags existed still match."""
     opts = load_options(args)
     # dequantised GGUF weights compute otherwise than packed ones (bf16 weights, no int8 activations)
-    info = {k: opts[k] for k in ("dequantize", "draft_quant", "target_quant") if opts[k]}
+    # as do a dense copy's wide forwards (no int8 rounding of their inputs)
+    info = {k: opts[k] for k in ("dequantize", "draft_quant", "target_quant", "dense_rows") if opts[k]}
     if any(opts[k] in ("int4", "int3") for k in info):
         info["quant_group"] = opts["quant_group"]
     if opts["exact_arithmetic"] is not None:

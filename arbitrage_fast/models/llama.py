@@ -28,12 +28,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = GatedMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
         self.one_op: PackedLayer | None = None  # the whole layer as one CPU op (set_exact_arithmetic)
+        self.wide_op: PackedLayer | None = None  # the same over a 16-bit copy of packed weights (dense_copy.py)
 
-    def forward(self, h, residual, cos, sin, meta, kv_cache):
+    def forward(self, h, residual, cos, sin, meta, kv_cache, wide: bool = False):
         """(this layer's MLP output, the residual stream before it): the add that closes the
-        layer happens in the next norm's kernel, so each norm costs one launch."""
-        if self.one_op is not None and self.one_op.serves(h, meta, kv_cache):
-            return self.one_op(h, residual, cos, sin, meta, kv_cache)
+        layer happens in the next norm's kernel, so each norm costs one launch. `wide`: the
+        forward is wide enough for the layer's dense copy, where it has one."""
+        op = self.wide_op if wide and self.wide_op is not None else self.one_op
+        if op is not None and op.serves(h, meta, kv_cache):
+            return op(h, residual, cos, sin, meta, kv_cache)
         if residual is None:  # the first layer: the embedding is the stream
             normed, residual = self.input_layernorm(h), h
         else:
@@ -60,6 +63,10 @@ class LlamaDecoder(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Forwards of at least dense_rows tokens run the layers' dense copies and dense_head
+        # (dense_copy.py); None: one set of weights.
+        self.dense_rows: int | None = None
+        self.dense_head: nn.Module | None = None
 
     def set_exact_arithmetic(self, exact: bool) -> None:
         """Whether the norms, the MLP activation and the attention keep transformers' arithmetic
@@ -72,6 +79,11 @@ class LlamaDecoder(nn.Module):
                 m.exact = exact
         for layer in self.layers:  # each layer then runs as one op where its linears allow (packed_layer.py)
             layer.one_op = PackedLayer(layer) if not exact and PackedLayer.eligible(layer) else None
+            layer.wide_op = None  # a dense copy belongs to the ops it was made beside
+        self.dense_rows, self.dense_head = None, None
+
+    def _wide(self, rows: int) -> bool:
+        return self.dense_rows is not None and rows >= self.dense_rows
 
     def _layers(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +91,9 @@ class LlamaDecoder(nn.Module):
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(meta.positions, h.dtype)
         residual = None
+        wide = self._wide(input_ids.numel())
         for layer in self.layers:
-            h, residual = layer(h, residual, cos, sin, meta, kv_cache)
+            h, residual = layer(h, residual, cos, sin, meta, kv_cache, wide)
         return h, residual
 
     def forward_residual(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
@@ -93,4 +106,6 @@ class LlamaDecoder(nn.Module):
         return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.dense_head is not None and self._wide(hidden.numel() // hidden.shape[-1]):
+            return self.dense_head(hidden).float()
         return self.lm_head(hidden).float()

@@ -41,19 +41,22 @@ def _parts(linear: nn.Module) -> tuple[list[torch.Tensor], list[int], torch.Tens
     return [getattr(linear, attr)], [tag], linear.bias
 
 
-def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
+def projections_of(layer: nn.Module) -> tuple[nn.Module, ...]:
     return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
 
 
 class PackedLayer:
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, projections: tuple[nn.Module, ...] | None = None) -> None:
+        """projections: the layer's qkv, o, gate/up and down linears by default; another set
+        of the same shapes (a 16-bit copy of them, dense_copy.py) runs the same layer."""
         attn = layer.self_attn
         self.norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         self.eps = layer.input_layernorm.eps
         self.layer_idx, self.heads, self.kv_heads, self.scale = (attn.layer_idx, attn.num_heads, attn.num_kv_heads,
                                                                  attn.scale)
-        self.projections = tuple(part for p in _projections(layer) for part in _parts(p))
-        groups = {p.group for p in _projections(layer) if isinstance(p, Int3Linear)}
+        projections = projections or projections_of(layer)
+        self.projections = tuple(part for p in projections for part in _parts(p))
+        groups = {p.group for p in projections if isinstance(p, Int3Linear)}
         self.int3_group = groups.pop() if groups else 0
         self.dtype = self.norms[0].dtype
 
@@ -61,7 +64,7 @@ class PackedLayer:
     def eligible(layer: nn.Module) -> bool:
         """Every projection a kind the op computes (int3 ones in one group size), full attention,
         the extension built."""
-        projections = _projections(layer)
+        projections = projections_of(layer)
         return (all(type(p) in LAYER_LINEARS for p in projections)
                 and len({p.group for p in projections if isinstance(p, Int3Linear)}) <= 1
                 and layer.self_attn.sliding_window is None
