@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--packed", action="store_true", help="GGUF weights packed (default: dequantised, compiled kernels)")
+    ap.add_argument("--dense-rows", type=int, default=None, metavar="N",
+                    help="packed, with the bf16 copy for forwards of at least N tokens (implies --packed)")
     ap.add_argument("--name", default=None, help="results/policy_batching_<name>.json (default: the policy)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     add_render_flag(ap)
@@ -76,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     from arbitrage_fast.presets import resolve
 
     preset = resolve(args.preset)
-    engine = build_engine(preset, "cpu", args.dtype, max_batch=args.n, dequantize=not args.packed,
-                          exact_arithmetic=False)
+    packed = args.packed or args.dense_rows is not None
+    engine = build_engine(preset, "cpu", args.dtype, max_batch=args.n, dequantize=not packed,
+                          exact_arithmetic=False, dense_rows=args.dense_rows)
     items = load_dataset(preset.dataset, n=args.n, split="test", seed=0, instruction=preset.instruction)
     prompts = [i.prompt for i in items]
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     engine.generate_batch(prompts[:2], policy=args.policy, threshold=args.threshold,
                           sampling=SamplingParams(max_new_tokens=8), chat=preset.chat)  # warm-up
     out = ResultFile({"run": cpu_run_record(), "preset": args.preset, "policy": args.policy,
-                      "threshold": args.threshold, "max_new_tokens": args.max_new_tokens}, args.out_dir,
+                      "threshold": args.threshold, "max_new_tokens": args.max_new_tokens,
+                      "packed": packed, "dense_rows": args.dense_rows}, args.out_dir,
                      f"policy_batching_{args.name or args.policy}.json")
     out.payload["batch1"] = run([[p] for p in prompts[:args.batch1_n]])
     out.payload["batched"] = run([prompts])

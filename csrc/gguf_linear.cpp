@@ -115,6 +115,8 @@ struct Rows {
 // `spread` says whether it reads Rows::spread.
 struct Kernels {
   void (*one)(const uint8_t* w, Rows x, float* out);
+  void (*two)(const uint8_t* w, Rows x, float* out);
+  void (*three)(const uint8_t* w, Rows x, float* out);
   void (*four)(const uint8_t* w, Rows x, float* out);
   void (*eight)(const uint8_t* w, Rows x, float* out);
   bool spread = false;
@@ -265,7 +267,7 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
               "gguf_linear: this implementation runs on CPU tensors only");
 
-  gguf::Kernels simd{nullptr, nullptr, nullptr};
+  gguf::Kernels simd{nullptr, nullptr, nullptr, nullptr, nullptr};
   if (isa == "auto") {
     if (cpu::has_avx512_vnni()) {
       simd = gguf::avx512_vnni::kernels(type);
@@ -306,7 +308,7 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
     }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "gguf_linear", [&] {
-    row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, out.data_ptr<scalar_t>(),
+    row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, simd.two != nullptr, out.data_ptr<scalar_t>(),
                    [&](int64_t j, int64_t r, int tile, float* dots) {
       const uint8_t* wr = wp + j * row_bytes;
       const gguf::Rows xr{xqp + r * k, xdp + r * scales, xsp + r * groups, k, groups, scales,
@@ -315,6 +317,10 @@ at::Tensor gguf_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
         simd.eight(wr, xr, dots);
       } else if (tile == 4) {
         simd.four(wr, xr, dots);
+      } else if (tile == 3) {
+        simd.three(wr, xr, dots);
+      } else if (tile == 2) {
+        simd.two(wr, xr, dots);
       } else if (simd.one) {
         simd.one(wr, xr, dots);
       } else {

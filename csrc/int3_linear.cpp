@@ -47,6 +47,8 @@ struct Rows {
 // The vectorised dots for one, four and eight activation rows (none on other CPUs).
 struct Kernels {
   void (*one)(const uint8_t*, int64_t, Rows, float*);
+  void (*two)(const uint8_t*, int64_t, Rows, float*);
+  void (*three)(const uint8_t*, int64_t, Rows, float*);
   void (*four)(const uint8_t*, int64_t, Rows, float*);
   void (*eight)(const uint8_t*, int64_t, Rows, float*);
 };
@@ -126,9 +128,9 @@ AF_AVX2 static void dot_avx2(const uint8_t* w, int64_t per, Rows x, float* out) 
   for (int r = 0; r < R; ++r) out[r] = vec::hsum8(acc[r]) + extra[r];
 }
 
-Kernels avx2_kernels() { return {dot_avx2<1>, dot_avx2<4>, dot_avx2<8>}; }
+Kernels avx2_kernels() { return {dot_avx2<1>, dot_avx2<2>, dot_avx2<3>, dot_avx2<4>, dot_avx2<8>}; }
 #else
-Kernels avx2_kernels() { return {nullptr, nullptr, nullptr}; }
+Kernels avx2_kernels() { return {nullptr, nullptr, nullptr, nullptr, nullptr}; }
 #endif
 
 // K from x (or given), checked against the weight's row bytes for that K and group.
@@ -169,7 +171,7 @@ at::Tensor int3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
               "int3_linear: this implementation runs on CPU tensors only");
 
-  int3::Kernels simd{nullptr, nullptr, nullptr};
+  int3::Kernels simd{nullptr, nullptr, nullptr, nullptr, nullptr};
   if (isa == "auto") {
     if (cpu::has_avx2()) simd = int3::avx2_kernels();
   } else if (isa == "avx2") {
@@ -192,7 +194,7 @@ at::Tensor int3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
   const float* xsp = xa.s.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "int3_linear", [&] {
-    row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, out.data_ptr<scalar_t>(),
+    row_tiles::run(rows, n, row_bytes, simd.eight, simd.four, simd.two != nullptr, out.data_ptr<scalar_t>(),
                    [&](int64_t j, int64_t r, int tile, float* dots) {
       const uint8_t* wr = wp + j * row_bytes;
       const int3::Rows xr{xqp + r * k, xdp + r * groups, xsp + r * groups, k, groups};
@@ -200,6 +202,10 @@ at::Tensor int3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_
         simd.eight(wr, per, xr, dots);
       } else if (tile == 4) {
         simd.four(wr, per, xr, dots);
+      } else if (tile == 3) {
+        simd.three(wr, per, xr, dots);
+      } else if (tile == 2) {
+        simd.two(wr, per, xr, dots);
       } else if (simd.one) {
         simd.one(wr, per, xr, dots);
       } else {

@@ -164,7 +164,7 @@ def test_avx2_and_scalar_paths_agree(rows, parts, group, seed):
 @pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("group", GROUPS)
 def test_a_row_gets_the_same_bits_alone_or_in_any_batch(group, path):
-    # Rows go through tiles of 8, 4 and 1; a batched request must see exactly what it would
+    # Rows go through tiles of 8, 4, 3, 2 and 1; a batched request must see exactly what it would
     # alone, whichever tile its row lands in.
     _skip_absent(path)
     gen = torch.Generator().manual_seed(group)
