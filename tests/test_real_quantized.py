@@ -68,3 +68,30 @@ def test_packed_model_follows_the_dequantised_model(request, model):
     clear = (top2[:, 0] - top2[:, 1]) > 2 * LOGIT_TOL
     assert clear.sum() >= NEW_TOKENS // 2  # most choices are clear, so the check below has teeth
     assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
+
+
+def test_the_dense_copy_is_the_dequantised_model(qwen_draft_gguf):
+    """The real 0.5B packed with its bf16 copy taken by every forward (`dense_rows=1`) is the
+    dequantised model (`dequantize=True`, the same compiled kernels): the copy holds the blocks'
+    values exactly, so a greedy chat decode is the same token for token, and the packed model
+    alone (its int8-rounded inputs) is not the same run."""
+    from arbitrage_fast import Engine, EngineConfig, SamplingParams
+
+    torch.set_num_threads(2)
+    path = str(qwen_draft_gguf)
+    messages = [{"role": "user", "content": load_dataset("gsm8k", n=None)[0].question}]
+    sampling = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+    def run(**load) -> tuple[list[int], torch.Tensor]:
+        """The tokens and each step's router features (its hidden states and log-probs)."""
+        engine = Engine(EngineConfig(draft=path, target=path, dtype="bfloat16", exact_arithmetic=False, **load))
+        result = engine.generate(messages, "draft_only", sampling=sampling, chat=True, record_features=True)
+        return result.token_ids, torch.stack([step.features for step in result.steps])
+
+    copy_tokens, copy_features = run(dense_rows=1)
+    dequantised_tokens, dequantised_features = run(dequantize=True)
+    assert copy_tokens == dequantised_tokens
+    assert torch.equal(copy_features, dequantised_features)
+    packed_tokens, packed_features = run()
+    assert packed_features.shape != dequantised_features.shape or not torch.equal(packed_features,
+                                                                                  dequantised_features)
