@@ -92,6 +92,10 @@ AF_TARGET_AVX2 static void linear_avx2(const float* x, int64_t m, int64_t k, con
   int64_t r = 0;
   for (; r + 8 <= m; r += 8) rows_against<8, 1>(x + r * k, k, w, j0, j1, out + r * n, n);
   for (; r + 4 <= m; r += 4) rows_against<4, 2>(x + r * k, k, w, j0, j1, out + r * n, n);
+  // Two or three rows left (a few decode rows): one pass over the weight for all of them, where
+  // one-row tiles streamed it once per row.
+  if (m - r == 3) rows_against<3, 2>(x + r * k, k, w, j0, j1, out + r * n, n), r += 3;
+  if (m - r == 2) rows_against<2, 4>(x + r * k, k, w, j0, j1, out + r * n, n), r += 2;
   for (; r < m; ++r) rows_against<1, 8>(x + r * k, k, w, j0, j1, out + r * n, n);
 }
 #else
