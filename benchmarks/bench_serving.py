@@ -263,6 +263,21 @@ def render(out: dict) -> str:
     return "\n".join(lines)
 
 
+def server_argv(serve: list[str], name: str, port: int, max_batch: dict[str, int], policy: str,
+                threshold: float | None) -> list[str]:
+    """An engine server's command line: `batched` / `batch1` serve `policy`/`threshold`;
+    `batched:POLICY[@THRESHOLD]` its own; each `+FLAG[=VALUE]` after it adds `--FLAG [VALUE]`."""
+    name, *flags = name.split("+")
+    kind, _, spec = name.partition(":")
+    if spec:
+        policy, _, threshold = spec.partition("@")
+    argv = serve + ["--policy", policy, "--max-batch", str(max_batch[kind]), "--port", str(port)]
+    for flag in flags:
+        key, _, value = flag.partition("=")
+        argv += [f"--{key}", value] if value else [f"--{key}"]
+    return argv + (["--threshold", str(threshold)] if threshold not in ("", None) else [])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None)
@@ -332,16 +347,7 @@ def main() -> int:
     engine_servers = {"batched": args.max_batch, "batch1": 1}
 
     def engine_argv(name: str, port: int) -> list[str]:
-        """`batched` / `batch1` serve --policy/--threshold; `batched:POLICY[@THRESHOLD]` its own;
-        each `+FLAG[=VALUE]` after it adds `--FLAG [VALUE]`."""
-        name, *flags = name.split("+")
-        kind, _, spec = name.partition(":")
-        policy, _, threshold = spec.partition("@") if spec else (args.policy, "", args.threshold)
-        argv = serve + ["--policy", policy, "--max-batch", str(engine_servers[kind]), "--port", str(port)]
-        for flag in flags:
-            key, _, value = flag.partition("=")
-            argv += [f"--{key}", value] if value else [f"--{key}"]
-        return argv + (["--threshold", str(threshold)] if threshold not in ("", None) else [])
+        return server_argv(serve, name, port, engine_servers, args.policy, args.threshold)
 
     if args.paired_single:
         pair = {}

@@ -245,6 +245,17 @@ def test_serving_repeats_rotate_servers_and_pair_ratios_by_repeat():
     assert f"| batched | 8 | 3 | 100.0 |  |  |  | 2.75x [{low:.2f}, {high:.2f}] |" in table
 
 
+def test_serving_server_names_carry_policy_threshold_and_flags():
+    bench = _load("bench_serving")
+    sizes = {"batched": 8, "batch1": 1}
+    assert bench.server_argv(["serve"], "batched", 5, sizes, "rsd", 0.9) == [
+        "serve", "--policy", "rsd", "--max-batch", "8", "--port", "5", "--threshold", "0.9"]
+    assert bench.server_argv(["serve"], "batch1:arbitrage@0.7+dense-rows=4+dequantize", 6, sizes, "rsd", None) == [
+        "serve", "--policy", "arbitrage", "--max-batch", "1", "--port", "6", "--dense-rows", "4", "--dequantize",
+        "--threshold", "0.7"]
+    assert bench.server_argv(["serve"], "batched:draft_only", 7, sizes, "rsd", 0.9)[-2:] == ["--port", "7"]
+
+
 def test_bench_layer_op_smoke(tmp_path):
     """Modules against the one-op layer through the engine, on a tiny bf16 model: both variants
     timed every repeat, and their outputs equal."""
