@@ -22,8 +22,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-rows", type=_positive_int, default=None, metavar="N",
                    help="keep packed weights (GGUF, --draft-quant/--target-quant) and add a 16-bit copy: forwards "
                         "of at least N tokens (prefill chunks, wide decode batches) run the copy, narrower ones the "
-                        "packed kernels. Faster under load on a CPU whose bf16 GEMM beats the packed kernels at "
-                        "a few rows (4-8 here); costs the 16-bit weights' memory on top")
+                        "packed kernels. Faster under load where the 16-bit GEMM beats the packed kernels from a "
+                        "few rows (4 on the AVX-512-BF16 host of benchmarks/RESULTS.md); costs the 16-bit weights' "
+                        "memory on top")
     for role in ("draft", "target"):
         p.add_argument(f"--{role}-quant", default=None, choices=list(QUANT_FORMATS),
                        help=f"quantize the {role}'s linear layers at load: int8 per output channel, int4 or int3 "

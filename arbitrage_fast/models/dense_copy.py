@@ -5,7 +5,7 @@ they read a quarter to half the bytes of a bf16 weight, and a decode token is bo
 reads. Their integer products are compute-bound, though, so their cost grows with the rows, while
 oneDNN's bf16 GEMM (or the engine's bf16 kernel where oneDNN has no native bf16) reads the weight
 once for all rows: on a few CPU cores the packed weights are the faster for one decode row and
-the slower for eight or for a prefill (RESULTS.md, "dense copy"). A server sees both kinds of
+the slower for eight or for a prefill (RESULTS.md, "Packed weights with a 16-bit copy"). A server sees both kinds of
 forward: decode iterations of a few rows and prefill chunks of hundreds.
 
 `add_dense_copy(model, rows)` keeps the packed weights and adds, beside each packed layer, the
