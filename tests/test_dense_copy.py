@@ -1,6 +1,7 @@
 """A packed model with a 16-bit copy for its wide forwards (models/dense_copy.py): forwards
 of at least `dense_rows` tokens are the dequantised model's bit for bit, narrower ones the
-packed model's bit for bit; the engine's switch, its refusals, and the command-line flag."""
+packed model's bit for bit; the engine's switch and its refusals (the command-line flag:
+test_cli_decoding_flags.py; the real 0.5B: test_real_quantized.py)."""
 from __future__ import annotations
 
 import gguf
