@@ -62,12 +62,12 @@ class Engine:
                 f"token-level speculation (spec_k={config.spec_k}) needs draft and target to share a "
                 f"vocabulary; {draft.path} and {target.path} tokenize differently (set spec_k=0)")
         self.draft_model, self.target_model = draft, target
+        models = list({id(lm.model): lm.model for lm in (draft, target)}.values())  # draft and target may be one
         if config.exact_arithmetic is not None:
-            for lm in {id(lm.model): lm for lm in (draft, target)}.values():
-                lm.model.set_exact_arithmetic(config.exact_arithmetic)
+            for model in models:
+                model.set_exact_arithmetic(config.exact_arithmetic)
         if config.dense_rows is not None:  # after the layers' ops are final: the copy sits beside them
-            copied = [add_dense_copy(lm.model, config.dense_rows)
-                      for lm in {id(lm.model): lm for lm in (draft, target)}.values()]
+            copied = [add_dense_copy(model, config.dense_rows) for model in models]
             if not any(copied):
                 raise ValueError(f"dense_rows={config.dense_rows} needs packed weights (a GGUF file loaded packed, "
                                  f"or draft_quant/target_quant) with exact arithmetic off; {draft.path} and "

@@ -111,7 +111,7 @@ struct Rows {
   int64_t spread_stride;
 };
 
-// A vectorised kernel of one format, for one activation row and for four and eight at once;
+// A vectorised kernel of one format, for one activation row and for two, three, four and eight at once;
 // `spread` says whether it reads Rows::spread.
 struct Kernels {
   void (*one)(const uint8_t* w, Rows x, float* out);

@@ -462,22 +462,22 @@ AF_TARGET static void dot_q6_k_512(const uint8_t* w, Rows x, float* out) {
 
 AF_TARGET static Kernels kernels(int64_t type) {
   switch (type) {
-    case Q4_0: return {dot_q4_0<1>, dot_q4_0<2>, dot_q4_0<3>, dot_q4_0<4>, dot_q4_0<8>};
-    case Q4_1: return {dot_q4_1<1>, dot_q4_1<2>, dot_q4_1<3>, dot_q4_1<4>, dot_q4_1<8>};
+    case Q4_0: return {AF_ROW_TILES(dot_q4_0)};
+    case Q4_1: return {AF_ROW_TILES(dot_q4_1)};
 #if AF_VNNI
-    case Q5_0: return {dot_q5_0_512<1>, dot_q5_0_512<2>, dot_q5_0_512<3>, dot_q5_0_512<4>, dot_q5_0_512<8>, true};
-    case Q8_0: return {dot_q8_0_512<1>, dot_q8_0_512<2>, dot_q8_0_512<3>, dot_q8_0_512<4>, dot_q8_0_512<8>, true};
+    case Q5_0: return {AF_ROW_TILES(dot_q5_0_512), true};
+    case Q8_0: return {AF_ROW_TILES(dot_q8_0_512), true};
 #else
-    case Q5_0: return {dot_q5_0<1>, dot_q5_0<2>, dot_q5_0<3>, dot_q5_0<4>, dot_q5_0<8>};
-    case Q8_0: return {dot_q8_0<1>, dot_q8_0<2>, dot_q8_0<3>, dot_q8_0<4>, dot_q8_0<8>};
+    case Q5_0: return {AF_ROW_TILES(dot_q5_0)};
+    case Q8_0: return {AF_ROW_TILES(dot_q8_0)};
 #endif
-    case Q5_1: return {dot_q5_1<1>, dot_q5_1<2>, dot_q5_1<3>, dot_q5_1<4>, dot_q5_1<8>};
+    case Q5_1: return {AF_ROW_TILES(dot_q5_1)};
 #if AF_VNNI
-    case Q4_K: return {dot_q4_k_512<1>, dot_q4_k_512<2>, dot_q4_k_512<3>, dot_q4_k_512<4>, dot_q4_k_512<8>};
-    case Q6_K: return {dot_q6_k_512<1>, dot_q6_k_512<2>, dot_q6_k_512<3>, dot_q6_k_512<4>, dot_q6_k_512<8>};
+    case Q4_K: return {AF_ROW_TILES(dot_q4_k_512)};
+    case Q6_K: return {AF_ROW_TILES(dot_q6_k_512)};
 #else
-    case Q4_K: return {dot_q4_k<1>, dot_q4_k<2>, dot_q4_k<3>, dot_q4_k<4>, dot_q4_k<8>};
-    case Q6_K: return {dot_q6_k<1>, dot_q6_k<2>, dot_q6_k<3>, dot_q6_k<4>, dot_q6_k<8>};
+    case Q4_K: return {AF_ROW_TILES(dot_q4_k)};
+    case Q6_K: return {AF_ROW_TILES(dot_q6_k)};
 #endif
     default: return {nullptr, nullptr, nullptr, nullptr, nullptr};
   }

@@ -44,7 +44,7 @@ struct Rows {
   int64_t stride, groups;
 };
 
-// The vectorised dots for one, four and eight activation rows (none on other CPUs).
+// The vectorised dots for one, two, three, four and eight activation rows (none on other CPUs).
 struct Kernels {
   void (*one)(const uint8_t*, int64_t, Rows, float*);
   void (*two)(const uint8_t*, int64_t, Rows, float*);
@@ -128,7 +128,7 @@ AF_AVX2 static void dot_avx2(const uint8_t* w, int64_t per, Rows x, float* out) 
   for (int r = 0; r < R; ++r) out[r] = vec::hsum8(acc[r]) + extra[r];
 }
 
-Kernels avx2_kernels() { return {dot_avx2<1>, dot_avx2<2>, dot_avx2<3>, dot_avx2<4>, dot_avx2<8>}; }
+Kernels avx2_kernels() { return {AF_ROW_TILES(dot_avx2)}; }
 #else
 Kernels avx2_kernels() { return {nullptr, nullptr, nullptr, nullptr, nullptr}; }
 #endif

@@ -20,6 +20,10 @@
 #include <algorithm>
 #include <cstdint>
 
+// A kernel's dots for every tile height `run` takes, in a Kernels struct's order (one, two,
+// three, four, eight).
+#define AF_ROW_TILES(dot) dot<1>, dot<2>, dot<3>, dot<4>, dot<8>
+
 namespace arbitrage_fast::row_tiles {
 
 // dot(j, r, tile, dots) computes activation rows r .. r + tile - 1 (tile is 8, 4, 3, 2 or 1)

@@ -40,12 +40,6 @@ def _dense(linear: nn.Module, dtype: torch.dtype) -> nn.Module:
     return dense
 
 
-def _packed_for_cpu(linears: list[nn.Module]) -> list[nn.Module]:
-    box = nn.ModuleList(linears)
-    pack_linears(box)  # the float layers' own treatment: oneDNN-packed, or the bf16 kernel
-    return list(box)
-
-
 def add_dense_copy(model: nn.Module, rows: int) -> int:
     """Give each layer of `model` (a LlamaDecoder with exact arithmetic off) that has packed
     linears a dense twin, and the LM head one if it is packed; forwards of at least `rows`
@@ -54,15 +48,17 @@ def add_dense_copy(model: nn.Module, rows: int) -> int:
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"dense rows must be a positive integer, got {rows!r}")
     dtype = model.norm.weight.dtype
-    copied = 0
-    for layer in model.layers:
-        projections = projections_of(layer)
-        if layer.one_op is None or not any(isinstance(p, PACKED) for p in projections):
-            continue
-        layer.wide_op = PackedLayer(layer, tuple(_packed_for_cpu([_dense(p, dtype) for p in projections])))
-        copied += 1
+    layers = [layer for layer in model.layers
+              if layer.one_op is not None and any(isinstance(p, PACKED) for p in projections_of(layer))]
     head_packed = isinstance(model.lm_head, PACKED)
-    if copied or head_packed:
-        model.dense_head = _packed_for_cpu([_dense(model.lm_head, dtype)])[0] if head_packed else None
-        model.dense_rows = rows
-    return copied + head_packed
+    if not layers and not head_packed:
+        return 0
+    copies = nn.ModuleList(nn.ModuleList(_dense(p, dtype) for p in projections_of(layer)) for layer in layers)
+    head = nn.ModuleList([_dense(model.lm_head, dtype)] if head_packed else [])
+    # One pass for the whole copy, as at load: each distinct shape's packing is checked once.
+    pack_linears(nn.ModuleList([copies, head]))
+    for layer, copy in zip(layers, copies):
+        layer.wide_op = PackedLayer(layer, tuple(copy))
+    model.dense_head = head[0] if head_packed else None
+    model.dense_rows = rows
+    return len(layers) + head_packed
