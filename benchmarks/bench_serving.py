@@ -94,10 +94,12 @@ class Server:
 
 def one_request(client: httpx.Client, body: dict) -> dict:
     """Stream one completion (a chat completion when the body holds messages); returns latency,
-    time to the first event and tokens generated."""
+    time to the first event, tokens generated, the text and why it finished."""
     start = time.perf_counter()
     first = None
     tokens = 0
+    text: list[str] = []
+    finish = None
     # include_usage: vLLM reports the token count in a last chunk only when asked (this server
     # always sends usage in its closing chunk and ignores the option).
     stream = {"stream": True, "stream_options": {"include_usage": True}}
@@ -112,10 +114,15 @@ def one_request(client: httpx.Client, body: dict) -> dict:
                 raise RuntimeError(f"server error: {event['error']}")
             if first is None:
                 first = time.perf_counter() - start
+            for choice in event.get("choices") or ():
+                piece = choice["delta"].get("content") if "delta" in choice else choice.get("text")
+                text.append(piece or "")
+                finish = choice.get("finish_reason") or finish
             usage = event.get("usage")
             if usage:
                 tokens = usage["completion_tokens"]
-    return {"latency_s": time.perf_counter() - start, "first_event_s": first, "tokens": tokens}
+    return {"latency_s": time.perf_counter() - start, "first_event_s": first, "tokens": tokens,
+            "text": "".join(text), "finish_reason": finish}
 
 
 def drive(url: str, bodies: list[dict], clients: int, per_client: int) -> dict:
@@ -278,28 +285,65 @@ def server_argv(serve: list[str], name: str, port: int, max_batch: dict[str, int
     return argv + (["--threshold", str(threshold)] if threshold not in ("", None) else [])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def server_args(ap: argparse.ArgumentParser) -> None:
+    """The options that say which models the servers load and how."""
     ap.add_argument("--preset", default=None)
     ap.add_argument("--draft")
     ap.add_argument("--target")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--policy", default="draft_only")
-    ap.add_argument("--threshold", type=float, default=None)
     ap.add_argument("--dequantize", action="store_true", help="serve GGUF weights dequantised (bf16 matmuls)")
     ap.add_argument("--no-exact-arithmetic", action="store_true",
                     help="serve with the compiled CPU norm, activation and attention kernels for float weights too")
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--clients", default="1,4,8,16")
-    ap.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--chat", action="store_true",
-                    help="send chat completions of the problems with Qwen's step-by-step instruction (instruct models)")
     ap.add_argument("--vllm-python", default=None, help="python of a virtualenv with vllm (reference server)")
     ap.add_argument("--vllm-model", default=None, help="the model folder vLLM serves (same weights)")
     # vLLM's CPU backend reserves this fraction of host memory for its KV cache by default 0.92,
     # which a machine already holding this project's models cannot give.
     ap.add_argument("--vllm-args", default="--gpu-memory-utilization 0.3 --max-model-len 4096")
+    ap.add_argument("--startup-s", type=float, default=900)
+
+
+def serve_command(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(the model options, the engine server's command line before its policy and port)."""
+    models = ["--preset", args.preset] if args.preset else ["--draft", args.draft, "--target", args.target]
+    serve = [sys.executable, "-m", "arbitrage_fast.cli", "serve", *models, "--dtype", args.dtype,
+             "--served-model-name", "m", "--max-waiting", "1024"]
+    if args.dequantize:
+        serve.append("--dequantize")
+    if args.no_exact_arithmetic:
+        serve.append("--no-exact-arithmetic")
+    return models, serve
+
+
+def vllm_argv(python: str, model: str, dtype: str, port: int, extra: str) -> list[str]:
+    """vLLM's OpenAI server on loopback, serving `model` under the name the engine servers use."""
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", dtype,
+            "--served-model-name", "m", "--port", str(port), "--host", "127.0.0.1", *extra.split()]
+
+
+def vllm_version(python: str) -> str:
+    return subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def start(name: str, argv: list[str], port: int, log: Path, startup_s: float) -> Server:
+    """One server, up and answering. vLLM starts outside this checkout: its own `triton_kernels`
+    package must not be shadowed by this repository's folder of that name on the working
+    directory's path."""
+    print(f"starting {name}: {' '.join(argv)}", flush=True)
+    return Server(argv, port, name, log, startup_s, cwd="/" if name == "vllm" else None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    server_args(ap)
+    ap.add_argument("--policy", default="draft_only")
+    ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--clients", default="1,4,8,16")
+    ap.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--chat", action="store_true",
+                    help="send chat completions of the problems with Qwen's step-by-step instruction (instruct models)")
     ap.add_argument("--servers", default="batched,batch1,vllm",
                     help="which servers to run, in order; batched:POLICY[@THRESHOLD] (or batch1:...) adds an "
                          "engine server under another policy than --policy")
@@ -310,7 +354,6 @@ def main() -> int:
                          "bootstrap interval over repeats")
     ap.add_argument("--paired-single", type=int, default=0, metavar="K",
                     help="first, K rounds of one request to the batched and the batch-1 server in turn")
-    ap.add_argument("--startup-s", type=float, default=900)
     ap.add_argument("--name", default="serving")
     ap.add_argument("--report", default=None, metavar="JSON", help="print a finished run's table and exit")
     args = ap.parse_args()
@@ -329,13 +372,7 @@ def main() -> int:
     else:
         prompts = [{"prompt": i.prompt} for i in load_dataset("gsm8k", n=16, split="test", seed=0)]
     bodies = [{**p, "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0} for p in prompts]
-    models = ["--preset", args.preset] if args.preset else ["--draft", args.draft, "--target", args.target]
-    serve = [sys.executable, "-m", "arbitrage_fast.cli", "serve", *models, "--dtype", args.dtype,
-             "--served-model-name", "m", "--max-waiting", "1024"]
-    if args.dequantize:
-        serve.append("--dequantize")
-    if args.no_exact_arithmetic:
-        serve.append("--no-exact-arithmetic")
+    models, serve = serve_command(args)
     out = {"run": cpu_run_record(), "policy": args.policy, "dtype": args.dtype, "dequantize": args.dequantize,
            "exact_arithmetic": not args.no_exact_arithmetic, "chat": args.chat, "threshold": args.threshold,
            "max_tokens": args.max_tokens,
@@ -375,21 +412,13 @@ def main() -> int:
                 if not (args.vllm_python and args.vllm_model):
                     print("vllm: skipped (give --vllm-python and --vllm-model)")
                     continue
-                argv = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.vllm_model,
-                        "--dtype", args.dtype, "--served-model-name", "m", "--port", str(port), "--host",
-                        "127.0.0.1", *args.vllm_args.split()]
-                out["vllm_version"] = subprocess.run(
-                    [args.vllm_python, "-c", "import vllm; print(vllm.__version__)"],
-                    capture_output=True, text=True).stdout.strip()
+                argv = vllm_argv(args.vllm_python, args.vllm_model, args.dtype, port, args.vllm_args)
+                out["vllm_version"] = vllm_version(args.vllm_python)
             else:
                 raise SystemExit(f"unknown server {name!r}: expected batched, batch1, vllm or "
                                  "batched:POLICY[@THRESHOLD][+FLAG[=VALUE]...]")
-            print(f"starting {name}: {' '.join(argv)}", flush=True)
             try:
-                # vLLM starts outside this checkout: its own `triton_kernels` package must not be
-                # shadowed by this repository's folder of that name on the working directory's path.
-                servers[name] = Server(argv, port, name, logs / f"{args.name}_{name}.log", args.startup_s,
-                                       cwd="/" if name == "vllm" else None)
+                servers[name] = start(name, argv, port, logs / f"{args.name}_{name}.log", args.startup_s)
             except RuntimeError as e:  # recorded as a failed row; the other servers still run
                 out["rows"].append({"server": name, "clients": None, "errors": [str(e)]})
                 write_json(out, RESULTS, f"serving_{args.name}.json")

@@ -256,6 +256,92 @@ def test_serving_server_names_carry_policy_threshold_and_flags():
     assert bench.server_argv(["serve"], "batched:draft_only", 7, sizes, "rsd", 0.9)[-2:] == ["--port", "7"]
 
 
+def test_serving_request_keeps_the_streamed_text():
+    """one_request joins the streamed pieces of a chat completion and of a plain completion into
+    the answer's text and keeps the last finish reason and the usage's token count."""
+    bench = _load("bench_serving")
+
+    def sse(events):
+        return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    def handler(request):
+        if request.url.path == "/v1/chat/completions":
+            events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Step 1.\n\n"},
+                                    "finish_reason": None}]},
+                      {"choices": [{"index": 0, "delta": {"content": "\\boxed{7}"}, "finish_reason": "stop"}]},
+                      {"choices": [], "usage": {"completion_tokens": 9}}]
+        else:
+            events = [{"choices": [{"index": 0, "text": "a", "finish_reason": None}]},
+                      {"choices": [{"index": 0, "text": "b", "finish_reason": "length"}],
+                       "usage": {"completion_tokens": 2}}]
+        return bench.httpx.Response(200, text=sse(events), headers={"content-type": "text/event-stream"})
+
+    with bench.httpx.Client(transport=bench.httpx.MockTransport(handler), base_url="http://test") as client:
+        chat = bench.one_request(client, {"messages": [{"role": "user", "content": "q"}]})
+        plain = bench.one_request(client, {"prompt": "q"})
+    assert (chat["text"], chat["finish_reason"], chat["tokens"]) == ("Step 1.\n\n\\boxed{7}", "stop", 9)
+    assert (plain["text"], plain["finish_reason"], plain["tokens"]) == ("ab", "length", 2)
+
+
+def test_serving_answers_grades_blocks_and_pairs_servers(monkeypatch):
+    """bench_serving_answers: a block's requests go out at once and come back in the problems'
+    order; answers are graded against the gold ones; the answers/s ratio pairs blocks (here the
+    engine is exactly 2x faster on every block) and the accuracy difference pairs problems (one
+    problem of four lost: -0.25, its interval holds 0 on four problems, so matched)."""
+    bench = _load("bench_serving_answers")
+    from arbitrage_fast.eval.datasets import EvalItem
+
+    items = [EvalItem(f"p{i}", f"q{i}", str(i)) for i in range(4)]
+    seen = []
+
+    def one_request(client, body):
+        seen.append(body["messages"][0]["content"])
+        k = int(body["messages"][0]["content"][1:])
+        wrong = str(client.base_url).endswith("engine") and k == 3
+        return {"latency_s": 1.0, "first_event_s": 0.1, "tokens": 10 + k, "finish_reason": "stop",
+                "text": f"so \\boxed{{{k + 1 if wrong else k}}}"}
+
+    monkeypatch.setattr(bench, "one_request", one_request)
+    blocks = []
+    for k, (server, url, wall) in enumerate([("vllm", "http://v", 4.0), ("engine", "http://engine", 2.0),
+                                              ("engine", "http://engine", 3.0), ("vllm", "http://v", 6.0)]):
+        block = k // 2
+        bodies = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in (2 * block, 2 * block + 1)]
+        result = bench.drive_block(url, bodies)
+        assert [r["tokens"] for r in result["records"]] == [10 + 2 * block, 11 + 2 * block]
+        blocks.append({"server": server, "block": block, "wall_s": wall, "errors": result["errors"],
+                       "answers": bench.graded(items[2 * block:2 * block + 2], result["records"])})
+    assert sorted(seen) == ["q0", "q0", "q1", "q1", "q2", "q2", "q3", "q3"]
+    vllm, engine = bench.summarise(blocks, "vllm")
+    assert (vllm["correct"], engine["correct"], engine["problems"]) == (4, 3, 4)
+    assert vllm["answers_s"] == pytest.approx(4 / 10) and engine["answers_s"] == pytest.approx(4 / 5)
+    assert engine["answers_s_vs_reference"] == pytest.approx(2.0)
+    assert engine["answers_s_vs_reference_ci"] == [pytest.approx(2.0), pytest.approx(2.0)]
+    assert engine["accuracy_diff"] == pytest.approx(-0.25) and engine["matched"]
+    assert "answers_s_vs_reference" not in vllm
+    table = bench.render({"reference": "vllm", "summary": [vllm, engine]})
+    assert "| engine | 4 | 0.750 [" in table and "| 2.00x [2.00, 2.00] | -0.250 [" in table
+    assert table.rstrip().endswith("| yes |")
+
+    # A block not yet run on every server is left out; a failed request refuses the server's figures.
+    assert bench.summarise(blocks[:3], "vllm")[1]["problems"] == 2
+    broken = [dict(b, errors=["problem 0: ReadTimeout"]) if b["server"] == "engine" and b["block"] == 1 else b
+              for b in blocks]
+    assert bench.summarise(broken, "vllm")[1]["failed"] == ["problem 0: ReadTimeout"]
+    assert "| engine | failed: problem 0: ReadTimeout" in bench.render({"reference": "vllm",
+                                                                         "summary": bench.summarise(broken, "vllm")})
+
+
+def test_serving_answers_refuses_bad_settings():
+    bench = _load("bench_serving_answers")
+    with pytest.raises(SystemExit, match="multiple of --block"):
+        bench.main(["--n", "10", "--block", "8"])
+    with pytest.raises(SystemExit, match="--reference 'vllm' is not among"):
+        bench.main(["--servers", "batched:target_only", "--n", "8"])
+    with pytest.raises(SystemExit, match="needs --vllm-python"):
+        bench.main(["--servers", "vllm,batched", "--n", "8"])
+
+
 def test_bench_layer_op_smoke(tmp_path):
     """Modules against the one-op layer through the engine, on a tiny bf16 model: both variants
     timed every repeat, and their outputs equal."""
