@@ -8,7 +8,9 @@
 # distinct chosen thresholds) runs. TEST_BLOCK=8 times the test problems in blocks of eight instead
 # (`sweep --block`): each block under one policy at a time, all in flight, so the speed-ups are
 # throughput under load with intervals over blocks, not one problem's latency, for a fraction of
-# the time.
+# the time. DENSE_ROWS (4; 0 for none) gives both runs the packed weights' bf16 copy for forwards of
+# that many tokens or more (`--dense-rows`), as the serving runs use. STAGES (dev,test) picks which
+# runs to make: the dev calibration alone takes hours and resumes from its records.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=${DATASET:-gsm8k}
@@ -19,13 +21,21 @@ TOKENS=${TOKENS:-400}
 DEV_BATCH=${DEV_BATCH:-8}
 TEST_BLOCK=${TEST_BLOCK:-1}
 POLICIES=${POLICIES:-rsd,arbitrage}
+DENSE_ROWS=${DENSE_ROWS:-4}
+STAGES=${STAGES:-dev,test}
 OUT=benchmarks/results
 NAME=qwen_${DATASET}_calibrated
 CLI=(python -m arbitrage_fast.cli)
+MODELS=(--preset qwen2.5-coder)
+if [[ "$DENSE_ROWS" != 0 ]]; then MODELS+=(--dense-rows "$DENSE_ROWS"); fi
 
-"${CLI[@]}" calibrate --preset qwen2.5-coder --dataset "$DATASET" --n "$DEV_N" --max-new-tokens "$TOKENS" \
-  --policies "$POLICIES" --grid-points "$GRID" --batch "$DEV_BATCH" \
-  --records "$OUT/${NAME}_dev_records.jsonl" --out "$OUT/${NAME}_dev.json"
-"${CLI[@]}" sweep --preset qwen2.5-coder --dataset "$DATASET" --n "$TEST_N" --max-new-tokens "$TOKENS" \
-  --thresholds-from "$OUT/${NAME}_dev.json" --block "$TEST_BLOCK" --records "$OUT/${NAME}_test_records.jsonl" \
-  --json "$OUT/${NAME}_test.json" --plot "$OUT/${NAME}_test_pareto.png"
+if [[ ",$STAGES," == *,dev,* ]]; then
+  "${CLI[@]}" calibrate "${MODELS[@]}" --dataset "$DATASET" --n "$DEV_N" --max-new-tokens "$TOKENS" \
+    --policies "$POLICIES" --grid-points "$GRID" --batch "$DEV_BATCH" \
+    --records "$OUT/${NAME}_dev_records.jsonl" --out "$OUT/${NAME}_dev.json"
+fi
+if [[ ",$STAGES," == *,test,* ]]; then
+  "${CLI[@]}" sweep "${MODELS[@]}" --dataset "$DATASET" --n "$TEST_N" --max-new-tokens "$TOKENS" \
+    --thresholds-from "$OUT/${NAME}_dev.json" --block "$TEST_BLOCK" --records "$OUT/${NAME}_test_records.jsonl" \
+    --json "$OUT/${NAME}_test.json" --plot "$OUT/${NAME}_test_pareto.png"
+fi
