@@ -18,7 +18,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--dequantize", action="store_true",
                    help="dequantise a GGUF's weights at load (the reference path) instead of running its "
-                        "quantized blocks packed, the default on CPU")
+                        "quantized blocks packed (the default: as stored on CPU, repacked for the Triton kernel on a GPU)")
     p.add_argument("--dense-rows", type=_positive_int, default=None, metavar="N",
                    help="keep packed weights (GGUF, --draft-quant/--target-quant) and add a 16-bit copy: forwards "
                         "of at least N tokens (prefill chunks, wide decode batches) run the copy, narrower ones the "

@@ -86,7 +86,8 @@ class EngineConfig:
     # Keep ended requests' KV pages for later requests that start with the same tokens, evicted
     # least recently used under memory pressure (prefix_cache.py).
     prefix_cache: bool = False
-    # GGUF weights: False = kept in their quantized blocks (CPU); True = dequantised at load.
+    # GGUF weights: False = kept packed (their blocks on CPU, repacked value for value for the
+    # Triton kernel elsewhere); True = dequantised at load.
     dequantize: bool = False
     # Packed weights (a GGUF kept packed, or draft_quant/target_quant) plus a 16-bit copy of them:
     # forwards of at least this many tokens (prefill chunks, wide decode batches) run the copy,
@@ -155,6 +156,9 @@ class EngineConfig:
         if self.dense_rows is not None and self.dequantize:
             raise ValueError("dense_rows adds a 16-bit copy to packed weights; dequantize=True keeps no packed "
                              "weights to add it to (use one or the other)")
+        if self.dense_rows is not None and self.device != "cpu":
+            raise ValueError(f"dense_rows is for the CPU, where packed kernels lose to a 16-bit GEMM from a few "
+                             f"rows; on {self.device!r} the Triton kernel runs packed weights at every width")
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
         if self.batch_invariant and self.dense_rows is not None:

@@ -160,6 +160,8 @@ def test_engine_refusals(tiny, tmp_path):
         EngineConfig(draft="d", target="t", dense_rows=0)
     with pytest.raises(ValueError, match="dequantize=True keeps no packed weights"):
         EngineConfig(draft="d", target="t", dense_rows=4, dequantize=True)
+    with pytest.raises(ValueError, match="dense_rows is for the CPU.*'cuda'"):
+        EngineConfig(draft="d", target="t", dense_rows=4, device="cuda")
     with pytest.raises(ValueError, match="batch_invariant=True cannot use dense_rows=4"):
         EngineConfig(draft="d", target="t", dense_rows=4, batch_invariant=True)
     folder = build_tiny_lm(tmp_path / "hf-float", "qwen2", hidden=64, heads=4, kv_heads=2, layers=1, tie=True)

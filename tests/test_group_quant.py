@@ -27,7 +27,7 @@ from arbitrage_fast.config import QUANT_FORMATS, QUANT_GROUPS
 from arbitrage_fast.models import gguf_ops
 from arbitrage_fast.models.group_quant import (FORMATS, GROUPS, Q8_0, GroupQuantized, QuantizationError,
                                                QuantScheme, quantize, to_gguf_blocks, to_int3_blocks, to_q8_0)
-from arbitrage_fast.models.quantize_on_load import GroupQuantLinear
+from arbitrage_fast.models.group_quant_linear import GroupQuantLinear
 from helpers.triton_kernels import DEVICE, load_kernel, needs_triton
 
 qm = load_kernel("quant_matmul")

@@ -1,11 +1,14 @@
 """Build the native decoder from a GGUF file with its quantized weights kept as stored.
 
-Every linear weight of a type in `gguf_ops.PACKED_TYPES` becomes part of a `QuantizedLinear`,
-the token embeddings a `QuantizedEmbedding` (a tied LM head shares their blocks), and the
-small float tensors (norms, biases) load in the model's dtype. Quantized types without a
-kernel are dequantised at load, and the load says so once. The result is the same
-`LlamaDecoder` the dequantising loader builds, so the runner, the arena and the policies
-see no difference; resident weight memory is about the file's size.
+On the CPU every linear weight of a type in `gguf_ops.PACKED_TYPES` becomes part of a
+`QuantizedLinear`, the token embeddings a `QuantizedEmbedding` (a tied LM head shares their
+blocks), run by the compiled GGUF kernels. On any other device (layout "group") the same
+tensors are rewritten value for value in the engine's group-wise layout (`gguf_repack`) and
+become `GroupQuantLinear` / `GroupQuantEmbedding` parts, run by the Triton kernel. The small
+float tensors (norms, biases) load in the model's dtype. Quantized types without a kernel are
+dequantised at load, and the load says so once. The result is the same `LlamaDecoder` the
+dequantising loader builds, so the runner, the arena and the policies see no difference;
+resident weight memory is about the file's size (on the CPU; see `gguf_repack` for the GPU's).
 
 Blocks are checked before use: a tensor whose bytes run past the end of the file, or whose
 blocks carry non-finite scales, is refused with its name.
@@ -23,12 +26,15 @@ from torch import nn
 from . import gguf_ops
 from .architecture import DecoderSpec
 from .gguf_directory import GGUFDirectory, GGUFFormatError
+from .gguf_repack import repack
+from .group_quant_linear import GroupQuantEmbedding, GroupQuantLinear
 from .llama import LlamaDecoder
 from .quantized_linear import DENSE, QuantizedEmbedding, QuantizedLinear
 
 log = logging.getLogger(__name__)
 QT = gguf.GGMLQuantizationType
 FLOAT_TYPES = {QT.F32, QT.F16, QT.BF16}
+LAYOUTS = ("gguf", "group")  # the CPU kernels' blocks as stored; the Triton kernel's layout
 
 
 class CorruptTensorError(ValueError):
@@ -76,8 +82,18 @@ def _permute_back(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, dim, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def build(path: Path, spec: DecoderSpec, dtype: torch.dtype) -> LlamaDecoder:
+def build(path: Path, spec: DecoderSpec, dtype: torch.dtype, device: str | torch.device = "cpu",
+          layout: str | None = None) -> LlamaDecoder:
+    """The decoder on `device`, its packed weights in `layout`: "gguf" on the CPU and "group"
+    elsewhere unless given (the group layout runs on the CPU too, by the kernel's torch twin)."""
+    device = torch.device(device)
+    layout = layout or ("gguf" if device.type == "cpu" else "group")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown packed layout {layout!r}; expected one of {list(LAYOUTS)}")
+    if layout == "gguf" and device.type != "cpu":
+        raise ValueError(f"GGUF blocks as stored run on the CPU only, not on {device}; use the group layout")
     tensors = _Tensors(path, dtype)
+    linear = _quantized if layout == "gguf" else _group_quantized
     llama_rows = tensors.architecture == "llama"
 
     def take(name: str) -> tuple[torch.Tensor, int]:
@@ -104,10 +120,20 @@ def build(path: Path, spec: DecoderSpec, dtype: torch.dtype) -> LlamaDecoder:
         model = LlamaDecoder(spec)
     plain: dict[str, torch.Tensor] = {"norm.weight": take("output_norm.weight")[0]}
     embed, embed_type = take("token_embd.weight")
-    place(model, "embed_tokens", nn.Embedding.from_pretrained(embed, freeze=True) if embed_type == DENSE
-          else QuantizedEmbedding(embed, embed_type, _in_features(embed, embed_type), dtype), "token_embd.weight")
-    head = (embed, embed_type) if spec.tie_word_embeddings else take("output.weight")
-    place(model, "lm_head", _quantized([head], None), "the LM head")
+    if embed_type != DENSE and layout == "group":
+        # Repacked once: a tied LM head shares the embedding's packed table.
+        embed = repack(embed, embed_type, _in_features(embed, embed_type))
+        table: nn.Module = GroupQuantEmbedding(embed, dtype)
+    elif embed_type != DENSE:
+        table = QuantizedEmbedding(embed, embed_type, _in_features(embed, embed_type), dtype)
+    else:
+        table = nn.Embedding.from_pretrained(embed, freeze=True)
+    place(model, "embed_tokens", table, "token_embd.weight")
+    if spec.tie_word_embeddings and embed_type != DENSE and layout == "group":
+        head_layer = GroupQuantLinear([embed])
+    else:
+        head_layer = linear([(embed, embed_type) if spec.tie_word_embeddings else take("output.weight")], None)
+    place(model, "lm_head", head_layer, "the LM head")
     for i, layer in enumerate(model.layers):
         p = f"blk.{i}."
         attn, mlp = layer.self_attn, layer.mlp
@@ -117,25 +143,25 @@ def build(path: Path, spec: DecoderSpec, dtype: torch.dtype) -> LlamaDecoder:
         if spec.qkv_bias:
             qkv_bias = torch.cat([take_qk(p + "attn_q.bias", spec.num_heads)[0],
                                   take_qk(p + "attn_k.bias", spec.num_kv_heads)[0], take(p + "attn_v.bias")[0]])
-        place(attn, "qkv_proj", _quantized(qkv, qkv_bias), p + "attn_q/k/v")
-        place(attn, "o_proj", _quantized([take(p + "attn_output.weight")],
-                                         bias(p + "attn_output.bias") if spec.o_bias else None), p + "attn_output")
-        place(mlp, "gate_up_proj", _quantized([take(p + "ffn_gate.weight"), take(p + "ffn_up.weight")],
-                                              bias(p + "ffn_gate.bias", p + "ffn_up.bias") if spec.mlp_bias else None),
+        place(attn, "qkv_proj", linear(qkv, qkv_bias), p + "attn_q/k/v")
+        place(attn, "o_proj", linear([take(p + "attn_output.weight")],
+                                     bias(p + "attn_output.bias") if spec.o_bias else None), p + "attn_output")
+        place(mlp, "gate_up_proj", linear([take(p + "ffn_gate.weight"), take(p + "ffn_up.weight")],
+                                          bias(p + "ffn_gate.bias", p + "ffn_up.bias") if spec.mlp_bias else None),
               p + "ffn_gate/up")
-        place(mlp, "down_proj", _quantized([take(p + "ffn_down.weight")],
-                                           bias(p + "ffn_down.bias") if spec.mlp_bias else None), p + "ffn_down")
+        place(mlp, "down_proj", linear([take(p + "ffn_down.weight")],
+                                       bias(p + "ffn_down.bias") if spec.mlp_bias else None), p + "ffn_down")
         plain[f"layers.{i}.input_layernorm.weight"] = take(p + "attn_norm.weight")[0]
         plain[f"layers.{i}.post_attention_layernorm.weight"] = take(p + "ffn_norm.weight")[0]
     model.load_state_dict(plain, strict=False, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n != "rotary.inv_freq"]
     if left:
         raise CorruptTensorError(f"{path}: no tensor in the file fills {left}")
-    model.rotary.inv_freq = spec.inv_freq
+    model.rotary.inv_freq = spec.inv_freq.to(device)
     for type_name, names in tensors.dequantised.items():
         log.warning("%s: %d %s tensor(s) have no packed kernel and were dequantised at load (e.g. %s)",
                     path.name, len(names), type_name, names[0])
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _quantized(parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None) -> nn.Module:
@@ -150,6 +176,13 @@ def _quantized(parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None)
         return layer
     w, q = next((w, q) for w, q in parts if q != DENSE)
     return QuantizedLinear(parts, _in_features(w, q), bias)
+
+
+def _group_quantized(parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None) -> nn.Module:
+    """`_quantized` for the Triton kernel: packed parts repacked in the group-wise layout."""
+    if all(q == DENSE for _, q in parts):
+        return _quantized(parts, bias)
+    return GroupQuantLinear([w if q == DENSE else repack(w, q, _in_features(w, q)) for w, q in parts], bias)
 
 
 def _shape(layer: nn.Module) -> tuple[int, int]:

@@ -1,8 +1,9 @@
 """Load a Llama-family checkpoint into the native decoder.
 
 Two layouts: a Hugging Face folder (config.json + *.safetensors, sharded or not) read with
-safetensors (never unpickling), or a GGUF file. On CPU a GGUF's quantized weights stay in
-their stored blocks (`gguf_packed`, the default); `dequantize=True`, or another device,
+safetensors (never unpickling), or a GGUF file. A GGUF's quantized weights stay packed
+(`gguf_packed`, the default): in their stored blocks on CPU, rewritten value for value in the
+Triton kernel's group-wise layout on other devices (`gguf_repack`); `dequantize=True`
 dequantises every tensor through transformers' GGUF support instead (the reference path).
 `quant` quantizes the decoder's linear layers at load (`quantize_on_load`); a GGUF file is
 then dequantised first, so its blocks are requantized from their float values. A model with
@@ -14,7 +15,6 @@ Tokenizer and chat template always come from transformers.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,6 @@ from .group_quant import QuantizationError, QuantScheme
 from .llama import LlamaDecoder
 from .quantize_on_load import quantize_head, quantize_linears
 
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,9 +59,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         raise CheckpointError(f"checkpoint not found: {path}")
     is_gguf = path.is_file() and path.suffix == ".gguf"
     if is_gguf and not dequantize and quant is None:
-        if torch.device(device).type == "cpu":
-            return _load_gguf_packed(path, torch_dtype)
-        log.warning("%s: packed GGUF weights run on CPU only; dequantising for %s", path.name, device)
+        return _load_gguf_packed(path, torch_dtype, torch.device(device))
     if is_gguf:
         hf_config, tokenizer, tensors = _read_gguf_cached(path, torch_dtype)
     elif path.is_dir():
@@ -114,7 +111,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _load_gguf_packed(path: Path, torch_dtype: torch.dtype) -> LoadedModel:
+def _load_gguf_packed(path: Path, torch_dtype: torch.dtype, device: torch.device) -> LoadedModel:
     from . import gguf_packed
 
     hf_config, tokenizer = _read_gguf_metadata(path)
@@ -123,11 +120,12 @@ def _load_gguf_packed(path: Path, torch_dtype: torch.dtype) -> LoadedModel:
     except UnsupportedArchitectureError as e:
         raise UnsupportedArchitectureError(f"{path}: {e}") from None
     try:
-        model = gguf_packed.build(path, spec, torch_dtype)
+        model = gguf_packed.build(path, spec, torch_dtype, device)
     except gguf_packed.CorruptTensorError as e:
         raise CheckpointError(str(e)) from None
-    pack_linears(model)  # float layers of the file, if any (bf16 on CPU)
-    model.set_exact_arithmetic(False)  # packed weights: compiled CPU norm, activation, attention, layer
+    if device.type == "cpu":
+        pack_linears(model)  # float layers of the file, if any (bf16 on CPU)
+        model.set_exact_arithmetic(False)  # packed weights: compiled CPU norm, activation, attention, layer
     return LoadedModel(model=model, spec=spec, tokenizer=tokenizer, hf_config=hf_config, path=str(path))
 
 

@@ -24,36 +24,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from arbitrage_fast.triton_kernels.quant_matmul import quant_matmul
-
 from . import int3_blocks
-from .group_quant import Q8_0, GroupQuantized, QuantScheme, quantize, to_gguf_blocks, to_int3_blocks, to_q8_0
+from .group_quant import Q8_0, QuantScheme, quantize, to_gguf_blocks, to_int3_blocks, to_q8_0
+from .group_quant_linear import GroupQuantLinear
 from .quantized_linear import QuantizedEmbedding, QuantizedLinear
-
-
-class GroupQuantLinear(nn.Module):
-    """A linear layer whose weight stays packed in the engine's group-wise layout."""
-
-    def __init__(self, qw: GroupQuantized, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        # Buffers, not parameters: integer weights have no gradient and must not be cast.
-        self.register_buffer("qweight", qw.qweight, persistent=False)
-        self.register_buffer("scales", qw.scales, persistent=False)
-        self.register_buffer("mins", qw.mins, persistent=False)
-        self.bits, self.group = qw.bits, qw.group
-        self.in_features, self.out_features = qw.in_features, qw.qweight.shape[0]
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        y = quant_matmul(x2, self.qweight, self.scales, self.mins, self.bits, self.group)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"int{self.bits}" + ("" if self.bits == 8 else f" group {self.group}"))
 
 
 class Int3Linear(nn.Module):

@@ -136,16 +136,18 @@ class Session:
     def __init__(self, model, spec, max_tokens: int, dtype, block: int = 16) -> None:
         pages = max_tokens // block + 1
         self.model, self.block, self.length = model, block, 0
-        self.kv = torch.zeros(pages, spec.num_layers, 2, block, spec.num_kv_heads, spec.head_dim, dtype=dtype)
-        self.table = torch.arange(pages, dtype=torch.int32)[None]
+        self.device = model.norm.weight.device
+        self.kv = torch.zeros(pages, spec.num_layers, 2, block, spec.num_kv_heads, spec.head_dim, dtype=dtype,
+                              device=self.device)
+        self.table = torch.arange(pages, dtype=torch.int32, device=self.device)[None]
 
     @torch.inference_mode()
     def feed(self, tokens: list[int]) -> torch.Tensor:
-        positions = torch.arange(self.length, self.length + len(tokens))
+        positions = torch.arange(self.length, self.length + len(tokens), device=self.device)
         meta = AttentionMetadata(positions=positions, slot_mapping=positions.clone(), block_tables=self.table,
                                  query_lens=[len(tokens)], seq_lens=[self.length + len(tokens)],
                                  block_size=self.block)
-        hidden = self.model(torch.tensor(tokens), meta, self.kv)
+        hidden = self.model(torch.tensor(tokens, device=self.device), meta, self.kv)
         self.length += len(tokens)
         return self.model.compute_logits(hidden[-1:])[0]
 
