@@ -28,11 +28,10 @@ from arbitrage_fast.models.gguf_repack import REPACKED_TYPES, repack
 from arbitrage_fast.models.group_quant_linear import GroupQuantEmbedding, GroupQuantLinear
 from helpers.gguf_files import dequantised_reference, greedy, teacher_forced, write_tiny_gguf
 from helpers.tiny_models import build_tiny_lm
-from helpers.triton_kernels import DEVICE, load_kernel, needs_triton
+from helpers.triton_kernels import DEVICE, check_quant_matmul, load_kernel, needs_triton
 
 QT = gguf.GGMLQuantizationType
 qm = load_kernel("quant_matmul")
-U = 2.0 ** -24
 TYPES = sorted(REPACKED_TYPES)
 names = lambda t: gguf_ops.PACKED_TYPES[t]  # noqa: E731
 # (bits, group, bits a weight in the layout) per type, as the module's table says.
@@ -97,22 +96,9 @@ def test_real_tensors_repack_exactly(fixture, request):
     assert len(seen) >= 2
 
 
-def _triton_bound(x, w, ref):
-    K = x.shape[1]
-    mag = x.double().abs() @ w.double().abs().T
-    u = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[x.dtype]
-    return (K + 2) * U * mag + u * mag + 2 * u * ref.double().abs() + 1e-30
-
-
 def _check_triton(qtype: int, M: int, N: int, K: int, dtype: torch.dtype, device: str) -> None:
     qw = repack(_blocks(qtype, N, K, M + N), qtype, K)
-    args = [t.to(device) if t is not None else None for t in (qw.qweight, qw.scales, qw.mins)]
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K)).to(device=device, dtype=dtype)
-    got = qm.quant_matmul_triton(x, *args, qw.bits, qw.group).cpu()
-    ref = qm.quant_matmul_reference(x.cpu(), qw.qweight, qw.scales, qw.mins, qw.bits, qw.group)
-    err = (got.double() - ref.double()).abs()
-    bound = _triton_bound(x.cpu(), qw.dequantize(), ref)
-    assert (err <= bound).all(), f"error {(err / bound).max().item():.2f}x the bound"
+    check_quant_matmul(qw, torch.randn(M, K, generator=torch.Generator().manual_seed(K)).to(dtype), device)
 
 
 @needs_triton(qm)

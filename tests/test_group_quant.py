@@ -17,7 +17,6 @@ Tolerances, derived rather than tuned (U = 2**-24, fp32's unit roundoff):
 """
 from __future__ import annotations
 
-import gguf
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from arbitrage_fast.models import gguf_ops
 from arbitrage_fast.models.group_quant import (FORMATS, GROUPS, Q8_0, GroupQuantized, QuantizationError,
                                                QuantScheme, quantize, to_gguf_blocks, to_int3_blocks, to_q8_0)
 from arbitrage_fast.models.group_quant_linear import GroupQuantLinear
-from helpers.triton_kernels import DEVICE, load_kernel, needs_triton
+from helpers.triton_kernels import DEVICE, check_quant_matmul, load_kernel, needs_triton
 
 qm = load_kernel("quant_matmul")
 U = 2.0 ** -24
@@ -124,22 +123,9 @@ def test_cpu_kernel_against_the_reference(scheme):
     assert ((got - want).abs() <= bound).all()
 
 
-def _triton_bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    K = x.shape[1]
-    mag = x.double().abs() @ w.double().abs().T
-    u = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[x.dtype]
-    return (K + 2) * U * mag + u * mag + 2 * u * ref.double().abs() + 1e-30
-
-
 def _check_triton(scheme: QuantScheme, M: int, N: int, K: int, dtype: torch.dtype, device: str) -> None:
     qw = quantize(_weight(N, K, M + N + K), scheme)
-    args = [t.to(device) if t is not None else None for t in (qw.qweight, qw.scales, qw.mins)]
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K)).to(device=device, dtype=dtype)
-    got = qm.quant_matmul_triton(x, *args, qw.bits, qw.group).cpu()
-    ref = qm.quant_matmul_reference(x.cpu(), qw.qweight, qw.scales, qw.mins, qw.bits, qw.group)
-    err = (got.double() - ref.double()).abs()
-    bound = _triton_bound(x.cpu(), qw.dequantize(), ref)
-    assert (err <= bound).all(), f"error {(err / bound).max().item():.2f}x the bound"
+    check_quant_matmul(qw, torch.randn(M, K, generator=torch.Generator().manual_seed(K)).to(dtype), device)
 
 
 # Odd row counts, K a multiple of neither the group nor a word's values, decode (M = 1) and
