@@ -191,6 +191,7 @@ def test_a_gguf_loads_packed_onto_the_gpu(tiny_file, monkeypatch):
     model = loaded.model
     assert isinstance(model.layers[0].mlp.gate_up_proj, GroupQuantLinear)
     assert model.layers[0].mlp.gate_up_proj.qweight0.is_cuda
+    assert model.lm_head.qweight0.data_ptr() == model.embed_tokens.qweight.data_ptr()  # still one table
     reference = dequantised_reference(path, config, "qwen2")
     prompt = tokenizer("We compute 12 + 30 = 42.\n\nThen")["input_ids"]
     tokens, expected = greedy(reference, loaded.spec, prompt, 8, torch.float32)

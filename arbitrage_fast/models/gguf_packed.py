@@ -93,7 +93,10 @@ def build(path: Path, spec: DecoderSpec, dtype: torch.dtype, device: str | torch
     if layout == "gguf" and device.type != "cpu":
         raise ValueError(f"GGUF blocks as stored run on the CPU only, not on {device}; use the group layout")
     tensors = _Tensors(path, dtype)
-    linear = _quantized if layout == "gguf" else _group_quantized
+
+    def linear(parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None) -> nn.Module:
+        return _quantized(parts, bias) if layout == "gguf" else _group_quantized(parts, bias, device)
+
     llama_rows = tensors.architecture == "llama"
 
     def take(name: str) -> tuple[torch.Tensor, int]:
@@ -121,8 +124,9 @@ def build(path: Path, spec: DecoderSpec, dtype: torch.dtype, device: str | torch
     plain: dict[str, torch.Tensor] = {"norm.weight": take("output_norm.weight")[0]}
     embed, embed_type = take("token_embd.weight")
     if embed_type != DENSE and layout == "group":
-        # Repacked once: a tied LM head shares the embedding's packed table.
-        embed = repack(embed, embed_type, _in_features(embed, embed_type))
+        # Repacked once and placed on the device now: a tied LM head shares the embedding's packed
+        # table, and moving the model later would give each module its own copy of a buffer.
+        embed = repack(embed, embed_type, _in_features(embed, embed_type)).to(device)
         table: nn.Module = GroupQuantEmbedding(embed, dtype)
     elif embed_type != DENSE:
         table = QuantizedEmbedding(embed, embed_type, _in_features(embed, embed_type), dtype)
@@ -178,11 +182,14 @@ def _quantized(parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None)
     return QuantizedLinear(parts, _in_features(w, q), bias)
 
 
-def _group_quantized(parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None) -> nn.Module:
-    """`_quantized` for the Triton kernel: packed parts repacked in the group-wise layout."""
+def _group_quantized(parts: list[tuple[torch.Tensor, int]], bias: torch.Tensor | None,
+                     device: torch.device) -> nn.Module:
+    """`_quantized` for the Triton kernel: packed parts repacked in the group-wise layout, each
+    moved to the device as it is made (a whole model's repacked parts need not sit on the CPU)."""
     if all(q == DENSE for _, q in parts):
         return _quantized(parts, bias)
-    return GroupQuantLinear([w if q == DENSE else repack(w, q, _in_features(w, q)) for w, q in parts], bias)
+    return GroupQuantLinear([w if q == DENSE else repack(w, q, _in_features(w, q)).to(device) for w, q in parts],
+                            bias)
 
 
 def _shape(layer: nn.Module) -> tuple[int, int]:

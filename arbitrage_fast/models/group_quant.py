@@ -75,6 +75,11 @@ class GroupQuantized:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
 
+    def to(self, device: torch.device | str) -> GroupQuantized:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return GroupQuantized(move(self.qweight), move(self.scales), move(self.mins), self.bits, self.group,
+                              self.in_features)
+
 
 def _fp16_at_least(v: torch.Tensor) -> torch.Tensor:
     """The smallest fp16 >= v (v >= 0, finite, within fp16's range)."""
