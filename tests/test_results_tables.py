@@ -124,3 +124,16 @@ def test_router_evaluation_table_sets_the_router_beside_rsds_rule():
     for key in ("prm_threshold", "prm_gain", "router_gain_ci", "prm_gain_ci", "router_minus_prm_ci"):
         del result["deferral_curve"][0][key]
     assert "| 30 % | 0.50 | — | — | 0.80 | 0.30 |" in render(result)
+
+
+def test_a_dev_calibration_renders_its_choices_and_its_grid():
+    result = json.loads((ROOT / "benchmarks/results/testbed_calibration.json").read_text())
+    result["choices"].append({"policy": "rsd", "target": "accuracy -9 pt", "threshold": None, "dev": None})
+    text = render(result)
+    assert text.startswith("testbed on testbed: the dev calibration (n = 80, target_only 1.000 [")
+    for c in result["choices"][:-1]:
+        assert (f"| {c['policy']} | {c['target']} | {c['threshold']:g} | {c['dev']['accuracy']:.3f} ["
+                f"{c['dev']['accuracy_ci'][0]:.3f}, {c['dev']['accuracy_ci'][1]:.3f}] | "
+                f"{c['dev']['escalation_rate']:.2f} |") in text
+    assert "| rsd | accuracy -9 pt | none reaches it |" in text
+    assert sum(line.startswith("| arbitrage@") for line in text.splitlines()) == len(result["grid"]["arbitrage"])

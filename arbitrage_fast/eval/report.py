@@ -191,11 +191,29 @@ def render_router_eval(result: dict) -> str:
                                        "router − RSD's rule", "oracle", "random"], rows)
 
 
+def render_calibration(result: dict) -> str:
+    """A dev calibration (`calibrate --out`): the thresholds it chose, then its whole dev grid."""
+    settings = result["settings"]
+    grid_sizes = sorted({len(g) for g in result["grid"].values()})
+    caption = (f"{settings['preset']} on {settings['dataset']}: the dev calibration (n = {result['n']}, "
+               f"target_only {_acc(result['target_only'])}), {'/'.join(map(str, grid_sizes))} evenly spaced "
+               "thresholds per policy over its score range. Chosen: the fewest escalations within 0/1/2 points "
+               "of target_only's dev accuracy, and the points nearest each escalation rate.")
+    rows = [[c["policy"], c["target"], "none reaches it", "—", "—"] if c["threshold"] is None else
+            [c["policy"], c["target"], f"{c['threshold']:g}", _acc(c["dev"]), f"{c['dev']['escalation_rate']:.2f}"]
+            for c in result["choices"]]
+    choices = _table(["policy", "dev target", "threshold", "dev accuracy [95% CI]", "dev escalation"], rows)
+    grid = render_points_table({**result, "preset": settings["preset"], "dataset": settings["dataset"]})
+    return caption + "\n\n" + choices + "\n\n" + grid
+
+
 def render(result: dict) -> str:
-    """The block a doc shows for `result`: a router evaluation, the protocol table where there is
-    one, else the grid."""
+    """The block a doc shows for `result`: a router evaluation, a dev calibration, the protocol
+    table where there is one, else the grid."""
     if "deferral_curve" in result:
         return render_router_eval(result)
+    if "choices" in result and result.get("split") == "dev":
+        return render_calibration(result)
     if "protocol" not in result:
         return render_points_table(result)
     table = render_protocol_table(result)
