@@ -61,7 +61,7 @@ def implementations(n: int, k: int, gen: torch.Generator) -> dict:
         impls["onednn_packed_bf16"] = pack(dense)
     wide = "avx512_vnni" in gguf_ops.cpu_paths()
     for name in ("Q8_0", "Q5_0", "Q6_K", "Q4_K", "Q4_1"):
-        qtype = int(gguf_ops.QT[name])
+        qtype = gguf_ops.TYPE_IDS[name]
         if k % gguf_ops.block_shape(qtype)[0]:
             continue
         blocks = random_blocks(qtype, n, k, gen)

@@ -23,8 +23,8 @@
 # `GPU_CHECK_SMOKE=1 GPU_CHECK_SKIP_INSTALL=1 bash benchmarks/gpu_check.sh`),
 # TORCH_CUDA_ARCH_LIST (default: the visible GPU's, "9.0a" on an H200; see CMakeLists.txt),
 # WHEELS (default benchmarks/wheels, ignored by git): pure-Python wheels the GPU image lacks,
-# installed before the build with no index and no dependencies. The engine's loaders need
-# `gguf` (a GGUF is repacked for the GPU at load), so bring it along:
+# installed before the build with no index and no dependencies. The engine imports without
+# `gguf`, but loading a GGUF file (repacked for the GPU) and its tests need it, so bring it along:
 #   pip download --no-deps -d benchmarks/wheels gguf==$(python -c 'import gguf, importlib.metadata as m; print(m.version("gguf"))')
 set -uo pipefail
 

@@ -95,11 +95,11 @@ def test_rowwise_linear_is_the_one_row_call(m, data):
         assert wrapped(x[None]).shape == (1, m, 384)  # leading dims kept
 
 
-PACKED = [gguf_ops.QT.Q4_0, gguf_ops.QT.Q8_0, gguf_ops.QT.Q4_K, gguf_ops.QT.Q6_K]
+PACKED = [gguf_ops.TYPE_IDS[name] for name in ("Q4_0", "Q8_0", "Q4_K", "Q6_K")]
 
 
 @pytest.mark.skipif(not native_available("cpu"), reason="needs the compiled extension")
-@pytest.mark.parametrize("qtype", PACKED, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", PACKED, ids=lambda q: gguf_ops.PACKED_TYPES[q])
 @FUZZ
 @given(m=ROWS, data=st.data())
 def test_packed_gguf_linear_is_row_invariant_as_it_is(qtype, m, data):

@@ -14,6 +14,7 @@ Tolerances, all derived rather than tuned:
 """
 from __future__ import annotations
 
+import gguf
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -137,7 +138,7 @@ def test_kernel_approximates_the_unrounded_product(qtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_give_the_rounded_fp32_result(dtype):
-    qtype = int(gguf_ops.QT.Q8_0)
+    qtype = gguf_ops.TYPE_IDS["Q8_0"]
     gen = torch.Generator().manual_seed(7)
     blocks = random_blocks(qtype, 48, 256, gen)
     x = torch.randn(4, 256, generator=gen).to(dtype)
@@ -147,7 +148,7 @@ def test_half_precision_inputs_give_the_rounded_fp32_result(dtype):
 
 
 def test_zero_activations_and_meta_shapes():
-    qtype = int(gguf_ops.QT.Q4_K)
+    qtype = gguf_ops.TYPE_IDS["Q4_K"]
     blocks = random_blocks(qtype, 8, 512, torch.Generator().manual_seed(3))
     assert torch.equal(gguf_ops.gguf_linear(torch.zeros(2, 512), blocks, qtype), torch.zeros(2, 8))
     meta = torch.ops.arbitrage_fast.gguf_linear(torch.empty(3, 512, device="meta"), blocks.to("meta"), qtype)
@@ -155,7 +156,7 @@ def test_zero_activations_and_meta_shapes():
 
 
 def test_random_blocks_are_whole_blocks_with_finite_scales():
-    qtype = int(gguf_ops.QT.Q4_K)
+    qtype = gguf_ops.TYPE_IDS["Q4_K"]
     blocks = random_blocks(qtype, 3, 512, torch.Generator().manual_seed(0))
     assert blocks.shape == (3, gguf_ops.row_bytes(qtype, 512)) and gguf_ops.nonfinite_blocks(blocks, qtype) == 0
     with pytest.raises(ValueError, match="in_features=500 is not a whole number of 256-input blocks"):
@@ -163,14 +164,14 @@ def test_random_blocks_are_whole_blocks_with_finite_scales():
 
 
 def test_malformed_arguments_are_refused_with_the_reason():
-    q8 = int(gguf_ops.QT.Q8_0)
+    q8 = gguf_ops.TYPE_IDS["Q8_0"]
     blocks = random_blocks(q8, 4, 64, torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match=r"x must be \[rows, 64\]"):
         gguf_ops.gguf_linear(torch.randn(1, 32), blocks, q8)
     with pytest.raises(RuntimeError, match="not a whole number of 34-byte blocks"):
         gguf_ops.gguf_linear(torch.randn(1, 64), blocks[:, :-1], q8)
     with pytest.raises(RuntimeError, match="no kernel here"):
-        gguf_ops.gguf_linear(torch.randn(1, 256), blocks, int(gguf_ops.QT.Q3_K))
+        gguf_ops.gguf_linear(torch.randn(1, 256), blocks, int(gguf.GGMLQuantizationType.Q3_K))
     with pytest.raises(RuntimeError, match="unknown isa"):
         torch.ops.arbitrage_fast.gguf_linear(torch.randn(1, 64), blocks, q8, "sse9")
 
@@ -195,3 +196,12 @@ def test_kernels_run_on_the_threads_torch_is_given():
 
     assert torch.get_num_threads() == 2
     assert _C.kernel_threads() == 2
+
+
+def test_the_packed_types_table_is_the_gguf_packages():
+    """gguf_ops writes the packed types' ids and block sizes out (the engine imports without the
+    `gguf` package); they must be the format's own."""
+    for qtype, name in gguf_ops.PACKED_TYPES.items():
+        assert gguf.GGMLQuantizationType[name] == qtype
+        assert gguf_ops.block_shape(qtype) == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    assert gguf_ops.block_shape(int(gguf.GGMLQuantizationType.Q5_K)) == (256, 176)  # others from the package

@@ -48,6 +48,18 @@ def test_extension_imports_outside_the_repo(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_the_engine_and_server_import_without_the_gguf_package(tmp_path):
+    """The GPU image has no `gguf`: only reading a GGUF file may need it, not importing the engine."""
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "__init__.py").write_text("raise ImportError('no gguf package here')\n")
+    prelude = f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\n"
+    for module in ("arbitrage_fast.engine", "arbitrage_fast.cli", "arbitrage_fast.models.group_quant_linear"):
+        result = run_python(prelude + f"import {module}", tmp_path)
+        assert result.returncode == 0, f"{module}: {result.stderr[-2000:]}"
+    result = run_python(prelude + "import arbitrage_fast.models.gguf_packed", tmp_path)
+    assert "no gguf package here" in result.stderr  # the stub is really in the way
+
+
 @pytest.mark.parametrize("where", ["outside", "repo_root"])
 def test_kernels_import_under_the_package(where, tmp_path):
     cwd = tmp_path if where == "outside" else ROOT

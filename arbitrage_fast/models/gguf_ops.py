@@ -16,29 +16,38 @@ same int8 round trip the kernels apply.
 """
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import torch
 
 from arbitrage_fast.kv.ops import native_available
 
-QT = gguf.GGMLQuantizationType
-
-# The GGUF types that run packed: ggml id -> name. Others are dequantised at load.
-PACKED_TYPES: dict[int, str] = {
-    int(t): t.name for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q6_K)
+# The GGUF types that run packed: ggml id -> (name, inputs per block, bytes per block). Others
+# are dequantised at load. The ids and block sizes are the GGUF format's own (ggml's enum
+# ggml_type), written out so that the engine imports without the `gguf` package, which only
+# reading a GGUF file needs (the GPU image has none); test_gguf_kernels checks them against
+# the package's tables.
+_PACKED: dict[int, tuple[str, int, int]] = {
+    2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144), 14: ("Q6_K", 256, 210),
 }
+PACKED_TYPES: dict[int, str] = {t: name for t, (name, _, _) in _PACKED.items()}
+TYPE_IDS: dict[str, int] = {name: t for t, name in PACKED_TYPES.items()}
 GROUP = 32  # inputs per activation scale, except against a K-quant (activation_group)
 # Byte offsets of each block's fp16 scale fields (d, and dmin or m where the format has one).
 SCALE_OFFSETS: dict[int, tuple[int, ...]] = {
-    int(QT.Q4_0): (0,), int(QT.Q4_1): (0, 2), int(QT.Q5_0): (0,), int(QT.Q5_1): (0, 2),
-    int(QT.Q8_0): (0,), int(QT.Q4_K): (0, 2), int(QT.Q6_K): (208,),
+    TYPE_IDS[name]: offsets for name, offsets in (("Q4_0", (0,)), ("Q4_1", (0, 2)), ("Q5_0", (0,)),
+                                                  ("Q5_1", (0, 2)), ("Q8_0", (0,)), ("Q4_K", (0, 2)),
+                                                  ("Q6_K", (208,)))
 }
 
 
 def block_shape(qtype: int) -> tuple[int, int]:
     """(inputs per block, bytes per block) of a ggml type."""
-    return gguf.GGML_QUANT_SIZES[QT(qtype)]
+    if qtype in _PACKED:
+        return _PACKED[qtype][1:]
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
 
 
 def row_bytes(qtype: int, in_features: int) -> int:
@@ -80,7 +89,9 @@ def rounded_activations(x: torch.Tensor, group: int = GROUP) -> torch.Tensor:
 
 
 def dequantize_reference(blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
-    out = gguf.quants.dequantize(blocks.cpu().numpy(), QT(qtype))
+    import gguf
+
+    out = gguf.quants.dequantize(blocks.cpu().numpy(), gguf.GGMLQuantizationType(qtype))
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(blocks.shape[0], in_features)
 
 

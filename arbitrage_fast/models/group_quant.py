@@ -23,16 +23,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import gguf
 import torch
 
 from arbitrage_fast.triton_kernels.quant_matmul import dequantize_reference, pack_words, unpack_words
 
-from . import int3_blocks
+from . import gguf_ops, int3_blocks
 
 FORMATS: dict[str, int] = {"int8": 8, "int4": 4, "int3": 3}  # name -> bits
 GROUPS = (32, 64, 128)
-Q4_1, Q8_0 = int(gguf.GGMLQuantizationType.Q4_1), int(gguf.GGMLQuantizationType.Q8_0)
+Q4_1, Q8_0 = gguf_ops.TYPE_IDS["Q4_1"], gguf_ops.TYPE_IDS["Q8_0"]
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
