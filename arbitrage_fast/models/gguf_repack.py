@@ -32,6 +32,8 @@ from __future__ import annotations
 import gguf
 import torch
 
+from arbitrage_fast.triton_kernels.quant_matmul import pack_words
+
 from . import gguf_ops
 from .group_quant import GroupQuantized
 
@@ -114,8 +116,6 @@ def _compact(t: torch.Tensor | None) -> torch.Tensor | None:
 def repack(blocks: torch.Tensor, qtype: int, in_features: int) -> GroupQuantized:
     """GGUF blocks [N, row_bytes] uint8 of a type in REPACKED_TYPES -> the same weight in the
     engine's group-wise layout (see the module's table)."""
-    from arbitrage_fast.triton_kernels.quant_matmul import pack_words
-
     if qtype not in REPACKED_TYPES:
         raise ValueError(f"ggml type {qtype} has no repacking; repacked types: "
                          f"{sorted(gguf_ops.PACKED_TYPES[t] for t in REPACKED_TYPES)}")
