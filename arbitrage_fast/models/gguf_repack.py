@@ -38,7 +38,6 @@ from . import gguf_ops
 from .group_quant import GroupQuantized
 
 QT = gguf.GGMLQuantizationType
-REPACKED_TYPES = frozenset(gguf_ops.PACKED_TYPES)
 
 
 def _fp16(b: torch.Tensor) -> torch.Tensor:
@@ -114,11 +113,11 @@ def _compact(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def repack(blocks: torch.Tensor, qtype: int, in_features: int) -> GroupQuantized:
-    """GGUF blocks [N, row_bytes] uint8 of a type in REPACKED_TYPES -> the same weight in the
-    engine's group-wise layout (see the module's table)."""
-    if qtype not in REPACKED_TYPES:
+    """GGUF blocks [N, row_bytes] uint8 of a type in `gguf_ops.PACKED_TYPES` -> the same weight
+    in the engine's group-wise layout (see the module's table)."""
+    if qtype not in gguf_ops.PACKED_TYPES:
         raise ValueError(f"ggml type {qtype} has no repacking; repacked types: "
-                         f"{sorted(gguf_ops.PACKED_TYPES[t] for t in REPACKED_TYPES)}")
+                         f"{sorted(gguf_ops.PACKED_TYPES.values())}")
     elems, size = gguf_ops.block_shape(qtype)
     N = blocks.shape[0]
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != in_features // elems * size \
