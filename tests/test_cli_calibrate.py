@@ -108,6 +108,11 @@ def test_a_router_head_retrained_in_place_after_calibration_is_refused(tmp_path,
     small = ["--preset", "testbed", "--n", "2", "--max-new-tokens", "48", "--router", str(head)]
     assert main(["calibrate", *small, "--policies", "arbitrage", "--grid-points", "2", "--out", str(cal)]) == 0
     assert set(json.loads(cal.read_text())["settings"]["router_heads"]) == {"arbitrage", "arbitrage:exact"}
+    # the same weights in another folder (another checkout): the digest names the head, not the path
+    moved = tmp_path / "moved"
+    shutil.copytree(head, moved)
+    elsewhere = [*small[:-1], str(moved)]
+    assert main(["sweep", *elsewhere, "--thresholds-from", str(cal), "--json", str(tmp_path / "t.json")]) == 0
     # the same folder, other weights: the path alone would not tell
     shutil.copy(preset.routers["exact"] + "/router.safetensors", head / "router.safetensors")
     assert main(["sweep", *small, "--thresholds-from", str(cal), "--json", str(tmp_path / "t.json")]) == 2

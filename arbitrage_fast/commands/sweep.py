@@ -110,7 +110,10 @@ def _calibrated_plan(preset, args) -> tuple[list[str], dict[str, list[float]], d
         raise ValueError(f"the calibration in {args.thresholds_from} was made on the {args.split!r} split; "
                          "thresholds must be reported on another split than the one that chose them")
     ours, theirs = sweep_settings(preset, args), calibration["settings"]
-    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k != "seed")
+    # A head is named by its weights' digest; its folder's path only says where the package was
+    # checked out, so a copy of the same weights elsewhere may report what dev chose.
+    ignored = {"seed"} | ({"router"} if "router_heads" in ours and "router_heads" in theirs else set())
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k not in ignored)
     if differ:
         detail = "; ".join(f"{k}: calibration has {theirs.get(k)!r}, this sweep has {ours.get(k)!r}" for k in differ)
         raise ValueError(f"the calibration in {args.thresholds_from} was made with other settings ({detail})")
