@@ -281,7 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--dataset", default=None, help="testbed | gsm8k | math500 (default: the preset's)")
     c.add_argument("--policies", default="target_only,rsd,arbitrage")
     c.add_argument("--grid-points", type=int, default=21,
-                   help="thresholds per policy, spread evenly over its score range (the same for every policy)")
+                   help="thresholds per policy, the same number for every policy (default 21)")
+    c.add_argument("--grid", choices=("even", "quantile"), default="even",
+                   help="where the thresholds go: evenly over each policy's score range (default), or at the "
+                        "evenly spaced quantiles of the policy's own scores of draft steps on --grid-pilot "
+                        "train problems (the same escalation shares for every policy), the range's ends kept")
+    c.add_argument("--grid-pilot", type=_positive_int, default=16, metavar="N",
+                   help="train problems whose draft steps place a quantile grid (default 16)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--out", required=True, metavar="JSON", help="the calibration file to write")

@@ -27,7 +27,7 @@ from .models.group_quant import QuantScheme
 from .models.batch_invariant import InvariantLayers, make_batch_invariant
 from .models.dense_copy import add_dense_copy
 from .models.loader import LoadedModel, load_model, resolve_dtype
-from .policies import make_policy
+from .policies import Policy, make_policy
 from .prm.build import PolicyPRMs, build_prm
 from .prm.target_judge import TargetJudge
 from .request import Request, StepOutput
@@ -281,13 +281,17 @@ class Engine:
         return TargetJudge(self.tokenizers[Role.TARGET], self.target_model.path)
 
     # ------------------------------------------------------------------ requests
+    def policy(self, name: str, threshold: float | None = None) -> Policy:
+        """The policy `name` as this engine runs it (its router, reflection cues and k)."""
+        return make_policy(name, threshold, have_router=self.router is not None,
+                           reflection_cues=self.config.reflection_cues, lookahead_k=self.config.lookahead_k)
+
     def _new_request(self, prompt, policy, threshold, sampling, chat, record_features) -> Request:
         """Validate everything up front, so a bad request fails before it holds any memory."""
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        pol = make_policy(policy, threshold, have_router=self.router is not None,
-                          reflection_cues=self.config.reflection_cues, lookahead_k=self.config.lookahead_k)
+        pol = self.policy(policy, threshold)
         if pol.needs_judge:
             self.target_judge  # noqa: B018 - refuses a target whose digits are not single tokens, up front
         if pol.needs_router and self.router is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .roles import Role
 
@@ -71,6 +72,10 @@ class Policy:
         """True when the target's step should be committed instead of the draft's."""
         raise NotImplementedError
 
+    def score(self, e: StepEvidence) -> float:
+        """The number a thresholded policy compares with its threshold."""
+        raise ValueError(f"policy {self.name!r} has no threshold, so no score")
+
     def takes_over(self, e: StepEvidence) -> bool:
         """True when the target writes this step without a draft (decided before drafting)."""
         return False
@@ -102,58 +107,75 @@ class DraftOnly(Policy):
         return False
 
 
-class RewardGuided(Policy):
+class Thresholded(Policy):
+    """A policy that escalates on one score of the step's evidence crossing its threshold:
+    above it when `escalates_above`, below it otherwise."""
+
+    escalates_above: ClassVar[bool] = False
+
+    def escalate(self, e: StepEvidence) -> bool:
+        s = self.score(e)
+        return s > self.threshold if self.escalates_above else s < self.threshold
+
+
+class RewardGuided(Thresholded):
     """RSD: escalate whenever the PRM scores the draft step below the threshold."""
 
-    def escalate(self, e: StepEvidence) -> bool:
-        return e.draft_prm < self.threshold
+    def score(self, e: StepEvidence) -> float:
+        return e.draft_prm
 
 
-class ArbitrageOracle(Policy):
+class ArbitrageOracle(Thresholded):
     """Both steps are written and scored; escalate when the advantage PRM(t) - PRM(d) > threshold."""
 
-    def escalate(self, e: StepEvidence) -> bool:
-        return e.target_prm - e.draft_prm > self.threshold
+    escalates_above = True
+
+    def score(self, e: StepEvidence) -> float:
+        return e.target_prm - e.draft_prm
 
 
-class ArbitrageRouter(Policy):
+class ArbitrageRouter(Thresholded):
     """Escalate when the router's predicted probability of a positive advantage > threshold."""
 
-    def escalate(self, e: StepEvidence) -> bool:
-        return e.router_score > self.threshold
+    escalates_above = True
+
+    def score(self, e: StepEvidence) -> float:
+        return e.router_score
 
 
-class EveryStep(Policy):
+class EveryStep(Thresholded):
     """The paper's released code: the target writes every step, the router picks which to keep.
 
     Without a router head it falls back to the RSD rule. Its outputs equal `arbitrage` (or
     `rsd`) at the same threshold; only the wasted target work differs, which is the point.
     """
 
-    def escalate(self, e: StepEvidence) -> bool:
-        if e.router_score is not None:
-            return e.router_score > self.threshold
-        return e.draft_prm < self.threshold
+    @property
+    def escalates_above(self) -> bool:  # the router's rule, or RSD's without a router
+        return self.needs_router
+
+    def score(self, e: StepEvidence) -> float:
+        return e.router_score if self.needs_router else e.draft_prm
 
 
-class SpecReason(Policy):
+class SpecReason(Thresholded):
     """SpecReason: the target judges the draft step with a one-token score 0-9, read as the
     expected digit under its next-token distribution; keep the step when the score >= the
     threshold. Threshold 0 keeps every draft step; 10 (above any score) escalates every one."""
 
-    def escalate(self, e: StepEvidence) -> bool:
-        return e.judge_score < self.threshold
+    def score(self, e: StepEvidence) -> float:
+        return e.judge_score
 
 
-class Lookahead(Policy):
+class Lookahead(Thresholded):
     """Lookahead Reasoning: the draft writes `drafts_ahead` steps ahead; the target reads them
     in one catch-up prefill that scores each by its likelihood (as RSD's target-likelihood PRM
     does), and the longest prefix of steps scoring >= the threshold is kept. At the first
     step below it the target writes its own step instead, and the steps after it are dropped.
     Threshold 0 keeps every draft step; above 1 (beyond any mean probability) none."""
 
-    def escalate(self, e: StepEvidence) -> bool:
-        return e.judge_score < self.threshold
+    def score(self, e: StepEvidence) -> float:
+        return e.judge_score
 
     def accepted_steps(self, scores: list[float]) -> int:
         """How many leading draft steps are kept: the longest prefix whose scores all pass."""

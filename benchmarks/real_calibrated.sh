@@ -10,7 +10,10 @@
 # throughput under load with intervals over blocks, not one problem's latency, for a fraction of
 # the time. DENSE_ROWS (4; 0 for none) gives both runs the packed weights' bf16 copy for forwards of
 # that many tokens or more (`--dense-rows`), as the serving runs use. STAGES (dev,test) picks which
-# runs to make: the dev calibration alone takes hours and resumes from its records.
+# runs to make: the dev calibration alone takes hours and resumes from its records. GRID_KIND=quantile
+# places each policy's GRID thresholds at the quantiles of its own draft-step scores on PILOT train
+# problems instead of evenly over its score range (`calibrate --grid quantile`): the even grid spends
+# most of RSD's points where the target-likelihood PRM escalates nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=${DATASET:-gsm8k}
@@ -23,6 +26,8 @@ TEST_BLOCK=${TEST_BLOCK:-1}
 POLICIES=${POLICIES:-rsd,arbitrage}
 DENSE_ROWS=${DENSE_ROWS:-4}
 STAGES=${STAGES:-dev,test}
+GRID_KIND=${GRID_KIND:-even}
+PILOT=${PILOT:-16}
 OUT=benchmarks/results
 NAME=qwen_${DATASET}_calibrated
 CLI=(python -m arbitrage_fast.cli)
@@ -31,7 +36,7 @@ if [[ "$DENSE_ROWS" != 0 ]]; then MODELS+=(--dense-rows "$DENSE_ROWS"); fi
 
 if [[ ",$STAGES," == *,dev,* ]]; then
   "${CLI[@]}" calibrate "${MODELS[@]}" --dataset "$DATASET" --n "$DEV_N" --max-new-tokens "$TOKENS" \
-    --policies "$POLICIES" --grid-points "$GRID" --batch "$DEV_BATCH" \
+    --policies "$POLICIES" --grid-points "$GRID" --grid "$GRID_KIND" --grid-pilot "$PILOT" --batch "$DEV_BATCH" \
     --records "$OUT/${NAME}_dev_records.jsonl" --out "$OUT/${NAME}_dev.json"
 fi
 if [[ ",$STAGES," == *,test,* ]]; then

@@ -85,6 +85,24 @@ def test_sweep_runs_exactly_the_calibrated_thresholds_on_test(calibration, tmp_p
     assert header["max_new_tokens"] == 96 and header["draft"] and header["inference_prm"]
 
 
+def test_a_quantile_grid_is_placed_on_train_problems_and_said_so(tmp_path, capsys):
+    from arbitrage_fast.eval.report import render_calibration
+
+    out = tmp_path / "quantile.json"
+    assert main(["calibrate", "--preset", "testbed", "--n", "3", "--max-new-tokens", "64", "--policies",
+                 "rsd,arbitrage", "--grid", "quantile", "--grid-points", "4", "--grid-pilot", "3",
+                 "--batch", "3", "--out", str(out)]) == 0
+    cal = json.loads(out.read_text())
+    assert cal["grid_kind"] == "quantile"
+    assert cal["grid_pilot"]["split"] == "train" and cal["grid_pilot"]["n"] == 3
+    assert all(cal["grid_pilot"]["steps"][p] > 0 for p in ("rsd", "arbitrage"))
+    for policy, grid in cal["grid"].items():
+        assert grid == sorted(grid) and 2 <= len(grid) <= 4 and (grid[0], grid[-1]) == (0.0, 1.0)
+        assert {p["threshold"] for p in cal["points"] if p["policy"] == policy} == set(grid)
+    assert len(cal["grid"]["arbitrage"]) == 4  # router scores are continuous: no ties merge its quantiles
+    assert "quantiles of its scores of draft steps on 3 train problems" in render_calibration(cal)
+
+
 def test_a_calibration_is_refused_on_its_own_split_with_other_settings_or_beside_thresholds(calibration, capsys):
     path, _ = calibration
     assert main(["sweep", *BASE, "--thresholds-from", str(path), "--split", "dev"]) == 2

@@ -1,9 +1,13 @@
 """Choosing thresholds on dev: grids of one density, the choice rules, the plan handed to test."""
 
+import random
+
 import pytest
 
 from arbitrage_fast.eval.calibration import (
-    GRID_POINTS, choose_thresholds, load_calibration, threshold_grid, thresholds_from)
+    GRID_POINTS, SCORE_RANGES, choose_thresholds, keep_all_threshold, load_calibration, quantile_grid,
+    threshold_grid, thresholds_from)
+from arbitrage_fast.policies import StepEvidence, make_policy
 
 
 def point(policy, threshold, accuracy, escalation, latency=1.0):
@@ -21,6 +25,45 @@ def test_every_policy_gets_a_grid_of_the_same_density_over_its_range():
         threshold_grid("target_only")
     with pytest.raises(ValueError, match="at least 2"):
         threshold_grid("rsd", 1)
+
+
+def test_a_quantile_grid_puts_each_policy_at_the_same_escalation_shares_of_its_draft_steps():
+    rng = random.Random(0)
+    # a PRM that scores nearly every step above 0.8, and a router spread over (0, 1)
+    prm = [1 - rng.random() ** 4 * 0.2 for _ in range(400)] + [rng.random() * 0.5 for _ in range(20)]
+    router = [rng.random() for _ in range(420)]
+    for policy, scores in (("rsd", prm), ("arbitrage", router)):
+        grid = quantile_grid(policy, scores, 6)
+        assert grid[0] == 0.0 and grid[-1] == 1.0 and len(grid) == 6
+        shares = [sum(s < t for s in scores) / len(scores) for t in grid[1:-1]]
+        assert shares == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=1 / len(scores) + 1e-9)
+    # the even grid's four inner points all fall where this PRM escalates only its 20 clear slips
+    assert all(sum(s < t for s in prm) <= 20 for t in threshold_grid("rsd", 6)[1:-1])
+    assert quantile_grid("oracle", [-0.5, 0.0, 0.0, 0.0, 0.0, 0.25], 6) == [-1.0, 0.0, 1.0]  # tied scores merge
+    with pytest.raises(ValueError, match="no scored draft steps"):
+        quantile_grid("rsd", [], 6)
+    with pytest.raises(ValueError, match="at least 2"):
+        quantile_grid("rsd", prm, 1)
+    with pytest.raises(ValueError, match="no threshold to calibrate"):
+        quantile_grid("draft_only", prm, 6)
+
+
+@pytest.mark.parametrize("name", ["rsd", "arbitrage", "oracle", "every_step", "specreason", "lookahead"])
+@pytest.mark.parametrize("have_router", [False, True])
+def test_the_keep_all_threshold_escalates_no_step_whatever_the_evidence(name, have_router):
+    """The pilot runs each policy where it writes the draft's own answer: any score in its range
+    keeps the step there, and the other end of the range escalates every step but the extreme."""
+    rng = random.Random(name)
+    policy = make_policy(name, have_router=have_router)
+    lo, hi = SCORE_RANGES[policy.base_name]
+    keep = make_policy(name, keep_all_threshold(policy), have_router=have_router)
+    for _ in range(200):
+        prm, router, judge = rng.random(), rng.random(), rng.random() * 10 if name == "specreason" else rng.random()
+        evidence = StepEvidence(draft_prm=prm, target_prm=rng.random(), router_score=router, judge_score=judge)
+        assert not keep.escalate(evidence)
+        assert lo <= keep.score(evidence) <= hi
+    other = make_policy(name, lo if keep.threshold == hi else hi, have_router=have_router)
+    assert other.escalate(StepEvidence(draft_prm=0.5, target_prm=0.9, router_score=0.5, judge_score=0.5))
 
 
 DEV = [

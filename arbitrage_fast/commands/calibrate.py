@@ -1,8 +1,24 @@
-"""`calibrate`: sweep each policy over an even threshold grid on dev and choose its thresholds."""
+"""`calibrate`: sweep each policy over a threshold grid on dev and choose its thresholds."""
 from __future__ import annotations
 
 from .common import write_json
-from .sweep import sweep_points
+from .sweep import sweep_engine, sweep_points
+
+
+def _quantile_grids(engine, preset, args, policies: list[str]) -> tuple[dict[str, list[float]], dict]:
+    """Each policy's grid at the quantiles of its draft-step scores on --grid-pilot train problems,
+    and what the pilot saw (recorded in the calibration)."""
+    from arbitrage_fast.config import SamplingParams
+    from arbitrage_fast.eval.calibration import quantile_grid
+    from arbitrage_fast.eval.datasets import load_dataset
+    from arbitrage_fast.eval.score_pilot import pilot_scores
+
+    items = load_dataset(args.dataset or preset.dataset, n=args.grid_pilot, split="train", seed=args.seed,
+                         instruction=preset.instruction)
+    scores = pilot_scores(engine, items, policies, SamplingParams(max_new_tokens=args.max_new_tokens),
+                          {"chat": preset.chat}, max(args.batch, 1))
+    grids = {p: quantile_grid(p, scores[p], args.grid_points) for p in policies}
+    return grids, {"split": "train", "n": len(items), "steps": {p: len(scores[p]) for p in policies}}
 
 
 def run(preset, args) -> int:
@@ -15,10 +31,16 @@ def run(preset, args) -> int:
     # Policies without a threshold have nothing to choose: they run on dev beside the others
     # and go to test as they are, so every method gets its row in the reported table.
     untuned = [p for p in policies if p in THRESHOLDLESS_POLICIES and p != "target_only"]
-    thresholds = {p: threshold_grid(p, args.grid_points) for p in policies if p not in THRESHOLDLESS_POLICIES}
-    result = sweep_points(preset, args, "dev", policies, thresholds)
+    tuned = [p for p in policies if p not in THRESHOLDLESS_POLICIES]
+    engine, pilot = None, None
+    if args.grid == "quantile":
+        engine = sweep_engine(preset, args)
+        thresholds, pilot = _quantile_grids(engine, preset, args, tuned)
+    else:
+        thresholds = {p: threshold_grid(p, args.grid_points) for p in tuned}
+    result = sweep_points(preset, args, "dev", policies, thresholds, engine=engine)
     calibration = {"split": "dev", "n": result["n"], "batch": result.get("batch", 1), "grid": thresholds,
-                   "untuned": untuned,
+                   "grid_kind": args.grid, **({"grid_pilot": pilot} if pilot else {}), "untuned": untuned,
                    "settings": {k: v for k, v in result["settings"].items() if k != "split"},
                    **choose_thresholds(result["points"]), "points": result["points"]}
     write_json(calibration, args.out)

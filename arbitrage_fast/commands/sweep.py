@@ -53,9 +53,17 @@ def sweep_settings(preset, args) -> dict:
     return settings
 
 
+def sweep_engine(preset, args):
+    """The engine a sweep (or calibration) with these arguments runs on: room for its runs in flight."""
+    in_flight = max(args.batch, getattr(args, "block", 1))
+    return build_engine(preset, args.device, args.dtype, max_batch=in_flight if in_flight > 1 else None,
+                        **decoding_options(args))
+
+
 def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict[str, list[float]],
-                 report_only: bool = False, runs_out: dict | None = None) -> dict:
-    """Run (or, `report_only`, read back from --records) one sweep of `split`; returns its result dict."""
+                 report_only: bool = False, runs_out: dict | None = None, engine=None) -> dict:
+    """Run (or, `report_only`, read back from --records) one sweep of `split`; returns its result
+    dict. `engine`: one already built for these arguments (`sweep_engine`), else one is built."""
     from arbitrage_fast.eval.datasets import load_dataset
     from arbitrage_fast.eval.sweep import points_from_records, run_sweep
 
@@ -78,9 +86,7 @@ def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict
                                             audited=audit is not None, runs_out=runs_out, batch=args.batch,
                                             block=block)
     else:
-        in_flight = max(args.batch, block)
-        engine = build_engine(preset, args.device, args.dtype, max_batch=in_flight if in_flight > 1 else None,
-                              **decoding_options(args))
+        engine = engine or sweep_engine(preset, args)
         points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
                            generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info,
                            runs_out=runs_out, batch=args.batch, block=block)

@@ -1,7 +1,8 @@
 """Thresholds chosen on dev, so that the test figures are not chosen on the problems they report.
 
 `calibrate` sweeps every thresholded policy over a grid of the same density on the dev
-split, and this module picks, per policy, one threshold for each target:
+split (even over its score range, or at the quantiles of its scores on train problems), and
+this module picks, per policy, one threshold for each target:
 
 - accuracy targets: the lowest-escalation grid point whose dev accuracy is at least
   target_only's dev accuracy minus 0, 1 or 2 points. Fewest escalations rather than lowest
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from arbitrage_fast.policies import Policy
 
 # Every policy gets GRID_POINTS thresholds spread evenly over the range its score lives in,
 # so no policy's frontier looks better merely for being sampled more finely.
@@ -40,6 +43,37 @@ def threshold_grid(policy: str, points: int = GRID_POINTS) -> list[float]:
         raise ValueError(f"a threshold grid needs at least 2 points, got {points}")
     lo, hi = SCORE_RANGES[base]
     return [round(lo + (hi - lo) * i / (points - 1), 6) for i in range(points)]
+
+
+def keep_all_threshold(policy: Policy) -> float:
+    """The end of `policy`'s score range at which it escalates no step: run there, it writes the
+    draft's own answer and scores every step of it."""
+    lo, hi = SCORE_RANGES[policy.base_name]
+    return hi if policy.escalates_above else lo
+
+
+def quantile_grid(policy: str, scores: list[float], points: int = GRID_POINTS) -> list[float]:
+    """`points` thresholds for `policy`: its score range's two ends (no step escalated, every
+    step escalated) and, between them, the evenly spaced quantiles of `scores`, the policy's
+    own scores of draft steps on train problems. An even grid spends its points where a
+    policy's scores are not (the target-likelihood PRM scores nearly every step above 0.8, so
+    an even grid's points below it all escalate nothing); quantiles put each policy's points at
+    the same escalation shares of the draft's steps, the same density for every policy in what
+    a threshold controls. Tied scores can merge quantiles, so a grid may hold fewer points."""
+    ends = threshold_grid(policy, 2)
+    if points < 2:
+        raise ValueError(f"a threshold grid needs at least 2 points, got {points}")
+    if not scores:
+        raise ValueError(f"no scored draft steps to place {policy!r}'s thresholds by; "
+                         "the pilot problems produced none")
+    ranked = sorted(scores)
+    inner = []
+    for i in range(1, points - 1):
+        at = i / (points - 1) * (len(ranked) - 1)  # linear interpolation between order statistics
+        below = int(at)
+        value = ranked[below] + (at - below) * (ranked[min(below + 1, len(ranked) - 1)] - ranked[below])
+        inner.append(min(max(round(value, 6), ends[0]), ends[1]))
+    return sorted(set(ends) | set(inner))
 
 
 def _dev_figures(point: dict) -> dict:

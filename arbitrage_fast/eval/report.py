@@ -194,11 +194,14 @@ def render_router_eval(result: dict) -> str:
 def render_calibration(result: dict) -> str:
     """A dev calibration (`calibrate --out`): the thresholds it chose, then its whole dev grid."""
     settings = result["settings"]
-    grid_sizes = sorted({len(g) for g in result["grid"].values()})
+    grid_sizes = "/".join(map(str, sorted({len(g) for g in result["grid"].values()})))
+    pilot = result.get("grid_pilot")
+    placed = (f"{grid_sizes} thresholds per policy: its score range's ends and the evenly spaced quantiles of "
+              f"its scores of draft steps on {pilot['n']} train problems" if result.get("grid_kind") == "quantile"
+              else f"{grid_sizes} evenly spaced thresholds per policy over its score range")
     caption = (f"{settings['preset']} on {settings['dataset']}: the dev calibration (n = {result['n']}, "
-               f"target_only {_acc(result['target_only'])}), {'/'.join(map(str, grid_sizes))} evenly spaced "
-               "thresholds per policy over its score range. Chosen: the fewest escalations within 0/1/2 points "
-               "of target_only's dev accuracy, and the points nearest each escalation rate.")
+               f"target_only {_acc(result['target_only'])}), {placed}. Chosen: the fewest escalations within "
+               "0/1/2 points of target_only's dev accuracy, and the points nearest each escalation rate.")
     rows = [[c["policy"], c["target"], "none reaches it", "—", "—"] if c["threshold"] is None else
             [c["policy"], c["target"], f"{c['threshold']:g}", _acc(c["dev"]), f"{c['dev']['escalation_rate']:.2f}"]
             for c in result["choices"]]
