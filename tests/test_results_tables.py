@@ -92,9 +92,13 @@ def test_head_to_head_pairs_each_rival_at_the_same_dev_target_and_marks_oracles(
                {"policy": "rsd", "target": "accuracy -0 pt", "threshold": 0.7, "dev": {}},
                {"policy": "rsd", "target": "accuracy -1 pt", "threshold": None, "dev": {}},  # dev reached nothing
                {"policy": "rsd:exact", "target": "accuracy -0 pt", "threshold": 0.2, "dev": {}},
-               {"policy": "rsd", "target": "escalation 10%", "threshold": 0.7, "dev": {}}]  # not an accuracy target
+               {"policy": "rsd", "target": "escalation 10%", "threshold": 0.7, "dev": {}},
+               {"policy": "rsd", "target": "escalation 20%", "threshold": 0.7, "dev": {}}]  # no arbitrage point there
+    choices.insert(3, {"policy": "arbitrage", "target": "escalation 10%", "threshold": 0.3, "dev": {}})
     rows = head_to_head(choices, runs)
-    assert [(r["target"], r["versus"]) for r in rows] == [("accuracy -0 pt", "rsd"), ("accuracy -0 pt", "rsd:exact")]
+    assert [(r["target"], r["versus"]) for r in rows] == [("accuracy -0 pt", "rsd"), ("accuracy -0 pt", "rsd:exact"),
+                                                          ("escalation 10%", "rsd")]
+    assert rows[2]["speedup"] == pytest.approx(1.5 / 0.8) and rows[2]["threshold"] == 0.3
     assert rows[0]["speedup"] == pytest.approx(3.0) and rows[0]["threshold"] == 0.5
     assert rows[1]["speedup"] == pytest.approx(0.5) and rows[1]["accuracy_diff"] == pytest.approx(1 / 40)
     points = points_with_comparisons(list(runs.values()))
@@ -103,6 +107,7 @@ def test_head_to_head_pairs_each_rival_at_the_same_dev_target_and_marks_oracles(
     assert "| arbitrage@0.5 | rsd@0.7 |" in table and "rsd:exact (oracle)@0.2" in table
     assert "3.00x [3.00, 3.00]" in table
     # A threshold-free policy keeps its row in the protocol table, measured on test.
+    assert "paired by problem" in table and "paired by block" in render_head_to_head({**result, "block": 8})
     protocol = protocol_rows(choices[:3], points, untuned=["spec_thinking"])
     assert protocol[0]["policy"] == "spec_thinking" and protocol[0]["test"]["latency_s"] == 1.0
 
@@ -137,3 +142,31 @@ def test_a_dev_calibration_renders_its_choices_and_its_grid():
                 f"{c['dev']['escalation_rate']:.2f} |") in text
     assert "| rsd | accuracy -9 pt | none reaches it |" in text
     assert sum(line.startswith("| arbitrage@") for line in text.splitlines()) == len(result["grid"]["arbitrage"])
+
+
+def test_refresh_rebuilds_points_and_head_to_head_from_the_records_and_refuses_other_figures(tmp_path):
+    from arbitrage_fast.eval.report import head_to_head, refresh_points
+
+    runs = {("target_only", None): _records("target_only", None, [True] * 12, 2.0),
+            ("arbitrage", 0.5): _records("arbitrage", 0.5, [i % 3 > 0 for i in range(12)], 0.5),
+            ("rsd", 0.9): _records("rsd", 0.9, [i % 4 > 0 for i in range(12)], 1.5)}
+    records = tmp_path / "records.jsonl"
+    records.write_text("\n".join(json.dumps(r) for r in [{"run": {"split": "test"}}, *
+                                                        (r for rs in zip(*runs.values()) for r in rs)]) + "\n")
+    choices = [{"policy": "arbitrage", "target": "escalation 30%", "threshold": 0.5, "dev": {}},
+               {"policy": "rsd", "target": "escalation 30%", "threshold": 0.9, "dev": {}}]
+    (tmp_path / "cal.json").write_text(json.dumps({"settings": {}, "choices": choices, "split": "dev"}))
+    points = points_with_comparisons(list(runs.values()))
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"points": [{k: v for k, v in p.items() if not k.endswith("_ci")} for p in points],
+                                  "calibration": {"file": "cal.json"}, "head_to_head": []}))
+    refresh_points(result, records, root=tmp_path)
+    refreshed = json.loads(result.read_text())
+    assert refreshed["points"] == json.loads(json.dumps(points))  # the intervals an old result lacked are back
+    assert refreshed["head_to_head"] == json.loads(json.dumps(head_to_head(choices, runs)))
+    assert refreshed["head_to_head"][0]["speedup"] == pytest.approx(3.0)
+    stale = json.loads(result.read_text())
+    stale["points"][1]["accuracy"] += 0.01
+    result.write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="does not reproduce"):
+        refresh_points(result, records, root=tmp_path)

@@ -39,15 +39,17 @@ def protocol_rows(choices: list[dict], points: list[dict], untuned: list[str] = 
 
 
 def head_to_head(choices: list[dict], runs: dict, lead: str = "arbitrage") -> list[dict]:
-    """`lead` against every other policy at the same dev accuracy target, each at the threshold
-    dev chose for it: accuracy difference and speed-up (lead's latency over the rival's, so
-    > 1 means lead is faster), paired by problem, with bootstrap intervals. `runs` maps
-    (policy, threshold) to the test records in problem order."""
+    """`lead` against every other policy at the same dev target, each at the threshold dev chose
+    for it: at an accuracy target, which is faster at (dev-)matched accuracy; at an escalation
+    target, what the same share of target-written steps buys each. Accuracy difference and
+    speed-up (lead's latency over the rival's, so > 1 means lead is faster), paired by problem
+    (by block for a block sweep), with bootstrap intervals. `runs` maps (policy, threshold) to
+    the test records in problem order."""
     from .intervals import compare_to_baseline
 
     chosen: dict[str, dict[str, float]] = {}
     for c in choices:
-        if c["target"].startswith("accuracy") and c["threshold"] is not None:
+        if c["threshold"] is not None:
             chosen.setdefault(c["target"], {})[c["policy"]] = c["threshold"]
     rows = []
     for target, by_policy in chosen.items():
@@ -69,8 +71,10 @@ def render_head_to_head(result: dict) -> str:
              _ratio(r["speedup"], r["speedup_ci"]), _ratio(r["cpu_speedup"], r["cpu_speedup_ci"])]
             for r in result["head_to_head"]]
     caption = (f"Head to head on the {result['split']} split (n = {result['n']}), each policy at the threshold dev "
-               "chose for the same accuracy target; speed-up = the rival's summed latency over the first's, "
-               "paired by problem, 95% bootstrap intervals.")
+               "chose for the same target (an accuracy floor, or the dev grid point nearest an escalation rate, "
+               "which a coarse grid may leave far from it: the escalation column above says what each row "
+               "escalated); speed-up = the rival's summed latency over the first's, paired by "
+               f"{'block' if result.get('block') else 'problem'}, 95% bootstrap intervals.")
     return caption + "\n\n" + _table(["dev target", "policy", "versus", "accuracy difference [95% CI]",
                                         "speed-up, wall [95% CI]", "speed-up, CPU [95% CI]"], rows)
 
@@ -233,10 +237,13 @@ def rewrite_blocks(text: str, root: Path) -> str:
     return BLOCK.sub(fill, text)
 
 
-def refresh_points(result_path: Path, records_path: Path) -> None:
+def refresh_points(result_path: Path, records_path: Path, root: Path = Path(".")) -> None:
     """Rewrite the points of a sweep's result JSON from its records file (adding the intervals a
-    result written before them lacks), after checking that every figure it held is unchanged."""
-    from .sweep import points_from_record_file
+    result written before them lacks), after checking that every figure it held is unchanged;
+    a calibrated sweep's head-to-head is rebuilt too, from the calibration file it names (under
+    `root`), so rows a later report adds come from the same records."""
+    from .calibration import load_calibration
+    from .sweep import points_from_record_file, runs_from_record_file
 
     result = json.loads(result_path.read_text())
     _, rebuilt = points_from_record_file(records_path)
@@ -248,6 +255,9 @@ def refresh_points(result_path: Path, records_path: Path) -> None:
                                                          for k in ("accuracy", "latency_s", "cpu_s", "escalation_rate")):
         raise ValueError(f"{records_path} does not reproduce the points of {result_path}")
     result["points"] = points
+    if "head_to_head" in result:
+        _, runs = runs_from_record_file(records_path)
+        result["head_to_head"] = head_to_head(load_calibration(root / result["calibration"]["file"])["choices"], runs)
     result_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
     args = parser.parse_args(argv)
     if args.refresh:
-        refresh_points(*args.refresh)
+        refresh_points(*args.refresh, root=args.root)
     stale = []
     for path in args.files:
         text = path.read_text()

@@ -196,6 +196,14 @@ def points_from_record_file(records: str | Path) -> tuple[dict, list[dict]]:
     """(header, points) of a finished records file whatever its header: the plan is the
     (policy, threshold) pairs in the order first seen, over the problems solved under all of
     them. For re-reporting committed evidence; a sweep resumes only through `RecordLog`."""
+    header, runs = runs_from_record_file(records)
+    runs = list(runs.values())
+    return header, points_with_comparisons(runs, audited="audited" in runs[0][0])
+
+
+def runs_from_record_file(records: str | Path) -> tuple[dict, dict]:
+    """(header, {(policy, threshold): records in problem order}) of a finished records file, over
+    the problems solved under every (policy, threshold) it holds, in the order first seen."""
     lines = Path(records).read_text().splitlines()
     header = json.loads(lines[0]).get("run") or {}
     done = {}
@@ -206,8 +214,7 @@ def points_from_record_file(records: str | Path) -> tuple[dict, list[dict]]:
     items = [i for i in dict.fromkeys(item for item, _, _ in done) if all((i, *run) in done for run in plan)]
     if not items:
         raise ValueError(f"records file {records} holds no problem solved under every policy and threshold")
-    runs = [[done[(item, *run)] for item in items] for run in plan]
-    return header, points_with_comparisons(runs, audited="audited" in runs[0][0])
+    return header, {run: [done[(item, *run)] for item in items] for run in plan}
 
 
 def _with_batching(run_info: dict, batch: int, block: int) -> dict:
