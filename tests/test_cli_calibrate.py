@@ -88,11 +88,18 @@ def test_sweep_runs_exactly_the_calibrated_thresholds_on_test(calibration, tmp_p
 def test_a_quantile_grid_is_placed_on_train_problems_and_said_so(tmp_path, capsys):
     from arbitrage_fast.eval.report import render_calibration
 
-    out = tmp_path / "quantile.json"
-    assert main(["calibrate", "--preset", "testbed", "--n", "3", "--max-new-tokens", "64", "--policies",
-                 "rsd,arbitrage", "--grid", "quantile", "--grid-points", "4", "--grid-pilot", "3",
-                 "--batch", "3", "--out", str(out)]) == 0
+    out, records = tmp_path / "quantile.json", tmp_path / "dev.jsonl"
+    args = ["calibrate", "--preset", "testbed", "--n", "3", "--max-new-tokens", "64", "--policies", "rsd,arbitrage",
+            "--grid", "quantile", "--grid-points", "4", "--grid-pilot", "3", "--batch", "3", "--records", str(records),
+            "--out", str(out)]
+    assert main(args) == 0
     cal = json.loads(out.read_text())
+    # a resumed calibration reads its grids back rather than piloting again
+    kept = tmp_path / "dev.jsonl.grid.json"
+    assert json.loads(kept.read_text())["grids"] == cal["grid"]
+    assert main(args) == 0 and json.loads(out.read_text()) == cal
+    assert main([*args[:-4], "--grid-points", "5", "--records", str(records), "--out", str(out)]) == 2
+    assert "holds quantile grids made for" in capsys.readouterr().err
     assert cal["grid_kind"] == "quantile"
     assert cal["grid_pilot"]["split"] == "train" and cal["grid_pilot"]["n"] == 3
     assert all(cal["grid_pilot"]["steps"][p] > 0 for p in ("rsd", "arbitrage"))

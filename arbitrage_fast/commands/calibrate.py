@@ -1,13 +1,34 @@
 """`calibrate`: sweep each policy over a threshold grid on dev and choose its thresholds."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from .common import write_json
 from .sweep import sweep_engine, sweep_points
 
 
 def _quantile_grids(engine, preset, args, policies: list[str]) -> tuple[dict[str, list[float]], dict]:
     """Each policy's grid at the quantiles of its draft-step scores on --grid-pilot train problems,
-    and what the pilot saw (recorded in the calibration)."""
+    and what the pilot saw (recorded in the calibration). With --records the grids are kept
+    beside the records and a resumed calibration reads them back: a batched pilot's scores may
+    move in their last bits with the batch's make-up, and the records refuse another plan."""
+    kept = Path(f"{args.records}.grid.json") if args.records else None
+    wanted = {"policies": policies, "points": args.grid_points, "pilot_n": args.grid_pilot}
+    if kept is not None and kept.is_file():
+        saved = json.loads(kept.read_text())
+        if saved["wanted"] != wanted:
+            raise ValueError(f"{kept} holds quantile grids made for {saved['wanted']}, not {wanted}: "
+                             "pass a new --records path")
+        return saved["grids"], saved["pilot"]
+    grids, pilot = _pilot_grids(engine, preset, args, policies)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps({"wanted": wanted, "grids": grids, "pilot": pilot}, indent=1) + "\n")
+    return grids, pilot
+
+
+def _pilot_grids(engine, preset, args, policies: list[str]) -> tuple[dict[str, list[float]], dict]:
     from arbitrage_fast.config import SamplingParams
     from arbitrage_fast.eval.calibration import quantile_grid
     from arbitrage_fast.eval.datasets import load_dataset
