@@ -65,11 +65,12 @@ def test_sweep_runs_exactly_the_calibrated_thresholds_on_test(calibration, tmp_p
     for line in records.read_text().splitlines()[1:]:
         r = json.loads(line)
         records_by.setdefault((r["policy"], r["threshold"]), []).append(r)
-    accuracy_targets = {c["target"] for c in cal["choices"] if c["target"].startswith("accuracy")
-                        and c["policy"] == "arbitrage" and c["threshold"] is not None}
+    # (every dev target where arbitrage has a threshold: accuracy floors and escalation rates)
+    targets = {c["target"] for c in cal["choices"] if c["policy"] == "arbitrage" and c["threshold"] is not None}
     rows = result["head_to_head"]
-    assert {(r["target"], r["versus"]) for r in rows} <= {(t, v) for t in accuracy_targets
-                                                          for v in ("rsd", "rsd:likelihood")}
+    assert {(r["target"], r["versus"]) for r in rows} == {(c["target"], c["policy"]) for c in cal["choices"]
+                                                          if c["target"] in targets and c["threshold"] is not None
+                                                          and c["policy"] in ("rsd", "rsd:likelihood")}
     for r in rows:
         ours, theirs = records_by[("arbitrage", r["threshold"])], records_by[(r["versus"], r["versus_threshold"])]
         expected = sum(x["latency_s"] for x in theirs) / sum(x["latency_s"] for x in ours)
