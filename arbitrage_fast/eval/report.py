@@ -243,10 +243,11 @@ def refresh_points(result_path: Path, records_path: Path, root: Path = Path(".")
     a calibrated sweep's head-to-head is rebuilt too, from the calibration file it names (under
     `root`), so rows a later report adds come from the same records."""
     from .calibration import load_calibration
-    from .sweep import points_from_record_file, runs_from_record_file
+    from .sweep import points_of_runs, runs_from_record_file
 
     result = json.loads(result_path.read_text())
-    _, rebuilt = points_from_record_file(records_path)
+    _, runs = runs_from_record_file(records_path)  # read once: the points and the head-to-head
+    rebuilt = points_of_runs(runs)
     by_key = {(p["policy"], p["threshold"]): p for p in rebuilt}
     old = result["points"]
     points = [by_key.get((p["policy"], p["threshold"])) for p in old]  # in the order the JSON lists them
@@ -256,7 +257,6 @@ def refresh_points(result_path: Path, records_path: Path, root: Path = Path(".")
         raise ValueError(f"{records_path} does not reproduce the points of {result_path}")
     result["points"] = points
     if "head_to_head" in result:
-        _, runs = runs_from_record_file(records_path)
         result["head_to_head"] = head_to_head(load_calibration(root / result["calibration"]["file"])["choices"], runs)
     result_path.write_text(json.dumps(result, indent=2) + "\n")
 

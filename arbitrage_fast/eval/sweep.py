@@ -197,8 +197,13 @@ def points_from_record_file(records: str | Path) -> tuple[dict, list[dict]]:
     (policy, threshold) pairs in the order first seen, over the problems solved under all of
     them. For re-reporting committed evidence; a sweep resumes only through `RecordLog`."""
     header, runs = runs_from_record_file(records)
+    return header, points_of_runs(runs)
+
+
+def points_of_runs(runs: dict) -> list[dict]:
+    """The points of `runs_from_record_file`'s runs, with their comparisons."""
     runs = list(runs.values())
-    return header, points_with_comparisons(runs, audited="audited" in runs[0][0])
+    return points_with_comparisons(runs, audited="audited" in runs[0][0])
 
 
 def runs_from_record_file(records: str | Path) -> tuple[dict, dict]:
