@@ -13,7 +13,10 @@
 # runs to make: the dev calibration alone takes hours and resumes from its records. GRID_KIND=quantile
 # places each policy's GRID thresholds at the quantiles of its own draft-step scores on PILOT train
 # problems instead of evenly over its score range (`calibrate --grid quantile`): the even grid spends
-# most of RSD's points where the target-likelihood PRM escalates nothing.
+# most of RSD's points where the target-likelihood PRM escalates nothing. PAIR=int4draft runs the
+# quantized-draft pair instead of the preset's 0.5B draft: the 1.5B target in bf16 (its GGUF
+# dequantised) drafted for by its own int4 copy, with that pair's router head (ROUTER), the settings
+# its labels were made with (no 16-bit copy: the bf16 target is dense already).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=${DATASET:-gsm8k}
@@ -28,10 +31,20 @@ DENSE_ROWS=${DENSE_ROWS:-4}
 STAGES=${STAGES:-dev,test}
 GRID_KIND=${GRID_KIND:-even}
 PILOT=${PILOT:-16}
+PAIR=${PAIR:-0.5b}
 OUT=benchmarks/results
-NAME=qwen_${DATASET}_calibrated
 CLI=(python -m arbitrage_fast.cli)
 MODELS=(--preset qwen2.5-coder)
+case "$PAIR" in
+  0.5b) NAME=qwen_${DATASET}_calibrated ;;
+  int4draft)
+    NAME=qwen_int4draft_${DATASET}_calibrated
+    ROUTER=${ROUTER:-$OUT/qwen_router_int4draft_linear_gsm8k_math500_n454}
+    TARGET=$(python -c "from arbitrage_fast.models import gguf_assets; from arbitrage_fast.presets import QWEN_CODER_TARGET as t; print(gguf_assets.assemble(t))")
+    MODELS+=(--target "$TARGET" --draft "$TARGET" --dequantize --draft-quant int4 --no-exact-arithmetic --router "$ROUTER")
+    DENSE_ROWS=0 ;;
+  *) echo "PAIR must be 0.5b or int4draft, not '$PAIR'" >&2; exit 2 ;;
+esac
 if [[ "$DENSE_ROWS" != 0 ]]; then MODELS+=(--dense-rows "$DENSE_ROWS"); fi
 
 if [[ ",$STAGES," == *,dev,* ]]; then
