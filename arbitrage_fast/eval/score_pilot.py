@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tqdm.auto import tqdm
+
 from arbitrage_fast.policies import StepEvidence
 
 from .calibration import keep_all_threshold
@@ -18,19 +20,22 @@ from .datasets import EvalItem
 
 
 def pilot_scores(engine, items: Sequence[EvalItem], policies: Sequence[str], sampling=None,
-                 generate_kwargs: dict | None = None, in_flight: int = 1) -> dict[str, list[float]]:
+                 generate_kwargs: dict | None = None, in_flight: int = 1,
+                 progress: bool = True) -> dict[str, list[float]]:
     """policy -> its scores of every draft step it wrote on `items`, run at its keep-all
     threshold, `in_flight` problems at a time (greedy answers, so the batch does not matter)."""
     scores: dict[str, list[float]] = {}
-    for name in policies:
-        policy = engine.policy(name)
-        threshold = keep_all_threshold(policy)
-        requests = ((item.id, {"prompt": item.prompt, "policy": name, "threshold": threshold,
-                               "sampling": sampling, **(generate_kwargs or {})}) for item in items)
-        found = scores[name] = []
-        for _, result, _ in engine.completions(requests, in_flight):
-            for step in result.steps:
-                evidence = StepEvidence(draft_prm=step.draft_prm, target_prm=step.target_prm,
-                                        router_score=step.router_score, judge_score=step.judge_score)
-                found.append(float(policy.score(evidence)))
+    with tqdm(total=len(policies) * len(items), disable=not progress, unit="run", desc="grid pilot") as bar:
+        for name in policies:
+            policy = engine.policy(name)
+            threshold = keep_all_threshold(policy)
+            requests = ((item.id, {"prompt": item.prompt, "policy": name, "threshold": threshold,
+                                   "sampling": sampling, **(generate_kwargs or {})}) for item in items)
+            found = scores[name] = []
+            for _, result, _ in engine.completions(requests, in_flight):
+                for step in result.steps:
+                    evidence = StepEvidence(draft_prm=step.draft_prm, target_prm=step.target_prm,
+                                            router_score=step.router_score, judge_score=step.judge_score)
+                    found.append(float(policy.score(evidence)))
+                bar.update(1)
     return scores
