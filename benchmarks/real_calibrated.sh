@@ -16,7 +16,8 @@
 # most of RSD's points where the target-likelihood PRM escalates nothing. PAIR=int4draft runs the
 # quantized-draft pair instead of the preset's 0.5B draft: the 1.5B target in bf16 (its GGUF
 # dequantised) drafted for by its own int4 copy, with that pair's router head (ROUTER), the settings
-# its labels were made with (no 16-bit copy: the bf16 target is dense already).
+# its labels were made with (no 16-bit copy: the bf16 target is dense already). TAG names a
+# calibration of other POLICIES beside the pair's first (its files get _TAG after "calibrated").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=${DATASET:-gsm8k}
@@ -36,9 +37,9 @@ OUT=benchmarks/results
 CLI=(python -m arbitrage_fast.cli)
 MODELS=(--preset qwen2.5-coder)
 case "$PAIR" in
-  0.5b) NAME=qwen_${DATASET}_calibrated ;;
+  0.5b) NAME=qwen_${DATASET}_calibrated${TAG:+_$TAG} ;;
   int4draft)
-    NAME=qwen_int4draft_${DATASET}_calibrated
+    NAME=qwen_int4draft_${DATASET}_calibrated${TAG:+_$TAG}
     ROUTER=${ROUTER:-$OUT/qwen_router_int4draft_linear_gsm8k_math500_n454}
     TARGET=$(python -c "from arbitrage_fast.models import gguf_assets; from arbitrage_fast.presets import QWEN_CODER_TARGET as t; print(gguf_assets.assemble(t))")
     MODELS+=(--target "$TARGET" --draft "$TARGET" --dequantize --draft-quant int4 --no-exact-arithmetic --router "$ROUTER")
