@@ -20,12 +20,11 @@ from .datasets import EvalItem
 
 
 def pilot_scores(engine, items: Sequence[EvalItem], policies: Sequence[str], sampling=None,
-                 generate_kwargs: dict | None = None, in_flight: int = 1,
-                 progress: bool = True) -> dict[str, list[float]]:
+                 generate_kwargs: dict | None = None, in_flight: int = 1) -> dict[str, list[float]]:
     """policy -> its scores of every draft step it wrote on `items`, run at its keep-all
     threshold, `in_flight` problems at a time (greedy answers, so the batch does not matter)."""
     scores: dict[str, list[float]] = {}
-    with tqdm(total=len(policies) * len(items), disable=not progress, unit="run", desc="grid pilot") as bar:
+    with tqdm(total=len(policies) * len(items), unit="run", desc="grid pilot") as bar:
         for name in policies:
             policy = engine.policy(name)
             threshold = keep_all_threshold(policy)
