@@ -22,7 +22,9 @@ from .datasets import EvalItem
 def pilot_scores(engine, items: Sequence[EvalItem], policies: Sequence[str], sampling=None,
                  generate_kwargs: dict | None = None, in_flight: int = 1) -> dict[str, list[float]]:
     """policy -> its scores of every draft step it wrote on `items`, run at its keep-all
-    threshold, `in_flight` problems at a time (greedy answers, so the batch does not matter)."""
+    threshold, `in_flight` problems at a time (greedy answers: the batch can flip a near-tie
+    token and with it the rest of one answer, which moves a quantile of hundreds of step scores
+    by little)."""
     scores: dict[str, list[float]] = {}
     with tqdm(total=len(policies) * len(items), unit="run", desc="grid pilot") as bar:
         for name in policies:
