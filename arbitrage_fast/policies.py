@@ -249,6 +249,13 @@ _POLICIES = {
 POLICY_NAMES = tuple(_POLICIES)
 
 
+def may_read_router(name: str) -> bool:
+    """Whether policy `name` ("POLICY" or "POLICY:VARIANT") reads a router head when its engine
+    holds one: arbitrage always, every_step instead of a PRM. An engine built for policies that
+    all answer no can leave the head unloaded without changing any answer."""
+    return name.partition(":")[0] in ("arbitrage", "every_step")
+
+
 def make_policy(name: str, threshold: float | None = None, *, have_router: bool = False,
                 reflection_cues=DEFAULT_REFLECTION_CUES, lookahead_k: int = DEFAULT_LOOKAHEAD_K) -> Policy:
     """The policy `name`, optionally "POLICY:VARIANT": a policy that scores steps with a PRM (rsd,

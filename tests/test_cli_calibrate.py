@@ -191,3 +191,28 @@ def test_a_block_sweep_gives_each_problem_its_answer_alone_and_says_what_it_time
     assert result["block"] == 2 and result["settings"]["split"] == "test"
     assert all(p["vs_target_only"]["speedup_ci"] is not None for p in result["points"] if "vs_target_only" in p)
     assert main(["sweep", *common, "--block", "2", "--batch", "2"]) == 2
+
+
+def test_a_head_that_does_not_fit_the_draft_stops_only_the_policies_that_read_it(tmp_path, capsys):
+    """A sweep of policies that never consult the router runs beside a head trained for another
+    draft (as when a preset's draft is swapped); arbitrage and every_step, which read it, are
+    refused at load, naming both hidden sizes."""
+    import shutil
+
+    from arbitrage_fast.presets import resolve
+
+    head = tmp_path / "other_draft_head"
+    shutil.copytree(resolve("testbed").router, head)
+    config = json.loads((head / "router_config.json").read_text())
+    config["hidden_size"] += 1
+    (head / "router_config.json").write_text(json.dumps(config))
+    small = ["--preset", "testbed", "--n", "2", "--max-new-tokens", "48", "--router", str(head)]
+    out = tmp_path / "s.json"
+    assert main(["sweep", *small, "--policies", "target_only,draft_only,rsd,spec_thinking",
+                 "--thresholds", "rsd=0.5", "--json", str(out)]) == 0
+    assert {p["policy"] for p in json.loads(out.read_text())["points"]} == {"target_only", "draft_only", "rsd",
+                                                                              "spec_thinking"}
+    for policy in ("arbitrage", "every_step"):
+        capsys.readouterr()
+        assert main(["sweep", *small, "--policies", policy, "--json", str(out)]) == 2
+        assert f"hidden size {config['hidden_size']}" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def run(preset, args) -> int:
     tuned = [p for p in policies if p not in THRESHOLDLESS_POLICIES]
     engine, pilot = None, None
     if args.grid == "quantile":
-        engine = sweep_engine(preset, args)
+        engine = sweep_engine(preset, args, policies)
         thresholds, pilot = _quantile_grids(engine, preset, args, tuned)
     else:
         thresholds = {p: threshold_grid(p, args.grid_points) for p in tuned}

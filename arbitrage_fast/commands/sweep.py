@@ -3,7 +3,7 @@ problems -> points with intervals, the matched-accuracy table of a calibration, 
 from __future__ import annotations
 
 from arbitrage_fast.config import SamplingParams
-from arbitrage_fast.policies import DEFAULT_LOOKAHEAD_K
+from arbitrage_fast.policies import DEFAULT_LOOKAHEAD_K, may_read_router
 
 from arbitrage_fast.prm.build import build_prm
 
@@ -53,11 +53,13 @@ def sweep_settings(preset, args) -> dict:
     return settings
 
 
-def sweep_engine(preset, args):
-    """The engine a sweep (or calibration) with these arguments runs on: room for its runs in flight."""
+def sweep_engine(preset, args, policies: list[str]):
+    """The engine a sweep (or calibration) of `policies` with these arguments runs on: room for its
+    runs in flight, and the preset's router heads only if a policy reads one (so a draft swapped
+    for one the heads do not fit still runs the policies that never consult them)."""
     in_flight = max(args.batch, getattr(args, "block", 1))
     return build_engine(preset, args.device, args.dtype, max_batch=in_flight if in_flight > 1 else None,
-                        **decoding_options(args))
+                        router=any(may_read_router(p) for p in policies), **decoding_options(args))
 
 
 def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict[str, list[float]],
@@ -86,7 +88,7 @@ def sweep_points(preset, args, split: str, policies: list[str], thresholds: dict
                                             audited=audit is not None, runs_out=runs_out, batch=args.batch,
                                             block=block)
     else:
-        engine = engine or sweep_engine(preset, args)
+        engine = engine or sweep_engine(preset, args, policies)
         points = run_sweep(engine, items, policies, thresholds, sampling=sampling, audit_prm=audit,
                            generate_kwargs={"chat": preset.chat}, records=args.records, run_info=run_info,
                            runs_out=runs_out, batch=args.batch, block=block)
