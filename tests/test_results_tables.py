@@ -112,6 +112,28 @@ def test_head_to_head_pairs_each_rival_at_the_same_dev_target_and_marks_oracles(
     assert protocol[0]["policy"] == "spec_thinking" and protocol[0]["test"]["latency_s"] == 1.0
 
 
+def test_head_to_head_without_arbitrage_leads_with_the_first_policy_dev_chose_for():
+    """A calibration of the peer methods alone still compares them: the first policy with a chosen
+    threshold leads, and a calibration that chose nothing has no rows."""
+    from arbitrage_fast.eval.report import head_to_head
+
+    runs = {("specreason", 10.0): _records("specreason", 10.0, [True] * 40, 2.0),
+            ("specreason", 5.5): _records("specreason", 5.5, [i % 2 == 0 for i in range(40)], 1.0),
+            ("lookahead", 0.9): _records("lookahead", 0.9, [True] * 40, 4.0)}
+    choices = [{"policy": "specreason", "target": "accuracy -0 pt", "threshold": None, "dev": {}},
+               {"policy": "specreason", "target": "escalation 10%", "threshold": 5.5, "dev": {}},
+               {"policy": "specreason", "target": "accuracy -1 pt", "threshold": 10.0, "dev": {}},
+               {"policy": "lookahead", "target": "accuracy -0 pt", "threshold": 0.9, "dev": {}},
+               {"policy": "lookahead", "target": "accuracy -1 pt", "threshold": 0.9, "dev": {}},
+               {"policy": "lookahead", "target": "escalation 10%", "threshold": 0.9, "dev": {}}]
+    rows = head_to_head(choices, runs)
+    assert [(r["target"], r["policy"], r["versus"]) for r in rows] == [
+        ("escalation 10%", "specreason", "lookahead"), ("accuracy -1 pt", "specreason", "lookahead")]
+    assert rows[0]["speedup"] == pytest.approx(4.0) and rows[0]["accuracy_diff"] == pytest.approx(-0.5)
+    assert rows[1]["speedup"] == pytest.approx(2.0) and rows[1]["threshold"] == 10.0
+    assert head_to_head([{**c, "threshold": None} for c in choices], runs) == []
+
+
 def test_router_evaluation_table_sets_the_router_beside_rsds_rule():
     """An `eval-router` JSON renders as its ranking figures and, per escalation rate, the share
     of advantage each rule's escalated steps hold; the PRM columns stay empty for an evaluation

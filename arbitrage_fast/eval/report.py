@@ -38,19 +38,25 @@ def protocol_rows(choices: list[dict], points: list[dict], untuned: list[str] = 
     return rows
 
 
-def head_to_head(choices: list[dict], runs: dict, lead: str = "arbitrage") -> list[dict]:
-    """`lead` against every other policy at the same dev target, each at the threshold dev chose
-    for it: at an accuracy target, which is faster at (dev-)matched accuracy; at an escalation
-    target, what the same share of target-written steps buys each. Accuracy difference and
-    speed-up (lead's latency over the rival's, so > 1 means lead is faster), paired by problem
-    (by block for a block sweep), with bootstrap intervals. `runs` maps (policy, threshold) to
-    the test records in problem order."""
+def head_to_head(choices: list[dict], runs: dict) -> list[dict]:
+    """The lead policy against every other policy at the same dev target, each at the threshold
+    dev chose for it: at an accuracy target, which is faster at (dev-)matched accuracy; at an
+    escalation target, what the same share of target-written steps buys each. The lead is
+    arbitrage when the calibration chose it thresholds, else the first policy it chose for (a
+    calibration of the peer methods alone still compares them). Accuracy difference and speed-up
+    (lead's latency over the rival's, so > 1 means lead is faster), paired by problem (by block
+    for a block sweep), with bootstrap intervals. `runs` maps (policy, threshold) to the test
+    records in problem order."""
     from .intervals import compare_to_baseline
 
     chosen: dict[str, dict[str, float]] = {}
     for c in choices:
         if c["threshold"] is not None:
             chosen.setdefault(c["target"], {})[c["policy"]] = c["threshold"]
+    tuned = list(dict.fromkeys(c["policy"] for c in choices if c["threshold"] is not None))
+    if not tuned:
+        return []
+    lead = "arbitrage" if "arbitrage" in tuned else tuned[0]
     rows = []
     for target, by_policy in chosen.items():
         if lead not in by_policy:
