@@ -253,7 +253,8 @@ def may_read_router(name: str) -> bool:
     """Whether policy `name` ("POLICY" or "POLICY:VARIANT") reads a router head when its engine
     holds one: arbitrage always, every_step instead of a PRM. An engine built for policies that
     all answer no can leave the head unloaded without changing any answer."""
-    return name.partition(":")[0] in ("arbitrage", "every_step")
+    base = name.partition(":")[0]
+    return base in _POLICIES and (bool(_POLICIES[base][3].get("needs_router")) or base == "every_step")
 
 
 def make_policy(name: str, threshold: float | None = None, *, have_router: bool = False,
