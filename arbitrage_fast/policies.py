@@ -249,14 +249,6 @@ _POLICIES = {
 POLICY_NAMES = tuple(_POLICIES)
 
 
-def may_read_router(name: str) -> bool:
-    """Whether policy `name` ("POLICY" or "POLICY:VARIANT") reads a router head when its engine
-    holds one: arbitrage always, every_step instead of a PRM. An engine built for policies that
-    all answer no can leave the head unloaded without changing any answer."""
-    base = name.partition(":")[0]
-    return base in _POLICIES and (bool(_POLICIES[base][3].get("needs_router")) or base == "every_step")
-
-
 def make_policy(name: str, threshold: float | None = None, *, have_router: bool = False,
                 reflection_cues=DEFAULT_REFLECTION_CUES, lookahead_k: int = DEFAULT_LOOKAHEAD_K) -> Policy:
     """The policy `name`, optionally "POLICY:VARIANT": a policy that scores steps with a PRM (rsd,
@@ -300,3 +292,11 @@ def make_policy(name: str, threshold: float | None = None, *, have_router: bool 
     if not lo <= threshold <= hi:
         raise ValueError(f"threshold {threshold} is out of range for policy {name!r}: expected [{lo}, {hi}]")
     return cls(name=name, threshold=float(threshold), **flags)
+
+
+def may_read_router(name: str) -> bool:
+    """Whether policy `name` reads a router head when its engine holds one (arbitrage always,
+    every_step instead of a PRM): make_policy's own rule, so the two cannot drift. An engine
+    built for policies that all answer no can leave the head unloaded without changing any
+    answer; an invalid name is refused here as make_policy refuses it."""
+    return make_policy(name, have_router=True).needs_router
