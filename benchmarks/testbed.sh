@@ -15,7 +15,12 @@
 #   4. sweep --thresholds-from: the chosen thresholds once on test, with a head-to-head table
 #
 # Labels are cached (LABELS), so a stopped run resumes; the sweeps resume from their records.
-# TRAIN_N, DEV_N, TEST_N, GRID and LABELS override the defaults. The shipped PRM itself comes
+# TRAIN_N, DEV_N, TEST_N, GRID and LABELS override the defaults. STAGES (router,eval,dev,test) picks
+# the steps to run: the calibration on dev and its test half are separate runs, each in one sitting.
+# GRID_KIND=quantile places each policy's GRID thresholds at the quantiles of its own draft-step
+# scores on PILOT train problems (`calibrate --grid quantile`) instead of evenly over its score
+# range, where the even grid left RSD no point between 2 % and 100 % escalated. TAG names such a
+# calibration and its test (its files get _TAG after "calibration" and "protocol"). The shipped PRM itself comes
 # from `python -m arbitrage_fast.testbed.prm_train --out "$CKPT"`. One thread per process
 # (OMP_NUM_THREADS=1): on a shared 2-core machine two OpenMP threads stall each other.
 set -euo pipefail
@@ -25,21 +30,35 @@ TRAIN_N=${TRAIN_N:-600}
 DEV_N=${DEV_N:-80}
 TEST_N=${TEST_N:-150}
 GRID=${GRID:-6}
+GRID_KIND=${GRID_KIND:-even}
+PILOT=${PILOT:-16}
+STAGES=${STAGES:-router,eval,dev,test}
 LABELS=${LABELS:-$HOME/.cache/arbitrage_fast/labels}
 OUT=benchmarks/results
 CLI=(python -m arbitrage_fast.cli)
 CKPT=$(python -c "from arbitrage_fast.testbed import CHECKPOINTS; print(CHECKPOINTS)")
+CALIBRATION=testbed_calibration${TAG:+_$TAG}
+PROTOCOL=testbed_protocol${TAG:+_$TAG}
 POLICIES=draft_only,rsd,rsd:likelihood,rsd:exact,arbitrage,arbitrage:exact,specreason,spec_thinking,lookahead
 
-"${CLI[@]}" train-router --preset testbed --prm exact --n "$TRAIN_N" --batch 8 --label-cache "$LABELS/testbed_exact" \
-  --out "$CKPT/router_exact" --json "$OUT/testbed_router_exact_train.json"
-"${CLI[@]}" train-router --preset testbed --n "$TRAIN_N" --batch 8 --label-cache "$LABELS/testbed_prm" \
-  --out "$CKPT/router" --json "$OUT/testbed_router_train.json"
-# The heads ship in the package; their labels stay in the label cache.
-rm -f "$CKPT/router_exact/labels.safetensors" "$CKPT/router/labels.safetensors"
-"${CLI[@]}" eval-router --preset testbed --n 200 --batch 8 --label-cache "$LABELS/testbed_prm" \
-  --json "$OUT/testbed_router_eval.json"
-"${CLI[@]}" calibrate --preset testbed --n "$DEV_N" --policies "$POLICIES" --grid-points "$GRID" \
-  --records "$OUT/testbed_calibration_records.jsonl" --out "$OUT/testbed_calibration.json"
-"${CLI[@]}" sweep --preset testbed --n "$TEST_N" --thresholds-from "$OUT/testbed_calibration.json" \
-  --records "$OUT/testbed_protocol_records.jsonl" --json "$OUT/testbed_protocol.json"
+if [[ ",$STAGES," == *,router,* ]]; then
+  "${CLI[@]}" train-router --preset testbed --prm exact --n "$TRAIN_N" --batch 8 --label-cache "$LABELS/testbed_exact" \
+    --out "$CKPT/router_exact" --json "$OUT/testbed_router_exact_train.json"
+  "${CLI[@]}" train-router --preset testbed --n "$TRAIN_N" --batch 8 --label-cache "$LABELS/testbed_prm" \
+    --out "$CKPT/router" --json "$OUT/testbed_router_train.json"
+  # The heads ship in the package; their labels stay in the label cache.
+  rm -f "$CKPT/router_exact/labels.safetensors" "$CKPT/router/labels.safetensors"
+fi
+if [[ ",$STAGES," == *,eval,* ]]; then
+  "${CLI[@]}" eval-router --preset testbed --n 200 --batch 8 --label-cache "$LABELS/testbed_prm" \
+    --json "$OUT/testbed_router_eval.json"
+fi
+if [[ ",$STAGES," == *,dev,* ]]; then
+  "${CLI[@]}" calibrate --preset testbed --n "$DEV_N" --policies "$POLICIES" --grid-points "$GRID" \
+    --grid "$GRID_KIND" --grid-pilot "$PILOT" \
+    --records "$OUT/${CALIBRATION}_records.jsonl" --out "$OUT/${CALIBRATION}.json"
+fi
+if [[ ",$STAGES," == *,test,* ]]; then
+  "${CLI[@]}" sweep --preset testbed --n "$TEST_N" --thresholds-from "$OUT/${CALIBRATION}.json" \
+    --records "$OUT/${PROTOCOL}_records.jsonl" --json "$OUT/${PROTOCOL}.json"
+fi
