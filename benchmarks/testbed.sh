@@ -11,7 +11,7 @@
 #   1. router heads: train split, labels from the shipped PRM (-> checkpoints/router) and from
 #      the exact checker (-> checkpoints/router_exact)
 #   2. held-out router metrics on test problems
-#   3. calibrate: every policy over an even grid on dev; thresholds chosen per accuracy target
+#   3. calibrate: every policy over the same grid on dev; thresholds chosen per accuracy target
 #   4. sweep --thresholds-from: the chosen thresholds once on test, with a head-to-head table
 #
 # Labels are cached (LABELS), so a stopped run resumes; the sweeps resume from their records.
@@ -20,9 +20,9 @@
 # GRID_KIND=quantile places each policy's GRID thresholds at the quantiles of its own draft-step
 # scores on PILOT train problems (`calibrate --grid quantile`) instead of evenly over its score
 # range, where the even grid left RSD no point between 2 % and 100 % escalated. TAG names such a
-# calibration and its test (its files get _TAG after "calibration" and "protocol"). The shipped PRM itself comes
-# from `python -m arbitrage_fast.testbed.prm_train --out "$CKPT"`. One thread per process
-# (OMP_NUM_THREADS=1): on a shared 2-core machine two OpenMP threads stall each other.
+# calibration and its test (its files get _TAG after "calibration" and "protocol"). The shipped
+# PRM itself comes from `python -m arbitrage_fast.testbed.prm_train --out "$CKPT"`. One thread
+# per process (OMP_NUM_THREADS=1): on a shared 2-core machine two OpenMP threads stall each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
