@@ -30,6 +30,9 @@ TEST_BLOCK=${TEST_BLOCK:-1}
 POLICIES=${POLICIES:-rsd,arbitrage}
 DENSE_ROWS=${DENSE_ROWS:-4}
 STAGES=${STAGES:-dev,test}
+for stage in ${STAGES//,/ }; do
+  [[ ",dev,test," == *,$stage,* ]] || { echo "STAGES holds '$stage'; the stages are dev,test" >&2; exit 2; }
+done
 GRID_KIND=${GRID_KIND:-even}
 PILOT=${PILOT:-16}
 PAIR=${PAIR:-0.5b}

@@ -33,6 +33,9 @@ GRID=${GRID:-6}
 GRID_KIND=${GRID_KIND:-even}
 PILOT=${PILOT:-16}
 STAGES=${STAGES:-router,eval,dev,test}
+for stage in ${STAGES//,/ }; do
+  [[ ",router,eval,dev,test," == *,$stage,* ]] || { echo "STAGES holds '$stage'; the stages are router,eval,dev,test" >&2; exit 2; }
+done
 LABELS=${LABELS:-$HOME/.cache/arbitrage_fast/labels}
 OUT=benchmarks/results
 CLI=(python -m arbitrage_fast.cli)
