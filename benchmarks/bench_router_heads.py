@@ -9,7 +9,10 @@ penalty), so the comparison is of recipes, as `train-router` runs them. The diff
 interval resamples whole problems, paired (the same resamples for both kinds).
 
 This is how the shipped head's kind is chosen: never on test problems, whose labels
-`eval-router` reads only after the choice.
+`eval-router` reads only after the choice. `--margins D ...` adds the linear recipe trained on
+labels advantage > D instead of > 0 (every row is still judged against advantage > 0, the label
+`eval-router` reports): a margin drops the steps the target would only slightly improve from the
+positives. With several label folders each row also gives every folder's own AUROC.
 
     python benchmarks/bench_router_heads.py --labels benchmarks/results/labels/qwen2.5-coder-gsm8k-t400 \\
         benchmarks/results/labels/qwen2.5-coder-math500-t400 --name router_heads_qwen_pair
@@ -18,6 +21,7 @@ This is how the shipped head's kind is chosen: never on test problems, whose lab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -34,25 +38,39 @@ KINDS = ("mlp", "linear")
 
 
 def load_labels(folders: list[Path]):
-    """Every problem file of the label caches, one problem each, in file-name order."""
+    """Every problem file of the label caches, one problem each, in file-name order; with the
+    number of problems and each step's folder (its index in `folders`)."""
     from arbitrage_fast.router.data import RouterDataset
 
-    files = [f for folder in folders for f in sorted(Path(folder).glob("*.safetensors"))]
+    per_folder = [sorted(Path(folder).glob("*.safetensors")) for folder in folders]
+    files = [f for group in per_folder for f in group]
     if not files:
         raise SystemExit(f"no label files in {', '.join(map(str, folders))}")
-    return RouterDataset.concat([RouterDataset.load(f) for f in files]), len(files)
+    data = RouterDataset.concat([RouterDataset.load(f) for f in files])
+    folder_of_problem = np.repeat(np.arange(len(folders)), [len(group) for group in per_folder])
+    return data, len(files), folder_of_problem[data.problem.numpy()]
 
 
-def out_of_fold_scores(data, hidden: int, folds: int, seed: int) -> dict[str, np.ndarray]:
+def margin_kind(margin: float) -> str:
+    return f"linear, advantage > {margin:g}"
+
+
+def out_of_fold_scores(data, hidden: int, folds: int, seed: int,
+                       margins: tuple[float, ...] = ()) -> dict[str, np.ndarray]:
     """Each kind's score of every step, from the fit on the other folds' problems."""
     from arbitrage_fast.router.train import problem_folds, train_linear_router, train_router
 
-    scores = {k: np.full(len(data), np.nan) for k in KINDS}
+    kinds = KINDS + tuple(margin_kind(m) for m in margins)
+    scores = {k: np.full(len(data), np.nan) for k in kinds}
     for fold in problem_folds(data, folds, seed):
         held = torch.isin(data.problem, fold)
         fit_on = data.subset(~held)
         heads = {"mlp": train_router(fit_on, hidden, seed=seed, progress=False)[0],
                  "linear": train_linear_router(fit_on, hidden, seed=seed)[0]}
+        for m in margins:
+            # advantage - m > 0 is the label advantage > m
+            shifted = dataclasses.replace(fit_on, advantage=fit_on.advantage - m)
+            heads[margin_kind(m)] = train_linear_router(shifted, hidden, seed=seed)[0]
         with torch.no_grad():
             for kind, head in heads.items():
                 scores[kind][held.numpy()] = head(data.features[held]).numpy()
@@ -65,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--margins", nargs="*", type=float, default=[],
+                   help="also the linear recipe on labels advantage > each of these (> 0)")
     p.add_argument("--name", default="router_heads")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     add_render_flag(p)
@@ -73,21 +93,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.labels:
         p.error("--labels is required (or --render)")
+    if any(m <= 0 for m in args.margins):
+        p.error(f"--margins must be > 0 (0 is the linear row itself), got {args.margins}")
     from arbitrage_fast.eval.intervals import cluster_bootstrap
     from arbitrage_fast.router.features import hidden_size_of
     from arbitrage_fast.router.metrics import auroc, spearman
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    data, n_problems = load_labels(args.labels)
-    scores = out_of_fold_scores(data, hidden_size_of(data.features.shape[1]), args.folds, args.seed)
+    data, n_problems, folder = load_labels(args.labels)
+    scores = out_of_fold_scores(data, hidden_size_of(data.features.shape[1]), args.folds, args.seed,
+                                tuple(args.margins))
     labels, adv, problems = data.labels.numpy(), data.advantage.numpy(), data.problem.numpy()
     rows = []
-    for kind in KINDS:
-        s = scores[kind]
-        rows.append({"kind": kind, "auroc": auroc(labels, s), "spearman": spearman(adv, s),
-                     "auroc_ci": list(cluster_bootstrap(lambda i: auroc(labels[i], s[i]), problems)),
-                     "spearman_ci": list(cluster_bootstrap(lambda i: spearman(adv[i], s[i]), problems))})
+    for kind, s in scores.items():
+        row = {"kind": kind, "auroc": auroc(labels, s), "spearman": spearman(adv, s),
+               "auroc_ci": list(cluster_bootstrap(lambda i: auroc(labels[i], s[i]), problems)),
+               "spearman_ci": list(cluster_bootstrap(lambda i: spearman(adv[i], s[i]), problems))}
+        if len(args.labels) > 1:
+            row["auroc_by_labels"] = [auroc(labels[folder == f], s[folder == f]) for f in range(len(args.labels))]
+        rows.append(row)
     lin, mlp = scores["linear"], scores["mlp"]
     payload = {
         "labels": [str(f) for f in args.labels], "n_problems": n_problems, "n_steps": len(data),
@@ -104,13 +129,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(r: dict) -> str:
+    by_labels = "auroc_by_labels" in r["rows"][0]
+    names = [Path(f).name for f in r["labels"]] if by_labels else []
     lines = [f"{r['n_problems']} train problems, {r['n_steps']} steps ({100 * r['positive_rate']:.0f} % positive), "
-             f"{r['folds']}-fold cross-validation over problems; 95 % intervals resample problems.", "",
-             "| head | AUROC [95% CI] | Spearman ρ [95% CI] |", "|---|---|---|"]
+             f"{r['folds']}-fold cross-validation over problems; 95 % intervals resample problems; every "
+             "AUROC against the label advantage > 0.", "",
+             "| head | AUROC [95% CI] | Spearman ρ [95% CI] |" + "".join(f" AUROC, {n} |" for n in names),
+             "|---|---|---|" + "---|" * len(names)]
     for row in r["rows"]:
         a, s = row["auroc_ci"], row["spearman_ci"]
         lines.append(f"| {row['kind']} | {row['auroc']:.3f} [{a[0]:.3f}, {a[1]:.3f}] | "
-                     f"{row['spearman']:.3f} [{s[0]:.3f}, {s[1]:.3f}] |")
+                     f"{row['spearman']:.3f} [{s[0]:.3f}, {s[1]:.3f}] |"
+                     + "".join(f" {x:.3f} |" for x in row.get("auroc_by_labels", [])))
     d = r["linear_minus_mlp_auroc_ci"]
     lines += ["", f"linear − mlp AUROC: {r['linear_minus_mlp_auroc']:+.3f} [{d[0]:+.3f}, {d[1]:+.3f}]"]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -429,3 +430,39 @@ def test_bench_router_heads_scores_every_step_out_of_fold(tmp_path):
     assert rows["linear"]["auroc"] > 0.8 and rows["linear"]["auroc_ci"][0] <= rows["linear"]["auroc"]
     assert payload["linear_minus_mlp_auroc"] == pytest.approx(rows["linear"]["auroc"] - rows["mlp"]["auroc"])
     assert "| linear | " in bench.table(payload) and "linear − mlp AUROC" in bench.table(payload)
+
+
+def test_bench_router_heads_margin_labels_and_per_folder_auroc(tmp_path):
+    """`--margins`: the linear recipe fitted on advantage > D ranks by what clears D. Here a small
+    term (+-0.1, from one statistic) decides the sign of the advantage on half the steps and a
+    large one (0 or 1, from another) decides whether it clears 0.5: the margin head finds the
+    large term better than the plain one. With two label folders each row has each folder's AUROC."""
+    from arbitrage_fast.router.data import RouterDataset
+    from arbitrage_fast.router.features import feature_dim
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    g = torch.Generator().manual_seed(1)
+    for k, folder in enumerate(folders):
+        folder.mkdir()
+        for i in range(30):
+            feats = torch.randn(6, feature_dim(8), generator=g)
+            large = (feats[:, -2] > 0).float()
+            adv = large + torch.where(feats[:, -1] > 0, 0.1, -0.1)
+            RouterDataset(feats, adv, torch.rand(6, generator=g), adv, torch.zeros(6, dtype=torch.long)).save(
+                folder / f"p{k}_{i}.safetensors")
+    bench = _load("bench_router_heads")
+    data, n_problems, folder_of_step = bench.load_labels(folders)
+    assert n_problems == 60 and list(np.bincount(folder_of_step)) == [180, 180]
+    scores = bench.out_of_fold_scores(data, 8, folds=3, seed=0, margins=(0.5,))
+    large = (data.advantage > 0.5).numpy()
+    from arbitrage_fast.router.metrics import auroc
+    margin_auroc = auroc(large, scores[bench.margin_kind(0.5)])
+    assert margin_auroc > 0.95 and margin_auroc > auroc(large, scores["linear"]) + 0.02
+    assert bench.main(["--labels", *map(str, folders), "--folds", "3", "--margins", "0.5", "--name", "m",
+                       "--out-dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "m.json").read_text())
+    assert [r["kind"] for r in payload["rows"]] == ["mlp", "linear", "linear, advantage > 0.5"]
+    assert all(len(r["auroc_by_labels"]) == 2 for r in payload["rows"])
+    assert "AUROC, a | AUROC, b |" in bench.table(payload)
+    with pytest.raises(SystemExit):
+        bench.main(["--labels", str(folders[0]), "--margins", "0", "--out-dir", str(tmp_path)])
