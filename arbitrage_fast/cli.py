@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                         "chosen by cross-validation over the training problems; mlp: one SiLU layer of "
                         "--width units, early-stopped on the validation loss")
     t.add_argument("--width", type=int, default=64, help="hidden units of the mlp head")
+    t.add_argument("--label-margin", type=float, default=0.0, metavar="D",
+                   help="train on label advantage > D instead of > 0 (the steps the target clearly improves); "
+                        "eval-router still reports against advantage > 0")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-new-tokens", type=int, default=256)
     t.add_argument("--json", default=None)

@@ -21,7 +21,6 @@ positives. With several label folders each row also gives every folder's own AUR
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -68,9 +67,7 @@ def out_of_fold_scores(data, hidden: int, folds: int, seed: int,
         heads = {"mlp": train_router(fit_on, hidden, seed=seed, progress=False)[0],
                  "linear": train_linear_router(fit_on, hidden, seed=seed)[0]}
         for m in margins:
-            # advantage - m > 0 is the label advantage > m
-            shifted = dataclasses.replace(fit_on, advantage=fit_on.advantage - m)
-            heads[margin_kind(m)] = train_linear_router(shifted, hidden, seed=seed)[0]
+            heads[margin_kind(m)] = train_linear_router(fit_on.with_margin(m), hidden, seed=seed)[0]
         with torch.no_grad():
             for kind, head in heads.items():
                 scores[kind][held.numpy()] = head(data.features[held]).numpy()

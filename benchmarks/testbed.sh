@@ -20,7 +20,12 @@
 # GRID_KIND=quantile places each policy's GRID thresholds at the quantiles of its own draft-step
 # scores on PILOT train problems (`calibrate --grid quantile`) instead of evenly over its score
 # range, where the even grid left RSD no point between 2 % and 100 % escalated. TAG names such a
-# calibration and its test (its files get _TAG after "calibration" and "protocol"). The shipped
+# calibration and its test (its files get _TAG after "calibration" and "protocol"). MARGIN trains the
+# PRM-labelled head on advantage > MARGIN instead of > 0 (`train-router --label-margin`): the neural
+# PRM's scores of correct steps sit near 1, so most steps with advantage > 0 differ by rounding-sized
+# amounts. ROUTER is the folder the router stage writes that head to and the other stages read it
+# from (default: the package's, or ~/.cache/arbitrage_fast/routers/testbed_TAG with a TAG), POLICIES the policies calibrated (default: every one).
+# HEAD is the head kind (default mlp, the kind of the shipped heads). The shipped
 # PRM itself comes from `python -m arbitrage_fast.testbed.prm_train --out "$CKPT"`. One thread
 # per process (OMP_NUM_THREADS=1): on a shared 2-core machine two OpenMP threads stall each other.
 set -euo pipefail
@@ -42,26 +47,32 @@ CLI=(python -m arbitrage_fast.cli)
 CKPT=$(python -c "from arbitrage_fast.testbed import CHECKPOINTS; print(CHECKPOINTS)")
 CALIBRATION=testbed_calibration${TAG:+_$TAG}
 PROTOCOL=testbed_protocol${TAG:+_$TAG}
-POLICIES=draft_only,rsd,rsd:likelihood,rsd:exact,arbitrage,arbitrage:exact,specreason,spec_thinking,lookahead
+POLICIES=${POLICIES:-draft_only,rsd,rsd:likelihood,rsd:exact,arbitrage,arbitrage:exact,specreason,spec_thinking,lookahead}
+MARGIN=${MARGIN:-0}
+HEAD=${HEAD:-mlp}
+if [[ -n "${TAG:-}" ]]; then ROUTER=${ROUTER:-$HOME/.cache/arbitrage_fast/routers/testbed_$TAG}; else ROUTER=${ROUTER:-$CKPT/router}; fi
 
 if [[ ",$STAGES," == *,router,* ]]; then
-  "${CLI[@]}" train-router --preset testbed --prm exact --n "$TRAIN_N" --batch 8 --label-cache "$LABELS/testbed_exact" \
-    --out "$CKPT/router_exact" --json "$OUT/testbed_router_exact_train.json"
-  "${CLI[@]}" train-router --preset testbed --n "$TRAIN_N" --batch 8 --label-cache "$LABELS/testbed_prm" \
-    --out "$CKPT/router" --json "$OUT/testbed_router_train.json"
+  if [[ -z "${TAG:-}" ]]; then  # a tagged run leaves the shipped exact-labelled head as it is
+    "${CLI[@]}" train-router --preset testbed --prm exact --n "$TRAIN_N" --batch 8 --head "$HEAD" \
+      --label-cache "$LABELS/testbed_exact" --out "$CKPT/router_exact" --json "$OUT/testbed_router_exact_train.json"
+    rm -f "$CKPT/router_exact/labels.safetensors"
+  fi
+  "${CLI[@]}" train-router --preset testbed --n "$TRAIN_N" --batch 8 --head "$HEAD" --label-margin "$MARGIN" \
+    --label-cache "$LABELS/testbed_prm" --out "$ROUTER" --json "$OUT/testbed_router_train${TAG:+_$TAG}.json"
   # The heads ship in the package; their labels stay in the label cache.
-  rm -f "$CKPT/router_exact/labels.safetensors" "$CKPT/router/labels.safetensors"
+  rm -f "$ROUTER/labels.safetensors"
 fi
 if [[ ",$STAGES," == *,eval,* ]]; then
-  "${CLI[@]}" eval-router --preset testbed --n 200 --batch 8 --label-cache "$LABELS/testbed_prm" \
-    --json "$OUT/testbed_router_eval.json"
+  "${CLI[@]}" eval-router --preset testbed --router "$ROUTER" --n 200 --batch 8 --label-cache "$LABELS/testbed_prm" \
+    --json "$OUT/testbed_router_eval${TAG:+_$TAG}.json"
 fi
 if [[ ",$STAGES," == *,dev,* ]]; then
-  "${CLI[@]}" calibrate --preset testbed --n "$DEV_N" --policies "$POLICIES" --grid-points "$GRID" \
+  "${CLI[@]}" calibrate --preset testbed --router "$ROUTER" --n "$DEV_N" --policies "$POLICIES" --grid-points "$GRID" \
     --grid "$GRID_KIND" --grid-pilot "$PILOT" \
     --records "$OUT/${CALIBRATION}_records.jsonl" --out "$OUT/${CALIBRATION}.json"
 fi
 if [[ ",$STAGES," == *,test,* ]]; then
-  "${CLI[@]}" sweep --preset testbed --n "$TEST_N" --thresholds-from "$OUT/${CALIBRATION}.json" \
+  "${CLI[@]}" sweep --preset testbed --router "$ROUTER" --n "$TEST_N" --thresholds-from "$OUT/${CALIBRATION}.json" \
     --records "$OUT/${PROTOCOL}_records.jsonl" --json "$OUT/${PROTOCOL}.json"
 fi

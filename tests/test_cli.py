@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from arbitrage_fast.cli import main
 from arbitrage_fast.router.head import RouterHead
@@ -67,6 +68,21 @@ def test_train_router_label_cache_is_reused_by_a_rerun_and_by_eval(tmp_path, cap
     from arbitrage_fast.router.train import PENALTIES
     assert got["head"] == "linear" and got["penalty"] in PENALTIES
     assert RouterHead.load(tmp_path / "r2").config.width == 2
+    # --label-margin trains on advantage > D: at the smallest positive advantage of the cached
+    # steps, that step (and any tied with it) turns negative
+    from arbitrage_fast.router.data import RouterDataset
+
+    adv = torch.cat([RouterDataset.load(f).advantage for f in cache.glob("*.safetensors")])
+    d = float(adv[adv > 0].min())
+    margin = tmp_path / "margin.json"
+    assert main(["train-router", *SMALL, "--n", "6", "--out", str(tmp_path / "r3"), "--label-cache", str(cache),
+                 "--cached-only", "--label-margin", repr(d), "--json", str(margin)]) == 0
+    got_margin = json.loads(margin.read_text())
+    assert got_margin["label_margin"] == d and got["label_margin"] == 0.0
+    def positives(r):
+        return round(r["positive_rate"] * r["n_train_steps"]) + r["val_positives"]
+
+    assert got_margin["n_steps"] == got["n_steps"] and 0 < positives(got_margin) < positives(got)
     assert len(list(cache.glob("*.safetensors"))) == 3
     monkeypatch.setattr(router_command, "build_engine", build_engine)
     assert main(["eval-router", *SMALL, "--n", "2", "--router", str(tmp_path / "r"), "--label-cache", str(cache)]) == 0

@@ -271,6 +271,24 @@ def test_dataset_save_load(tmp_path):
     assert torch.equal(back.features, data.features) and torch.equal(back.labels, data.labels)
 
 
+def test_label_margin_moves_the_positive_line_and_travels_with_the_steps(tmp_path):
+    data = _synthetic(n_problems=4)
+    wide = data.with_margin(0.95)
+    assert torch.equal(wide.labels, (data.advantage > 0.95).float())
+    assert 0 < wide.labels.sum() < data.labels.sum()  # the 0.9 advantages are positive at 0, negative at 0.95
+    keep = data.problem < 2
+    assert torch.equal(wide.subset(keep).labels, (data.advantage[keep] > 0.95).float())
+    assert RouterDataset.concat([wide.subset(keep), wide.subset(~keep)], sizes=[2, 2]).margin == 0.95
+    with pytest.raises(ValueError, match="different margins"):
+        RouterDataset.concat([wide.subset(keep), data.subset(~keep)], sizes=[2, 2])
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        data.with_margin(-0.1)
+    # the margin is a training choice, not data: files hold the advantages and load at margin 0
+    wide.save(tmp_path / "d.safetensors")
+    back = RouterDataset.load(tmp_path / "d.safetensors")
+    assert back.margin == 0.0 and torch.equal(back.advantage, data.advantage)
+
+
 def test_accumulator_keeps_the_steps_extremes():
     acc = StepFeatureAccumulator(2, "cpu")
     for lp, ent in [(-0.1, 0.2), (-2.5, 1.7), (-0.3, 0.4)]:

@@ -73,7 +73,7 @@ def train(preset, args) -> dict:
     start = time.perf_counter()
     labels = _labels(preset, args, "train", args.n, args.seed)
     label_s = time.perf_counter() - start
-    data = labels.data
+    data = labels.data.with_margin(args.label_margin)
     hidden = hidden_size_of(data.features.shape[1])
     if args.head == "linear":
         head, report = train_linear_router(data, hidden_size=hidden, seed=args.seed)
@@ -83,7 +83,7 @@ def train(preset, args) -> dict:
     out = Path(args.out)
     summary = {
         "datasets": list(_datasets(preset, args)), "n_problems": labels.n_problems, "n_steps": len(data),
-        "head": report.kind, "penalty": report.penalty, "cv_auroc": report.cv_auroc,
+        "head": report.kind, "label_margin": data.margin, "penalty": report.penalty, "cv_auroc": report.cv_auroc,
         "positive_rate": report.positive_rate,
         "val_auroc": report.val_auroc, "val_spearman": report.val_spearman, "best_epoch": report.best_epoch,
         "stopped_epoch": report.stopped_epoch, "n_train_steps": report.n_train, "n_val_steps": report.n_val,

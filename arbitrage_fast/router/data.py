@@ -1,7 +1,8 @@
 """Router training data: advantage labels made exactly as the paper defines them.
 
 Along a trajectory, at every step both models write a step from the same context; the PRM
-scores both; advantage = PRM(target) - PRM(draft), label = advantage > 0. The trajectory
+scores both; advantage = PRM(target) - PRM(draft), label = advantage > 0 (or > a margin, which
+keeps only the steps the target clearly improves as positives). The trajectory
 continues with the better step (the oracle's choice), so contexts look like those a good
 router will see. The engine's `oracle` policy does precisely this work, so labels come from
 the same code paths the router later steers.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,21 +29,28 @@ class RouterDataset:
     draft_prm: torch.Tensor  # [N]
     target_prm: torch.Tensor  # [N]
     problem: torch.Tensor  # [N] index of the problem the step belongs to (for grouped splits)
+    margin: float = 0.0  # a step is positive when its advantage exceeds this
 
     @property
     def labels(self) -> torch.Tensor:
-        return (self.advantage > 0).float()
+        return (self.advantage > self.margin).float()
+
+    def with_margin(self, margin: float) -> "RouterDataset":
+        """The same steps, labelled positive where advantage > margin."""
+        if not margin >= 0:
+            raise ValueError(f"the label margin must be >= 0, got {margin}")
+        return replace(self, margin=float(margin))
 
     def __len__(self) -> int:
         return self.advantage.numel()
 
     def subset(self, mask: torch.Tensor) -> "RouterDataset":
-        return RouterDataset(**{k: getattr(self, k)[mask] for k in _TENSORS})
+        return RouterDataset(**{k: getattr(self, k)[mask] for k in _TENSORS}, margin=self.margin)
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().clone().contiguous() for k, v in self.__dict__.items()}, str(path), metadata)
+        save_file({k: getattr(self, k).detach().clone().contiguous() for k in _TENSORS}, str(path), metadata)
 
     @classmethod
     def concat(cls, parts: list["RouterDataset"], sizes: list[int] | None = None) -> "RouterDataset":
@@ -55,7 +63,10 @@ class RouterDataset:
         offsets = [sum(sizes[:i]) for i in range(len(parts))]
         joined = {k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSORS}
         joined["problem"] = torch.cat([p.problem + o for p, o in zip(parts, offsets)])
-        return cls(**joined)
+        margins = {p.margin for p in parts}
+        if len(margins) > 1:
+            raise ValueError(f"cannot join labels of different margins: {sorted(margins)}")
+        return cls(**joined, margin=margins.pop())
 
     @classmethod
     def load(cls, path: str | Path) -> "RouterDataset":
