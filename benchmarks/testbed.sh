@@ -20,14 +20,16 @@
 # GRID_KIND=quantile places each policy's GRID thresholds at the quantiles of its own draft-step
 # scores on PILOT train problems (`calibrate --grid quantile`) instead of evenly over its score
 # range, where the even grid left RSD no point between 2 % and 100 % escalated. TAG names such a
-# calibration and its test (its files get _TAG after "calibration" and "protocol"). MARGIN trains the
-# PRM-labelled head on advantage > MARGIN instead of > 0 (`train-router --label-margin`): the neural
-# PRM scores a draft step and the target's alike when both are sound, so most advantages > 0 are
-# tiny (9 in 10 of them below 0.0015 on the train problems) and say nothing about the draft step. ROUTER is the folder the router stage writes that head to and the other stages read it
-# from (default: the package's, or ~/.cache/arbitrage_fast/routers/testbed_TAG with a TAG), POLICIES the policies calibrated (default: every one).
-# HEAD is the head kind (default mlp, the kind of the shipped heads). The shipped
-# PRM itself comes from `python -m arbitrage_fast.testbed.prm_train --out "$CKPT"`. One thread
-# per process (OMP_NUM_THREADS=1): on a shared 2-core machine two OpenMP threads stall each other.
+# calibration and its test (its files get _TAG after "calibration" and "protocol"). MARGIN trains
+# the PRM-labelled head on advantage > MARGIN instead of > 0 (`train-router --label-margin`): the
+# neural PRM scores a draft step and the target's alike when both are sound, so most advantages > 0
+# are tiny (9 in 10 of them below 0.0015 on the train problems) and say nothing about the draft
+# step. ROUTER is the folder the router stage writes that head to and the other stages read it
+# from (default: the package's, or ~/.cache/arbitrage_fast/routers/testbed_TAG with a TAG);
+# POLICIES the policies calibrated (default: every one); HEAD the head kind (default mlp, the
+# kind of the shipped heads). The shipped PRM itself comes from
+# `python -m arbitrage_fast.testbed.prm_train --out "$CKPT"`. One thread per process
+# (OMP_NUM_THREADS=1): on a shared 2-core machine two OpenMP threads stall each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

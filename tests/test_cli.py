@@ -79,6 +79,7 @@ def test_train_router_label_cache_is_reused_by_a_rerun_and_by_eval(tmp_path, cap
                  "--cached-only", "--label-margin", repr(d), "--json", str(margin)]) == 0
     got_margin = json.loads(margin.read_text())
     assert got_margin["label_margin"] == d and got["label_margin"] == 0.0
+
     def positives(r):
         return round(r["positive_rate"] * r["n_train_steps"]) + r["val_positives"]
 
