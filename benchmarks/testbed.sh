@@ -20,11 +20,12 @@
 # GRID_KIND=quantile places each policy's GRID thresholds at the quantiles of its own draft-step
 # scores on PILOT train problems (`calibrate --grid quantile`) instead of evenly over its score
 # range, where the even grid left RSD no point between 2 % and 100 % escalated. TAG names such a
-# calibration and its test (its files get _TAG after "calibration" and "protocol"). MARGIN trains
-# the PRM-labelled head on advantage > MARGIN instead of > 0 (`train-router --label-margin`): the
-# neural PRM scores a draft step and the target's alike when both are sound, so most advantages > 0
-# are tiny (9 in 10 of them below 0.0015 on the train problems) and say nothing about the draft
-# step. ROUTER is the folder the router stage writes that head to and the other stages read it
+# calibration and its test (its files get _TAG after "calibration" and "protocol"). MARGIN
+# (default 0.01, the shipped head's) trains the PRM-labelled head on advantage > MARGIN
+# (`train-router --label-margin`): the neural PRM scores a draft step and the target's alike when
+# both are sound, so most advantages > 0 are tiny (9 in 10 of them below 0.0015 on the train
+# problems) and say nothing about the draft step; 0.01 was chosen over 0 and 0.05 on dev
+# (RESULTS.md). ROUTER is the folder the router stage writes that head to and the other stages read it
 # from (default: the package's, or ~/.cache/arbitrage_fast/routers/testbed_TAG with a TAG);
 # POLICIES the policies calibrated (default: every one); HEAD the head kind (default mlp, the
 # kind of the shipped heads). The shipped PRM itself comes from
@@ -50,7 +51,7 @@ CKPT=$(python -c "from arbitrage_fast.testbed import CHECKPOINTS; print(CHECKPOI
 CALIBRATION=testbed_calibration${TAG:+_$TAG}
 PROTOCOL=testbed_protocol${TAG:+_$TAG}
 POLICIES=${POLICIES:-draft_only,rsd,rsd:likelihood,rsd:exact,arbitrage,arbitrage:exact,specreason,spec_thinking,lookahead}
-MARGIN=${MARGIN:-0}
+MARGIN=${MARGIN:-0.01}
 HEAD=${HEAD:-mlp}
 if [[ -n "${TAG:-}" ]]; then ROUTER=${ROUTER:-$HOME/.cache/arbitrage_fast/routers/testbed_$TAG}; else ROUTER=${ROUTER:-$CKPT/router}; fi
 

@@ -304,7 +304,8 @@ def test_validation_thresholds_escalate_their_rate_and_reach_the_demo(tmp_path):
     its preset names no threshold of its own."""
     from types import SimpleNamespace
 
-    from arbitrage_fast.commands.demo import DEMO_ESCALATION_RATE, FALLBACK_THRESHOLDS, demo_thresholds
+    from arbitrage_fast.commands.demo import (DEMO_ESCALATION_RATE, DEMO_THRESHOLDS, FALLBACK_THRESHOLDS,
+                                              demo_thresholds)
     from arbitrage_fast.router.train import split_by_problem
 
     data = _separable(0)
@@ -332,7 +333,8 @@ def test_validation_thresholds_escalate_their_rate_and_reach_the_demo(tmp_path):
     assert demo_thresholds(qwen) == {"arbitrage": expected, "rsd": expected_rsd}
     assert demo_thresholds(SimpleNamespace(name="qwen2.5-coder", router=None))["arbitrage"] == \
         FALLBACK_THRESHOLDS["arbitrage"]
-    assert demo_thresholds(SimpleNamespace(name="testbed", router=str(folder)))["arbitrage"] == 0.8
+    assert demo_thresholds(SimpleNamespace(name="testbed", router=str(folder)))["arbitrage"] == \
+        DEMO_THRESHOLDS["testbed"]["arbitrage"]
     bare = head.save(tmp_path / "bare")  # a head trained before the curve was recorded
     assert RouterHead.validation_threshold(bare, DEMO_ESCALATION_RATE) is None
     assert demo_thresholds(SimpleNamespace(name="other", router=str(bare))) == FALLBACK_THRESHOLDS
