@@ -45,7 +45,7 @@ class RouterDataset:
         return self.advantage.numel()
 
     def subset(self, mask: torch.Tensor) -> "RouterDataset":
-        return RouterDataset(**{k: getattr(self, k)[mask] for k in _TENSORS}, margin=self.margin)
+        return replace(self, **{k: getattr(self, k)[mask] for k in _TENSORS})
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         from safetensors.torch import save_file
