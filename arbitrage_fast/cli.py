@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--width", type=int, default=64, help="hidden units of the mlp head")
     t.add_argument("--label-margin", type=float, default=0.0, metavar="D",
                    help="train on label advantage > D instead of > 0 (the steps the target clearly improves); "
-                        "eval-router still reports against advantage > 0")
+                        "eval-router judges the AUROC against advantage > 0 unless given the same margin")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-new-tokens", type=int, default=256)
     t.add_argument("--json", default=None)
@@ -325,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(e)
     e.add_argument("--n", type=int, default=200, help="held-out problems of each dataset")
     _router_datasets_arg(e)
+    e.add_argument("--label-margin", type=float, default=0.0, metavar="D",
+                   help="judge the AUROC against label advantage > D (the margin the head was trained on) instead "
+                        "of > 0; Spearman ρ and the escalation table read the advantage itself")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--json", default=None)

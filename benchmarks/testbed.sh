@@ -10,7 +10,8 @@
 #
 #   1. router heads: train split, labels from the shipped PRM (-> checkpoints/router) and from
 #      the exact checker (-> checkpoints/router_exact)
-#   2. held-out router metrics on test problems
+#   2. held-out router metrics on test problems (the AUROC against advantage > MARGIN, the label
+#      the head learned)
 #   3. calibrate: every policy over the same grid on dev; thresholds chosen per accuracy target
 #   4. sweep --thresholds-from: the chosen thresholds once on test, with a head-to-head table
 #
@@ -67,7 +68,8 @@ if [[ ",$STAGES," == *,router,* ]]; then
   rm -f "$ROUTER/labels.safetensors"
 fi
 if [[ ",$STAGES," == *,eval,* ]]; then
-  "${CLI[@]}" eval-router --preset testbed --router "$ROUTER" --n 200 --batch 8 --label-cache "$LABELS/testbed_prm" \
+  "${CLI[@]}" eval-router --preset testbed --router "$ROUTER" --n 200 --batch 8 --label-margin "$MARGIN" \
+    --label-cache "$LABELS/testbed_prm" \
     --json "$OUT/testbed_router_eval${TAG:+_$TAG}.json"
 fi
 if [[ ",$STAGES," == *,dev,* ]]; then

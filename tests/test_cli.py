@@ -109,6 +109,38 @@ def test_eval_router_json_schema(trained_router, tmp_path):
             assert low <= high
 
 
+def test_eval_router_label_margin_judges_the_auroc_against_that_margin(trained_router, tmp_path, monkeypatch, capsys):
+    """`eval-router --label-margin D` scores the held-out steps against advantage > D (the label
+    a margin-trained head learned); Spearman ρ and the escalation table read the advantage itself,
+    so they do not move. Labels are given, so no model runs."""
+    from arbitrage_fast.commands import router as router_command
+    from arbitrage_fast.router.data import LabelRun, RouterDataset
+    from arbitrage_fast.router.metrics import auroc
+
+    out, _ = trained_router
+    g = torch.Generator().manual_seed(0)
+    n, dim = 60, RouterHead.load(out).config.in_features
+    advantage = torch.linspace(-0.2, 0.4, n)[torch.randperm(n, generator=g)]
+    data = RouterDataset(torch.randn(n, dim, generator=g), advantage, torch.rand(n, generator=g),
+                         torch.rand(n, generator=g), torch.arange(n) // 6)
+    monkeypatch.setattr(router_command, "_labels", lambda *a: LabelRun(data, [1.0] * 10, 0))
+    results = []
+    for margin in ("0", "0.1"):
+        path = tmp_path / f"eval{margin}.json"
+        assert main(["eval-router", *SMALL, "--router", str(out), "--json", str(path), "--label-margin", margin]) == 0
+        results.append(json.loads(path.read_text()))
+    with torch.no_grad():
+        scores = RouterHead.load(out)(data.features).numpy()
+    for result, margin in zip(results, (0.0, 0.1)):
+        labels = (advantage > margin).numpy()
+        assert result["label_margin"] == margin and result["positive_rate"] == pytest.approx(labels.mean())
+        assert result["auroc"] == pytest.approx(auroc(labels, scores))
+    assert results[0]["auroc"] != results[1]["auroc"]
+    assert (results[0]["spearman"], results[0]["deferral_curve"]) == (results[1]["spearman"], results[1]["deferral_curve"])
+    assert main(["eval-router", *SMALL, "--router", str(out), "--label-margin", "-0.1"]) == 2
+    assert "label margin must be >= 0, got -0.1" in capsys.readouterr().err
+
+
 def test_sweep_json_schema_and_plot(trained_router, tmp_path):
     out, _ = trained_router
     path, plot = tmp_path / "sweep.json", tmp_path / "pareto.png"

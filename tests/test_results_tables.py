@@ -151,6 +151,7 @@ def test_router_evaluation_table_sets_the_router_beside_rsds_rule():
     for key in ("prm_threshold", "prm_gain", "router_gain_ci", "prm_gain_ci", "router_minus_prm_ci"):
         del result["deferral_curve"][0][key]
     assert "| 30 % | 0.50 | — | — | 0.80 | 0.30 |" in render(result)
+    assert "10 steps (60 % with advantage > 0.01, the AUROC's label); AUROC" in render({**result, "label_margin": 0.01})
 
 
 def test_a_dev_calibration_renders_its_choices_and_its_grid():

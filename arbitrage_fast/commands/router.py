@@ -106,7 +106,7 @@ def evaluate(preset, args) -> dict:
     if not preset.router:
         raise ValueError("eval-router needs a router head: pass --router DIR (or a preset that ships one)")
     run = _labels(preset, args, "test", args.n, args.seed)
-    data = run.data
+    data = run.data.with_margin(args.label_margin)
     head = RouterHead.load(preset.router, expected_hidden_size=hidden_size_of(data.features.shape[1]))
     with torch.no_grad():
         scores = head(data.features).numpy()
@@ -131,6 +131,7 @@ def evaluate(preset, args) -> dict:
         "datasets": list(_datasets(preset, args)),
         "n_problems": run.n_problems,
         "positive_rate": float(labels.mean()),
+        "label_margin": data.margin,
         "deferral_curve": curve,
         "router": preset.router,
     }

@@ -190,8 +190,10 @@ def render_router_eval(result: dict) -> str:
         value, ci = result[name], result.get(f"{name}_ci")
         return "—" if value is None else _share(value, ci)
 
+    margin = result.get("label_margin", 0.0)  # evaluations written before the margin existed: 0
+    positive = "a positive advantage" if margin == 0 else f"advantage > {margin:g}, the AUROC's label"
     caption = (f"{', '.join(result['datasets'])}: {result['n_problems']} held-out problems, {result['n_steps']} steps "
-               f"({result['positive_rate'] * 100:.0f} % with a positive advantage); AUROC {metric('auroc')}, "
+               f"({result['positive_rate'] * 100:.0f} % with {positive}); AUROC {metric('auroc')}, "
                f"Spearman ρ {metric('spearman')}; 95% intervals resample problems.")
     rows = [[f"{p['rate'] * 100:.0f} %", _share(p["router_gain"], p.get("router_gain_ci")),
              _share(p["prm_gain"], p.get("prm_gain_ci")) if "prm_gain" in p else "—",
