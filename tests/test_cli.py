@@ -209,12 +209,19 @@ def test_serve_builds_the_preset_app_with_its_router_policy(monkeypatch, capsys)
 
     served = {}
     monkeypatch.setattr(serve, "run_server", lambda app, host, port: served.update(app=app, port=port) or 0)
+    from arbitrage_fast.commands.thresholds import PRESET_THRESHOLDS
+
     assert main(["serve", "--preset", "testbed", "--port", "8123", "--max-tokens", "64"]) == 0
-    assert served["port"] == 8123 and "http://127.0.0.1:8123/v1" in capsys.readouterr().out
+    recommended = PRESET_THRESHOLDS["testbed"]
+    assert served["port"] == 8123 and "http://127.0.0.1:8123/v1" in (out := capsys.readouterr().out)
+    assert f"get arbitrage at threshold {recommended['arbitrage']:g}" in out
+    prompt = "Q: Start with 12. Add 30. What is the result?\nA: "
     with TestClient(served["app"]) as client:
-        body = client.post("/v1/completions", json={"model": "testbed",
-                                                    "prompt": "Q: Start with 12. Add 30. What is the result?\nA: "}).json()
-    assert body["arbitrage"]["policy"] == "arbitrage"  # the testbed ships a router head
+        body = client.post("/v1/completions", json={"model": "testbed", "prompt": prompt}).json()
+        rsd = client.post("/v1/completions", json={"prompt": prompt, "policy": "rsd", "max_tokens": 8}).json()
+    # the testbed ships a router head; its dev-calibrated thresholds are the server's defaults
+    assert body["arbitrage"] == {"policy": "arbitrage", "threshold": recommended["arbitrage"]}
+    assert rsd["arbitrage"] == {"policy": "rsd", "threshold": recommended["rsd"]}
     assert body["usage"]["completion_tokens"] <= 64
     steps = body["choices"][0]["arbitrage"]["steps"]
     assert all(s["router_score"] is not None for s in steps)

@@ -41,7 +41,8 @@ def test_the_package_ships_the_pairs_router_head_with_its_validation_threshold()
     Arbitrage and RSD rows use, taken from its validation problems of the train split."""
     import json
 
-    from arbitrage_fast.commands.demo import DEMO_ESCALATION_RATE, demo_thresholds
+    from arbitrage_fast.commands.demo import demo_thresholds
+    from arbitrage_fast.commands.thresholds import ROUTER_ESCALATION_RATE
     from arbitrage_fast.presets import QWEN_CODER_SHIPPED_ROUTER
     from arbitrage_fast.router.head import RouterHead
 
@@ -49,9 +50,9 @@ def test_the_package_ships_the_pairs_router_head_with_its_validation_threshold()
     assert head.config.in_features > 2 * 896
     training = json.loads((QWEN_CODER_SHIPPED_ROUTER / "router_config.json").read_text())["training"]
     assert training["datasets"] == ["gsm8k", "math500"] and training["n_problems"] == 454
-    threshold = RouterHead.validation_threshold(QWEN_CODER_SHIPPED_ROUTER, DEMO_ESCALATION_RATE)
+    threshold = RouterHead.validation_threshold(QWEN_CODER_SHIPPED_ROUTER, ROUTER_ESCALATION_RATE)
     assert threshold is not None and 0.0 < threshold < 1.0
-    rsd = RouterHead.validation_threshold(QWEN_CODER_SHIPPED_ROUTER, DEMO_ESCALATION_RATE, "prm")
+    rsd = RouterHead.validation_threshold(QWEN_CODER_SHIPPED_ROUTER, ROUTER_ESCALATION_RATE, "prm")
     assert rsd is not None and 0.0 < rsd < 1.0  # RSD's row escalates as many validation steps
     preset = SimpleNamespace(name="qwen2.5-coder", router=str(QWEN_CODER_SHIPPED_ROUTER))
     assert demo_thresholds(preset) == {"arbitrage": threshold, "rsd": rsd}

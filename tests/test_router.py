@@ -304,8 +304,8 @@ def test_validation_thresholds_escalate_their_rate_and_reach_the_demo(tmp_path):
     its preset names no threshold of its own."""
     from types import SimpleNamespace
 
-    from arbitrage_fast.commands.demo import (DEMO_ESCALATION_RATE, DEMO_THRESHOLDS, FALLBACK_THRESHOLDS,
-                                              demo_thresholds)
+    from arbitrage_fast.commands.demo import FALLBACK_THRESHOLDS, demo_thresholds
+    from arbitrage_fast.commands.thresholds import PRESET_THRESHOLDS, ROUTER_ESCALATION_RATE
     from arbitrage_fast.router.train import split_by_problem
 
     data = _separable(0)
@@ -322,19 +322,19 @@ def test_validation_thresholds_escalate_their_rate_and_reach_the_demo(tmp_path):
             escalated = float((val.draft_prm < point["prm_threshold"]).float().mean())
             assert abs(escalated - point["rate"]) <= 1.0 / len(val) + 1e-9
     folder = head.save(tmp_path / "head", extra={"training": {"val_deferral_curve": report.val_deferral}})
-    expected = next(p["threshold"] for p in report.val_deferral if p["rate"] == DEMO_ESCALATION_RATE)
-    expected_rsd = next(p["prm_threshold"] for p in report.val_deferral if p["rate"] == DEMO_ESCALATION_RATE)
-    assert RouterHead.validation_threshold(folder, DEMO_ESCALATION_RATE) == expected
-    assert RouterHead.validation_threshold(folder, DEMO_ESCALATION_RATE, "prm") == expected_rsd
+    expected = next(p["threshold"] for p in report.val_deferral if p["rate"] == ROUTER_ESCALATION_RATE)
+    expected_rsd = next(p["prm_threshold"] for p in report.val_deferral if p["rate"] == ROUTER_ESCALATION_RATE)
+    assert RouterHead.validation_threshold(folder, ROUTER_ESCALATION_RATE) == expected
+    assert RouterHead.validation_threshold(folder, ROUTER_ESCALATION_RATE, "prm") == expected_rsd
     with pytest.raises(ValueError, match="rule must be"):
-        RouterHead.validation_threshold(folder, DEMO_ESCALATION_RATE, "rsd")
+        RouterHead.validation_threshold(folder, ROUTER_ESCALATION_RATE, "rsd")
     assert RouterHead.validation_threshold(folder, 0.33) is None
     qwen = SimpleNamespace(name="qwen2.5-coder", router=str(folder))
     assert demo_thresholds(qwen) == {"arbitrage": expected, "rsd": expected_rsd}
     assert demo_thresholds(SimpleNamespace(name="qwen2.5-coder", router=None))["arbitrage"] == \
         FALLBACK_THRESHOLDS["arbitrage"]
     assert demo_thresholds(SimpleNamespace(name="testbed", router=str(folder)))["arbitrage"] == \
-        DEMO_THRESHOLDS["testbed"]["arbitrage"]
+        PRESET_THRESHOLDS["testbed"]["arbitrage"]
     bare = head.save(tmp_path / "bare")  # a head trained before the curve was recorded
-    assert RouterHead.validation_threshold(bare, DEMO_ESCALATION_RATE) is None
+    assert RouterHead.validation_threshold(bare, ROUTER_ESCALATION_RATE) is None
     assert demo_thresholds(SimpleNamespace(name="other", router=str(bare))) == FALLBACK_THRESHOLDS

@@ -70,6 +70,22 @@ def test_server_defaults_apply_when_the_request_names_no_policy(client, engine):
     assert body["arbitrage"]["policy"] == "rsd" and body["arbitrage"]["threshold"] == 0.5
 
 
+def test_a_policy_named_without_a_threshold_takes_the_servers_threshold_for_it(engine):
+    """`policy_thresholds` (a preset's recommended thresholds, as `serve` passes them) applies to a
+    request naming that policy but no threshold; a policy without one keeps its own default."""
+    app = create_app(engine, "tiny", policy="rsd", threshold=0.5, policy_thresholds={"every_step": 0.3},
+                     max_tokens=12)
+    with TestClient(app) as c:
+        named = c.post("/v1/completions", json={"prompt": PROMPT, "policy": "every_step"}).json()
+        other = c.post("/v1/completions", json={"prompt": PROMPT, "policy": "rsd"}).json()
+        given = c.post("/v1/completions", json={"prompt": PROMPT, "policy": "every_step", "threshold": 0.9}).json()
+    ref = engine.generate(PROMPT, policy="every_step", threshold=0.3, sampling=SamplingParams(max_new_tokens=12))
+    assert named["arbitrage"] == {"policy": "every_step", "threshold": 0.3} and named["choices"][0]["text"] == ref.text
+    assert other["arbitrage"] == {"policy": "rsd", "threshold": None}  # rsd's own default
+    assert given["arbitrage"]["threshold"] == 0.9
+    assert used_pages(engine) == 0
+
+
 def test_stream_sends_one_event_per_step_and_the_same_text(client, engine):
     request = {"prompt": PROMPT, "max_tokens": 20, "policy": "rsd", "threshold": 0.7, "max_step_tokens": 4}
     whole = client.post("/v1/completions", json=request).json()

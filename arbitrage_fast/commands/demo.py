@@ -7,19 +7,10 @@ import time
 from arbitrage_fast.config import SamplingParams
 
 from .common import build_engine, decoding_options
+from .thresholds import recommended_thresholds
 
-# Thresholds per preset: on the testbed the threshold the recorded calibration on dev problems
-# chose for each policy at "within a point of target_only's accuracy"
-# (benchmarks/results/testbed_calibration_shipped.json, for the shipped router and PRM). A preset with no
-# threshold of its own here takes its router head's: for Arbitrage the score that escalated
-# DEMO_ESCALATION_RATE of the head's validation steps, for RSD the PRM score below which as many
-# of those steps fall (problems of the train split, never the ones the demo solves), so the two
-# rows spend the same share of target steps. Other pairs: the fallback.
-DEMO_THRESHOLDS = {
-    "testbed": {"rsd": 0.964984, "arbitrage": 0.27956},
-}
+# What the demo shows for a policy its preset recommends no threshold for (thresholds.py).
 FALLBACK_THRESHOLDS = {"rsd": 0.95, "arbitrage": 0.5}
-DEMO_ESCALATION_RATE = 0.3
 # (problems in the table, token cap) when not given: the real pair decodes a few tokens a second
 # on a 2-core CPU, so its demo solves two problems; its cap lets a whole GSM8K solution reach
 # its \boxed{} answer (the 1.5B's solutions ran 127-379 tokens on 43 of 50 recorded problems,
@@ -35,18 +26,8 @@ def demo_sizes(preset, args) -> tuple[int, int]:
 
 
 def demo_thresholds(preset) -> dict[str, float]:
-    """Each shown policy's threshold: the preset's own, else its router head's validation
-    threshold at DEMO_ESCALATION_RATE, else the fallback."""
-    own = DEMO_THRESHOLDS.get(preset.name, {})
-    chosen = {**FALLBACK_THRESHOLDS, **own}
-    if preset.router:
-        from arbitrage_fast.router.head import RouterHead
-
-        for policy, rule in (("arbitrage", "router"), ("rsd", "prm")):
-            recorded = RouterHead.validation_threshold(preset.router, DEMO_ESCALATION_RATE, rule)
-            if policy not in own and recorded is not None:
-                chosen[policy] = recorded
-    return chosen
+    """Each shown policy's threshold: the preset's recommended one, else the fallback."""
+    return {**FALLBACK_THRESHOLDS, **recommended_thresholds(preset)}
 
 
 def run(preset, args) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .common import build_engine, decoding_options, default_max_batch
+from .thresholds import recommended_thresholds
 
 
 def default_policy(preset) -> str:
@@ -14,9 +15,13 @@ def run(preset, args) -> int:
     engine = build_engine(preset, args.device, args.dtype, max_batch=args.max_batch or default_max_batch(args.device),
                           prefix_cache=args.enable_prefix_caching, **decoding_options(args))
     name = args.served_model_name or preset.name
-    app = create_app(engine, name, policy=args.policy or default_policy(preset), threshold=args.threshold,
+    policy, recommended = args.policy or default_policy(preset), recommended_thresholds(preset)
+    threshold = args.threshold if args.threshold is not None else recommended.get(policy)
+    app = create_app(engine, name, policy=policy, threshold=threshold, policy_thresholds=recommended,
                      max_tokens=args.max_tokens, chat_by_default=preset.chat, **server_options(args))
-    print(f"serving {name} ({preset.draft} -> {preset.target}) on http://{args.host}:{args.port}/v1", flush=True)
+    print(f"serving {name} ({preset.draft} -> {preset.target}) on http://{args.host}:{args.port}/v1; requests "
+          f"naming no policy get {policy} at threshold {'its default' if threshold is None else f'{threshold:g}'}",
+          flush=True)
     return run_server(app, args.host, args.port)
 
 

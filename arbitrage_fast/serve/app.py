@@ -39,10 +39,14 @@ _ERRORS = {code: {"model": protocol.ErrorResponse, "description": text} for code
 
 
 def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float | None = None,
+               policy_thresholds: dict[str, float] | None = None,
                max_tokens: int = 256, chat_by_default: bool = False, max_waiting: int = 256,
                api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """An app serving `engine` as `model_name`; `policy`/`threshold` apply to requests naming none.
-    `chat_by_default` wraps plain /v1/completions prompts in the chat template (instruct models)."""
+    """An app serving `engine` as `model_name`; `policy`/`threshold` apply to requests naming
+    none, `policy_thresholds` (policy -> threshold) to requests naming a policy but no threshold
+    (else the policy's own default). `chat_by_default` wraps plain /v1/completions prompts in the
+    chat template (instruct models)."""
+    policy_thresholds = dict(policy_thresholds or {})
     metrics = ServerMetrics()
     worker = EngineWorker(engine, max_waiting=max_waiting, metrics=metrics)
 
@@ -89,8 +93,9 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
         if body.model and body.model != model_name:  # none or "" means the served model, as in vLLM
             return JSONResponse(protocol.error(f"model {body.model!r} is not served here; this server serves "
                                                f"{model_name!r}", "not_found_error", "model"), status_code=404)
-        chosen = {"policy": body.policy or policy,
-                  "threshold": body.threshold if body.threshold is not None or body.policy else threshold}
+        chosen = {"policy": body.policy or policy, "threshold": body.threshold}
+        if body.threshold is None:
+            chosen["threshold"] = policy_thresholds.get(body.policy) if body.policy else threshold
         handles = []
         try:
             step_cap = {"max_step_tokens": body.max_step_tokens} if body.max_step_tokens else {}
