@@ -26,8 +26,8 @@
 # (`train-router --label-margin`): the neural PRM scores a draft step and the target's alike when
 # both are sound, so most advantages > 0 are tiny (9 in 10 of them below 0.0015 on the train
 # problems) and say nothing about the draft step; 0.01 was chosen over 0 and 0.05 on dev
-# (RESULTS.md). ROUTER is the folder the router stage writes that head to and the other stages read it
-# from (default: the package's, or ~/.cache/arbitrage_fast/routers/testbed_TAG with a TAG);
+# (RESULTS.md). ROUTER is the folder the router stage writes that head to and the other stages
+# read it from (default: the package's, or ~/.cache/arbitrage_fast/routers/testbed_TAG with a TAG);
 # POLICIES the policies calibrated (default: every one); HEAD the head kind (default mlp, the
 # kind of the shipped heads). The shipped PRM itself comes from
 # `python -m arbitrage_fast.testbed.prm_train --out "$CKPT"`. One thread per process
