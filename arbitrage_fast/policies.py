@@ -294,6 +294,16 @@ def make_policy(name: str, threshold: float | None = None, *, have_router: bool 
     return cls(name=name, threshold=float(threshold), **flags)
 
 
+def default_threshold(name: str) -> float | None:
+    """The threshold policy `name` runs at when given none (make_policy's), None for a policy
+    that takes no threshold."""
+    base = name.partition(":")[0]
+    if base not in _POLICIES:
+        raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
+    cls, default, allowed, flags = _POLICIES[base]
+    return None if allowed is None else default
+
+
 def may_read_router(name: str) -> bool:
     """Whether policy `name` reads a router head when its engine holds one (arbitrage always,
     every_step instead of a PRM): make_policy's own rule, so the two cannot drift. An engine

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from arbitrage_fast import Engine, EngineConfig, SamplingParams
-from arbitrage_fast.policies import POLICY_NAMES, StepEvidence, make_policy
+from arbitrage_fast.policies import POLICY_NAMES, StepEvidence, default_threshold, make_policy
 from arbitrage_fast.router.head import RouterConfig, RouterHead
 from helpers.length_prm import LengthPRM, build_policy_pair
 
@@ -43,6 +43,15 @@ def test_evidence_each_policy_asks_for():
     assert a.needs_router and not a.needs_draft_prm and not a.generates_target_candidate
     assert set(POLICY_NAMES) == {"target_only", "draft_only", "spec_decode", "rsd", "oracle", "arbitrage", "every_step",
                                  "specreason", "spec_thinking", "lookahead"}
+
+
+def test_default_threshold_is_the_one_a_policy_runs_at_when_given_none():
+    """What the server reports for a request naming no threshold is what make_policy runs."""
+    for name in (*POLICY_NAMES, "rsd:exact", "arbitrage:exact"):
+        assert default_threshold(name) == make_policy(name).threshold
+    assert default_threshold("rsd") == 0.7 and default_threshold("target_only") is None
+    with pytest.raises(ValueError, match="unknown policy 'rsdd'"):
+        default_threshold("rsdd")
 
 
 @pytest.fixture(scope="module")

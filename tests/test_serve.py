@@ -13,6 +13,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from arbitrage_fast import Engine, EngineConfig, SamplingParams  # noqa: E402
+from arbitrage_fast.policies import default_threshold  # noqa: E402
 from arbitrage_fast.serve import create_app  # noqa: E402
 from helpers.live_server import serve_on_loopback  # noqa: E402
 from helpers.tiny_models import build_tiny_lm  # noqa: E402
@@ -81,7 +82,9 @@ def test_a_policy_named_without_a_threshold_takes_the_servers_threshold_for_it(e
         given = c.post("/v1/completions", json={"prompt": PROMPT, "policy": "every_step", "threshold": 0.9}).json()
     ref = engine.generate(PROMPT, policy="every_step", threshold=0.3, sampling=SamplingParams(max_new_tokens=12))
     assert named["arbitrage"] == {"policy": "every_step", "threshold": 0.3} and named["choices"][0]["text"] == ref.text
-    assert other["arbitrage"] == {"policy": "rsd", "threshold": None}  # rsd's own default
+    assert other["arbitrage"] == {"policy": "rsd", "threshold": default_threshold("rsd")}  # rsd's own
+    ref = engine.generate(PROMPT, policy="rsd", sampling=SamplingParams(max_new_tokens=12))
+    assert other["choices"][0]["text"] == ref.text
     assert given["arbitrage"]["threshold"] == 0.9
     assert used_pages(engine) == 0
 

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from arbitrage_fast.backends.openai_client import RemoteBackendError
 from arbitrage_fast.config import SamplingParams
 from arbitrage_fast.kv import KVCacheExhausted
+from arbitrage_fast.policies import default_threshold
 
 from . import protocol
 from .limits import ApiKey, BodySizeLimit
@@ -98,6 +99,8 @@ def create_app(engine, model_name: str, *, policy: str = "rsd", threshold: float
             chosen["threshold"] = policy_thresholds.get(body.policy) if body.policy else threshold
         handles = []
         try:
+            if chosen["threshold"] is None:  # the answer names the threshold the policy runs at
+                chosen["threshold"] = default_threshold(chosen["policy"])
             step_cap = {"max_step_tokens": body.max_step_tokens} if body.max_step_tokens else {}
             sampling = SamplingParams(max_new_tokens=body.token_cap(max_tokens), temperature=body.temperature,
                                       top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed,
