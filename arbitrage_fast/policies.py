@@ -258,9 +258,7 @@ def make_policy(name: str, threshold: float | None = None, *, have_router: bool 
     from .prm.build import PRM_VARIANTS
 
     base, at, variant = name.partition(":")
-    if base not in _POLICIES:
-        raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
-    cls, default, allowed, flags = _POLICIES[base]
+    cls, default, allowed, flags = _entry(name)
     flags = dict(flags)
     if at:
         reads_router = flags.get("needs_router") or (base == "every_step" and have_router)
@@ -297,11 +295,16 @@ def make_policy(name: str, threshold: float | None = None, *, have_router: bool 
 def default_threshold(name: str) -> float | None:
     """The threshold policy `name` runs at when given none (make_policy's), None for a policy
     that takes no threshold."""
+    cls, default, allowed, flags = _entry(name)
+    return None if allowed is None else default
+
+
+def _entry(name: str) -> tuple:
+    """The table row of policy `name` ("POLICY" or "POLICY:VARIANT"), or a clear refusal."""
     base = name.partition(":")[0]
     if base not in _POLICIES:
         raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
-    cls, default, allowed, flags = _POLICIES[base]
-    return None if allowed is None else default
+    return _POLICIES[base]
 
 
 def may_read_router(name: str) -> bool:
