@@ -14,6 +14,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="target checkpoint: HF folder or .gguf file")
     p.add_argument("--prm", help="PRM: 'exact' (testbed), an HF PRM folder, or omit for target likelihood")
     p.add_argument("--router", help="router head folder")
+    p.add_argument("--named-router", action="append", type=_named_router, default=[], metavar="NAME=DIR",
+                   help="a further router head, read by the rows named 'arbitrage:NAME' (the testbed preset's "
+                        "'exact' is its head trained on the exact checker's labels); replaces the preset's head "
+                        "of that name; repeatable")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--dequantize", action="store_true",
@@ -96,10 +100,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _named_router(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder or ":" in name:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR (a head's name without ':', then its folder), got {text!r}")
+    return name, folder
+
+
 def _preset(args):
     from arbitrage_fast.presets import resolve
 
-    return resolve(args.preset, draft=args.draft, target=args.target, prm=args.prm, router=args.router)
+    return resolve(args.preset, draft=args.draft, target=args.target, prm=args.prm, router=args.router,
+                   routers=dict(args.named_router))
 
 
 def _remote_args(p: argparse.ArgumentParser) -> None:

@@ -78,8 +78,11 @@ def _qwen_coder(draft, target) -> Preset:
                   dataset="gsm8k", chat=True, dtype="bfloat16", instruction=STEP_BY_STEP_BOXED)
 
 
-def resolve(name: str | None, *, draft=None, target=None, prm=None, router=None) -> Preset:
-    """A preset with any explicitly given path overriding it; no preset needs draft and target."""
+def resolve(name: str | None, *, draft=None, target=None, prm=None, router=None,
+            routers: dict[str, str] | None = None) -> Preset:
+    """A preset with any explicitly given path overriding it; no preset needs draft and target.
+    `routers` adds named heads or replaces the preset's of the same name (a head labelled with
+    one target says nothing of another's steps, so a swapped target needs its own)."""
     if name is None:
         if not draft or not target:
             raise ValueError("give --preset or both --draft and --target")
@@ -101,4 +104,6 @@ def resolve(name: str | None, *, draft=None, target=None, prm=None, router=None)
     overrides = {k: v for k, v in dict(draft=draft, target=target, prm=prm, router=router).items() if v}
     if prm:
         overrides["label_prm"] = prm
+    if routers:
+        overrides["routers"] = {**base.routers, **routers}
     return replace(base, **overrides)

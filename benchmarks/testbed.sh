@@ -29,7 +29,13 @@
 # (RESULTS.md). ROUTER is the folder the router stage writes that head to and the other stages
 # read it from (default: the package's, or ~/.cache/arbitrage_fast/routers/testbed_TAG with a TAG);
 # POLICIES the policies calibrated (default: every one); HEAD the head kind (default mlp, the
-# kind of the shipped heads). The shipped PRM itself comes from
+# kind of the shipped heads). DEV_BATCH is the dev runs in flight at once (`calibrate --batch`,
+# default 1): the choices rest on accuracy and escalations, which a batch leaves as they are on
+# this fp32 pair (tested); dev latencies are then shares of a batch. TARGET swaps the target (a
+# tagged run only: the package's heads were labelled with the shipped one); its router stage
+# then also labels an exact-checker head with it (-> ~/.cache/arbitrage_fast/routers/
+# testbed_TAG_exact, read by `arbitrage:exact` through `--named-router`), and its PRM labels get
+# their own cache folder. The shipped PRM itself comes from
 # `python -m arbitrage_fast.testbed.prm_train --out "$CKPT"`. One thread per process
 # (OMP_NUM_THREADS=1): on a shared 2-core machine two OpenMP threads stall each other.
 set -euo pipefail
@@ -55,29 +61,42 @@ POLICIES=${POLICIES:-draft_only,rsd,rsd:likelihood,rsd:exact,arbitrage,arbitrage
 MARGIN=${MARGIN:-0.01}
 HEAD=${HEAD:-mlp}
 if [[ -n "${TAG:-}" ]]; then ROUTER=${ROUTER:-$HOME/.cache/arbitrage_fast/routers/testbed_$TAG}; else ROUTER=${ROUTER:-$CKPT/router}; fi
+TARGET=${TARGET:-}
+MODELS=()
+ROUTER_EXACT=$CKPT/router_exact
+PRM_LABELS=$LABELS/testbed_prm
+if [[ -n "$TARGET" ]]; then
+  [[ -n "${TAG:-}" ]] || { echo "TARGET needs a TAG: the package's router heads were labelled with the shipped target" >&2; exit 2; }
+  MODELS=(--target "$TARGET")
+  ROUTER_EXACT=$HOME/.cache/arbitrage_fast/routers/testbed_${TAG}_exact
+  PRM_LABELS=$LABELS/testbed_prm_$TAG
+fi
+MODELS+=(--named-router "exact=$ROUTER_EXACT")
 
 if [[ ",$STAGES," == *,router,* ]]; then
-  if [[ -z "${TAG:-}" ]]; then  # a tagged run leaves the shipped exact-labelled head as it is
-    "${CLI[@]}" train-router --preset testbed --prm exact --n "$TRAIN_N" --batch 8 --head "$HEAD" \
-      --label-cache "$LABELS/testbed_exact" --out "$CKPT/router_exact" --json "$OUT/testbed_router_exact_train.json"
-    rm -f "$CKPT/router_exact/labels.safetensors"
+  # A tagged run on the shipped target leaves the shipped exact-labelled head as it is.
+  if [[ -z "${TAG:-}" || -n "$TARGET" ]]; then
+    EXACT_JSON=testbed_router_exact_train${TARGET:+_$TAG}
+    "${CLI[@]}" train-router --preset testbed "${MODELS[@]}" --prm exact --n "$TRAIN_N" --batch 8 --head "$HEAD" \
+      --label-cache "$LABELS/testbed_exact${TARGET:+_$TAG}" --out "$ROUTER_EXACT" --json "$OUT/$EXACT_JSON.json"
+    rm -f "$ROUTER_EXACT/labels.safetensors"
   fi
-  "${CLI[@]}" train-router --preset testbed --n "$TRAIN_N" --batch 8 --head "$HEAD" --label-margin "$MARGIN" \
-    --label-cache "$LABELS/testbed_prm" --out "$ROUTER" --json "$OUT/testbed_router_train${TAG:+_$TAG}.json"
+  "${CLI[@]}" train-router --preset testbed "${MODELS[@]}" --n "$TRAIN_N" --batch 8 --head "$HEAD" --label-margin "$MARGIN" \
+    --label-cache "$PRM_LABELS" --out "$ROUTER" --json "$OUT/testbed_router_train${TAG:+_$TAG}.json"
   # The heads ship in the package; their labels stay in the label cache.
   rm -f "$ROUTER/labels.safetensors"
 fi
 if [[ ",$STAGES," == *,eval,* ]]; then
-  "${CLI[@]}" eval-router --preset testbed --router "$ROUTER" --n 200 --batch 8 --label-margin "$MARGIN" \
-    --label-cache "$LABELS/testbed_prm" \
+  "${CLI[@]}" eval-router --preset testbed "${MODELS[@]}" --router "$ROUTER" --n 200 --batch 8 --label-margin "$MARGIN" \
+    --label-cache "$PRM_LABELS" \
     --json "$OUT/testbed_router_eval${TAG:+_$TAG}.json"
 fi
 if [[ ",$STAGES," == *,dev,* ]]; then
-  "${CLI[@]}" calibrate --preset testbed --router "$ROUTER" --n "$DEV_N" --policies "$POLICIES" --grid-points "$GRID" \
-    --grid "$GRID_KIND" --grid-pilot "$PILOT" \
+  "${CLI[@]}" calibrate --preset testbed "${MODELS[@]}" --router "$ROUTER" --n "$DEV_N" --policies "$POLICIES" --grid-points "$GRID" \
+    --grid "$GRID_KIND" --grid-pilot "$PILOT" --batch "${DEV_BATCH:-1}" \
     --records "$OUT/${CALIBRATION}_records.jsonl" --out "$OUT/${CALIBRATION}.json"
 fi
 if [[ ",$STAGES," == *,test,* ]]; then
-  "${CLI[@]}" sweep --preset testbed --router "$ROUTER" --n "$TEST_N" --thresholds-from "$OUT/${CALIBRATION}.json" \
+  "${CLI[@]}" sweep --preset testbed "${MODELS[@]}" --router "$ROUTER" --n "$TEST_N" --thresholds-from "$OUT/${CALIBRATION}.json" \
     --records "$OUT/${PROTOCOL}_records.jsonl" --json "$OUT/${PROTOCOL}.json"
 fi

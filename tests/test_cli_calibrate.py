@@ -145,6 +145,33 @@ def test_a_router_head_retrained_in_place_after_calibration_is_refused(tmp_path,
     assert "router_heads" in capsys.readouterr().err
 
 
+def test_a_named_router_replaces_the_presets_head_of_that_name(tmp_path, capsys):
+    """`--named-router exact=DIR` (a head relabelled for a swapped target) is what the
+    `arbitrage:exact` rows read: the records name its digest, not the shipped exact head's, and
+    a sweep naming the shipped head again is refused against that calibration."""
+    import shutil
+
+    from arbitrage_fast.presets import resolve
+    from arbitrage_fast.router.head import RouterHead
+
+    preset = resolve("testbed")
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(preset.router, relabelled)  # any head the draft fits; its weights differ from the exact head's
+    assert resolve("testbed", routers={"exact": str(relabelled)}).routers == {"exact": str(relabelled)}
+    cal = tmp_path / "cal.json"
+    small = ["--preset", "testbed", "--n", "2", "--max-new-tokens", "48"]
+    assert main(["calibrate", *small, "--policies", "arbitrage:exact", "--grid-points", "2",
+                 "--named-router", f"exact={relabelled}", "--out", str(cal)]) == 0
+    heads = json.loads(cal.read_text())["settings"]["router_heads"]
+    assert heads["arbitrage:exact"] == RouterHead.digest(relabelled) != RouterHead.digest(preset.routers["exact"])
+    assert main(["sweep", *small, "--thresholds-from", str(cal), "--json", str(tmp_path / "t.json")]) == 2
+    assert "router_heads" in capsys.readouterr().err
+    for bad in ("exact", "=dir", "a:b=dir"):
+        with pytest.raises(SystemExit):
+            main(["calibrate", *small, "--named-router", bad, "--out", str(cal)])
+        assert "NAME=DIR" in capsys.readouterr().err
+
+
 def test_a_batched_calibration_chooses_what_one_at_a_time_chose(calibration, tmp_path):
     """`calibrate --batch 4` keeps four runs in flight in one engine: every dev point's accuracy,
     escalations and tokens equal the one-at-a-time calibration's (fp32 testbed: a row's answer
