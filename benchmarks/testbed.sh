@@ -51,6 +51,10 @@ STAGES=${STAGES:-router,eval,dev,test}
 for stage in ${STAGES//,/ }; do
   [[ ",router,eval,dev,test," == *,$stage,* ]] || { echo "STAGES holds '$stage'; the stages are router,eval,dev,test" >&2; exit 2; }
 done
+TARGET=${TARGET:-}
+if [[ -n "$TARGET" && -z "${TAG:-}" ]]; then
+  echo "TARGET needs a TAG: the package's router heads were labelled with the shipped target" >&2; exit 2
+fi
 LABELS=${LABELS:-$HOME/.cache/arbitrage_fast/labels}
 OUT=benchmarks/results
 CLI=(python -m arbitrage_fast.cli)
@@ -61,12 +65,10 @@ POLICIES=${POLICIES:-draft_only,rsd,rsd:likelihood,rsd:exact,arbitrage,arbitrage
 MARGIN=${MARGIN:-0.01}
 HEAD=${HEAD:-mlp}
 if [[ -n "${TAG:-}" ]]; then ROUTER=${ROUTER:-$HOME/.cache/arbitrage_fast/routers/testbed_$TAG}; else ROUTER=${ROUTER:-$CKPT/router}; fi
-TARGET=${TARGET:-}
 MODELS=()
 ROUTER_EXACT=$CKPT/router_exact
 PRM_LABELS=$LABELS/testbed_prm
 if [[ -n "$TARGET" ]]; then
-  [[ -n "${TAG:-}" ]] || { echo "TARGET needs a TAG: the package's router heads were labelled with the shipped target" >&2; exit 2; }
   MODELS=(--target "$TARGET")
   ROUTER_EXACT=$HOME/.cache/arbitrage_fast/routers/testbed_${TAG}_exact
   PRM_LABELS=$LABELS/testbed_prm_$TAG

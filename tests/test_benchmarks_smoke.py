@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -101,6 +102,18 @@ def test_bench_step_latency_smoke(run_smoke, capsys):
 
 def test_gpu_check_and_profile_scripts_parse():
     for script in ("gpu_check.sh", "profile.sh"):
+        subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
+
+
+def test_testbed_script_refuses_bad_settings_before_running_anything():
+    """A swapped TARGET without a TAG would overwrite the package's heads with heads labelled
+    by another target; a misspelt stage would silently run nothing. Both stop at once."""
+    for env, message in (({"TARGET": "/elsewhere"}, "TARGET needs a TAG"),
+                         ({"STAGES": "router,deV"}, "STAGES holds 'deV'")):
+        done = subprocess.run(["bash", str(BENCHMARKS / "testbed.sh")], capture_output=True, text=True,
+                              env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env})
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    for script in ("testbed.sh", "testbed_deep.sh"):
         subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
 
 
