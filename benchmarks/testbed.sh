@@ -85,7 +85,7 @@ if [[ ",$STAGES," == *,router,* ]]; then
   fi
   "${CLI[@]}" train-router --preset testbed "${MODELS[@]}" --n "$TRAIN_N" --batch 8 --head "$HEAD" --label-margin "$MARGIN" \
     --label-cache "$PRM_LABELS" --out "$ROUTER" --json "$OUT/testbed_router_train${TAG:+_$TAG}.json"
-  # The heads ship in the package; their labels stay in the label cache.
+  # Heads are kept without their labels (the package ships the untagged ones); labels stay in the cache.
   rm -f "$ROUTER/labels.safetensors"
 fi
 if [[ ",$STAGES," == *,eval,* ]]; then
