@@ -76,17 +76,26 @@ fi
 MODELS+=(--named-router "exact=$ROUTER_EXACT")
 
 if [[ ",$STAGES," == *,router,* ]]; then
-  # A tagged run on the shipped target leaves the shipped exact-labelled head as it is.
+  # The two labellings are independent, so the exact checker's runs beside the PRM's, one core
+  # each. A tagged run on the shipped target leaves the shipped exact-labelled head as it is.
+  exact_pid=
+  # A failed PRM labelling ends the script; the exact one must not outlive it.
+  trap '[[ -z "$exact_pid" ]] || kill "$exact_pid" 2>/dev/null || true' EXIT
   if [[ -z "${TAG:-}" || -n "$TARGET" ]]; then
     EXACT_JSON=testbed_router_exact_train${TARGET:+_$TAG}
     "${CLI[@]}" train-router --preset testbed "${MODELS[@]}" --prm exact --n "$TRAIN_N" --batch 8 --head "$HEAD" \
-      --label-cache "$LABELS/testbed_exact${TARGET:+_$TAG}" --out "$ROUTER_EXACT" --json "$OUT/$EXACT_JSON.json"
-    rm -f "$ROUTER_EXACT/labels.safetensors"
+      --label-cache "$LABELS/testbed_exact${TARGET:+_$TAG}" --out "$ROUTER_EXACT" --json "$OUT/$EXACT_JSON.json" &
+    exact_pid=$!
   fi
   "${CLI[@]}" train-router --preset testbed "${MODELS[@]}" --n "$TRAIN_N" --batch 8 --head "$HEAD" --label-margin "$MARGIN" \
     --label-cache "$PRM_LABELS" --out "$ROUTER" --json "$OUT/testbed_router_train${TAG:+_$TAG}.json"
   # Heads are kept without their labels (the package ships the untagged ones); labels stay in the cache.
   rm -f "$ROUTER/labels.safetensors"
+  if [[ -n "$exact_pid" ]]; then
+    wait "$exact_pid"
+    exact_pid=
+    rm -f "$ROUTER_EXACT/labels.safetensors"
+  fi
 fi
 if [[ ",$STAGES," == *,eval,* ]]; then
   "${CLI[@]}" eval-router --preset testbed "${MODELS[@]}" --router "$ROUTER" --n 200 --batch 8 --label-margin "$MARGIN" \
