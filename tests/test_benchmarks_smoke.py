@@ -117,6 +117,47 @@ def test_testbed_script_refuses_bad_settings_before_running_anything():
         subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
 
 
+_FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python: `-c` answers the checkpoint folder, `-m ... train-router` logs its start and
+# end, writes its head and labels, and fails for the exact checker when EXACT_FAILS is set.
+if [[ "$1" == -c ]]; then echo "$FAKE_CKPT"; exit 0; fi
+args="$*"; kind=prm; [[ "$args" == *"--prm exact"* ]] && kind=exact
+out=$(sed -E 's/.* --out ([^ ]+).*/\\1/' <<< "$args")
+echo "start $kind" >> "$FAKE_LOG"
+sleep 0.5
+if [[ $kind == exact && -n "${EXACT_FAILS:-}" ]]; then echo "end $kind failed" >> "$FAKE_LOG"; exit 3; fi
+mkdir -p "$out" && touch "$out/labels.safetensors" "$out/router.safetensors"
+echo "end $kind" >> "$FAKE_LOG"
+"""
+
+
+@pytest.mark.parametrize("exact_fails", [False, True])
+def test_testbed_router_stage_runs_both_labellings_side_by_side(tmp_path, exact_fails):
+    """The exact checker's labelling runs beside the PRM's; the stage waits for it, keeps both heads
+    without their labels, and fails when it fails."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(_FAKE_PYTHON)
+    (bin_dir / "python").chmod(0o755)
+    log = tmp_path / "log"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE_LOG": str(log),
+           "FAKE_CKPT": str(tmp_path / "ckpt"), "TAG": "t", "TARGET": str(tmp_path / "target"),
+           "STAGES": "router", **({"EXACT_FAILS": "1"} if exact_fails else {})}
+    done = subprocess.run(["bash", str(BENCHMARKS / "testbed.sh")], capture_output=True, text=True, env=env)
+    events = log.read_text().splitlines()
+    # Both started before either ended: side by side, not one after the other.
+    assert sorted(events[:2]) == ["start exact", "start prm"], events
+    routers = tmp_path / ".cache/arbitrage_fast/routers"
+    if exact_fails:
+        assert done.returncode == 3 and "end exact failed" in events
+        return
+    assert done.returncode == 0, done.stderr
+    assert sorted(events[2:]) == ["end exact", "end prm"], events
+    for head in ("testbed_t", "testbed_t_exact"):
+        assert (routers / head / "router.safetensors").is_file()
+        assert not (routers / head / "labels.safetensors").exists()
+
+
 @pytest.mark.skipif(shutil.which("nsys") is not None, reason="nsys present: profile.sh would really profile")
 def test_profile_script_without_nsys_says_so():
     out = subprocess.run(["bash", str(BENCHMARKS / "profile.sh"), "decode", "--smoke"], capture_output=True,
