@@ -118,13 +118,15 @@ def test_testbed_script_refuses_bad_settings_before_running_anything():
 
 
 _FAKE_PYTHON = """#!/usr/bin/env bash
-# Stands in for python: `-c` answers the checkpoint folder, `-m ... train-router` logs its start and
-# end, writes its head and labels, and fails for the exact checker when EXACT_FAILS is set.
+# Stands in for python: `-c` answers the checkpoint folder, `-m ... train-router` logs its start,
+# waits (10 s at most) for the other labelling to start too, writes its head and labels, logs its
+# end, and fails for the exact checker when EXACT_FAILS is set.
 if [[ "$1" == -c ]]; then echo "$FAKE_CKPT"; exit 0; fi
 args="$*"; kind=prm; [[ "$args" == *"--prm exact"* ]] && kind=exact
 out=$(sed -E 's/.* --out ([^ ]+).*/\\1/' <<< "$args")
 echo "start $kind" >> "$FAKE_LOG"
-sleep 0.5
+for _ in $(seq 100); do (( $(grep -c '^start' "$FAKE_LOG") >= 2 )) && break; sleep 0.1; done
+(( $(grep -c '^start' "$FAKE_LOG") >= 2 )) || echo "alone $kind" >> "$FAKE_LOG"
 if [[ $kind == exact && -n "${EXACT_FAILS:-}" ]]; then echo "end $kind failed" >> "$FAKE_LOG"; exit 3; fi
 mkdir -p "$out" && touch "$out/labels.safetensors" "$out/router.safetensors"
 echo "end $kind" >> "$FAKE_LOG"
@@ -145,8 +147,9 @@ def test_testbed_router_stage_runs_both_labellings_side_by_side(tmp_path, exact_
            "STAGES": "router", **({"EXACT_FAILS": "1"} if exact_fails else {})}
     done = subprocess.run(["bash", str(BENCHMARKS / "testbed.sh")], capture_output=True, text=True, env=env)
     events = log.read_text().splitlines()
-    # Both started before either ended: side by side, not one after the other.
+    # Both started before either ended: side by side, neither waiting alone for the other.
     assert sorted(events[:2]) == ["start exact", "start prm"], events
+    assert not any(event.startswith("alone") for event in events), events
     routers = tmp_path / ".cache/arbitrage_fast/routers"
     if exact_fails:
         assert done.returncode == 3 and "end exact failed" in events
